@@ -1,0 +1,197 @@
+"""SQLAlchemy 2.0 models of the csr store.
+
+Every table here is created and changed only through the Alembic revisions in
+migrations/versions; `tests/test_migrations.py` checks the two agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a real bigint.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    root: Mapped[str] = mapped_column(Text)
+    rel_path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(255), unique=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    parent_version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.version"))
+    # The iteration whose pairs trained this version; NULL for the base model.
+    iteration: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    base_model: Mapped[str] = mapped_column(Text)
+    clip_model: Mapped[str] = mapped_column(Text)
+    clip_pretrained: Mapped[str | None] = mapped_column(Text)
+    weights_hash: Mapped[str | None] = mapped_column(String(64))
+    lora_config: Mapped[dict | None] = mapped_column(JSON)
+    metrics: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Iteration(Base):
+    __tablename__ = "iterations"
+
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    policy_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+    preset: Mapped[str] = mapped_column(String(32))
+    # Every generation hyper-parameter, frozen when the iteration starts.
+    config: Mapped[dict] = mapped_column(JSON)
+    config_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    iteration: Mapped[int] = mapped_column(ForeignKey("iterations.number"))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class WorkItem(Base):
+    __tablename__ = "work_items"
+    __table_args__ = (
+        UniqueConstraint("iteration", "prompt_id"),
+        # claim next: pending rows, or claimed rows whose lease ran out
+        Index("ix_work_items_claim", "iteration", "state", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    iteration: Mapped[int] = mapped_column(ForeignKey("iterations.number"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    state: Mapped[str] = mapped_column(String(16))  # pending | claimed | done | failed
+    worker_id: Mapped[int | None] = mapped_column(ForeignKey("workers.id"))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Candidate(Base):
+    """One candidate sentence of one prompt's sentence-level beam search.
+
+    `node` numbers the candidates of one (iteration, prompt) tree in the order
+    they were generated; `parent_node` points into the same tree, so a whole
+    tree is written with one executemany and no RETURNING round trip.
+    """
+
+    __tablename__ = "candidates"
+    __table_args__ = (
+        UniqueConstraint("iteration", "prompt_id", "node", name="uq_candidates_tree_node"),
+        Index("ix_candidates_final", "iteration", "is_final"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    iteration: Mapped[int] = mapped_column(ForeignKey("iterations.number"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    node: Mapped[int] = mapped_column(Integer)
+    parent_node: Mapped[int | None] = mapped_column(Integer)
+    depth: Mapped[int] = mapped_column(Integer)
+    sibling_index: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    token_count: Mapped[int] = mapped_column(Integer)
+    logprob_sum: Mapped[float] = mapped_column(Float)
+    r_t: Mapped[float] = mapped_column(Float)
+    r_i: Mapped[float] = mapped_column(Float)
+    reward: Mapped[float] = mapped_column(Float)
+    cumulative_reward: Mapped[float] = mapped_column(Float)
+    is_final: Mapped[bool] = mapped_column(Boolean)
+    is_kept: Mapped[bool] = mapped_column(Boolean)
+    exclusion_reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class PairSet(Base):
+    __tablename__ = "pair_sets"
+    __table_args__ = (UniqueConstraint("iteration", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    iteration: Mapped[int] = mapped_column(ForeignKey("iterations.number"))
+    name: Mapped[str] = mapped_column(String(128))
+    preset: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict] = mapped_column(JSON)
+    selection_sql: Mapped[str] = mapped_column(Text)
+    result_hash: Mapped[str] = mapped_column(String(64))
+    is_default: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Pair(Base):
+    __tablename__ = "pairs"
+    __table_args__ = (UniqueConstraint("pair_set_id", "prompt_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    pair_set_id: Mapped[int] = mapped_column(ForeignKey("pair_sets.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    chosen_candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id"))
+    rejected_candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id"))
+    chosen_text: Mapped[str] = mapped_column(Text)
+    rejected_text: Mapped[str] = mapped_column(Text)
+    chosen_reward: Mapped[float] = mapped_column(Float)
+    rejected_reward: Mapped[float] = mapped_column(Float)
+    margin: Mapped[float] = mapped_column(Float)
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    iteration: Mapped[int] = mapped_column(ForeignKey("iterations.number"))
+    pair_set_id: Mapped[int] = mapped_column(ForeignKey("pair_sets.id"))
+    selection_sql: Mapped[str] = mapped_column(Text)
+    pairs_hash: Mapped[str] = mapped_column(String(64))
+    hyperparams: Mapped[dict] = mapped_column(JSON)
+    metrics: Mapped[list | None] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))  # running | done | failed
+    checkpoint_dir: Mapped[str] = mapped_column(Text)
+    output_version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.version"))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
