@@ -147,6 +147,8 @@ class Candidate(Base):
     is_final: Mapped[bool] = mapped_column(Boolean)
     is_kept: Mapped[bool] = mapped_column(Boolean)
     exclusion_reason: Mapped[str | None] = mapped_column(String(64))
+    # Why the token search ended the sentence: sentence_end | eos | max_new_tokens | max_length.
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
 
 
 class PairSet(Base):
@@ -171,8 +173,8 @@ class Pair(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     pair_set_id: Mapped[int] = mapped_column(ForeignKey("pair_sets.id", ondelete="CASCADE"))
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
-    chosen_candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id"))
-    rejected_candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id"))
+    chosen_candidate_id: Mapped[int] = mapped_column(BigId, ForeignKey("candidates.id"))
+    rejected_candidate_id: Mapped[int] = mapped_column(BigId, ForeignKey("candidates.id"))
     chosen_text: Mapped[str] = mapped_column(Text)
     rejected_text: Mapped[str] = mapped_column(Text)
     chosen_reward: Mapped[float] = mapped_column(Float)
@@ -195,3 +197,20 @@ class TrainingRun(Base):
     output_version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.version"))
     started_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Evaluation(Base):
+    """A hallucination evaluation of one model version on one benchmark."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("model_version", "benchmark"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
+    benchmark: Mapped[str] = mapped_column(String(128))
+    n_responses: Mapped[int] = mapped_column(Integer)
+    chair_s: Mapped[float] = mapped_column(Float)
+    chair_i: Mapped[float] = mapped_column(Float)
+    mean_words: Mapped[float] = mapped_column(Float)
+    details: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime)

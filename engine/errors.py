@@ -1,0 +1,16 @@
+"""Errors a user can cause in the engine; the CLI prints their message as one
+line on stderr and exits non-zero."""
+
+from csr.storage.errors import StoreError
+
+
+class CsrError(Exception):
+    """A problem the user can fix: bad option, missing file, unknown model."""
+
+
+class ModelLoadError(CsrError):
+    pass
+
+
+# Everything the CLI reports as a one-line message instead of a traceback.
+USER_ERRORS = (CsrError, StoreError)

@@ -1,0 +1,74 @@
+"""Schema revisions of the store, applied and checked through Alembic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect
+
+import csr.migrations
+from csr.storage.errors import SchemaMismatch
+
+MIGRATIONS_DIR = Path(csr.migrations.__file__).parent
+
+
+def _config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def known_revisions() -> set[str]:
+    return {rev.revision for rev in ScriptDirectory.from_config(_config()).walk_revisions()}
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
+    """Migrate the store to `revision`; returns (before, after)."""
+    before = current_revision(engine)
+    if before is not None and before not in known_revisions():
+        raise SchemaMismatch(_newer_message(before))
+    config = _config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    return before, current_revision(engine)
+
+
+def is_empty(engine: Engine) -> bool:
+    return not inspect(engine).get_table_names()
+
+
+def check_revision(engine: Engine) -> None:
+    """Refuse to work on a store whose schema is not the one this code was written for."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    if current is None:
+        raise SchemaMismatch("this database is not a csr store (no schema revision): run `csr init`")
+    if current not in known_revisions():
+        raise SchemaMismatch(_newer_message(current))
+    raise SchemaMismatch(
+        f"the store is at schema revision {current}, this csr needs {head}: "
+        "run `csr db upgrade` (back up the store first)"
+    )
+
+
+def _newer_message(revision: str) -> str:
+    return (
+        f"the store is at schema revision {revision}, which this csr does not know "
+        "(made by a newer csr): upgrade csr"
+    )
