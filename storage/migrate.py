@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import csr.migrations
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
-
-import csr.migrations
 from csr.storage.errors import SchemaMismatch
+from sqlalchemy import Engine, inspect
 
 MIGRATIONS_DIR = Path(csr.migrations.__file__).parent
 

@@ -1,0 +1,68 @@
+"""The `csr` command line. Thin: parse options, call engine/storage, print."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from csr.cli.context import CliState
+from csr.engine.errors import USER_ERRORS
+
+app = typer.Typer(
+    name="csr",
+    help="Calibrated Self-Rewarding for vision-language models, backed by a relational store.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    db: str = typer.Option(None, "--db", help="SQLAlchemy URL or SQLite path of the store (default: csr.toml, CSR_DATABASE_URL, sqlite:///csr.db)."),
+    config: Path = typer.Option(None, "--config", help="Settings file (default: ./csr.toml)."),
+) -> None:
+    ctx.obj = CliState(db=db, config=config)
+
+
+def _register() -> None:
+    # Imported here so that `csr --help` stays fast and each module stays small.
+    from csr.cli import store_cmds
+
+    store_cmds.register(app)
+    for module in ("generate_cmds", "train_cmds", "analytics_cmds", "demo_cmds"):
+        try:
+            mod = __import__(f"csr.cli.{module}", fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"csr.cli.{module}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except USER_ERRORS as exc:
+        print(f"csr: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("csr: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            print("csr: aborted", file=sys.stderr)
+            sys.exit(1)
+        raise

@@ -1,0 +1,119 @@
+"""`csr prompts import`: validate a whole prompt file, then write it in one transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from csr.engine.errors import CsrError
+from csr.engine.prompt_files import (
+    ImageInfo,
+    Problem,
+    PromptRecord,
+    inspect_images,
+    parse_prompt_file,
+    resolve_image,
+)
+from csr.storage import prompts as prompt_store
+from csr.storage.errors import ImportRejected
+from sqlalchemy import Engine
+
+
+@dataclass
+class ImportReport:
+    added: int = 0
+    already_present: int = 0
+    new_images: int = 0
+    skipped: list[Problem] = field(default_factory=list)
+
+
+def import_prompts(
+    engine: Engine,
+    file: Path,
+    images_dir: Path,
+    *,
+    image_prefix: str = "",
+    skip_bad: bool = False,
+) -> ImportReport:
+    if not images_dir.is_dir():
+        raise CsrError(f"images directory not found: {images_dir}")
+    parsed = parse_prompt_file(file)
+    problems = list(parsed.problems)
+    records, infos = _with_images(parsed.records, images_dir, image_prefix, problems)
+
+    report = ImportReport()
+    with engine.begin() as conn:
+        existing = prompt_store.existing_prompts(conn, [r.external_id for r in records])
+        seen: dict[str, tuple[str, str]] = {}
+        to_add: list[tuple[PromptRecord, ImageInfo]] = []
+        for record, info in zip(records, infos, strict=True):
+            content = (info.sha256, record.text)
+            earlier = existing.get(record.external_id) or seen.get(record.external_id)
+            if earlier is None:
+                seen[record.external_id] = content
+                to_add.append((record, info))
+            elif earlier == content:
+                report.already_present += 1
+            else:
+                problems.append(
+                    Problem(record.position, f"id {record.external_id!r} already exists with different content")
+                )
+        if problems and not skip_bad:
+            problems.sort(key=lambda p: p.position)
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise ImportRejected(f"{file}: {problems[0]}{more}; nothing imported (use --skip-bad to import the rest)")
+        report.skipped = sorted(problems, key=lambda p: p.position)
+
+        known = prompt_store.image_ids(conn, sorted({info.sha256 for _, info in to_add}))
+        new_images: dict[str, dict] = {}
+        for _, info in to_add:
+            if info.sha256 not in known and info.sha256 not in new_images:
+                new_images[info.sha256] = {
+                    "sha256": info.sha256,
+                    "root": str(images_dir.resolve()),
+                    "rel_path": info.rel_path,
+                    "size_bytes": info.size_bytes,
+                    "width": info.width,
+                    "height": info.height,
+                }
+        prompt_store.insert_images(conn, list(new_images.values()))
+        known.update(prompt_store.image_ids(conn, list(new_images)))
+        prompt_store.insert_prompts(
+            conn,
+            [
+                {
+                    "external_id": record.external_id,
+                    "image_id": known[info.sha256],
+                    "text": record.text,
+                    "source": file.name,
+                }
+                for record, info in to_add
+            ],
+        )
+        report.added = len(to_add)
+        report.new_images = len(new_images)
+    return report
+
+
+def _with_images(
+    records: list[PromptRecord], images_dir: Path, prefix: str, problems: list[Problem]
+) -> tuple[list[PromptRecord], list[ImageInfo]]:
+    located: list[tuple[PromptRecord, Path]] = []
+    for record in records:
+        resolved = resolve_image(images_dir, record.image, prefix)
+        if isinstance(resolved, str):
+            problems.append(Problem(record.position, resolved))
+        else:
+            located.append((record, resolved))
+    # Many prompts share one image (LLaVA has several questions per COCO image).
+    unique_paths = sorted({path for _, path in located})
+    by_path = dict(zip(unique_paths, inspect_images(unique_paths, images_dir), strict=True))
+    good_records, infos = [], []
+    for record, path in located:
+        info = by_path[path]
+        if isinstance(info, str):
+            problems.append(Problem(record.position, info))
+        else:
+            good_records.append(record)
+            infos.append(info)
+    return good_records, infos

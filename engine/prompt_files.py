@@ -1,0 +1,167 @@
+"""Reading prompt files: the LLaVA instruction format (JSON list) and JSONL.
+
+Parsing is strict and collects every problem with the record's position, so
+an import can either write everything or nothing (or, with --skip-bad, the
+good records and a list of what was skipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from csr.engine.errors import CsrError
+from PIL import Image, UnidentifiedImageError
+
+_IMAGE_MARKER = re.compile(r"\s*<image>\s*")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    position: int  # 1-based record number in the file
+    external_id: str
+    image: str  # as written in the file
+    text: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    sha256: str
+    rel_path: str
+    size_bytes: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    position: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"record {self.position}: {self.message}"
+
+
+@dataclass
+class ParsedFile:
+    records: list[PromptRecord]
+    problems: list[Problem]
+
+
+def strip_image_markers(text: str) -> str:
+    return _IMAGE_MARKER.sub(" ", text).strip()
+
+
+def parse_prompt_file(path: Path) -> ParsedFile:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise CsrError(f"prompt file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CsrError(f"cannot read prompt file {path}: {exc}") from exc
+    stripped = raw.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CsrError(f"{path}: not valid JSON: {exc}") from exc
+        entries = [(i + 1, item, None) for i, item in enumerate(items)]
+    else:
+        entries = []
+        for lineno, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append((lineno, json.loads(line), None))
+            except json.JSONDecodeError as exc:
+                entries.append((lineno, None, f"not valid JSON ({exc.msg})"))
+    parsed = ParsedFile(records=[], problems=[])
+    for position, item, error in entries:
+        if error is None:
+            record, error = _record_from(position, item)
+        if error is not None:
+            parsed.problems.append(Problem(position, error))
+        else:
+            parsed.records.append(record)
+    return parsed
+
+
+def _record_from(position: int, item) -> tuple[PromptRecord | None, str | None]:
+    if not isinstance(item, dict):
+        return None, "not a JSON object"
+    external_id = item.get("id")
+    if not isinstance(external_id, (str, int)) or isinstance(external_id, bool) or str(external_id) == "":
+        return None, "missing or invalid 'id'"
+    image = item.get("image")
+    if not isinstance(image, str) or not image:
+        return None, "missing or invalid 'image'"
+    if "prompt" in item:
+        text = item["prompt"]
+    elif "input" in item:
+        text = item["input"]
+    elif "conversations" in item:
+        text = _first_human_turn(item["conversations"])
+    else:
+        return None, "no 'prompt', 'input' or 'conversations'"
+    if not isinstance(text, str):
+        return None, "prompt text is missing or not a string"
+    text = strip_image_markers(text)
+    if not text:
+        return None, "empty prompt text"
+    return PromptRecord(position, str(external_id), image, text), None
+
+
+def _first_human_turn(conversations) -> str | None:
+    if not isinstance(conversations, list):
+        return None
+    for turn in conversations:
+        if isinstance(turn, dict) and turn.get("from") in ("human", "user"):
+            return turn.get("value")
+    return None
+
+
+def resolve_image(images_dir: Path, name: str, prefix: str = "") -> Path | str:
+    """The image's path under images_dir, or a message why it is not acceptable."""
+    candidate = Path(name)
+    if candidate.is_absolute():
+        return f"image path {name!r} is absolute; paths are resolved under --images"
+    if prefix and not candidate.name.startswith(prefix):
+        candidate = candidate.with_name(prefix + candidate.name)
+    root = images_dir.resolve()
+    full = (root / candidate).resolve()
+    if not full.is_relative_to(root):
+        return f"image path {name!r} escapes the images directory"
+    return full
+
+
+def inspect_image(path: Path, root: Path) -> ImageInfo | str:
+    """Hash and measure one image, or a message why it cannot be used."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return f"image not found: {path}"
+    except OSError as exc:
+        return f"cannot read image {path}: {exc.strerror or exc}"
+    try:
+        with Image.open(path) as image:
+            image.verify()  # checks structure without decoding every pixel
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable image {path}: {exc}"
+    return ImageInfo(
+        sha256=hashlib.sha256(data).hexdigest(),
+        rel_path=str(path.relative_to(root.resolve())),
+        size_bytes=len(data),
+        width=width,
+        height=height,
+    )
+
+
+def inspect_images(paths: list[Path], root: Path) -> list[ImageInfo | str]:
+    # Hashing is I/O and C code that releases the GIL: threads overlap the reads.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda p: inspect_image(p, root), paths))

@@ -1,0 +1,52 @@
+"""Store API for images and prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from csr.storage.clock import utcnow
+from csr.storage.models import Image, Prompt
+from sqlalchemy import Connection, func, insert, select
+
+_CHUNK = 500
+
+
+def _chunks(items: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def existing_prompts(conn: Connection, external_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """external id -> (image sha256, text) for the ids already in the store."""
+    found: dict[str, tuple[str, str]] = {}
+    for chunk in _chunks(list(external_ids)):
+        rows = conn.execute(
+            select(Prompt.external_id, Image.sha256, Prompt.text)
+            .join(Image, Image.id == Prompt.image_id)
+            .where(Prompt.external_id.in_(chunk))
+        )
+        found.update({row.external_id: (row.sha256, row.text) for row in rows})
+    return found
+
+
+def image_ids(conn: Connection, hashes: Sequence[str]) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    for chunk in _chunks(list(hashes)):
+        rows = conn.execute(select(Image.sha256, Image.id).where(Image.sha256.in_(chunk)))
+        ids.update({row.sha256: row.id for row in rows})
+    return ids
+
+
+def insert_images(conn: Connection, images: list[dict]) -> None:
+    if images:
+        conn.execute(insert(Image), images)
+
+
+def insert_prompts(conn: Connection, prompts: list[dict]) -> None:
+    if prompts:
+        now = utcnow()
+        conn.execute(insert(Prompt), [{**p, "created_at": now} for p in prompts])
+
+
+def count_prompts(conn: Connection) -> int:
+    return conn.execute(select(func.count()).select_from(Prompt)).scalar_one()

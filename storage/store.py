@@ -1,0 +1,141 @@
+"""Opening, creating and summarising a store."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from csr.storage import migrate
+from csr.storage.clock import utcnow
+from csr.storage.db import make_engine
+from csr.storage.errors import StoreError
+from csr.storage.models import Iteration, ModelVersion, Prompt, Worker, WorkItem
+from sqlalchemy import Connection, Engine, func, select, update
+
+# A worker that has not sent a heartbeat for this long is not counted as live.
+LIVE_WORKER_WINDOW = timedelta(seconds=90)
+
+
+def open_store(url: str) -> Engine:
+    """An engine on an existing store whose schema revision matches this code."""
+    engine = make_engine(url, must_exist=True)
+    try:
+        migrate.check_revision(engine)
+    except StoreError:
+        engine.dispose()
+        raise
+    except Exception as exc:  # server down, bad credentials, not a database
+        engine.dispose()
+        raise StoreError(f"cannot open the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+    return engine
+
+
+def create_store(url: str) -> tuple[Engine, str]:
+    """Create a new store at head, or confirm an existing one; returns (engine, what happened)."""
+    engine = make_engine(url)
+    try:
+        if migrate.is_empty(engine):
+            migrate.upgrade(engine)
+            return engine, "created"
+        migrate.check_revision(engine)
+        return engine, "exists"
+    except StoreError:
+        engine.dispose()
+        raise
+    except Exception as exc:
+        engine.dispose()
+        raise StoreError(f"cannot create the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def model_version(conn: Connection, version: int):
+    """The model_versions row (a Row with the table's columns) or None."""
+    return conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
+
+
+def register_base_model(conn: Connection, model: str, clip: str, clip_pretrained: str | None) -> str:
+    """Model version 0 is the base model of the study; returns what happened."""
+    existing = model_version(conn, 0)
+    if existing is not None:
+        if (existing.path, existing.clip_model, existing.clip_pretrained) == (model, clip, clip_pretrained):
+            return "unchanged"
+        has_iterations = conn.execute(select(func.count()).select_from(Iteration)).scalar_one()
+        if has_iterations:
+            raise StoreError(
+                f"the store's base model is {existing.path} (CLIP {existing.clip_model}); "
+                "it cannot change once an iteration has started"
+            )
+        conn.execute(
+            update(ModelVersion)
+            .where(ModelVersion.version == 0)
+            .values(path=model, base_model=model, clip_model=clip, clip_pretrained=clip_pretrained)
+        )
+        return "updated"
+    conn.execute(
+        ModelVersion.__table__.insert().values(
+            version=0,
+            parent_version=None,
+            iteration=None,
+            path=model,
+            base_model=model,
+            clip_model=clip,
+            clip_pretrained=clip_pretrained,
+            created_at=utcnow(),
+        )
+    )
+    return "registered"
+
+
+def status(conn: Connection) -> dict:
+    total = conn.execute(select(func.count()).select_from(Prompt)).scalar_one()
+    counts = conn.execute(
+        select(WorkItem.iteration, WorkItem.state, func.count()).group_by(WorkItem.iteration, WorkItem.state)
+    ).all()
+    by_iteration: dict[int, dict[str, int]] = {}
+    for number, state, count in counts:
+        by_iteration.setdefault(number, {})[state] = count
+    iterations = []
+    for it in conn.execute(select(Iteration).order_by(Iteration.number)).all():
+        states = by_iteration.get(it.number, {})
+        known = sum(states.values())
+        iterations.append(
+            {
+                "iteration": it.number,
+                "state": it.state,
+                "preset": it.preset,
+                "policy_version": it.policy_version,
+                "prompts": total,
+                "pending": states.get("pending", 0) + max(total - known, 0),
+                "claimed": states.get("claimed", 0),
+                "done": states.get("done", 0),
+                "failed": states.get("failed", 0),
+            }
+        )
+    versions = [
+        {
+            "version": v.version,
+            "parent": v.parent_version,
+            "iteration": v.iteration,
+            "path": v.path,
+            "weights_hash": v.weights_hash,
+            "created_at": v.created_at.isoformat(timespec="seconds"),
+        }
+        for v in conn.execute(select(ModelVersion).order_by(ModelVersion.version)).all()
+    ]
+    cutoff = utcnow() - LIVE_WORKER_WINDOW
+    workers = [
+        {
+            "id": w.id,
+            "iteration": w.iteration,
+            "host": w.host,
+            "pid": w.pid,
+            "device": w.device,
+            "heartbeat_at": w.heartbeat_at.isoformat(timespec="seconds"),
+        }
+        for w in conn.execute(
+            select(Worker).where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= cutoff).order_by(Worker.id)
+        ).all()
+    ]
+    return {"prompts": total, "iterations": iterations, "model_versions": versions, "live_workers": workers}
