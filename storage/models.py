@@ -128,6 +128,8 @@ class Candidate(Base):
     __table_args__ = (
         UniqueConstraint("iteration", "prompt_id", "node", name="uq_candidates_tree_node"),
         Index("ix_candidates_final", "iteration", "is_final"),
+        # children of a node: the reference-code preset walks trees top-down
+        Index("ix_candidates_children", "iteration", "prompt_id", "parent_node"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -1,4 +1,4 @@
-"""evaluations table; candidates.finish_reason
+"""evaluations table; candidates.finish_reason and a children index
 
 Revision ID: 0002
 Revises: 0001
@@ -35,9 +35,11 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("candidates", schema=None) as batch_op:
         batch_op.add_column(sa.Column("finish_reason", sa.String(length=16), nullable=True))
+        batch_op.create_index("ix_candidates_children", ["iteration", "prompt_id", "parent_node"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("candidates", schema=None) as batch_op:
+        batch_op.drop_index("ix_candidates_children")
         batch_op.drop_column("finish_reason")
     op.drop_table("evaluations")
