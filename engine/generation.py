@@ -8,6 +8,7 @@ leases run out and other workers take the prompts over.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -16,13 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from PIL import Image
-from sqlalchemy import Engine
-
 from csr.engine.errors import CsrError
 from csr.storage import work
 from csr.storage.store import model_version
 from csr.storage.trees import CANDIDATE_COLUMNS
+from PIL import Image
+from sqlalchemy import Engine
 
 PRESETS = ("paper", "reference-code")
 
@@ -105,6 +105,7 @@ def run_worker(
     started = time.perf_counter()
     if config["policy_path"] is None:
         raise CsrError(f"iteration {iteration} has no policy model")
+    _limit_threads()
     policy = load_policy(config["policy_path"], device=options.device)
     clip = load_clip(config["clip"], config["clip_pretrained"], device=options.device)
     search_config = SearchConfig.from_dict(config["search"])
@@ -192,3 +193,12 @@ def _cached(cache: OrderedDict, key, compute, size: int = 256):
 
 def _row(record) -> dict:
     return {column: getattr(record, column, None) for column in CANDIDATE_COLUMNS}
+
+
+def _limit_threads() -> None:
+    # K CPU workers on one machine share its cores instead of oversubscribing them.
+    threads = os.environ.get("CSR_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))

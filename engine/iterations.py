@@ -1,0 +1,190 @@
+"""One CSR iteration's curate and train steps, with their order rules.
+
+Each step is idempotent, so `csr iterate` can be resumed at any point: a
+generated iteration is not generated again, an existing pair set is
+confirmed, an existing model version is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from csr.engine.errors import CsrError
+from csr.engine.settings import Settings
+from csr.storage import curation, versions, work
+from csr.storage.errors import OrderError
+from csr.storage.store import model_version
+from sqlalchemy import Engine
+
+
+def iteration_policy(engine: Engine, iteration: int) -> curation.CurationPolicy:
+    """The curation policy matching how the iteration was generated."""
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        it = work.get_iteration(conn, iteration)
+    if it is None:
+        raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
+    search = it.config.get("search", {})
+    return curation.CurationPolicy(preset=it.preset, lam=float(search.get("lam", 0.9)))
+
+
+def require_generated(engine: Engine, iteration: int, allow_partial: bool) -> dict[str, int]:
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        if work.get_iteration(conn, iteration) is None:
+            raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
+        counts = work.progress(conn, iteration)
+    unfinished = counts[work.PENDING] + counts[work.CLAIMED]
+    if unfinished and not allow_partial:
+        raise OrderError(
+            f"generation of iteration {iteration} is not complete ({unfinished} prompt(s) pending or claimed): "
+            f"finish `csr generate --iter {iteration}` or pass --allow-partial"
+        )
+    return counts
+
+
+def curate(
+    engine: Engine,
+    iteration: int,
+    preset: str | None = None,
+    lam: float | None = None,
+    min_margin: float = 0.0,
+    name: str | None = None,
+    make_default: bool = False,
+) -> curation.CurationResult:
+    base = iteration_policy(engine, iteration)
+    policy = curation.CurationPolicy(
+        preset=preset or base.preset, lam=base.lam if lam is None else lam, min_margin=min_margin
+    )
+    with engine.begin() as conn:
+        return curation.curate(conn, iteration, policy, name=name, make_default=make_default)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    allow_partial: bool = False
+    force: bool = False
+    pair_set: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    version: int
+    path: Path
+    weights_hash: str
+    pairs: int
+    resumed_from_step: int | None
+    train_seconds: float
+    final_metrics: dict
+
+
+def _is_main_process() -> bool:
+    # Under `accelerate launch` every rank runs this command; only rank 0 writes the store.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train(engine: Engine, settings: Settings, iteration: int, options: TrainOptions) -> TrainOutcome:
+    from csr.engine.training import PreferenceExample, TrainConfig, TrainConfigError, train_dpo
+
+    try:
+        config = TrainConfig.from_dict(settings.train)
+    except TrainConfigError as exc:
+        raise CsrError(f"[train] in {settings.path}: {exc}") from exc
+    require_generated(engine, iteration, options.allow_partial)
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        existing = model_version(conn, iteration)
+        parent = model_version(conn, iteration - 1)
+        next_iteration = work.get_iteration(conn, iteration + 1)
+    if existing is not None and not options.force:
+        raise OrderError(f"model version {iteration} exists ({existing.path}); pass --force to train it again")
+    if existing is not None and next_iteration is not None:
+        raise OrderError(
+            f"model version {iteration} cannot be replaced: iteration {iteration + 1} was generated from it"
+        )
+    if parent is None:
+        raise OrderError(f"model version {iteration - 1} does not exist")
+
+    with engine.begin() as conn:
+        pair_set = curation.pair_set(conn, iteration, options.pair_set)
+    if pair_set is None:
+        if options.pair_set:
+            raise OrderError(f"iteration {iteration} has no pair set named {options.pair_set!r}")
+        curate(engine, iteration)  # train implies curate with the iteration's own policy
+        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            pair_set = curation.pair_set(conn, iteration)
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        rows = curation.training_rows(conn, pair_set.id)
+    if not rows:
+        raise OrderError(
+            f"pair set {pair_set.name!r} of iteration {iteration} is empty: nothing to train on "
+            "(no prompt had two distinct final responses above the margin)"
+        )
+    pairs_hash = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    hyperparams = config.to_dict()
+
+    models_dir = settings.models_path()
+    output_dir = models_dir / f"v{iteration}"
+    checkpoint_dir = models_dir / f"v{iteration}.checkpoints"
+    main = _is_main_process()
+    run_id = None
+    if main:
+        with engine.begin() as conn:
+            run = versions.find_resumable_run(conn, iteration, pairs_hash, hyperparams)
+            if run is not None:
+                run_id = run.id
+                versions.mark_run(conn, run_id, "running")
+            else:
+                run_id = versions.start_training_run(
+                    conn, iteration, pair_set.id, curation.TRAINING_SELECTION, pairs_hash, hyperparams,
+                    str(checkpoint_dir),
+                )
+    examples = [
+        PreferenceExample(
+            image_path=str(Path(r["image_root"]) / r["image_path"]),
+            prompt=r["prompt"],
+            chosen=r["chosen_text"],
+            rejected=r["rejected_text"],
+        )
+        for r in rows
+    ]
+    staging = models_dir / f"v{iteration}.staging"
+    try:
+        result = train_dpo(parent.path, examples, staging, checkpoint_dir, config, device=options.device)
+    except BaseException:
+        if main:
+            with engine.begin() as conn:
+                versions.mark_run(conn, run_id, "failed")
+        raise
+    final = result.metrics[-1] if result.metrics else {}
+    if main:
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+        with engine.begin() as conn:
+            versions.mark_run(conn, run_id, "running", metrics=result.metrics)
+            versions.register_version(
+                conn,
+                version=iteration,
+                parent=iteration - 1,
+                iteration=iteration,
+                path=str(output_dir.resolve()),
+                weights_hash=result.weights_hash,
+                lora_config=result.lora_config,
+                metrics={"final": final, "train_seconds": result.train_seconds, "pairs": len(rows)},
+                run_id=run_id,
+                replace=existing is not None,
+            )
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrainOutcome(
+        version=iteration,
+        path=output_dir,
+        weights_hash=result.weights_hash,
+        pairs=len(rows),
+        resumed_from_step=result.resumed_from_step,
+        train_seconds=result.train_seconds,
+        final_metrics=final,
+    )
