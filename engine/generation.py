@@ -133,7 +133,7 @@ def run_worker(
                 t0 = time.perf_counter()
                 try:
                     image = _load_image(image_path)
-                    embedding = _cached(embeddings, image_id, lambda: clip.encode_image(image))
+                    embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
                     records = _search(policy, clip, image, text, search_config, embedding)
                 except Exception as exc:  # one bad prompt must not stop the run
                     held.pop(0)
