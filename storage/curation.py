@@ -12,20 +12,20 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, func, insert, select, text, update
-
 from csr.storage.clock import utcnow
 from csr.storage.errors import OrderError, StoreError
 from csr.storage.models import Pair, PairSet
 from csr.storage.work import get_iteration
+from sqlalchemy import Connection, func, insert, select, text, update
 
 PRESETS = ("paper", "reference-code")
 
 # Sentence reward R(s) = lambda * image score + (1 - lambda) * text score.
 _PAPER_SENTENCE = ":lam * c.r_i + (1 - :lam) * c.r_t"
-# Released code: both scores become ranks among the siblings of one parent,
-# best = 1 ... worst = 1/n, so larger is better as in the paper preset.
-_RANK = "(COUNT(*) OVER sib - RANK() OVER (sib ORDER BY {score} DESC) + 1) * 1.0 / COUNT(*) OVER sib"
+# Released code: both scores become ranks among the siblings of one parent
+# (best 1/n ... worst 1); stored as 1 - rank so that larger is better as in the
+# paper preset (engine/rewards.py). Ties keep sibling order.
+_RANK = "(1 - ROW_NUMBER() OVER (sib ORDER BY {score} DESC, c.sibling_index) * 1.0 / COUNT(*) OVER sib)"
 _REFERENCE_SENTENCE = (
     f":lam * {_RANK.format(score='c.r_i')} + (1 - :lam) * {_RANK.format(score='d.path_norm')}"
 )
@@ -43,7 +43,7 @@ down(id, prompt_id, node, path_norm) AS (
     WHERE c.iteration = :iteration AND c.exclusion_reason IS NULL
 ),
 scored AS (
-    SELECT c.id, c.prompt_id, c.node, c.parent_node, c.text, c.is_final,
+    SELECT c.id, c.prompt_id, c.node, c.parent_node, c.sibling_index, c.text, c.is_final,
            {sentence_reward} AS rs
     FROM candidates c JOIN down d ON d.id = c.id
     WINDOW sib AS (PARTITION BY c.prompt_id, c.parent_node)
