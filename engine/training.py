@@ -1,0 +1,636 @@
+"""DPO with LoRA on a LLaVA-style model (spec/CSR.md, "DPO").
+
+One call, `train_dpo`, turns pi_{t-1} and the curated pairs of iteration t into
+pi_t: TRL's DPOTrainer (sigmoid loss) trains a LoRA adapter on the text
+decoder's linear layers and the multimodal projector in full, with the
+reference being the same base with the adapter switched off; the adapter is
+then merged and the model saved as safetensors with its processor.
+
+Pure engine code: plain objects in, a directory and a `TrainResult` out; the
+caller owns the store. Everything that decides the outcome (config, seed, data
+order) is explicit so that the same inputs give the same weights on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The seven projections of a Llama/Mistral/Vicuna/Qwen decoder layer: what the
+# released script's LoRA targets inside the language model.
+DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Attribute names LLaVA-family models use for their parts (transformers 5 nests
+# them under `model.`; older remote-code checkpoints use `mm_projector`).
+LANGUAGE_MODEL_NAMES = ("language_model",)
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
+
+# As in generation (engine/loading.py): prompt sets carry their own "<image>"
+# markers, which the chat template places itself; LLaVA-1.5's format otherwise.
+IMAGE_PLACEHOLDER = "<image>"
+FALLBACK_PROMPT = "USER: <image>\n{prompt} ASSISTANT:"
+
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+FINGERPRINT_FILE = "csr_run.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainConfigError(ValueError):
+    """A training option the user got wrong (unknown key, bad value)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    beta: float = 0.1
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    # "language_model": the seven decoder projections; or a comma-separated list
+    # of layer names inside the language model, e.g. "q_proj,v_proj".
+    lora_target: str = "language_model"
+    learning_rate: float = 1e-7
+    # 0 freezes the projector; otherwise it trains in full at this rate.
+    projector_learning_rate: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: int = 1
+    batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 42
+    max_length: int = 1024
+    logging_steps: int = 1
+    save_steps: int = 50
+    # Two, not one: a crash while writing the newest checkpoint leaves the one
+    # before it intact to resume from.
+    save_total_limit: int = 2
+    bf16: bool | None = None  # None: on when CUDA supports bf16, off elsewhere
+    gradient_checkpointing: bool = True
+    # LoRA updates at lr 1e-7 are below 16-bit rounding of many weights, so the
+    # merged model keeps full precision unless asked otherwise.
+    save_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.default)
+        positive = ("lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "max_length",
+                    "logging_steps", "save_steps", "save_total_limit", "beta")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise TrainConfigError(f"training option {name} must be > 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise TrainConfigError(f"training option learning_rate must be > 0, got {self.learning_rate}")
+        if self.projector_learning_rate < 0:
+            raise TrainConfigError("training option projector_learning_rate must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise TrainConfigError(f"training option lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainConfigError(f"training option warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise TrainConfigError(
+                f"training option lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"
+            )
+        if self.save_dtype not in SAVE_DTYPES:
+            raise TrainConfigError(
+                f"training option save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}"
+            )
+        if not _lora_leaf_names(self.lora_target):
+            raise TrainConfigError("training option lora_target is empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(
+                f"unknown training option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        return cls(**dict(data))
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    if default is None:  # bf16: tri-state
+        ok = value is None or isinstance(value, bool)
+        expected = "true, false or unset"
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+        expected = "a boolean"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        expected = "a number"
+    else:
+        ok = isinstance(value, str)
+        expected = "a string"
+    if not ok:
+        raise TrainConfigError(f"training option {name} must be {expected}, got {value!r}")
+
+
+@dataclass
+class PreferenceExample:
+    image_path: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    weights_hash: str
+    metrics: list[dict[str, float]]
+    lora_config: dict[str, Any]
+    train_seconds: float
+    global_step: int
+    resumed_from_step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def build_prompt(processor: Any, text: str) -> str:
+    """The prompt string generation feeds the model: one user turn (image, then
+    text) and the generation prompt, through the processor's chat template.
+    Mirrors `loading.Policy.build_prompt` (placeholder stripping, fallback
+    format) so that DPO trains on the context the search generated in.
+
+    Special tokens the tokenizer would add on its own (LLaVA-1.5's BOS) are
+    written into the string, because TRL's collator tokenizes with
+    `add_special_tokens=False` while `processor(text=prompt)` at generation
+    time adds them: without this the trained context would lack the BOS."""
+    text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        prompt = FALLBACK_PROMPT.format(prompt=text)
+    prefix = _implicit_prefix(processor.tokenizer)
+    return prompt if prompt.startswith(prefix) else prefix + prompt
+
+
+def _implicit_prefix(tokenizer: Any) -> str:
+    with_special = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    if len(with_special) <= len(plain) or with_special[len(with_special) - len(plain):] != plain:
+        return ""
+    return "".join(tokenizer.convert_ids_to_tokens(with_special[: len(with_special) - len(plain)]))
+
+
+def build_completion(tokenizer: Any, text: str) -> str:
+    """The assistant continuation as trained: the response, ended by EOS like
+    the chat template's assistant turn, so the model learns where to stop."""
+    eos = tokenizer.eos_token or ""
+    return text if text.endswith(eos) else text + eos
+
+
+# ------------------------------------------------------------------- model surgery
+
+
+def _find_module(model: torch.nn.Module, names: Sequence[str]) -> str | None:
+    """Full name of the first submodule whose last name component is in `names`
+    (shortest path wins, so a nested copy never shadows the real one)."""
+    found = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in names]
+    return min(found, key=lambda n: n.count(".")) if found else None
+
+
+def _lora_leaf_names(lora_target: str) -> tuple[str, ...]:
+    if lora_target == "language_model":
+        return DECODER_PROJECTIONS
+    return tuple(p.strip() for p in lora_target.split(",") if p.strip())
+
+
+def resolve_lora_targets(model: torch.nn.Module, lora_target: str) -> tuple[str, list[str]]:
+    """A PEFT target regex over the text decoder's linear layers, and the module
+    names it matches. The vision tower shares layer names with the decoder
+    (q_proj...), so the match is anchored at the language model's own path."""
+    lm_name = _find_module(model, LANGUAGE_MODEL_NAMES)
+    if lm_name is None:
+        raise ValueError(
+            f"cannot find the language model in {type(model).__name__}: "
+            f"no submodule named {' or '.join(LANGUAGE_MODEL_NAMES)}"
+        )
+    leaves = _lora_leaf_names(lora_target)
+    pattern = rf"{re.escape(lm_name)}\..*\.({'|'.join(map(re.escape, leaves))})"
+    matched = [
+        n for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)
+    ]
+    if not matched:
+        raise ValueError(
+            f"lora_target {lora_target!r} matches no linear layer under {lm_name} "
+            f"of {type(model).__name__}"
+        )
+    return pattern, matched
+
+
+# ------------------------------------------------------------------------ hashing
+
+
+def weights_hash(model_dir: Path | str) -> str:
+    """sha256 over every tensor of the directory's safetensors files, in name
+    order, with dtype and shape: independent of sharding and header layout."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {model_dir}")
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                where[key] = path
+    digest = hashlib.sha256()
+    handles: dict[Path, Any] = {}
+    try:
+        for key in sorted(where):
+            path = where[key]
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt").__enter__()
+            tensor = handles[path].get_tensor(key).contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------- training
+
+
+def _make_trainer_class():
+    # Built lazily: importing trl costs seconds, and most csr commands never train.
+    from trl import DPOTrainer
+
+    class CSRDPOTrainer(DPOTrainer):
+        """DPOTrainer with the released script's two learning rates (LoRA vs
+        projector) as optimizer parameter groups; the scheduler scales both."""
+
+        def __init__(self, *args: Any, projector_learning_rate: float, **kwargs: Any) -> None:
+            self._projector_lr = projector_learning_rate
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+            if self.optimizer is None:
+                opt_model = self.model if model is None else model
+                lora, projector = [], []
+                for name, param in opt_model.named_parameters():
+                    if param.requires_grad:
+                        (projector if ".modules_to_save." in name else lora).append(param)
+                groups = [{"params": lora, "lr": self.args.learning_rate, "weight_decay": 0.0}]
+                if projector:
+                    groups.append({"params": projector, "lr": self._projector_lr, "weight_decay": 0.0})
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
+
+        def _send_telemetry(self) -> None:
+            # Training runs on users' data, often offline: never phone home.
+            pass
+
+    return CSRDPOTrainer
+
+
+def _preference_dataset(examples: Sequence[PreferenceExample], processor: Any):
+    """TRL's standard (already templated) vision preference format: `images`
+    (a list of one image, decoded lazily from its path), `prompt`, `chosen`,
+    `rejected`. TRL skips its own preprocessing for vision datasets and
+    tokenizes in the collator, so the strings below are exactly what it sees."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    tokenizer = processor.tokenizer
+    features = Features({
+        "images": List(Image()),
+        "prompt": Value("string"),
+        "chosen": Value("string"),
+        "rejected": Value("string"),
+    })
+    return Dataset.from_dict(
+        {
+            "images": [[str(e.image_path)] for e in examples],
+            "prompt": [build_prompt(processor, e.prompt) for e in examples],
+            "chosen": [build_completion(tokenizer, e.chosen) for e in examples],
+            "rejected": [build_completion(tokenizer, e.rejected) for e in examples],
+        },
+        features=features,
+    )
+
+
+def _run_fingerprint(base_model_path: str, examples: Sequence[PreferenceExample], config: TrainConfig) -> str:
+    payload = {
+        "base_model_path": str(base_model_path),
+        "config": config.to_dict(),
+        "examples": [dataclasses.asdict(e) for e in examples],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def last_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete Trainer checkpoint. Trainer writes trainer_state.json
+    last and not atomically, so a checkpoint without it was cut off mid-write."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in checkpoint_dir.iterdir()
+        if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return path
+    return None
+
+
+def _resume_point(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """The checkpoint to resume from, after checking it belongs to this very run
+    (same base, pairs and config): resuming another run would silently train
+    a mixture of the two."""
+    resume = last_checkpoint(checkpoint_dir)
+    if resume is not None:
+        marker = checkpoint_dir / FINGERPRINT_FILE
+        recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        if recorded != fingerprint:
+            raise ValueError(
+                f"{checkpoint_dir} holds checkpoints of a different training run "
+                "(other base model, pairs or config); remove it or use another checkpoint directory"
+            )
+    return resume
+
+
+def _prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str, resume: Path | None) -> None:
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    # Half-written checkpoints newer than the resume point would be picked over
+    # it by the checkpoint rotation; they hold nothing usable.
+    resume_step = _step_of(resume) if resume else -1
+    for path in checkpoint_dir.iterdir():
+        m = _CHECKPOINT_RE.match(path.name)
+        if m and path.is_dir() and int(m.group(1)) > resume_step:
+            shutil.rmtree(path)
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(_CHECKPOINT_RE.match(checkpoint.name).group(1))
+
+
+def _use_bf16(config: TrainConfig, device: str | None) -> bool:
+    if config.bf16 is not None:
+        return config.bf16
+    if device is not None and not device.startswith("cuda"):
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+METRIC_KEYS = (
+    "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
+    "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+)
+
+
+def _step_metrics(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    rows = []
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            row = {"step": int(entry["step"]), "epoch": float(entry.get("epoch", 0.0))}
+            row.update({k: float(entry[k]) for k in METRIC_KEYS if k in entry})
+            rows.append(row)
+    return rows
+
+
+def _lora_setup(model: torch.nn.Module, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """The PEFT LoraConfig and its record for the model version row."""
+    from peft import LoraConfig
+
+    target_regex, targeted = resolve_lora_targets(model, config.lora_target)
+    modules_to_save: list[str] = []
+    if config.projector_learning_rate > 0:
+        projector = _find_module(model, PROJECTOR_NAMES)
+        if projector is None:
+            raise ValueError(f"cannot find the multimodal projector in {type(model).__name__}")
+        modules_to_save = [projector.rsplit(".", 1)[-1]]
+    record = {
+        "r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": target_regex,
+        "targeted_module_count": len(targeted),
+        "modules_to_save": modules_to_save,
+        "bias": "none",
+    }
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_regex,
+        # A trainable copy of the projector; with the adapter disabled the
+        # original computes the reference, as pi_{t-1} requires.
+        modules_to_save=modules_to_save or None,
+        bias="none",
+    )
+    return lora, record
+
+
+def _dpo_args(config: TrainConfig, checkpoint_dir: Path, bf16: bool, device: str | None) -> Any:
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(checkpoint_dir),
+        beta=config.beta,
+        loss_type=["sigmoid"],
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        # transformers 5 folded warmup_ratio into warmup_steps: a float < 1 is a ratio.
+        warmup_steps=config.warmup_ratio,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        weight_decay=0.0,
+        max_length=config.max_length,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=config.gradient_checkpointing,
+        # TRL zeroes every dropout by default, which would silently drop the
+        # configured lora_dropout; LLaVA's own dropouts are 0 anyway.
+        disable_dropout=False,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        save_only_model=False,  # optimizer, scheduler and RNG states make resuming exact
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=True,
+        push_to_hub=False,
+    )
+
+
+def train_dpo(
+    base_model_path: str,
+    examples: list[PreferenceExample],
+    output_dir: Path,
+    checkpoint_dir: Path,
+    config: TrainConfig,
+    device: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Train pi_t from pi_{t-1} = `base_model_path` (also the DPO reference) on
+    `examples`, merge the adapter and save the model to `output_dir`.
+
+    Resumes from the newest complete checkpoint in `checkpoint_dir` written by
+    the same run. `device=None` lets Trainer/accelerate place the model (the
+    only correct choice under `accelerate launch`); "cpu" forces the CPU;
+    "cuda:N" selects one GPU in a single-process run. `callbacks` are
+    transformers TrainerCallbacks (progress bars, interruption).
+    `train_seconds` counts this call's training only, not earlier attempts.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor, PrinterCallback
+
+    if not examples:
+        raise ValueError("no preference pairs to train on")
+    missing = [e.image_path for e in examples if not Path(e.image_path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image not found: {missing[0]} ({len(missing)} missing in all)")
+    output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
+    fingerprint = _run_fingerprint(base_model_path, examples, config)
+    resume = _resume_point(checkpoint_dir, fingerprint)
+    if device is not None and device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))
+    bf16 = _use_bf16(config, device)
+
+    processor = AutoProcessor.from_pretrained(base_model_path)
+    # fp32 master weights even for bf16 runs: autocast computes in bf16, while
+    # the merge adds the (tiny) LoRA delta at full precision.
+    model = AutoModelForImageTextToText.from_pretrained(base_model_path, dtype=torch.float32)
+    # Training switches the KV cache off in the config; the saved model must
+    # generate like its base.
+    use_cache = model.config.get_text_config().use_cache
+    lora, lora_record = _lora_setup(model, config)
+
+    trainer = _make_trainer_class()(
+        model=model,
+        args=_dpo_args(config, checkpoint_dir, bf16, device),
+        train_dataset=_preference_dataset(examples, processor),
+        processing_class=processor,
+        peft_config=lora,
+        callbacks=list(callbacks),
+        projector_learning_rate=config.projector_learning_rate,
+    )
+    # The engine is silent; the caller adds progress through `callbacks`.
+    trainer.remove_callback(PrinterCallback)
+
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:
+        _prepare_checkpoint_dir(checkpoint_dir, fingerprint, resume)
+    accelerator.wait_for_everyone()
+
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_seconds = time.perf_counter() - started
+
+    merged = accelerator.unwrap_model(trainer.model).merge_and_unload()
+    merged = merged.to(getattr(torch, config.save_dtype))
+    merged.config.get_text_config().use_cache = use_cache
+    if accelerator.is_main_process:
+        _save_atomically(merged, processor, output_dir)
+    accelerator.wait_for_everyone()
+
+    return TrainResult(
+        model_dir=output_dir,
+        weights_hash=weights_hash(output_dir),
+        metrics=_step_metrics(trainer.state.log_history),
+        lora_config=lora_record,
+        train_seconds=train_seconds,
+        global_step=int(trainer.state.global_step),
+        resumed_from_step=_step_of(resume) if resume else None,
+        extra={"bf16": bf16, "num_pairs": len(examples)},
+    )
+
+
+def _save_atomically(model: Any, processor: Any, output_dir: Path) -> None:
+    """Write next to the target and rename, so a crash never leaves a directory
+    that looks like a finished model."""
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+
+
+# ----------------------------------------------------------------- sanity check
+
+
+@torch.no_grad()
+def completion_logprob(model: Any, processor: Any, image: Any, prompt: str, completion: str) -> float:
+    """Summed log-probability of `completion` after image + prompt, tokenized the
+    way training sees it (templated prompt, continuation + EOS)."""
+    device = next(model.parameters()).device
+    prompt_inputs = processor(
+        images=[image], text=[build_prompt(processor, prompt)],
+        add_special_tokens=False, return_tensors="pt",
+    )
+    completion_ids = processor.tokenizer(
+        build_completion(processor.tokenizer, completion), add_special_tokens=False, return_tensors="pt",
+    ).input_ids
+    input_ids = torch.cat([prompt_inputs["input_ids"], completion_ids], dim=1).to(device)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=prompt_inputs["pixel_values"].to(device, model.dtype),
+    ).logits.float()
+    start = prompt_inputs["input_ids"].shape[1]
+    # Position i predicts token i + 1.
+    logprobs = torch.log_softmax(logits[0, start - 1 : -1], dim=-1)
+    targets = input_ids[0, start:]
+    return float(logprobs.gather(-1, targets[:, None]).sum().double())
+
+
+def implicit_reward_margins(
+    policy_path: str | Path,
+    reference_path: str | Path,
+    examples: Sequence[PreferenceExample],
+    beta: float,
+    device: str | None = None,
+) -> list[float]:
+    """beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))) per
+    pair, from plain forward passes: an independent check of what DPO did."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    processor = AutoProcessor.from_pretrained(str(policy_path))
+    models = [
+        AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        for path in (policy_path, reference_path)
+    ]
+    margins = []
+    for ex in examples:
+        image = Image.open(ex.image_path).convert("RGB")
+        (pol_w, pol_l), (ref_w, ref_l) = (
+            [completion_logprob(m, processor, image, ex.prompt, y) for y in (ex.chosen, ex.rejected)]
+            for m in models
+        )
+        margins.append(beta * ((pol_w - ref_w) - (pol_l - ref_l)))
+    return margins
