@@ -13,6 +13,7 @@ order) is explicit so that the same inputs give the same weights on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -250,24 +251,14 @@ def weights_hash(model_dir: Path | str) -> str:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {model_dir}")
-    where: dict[str, Path] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                where[key] = path
     digest = hashlib.sha256()
-    handles: dict[Path, Any] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in files]
+        where = {key: handle for handle in handles for key in handle.keys()}
         for key in sorted(where):
-            path = where[key]
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt").__enter__()
-            tensor = handles[path].get_tensor(key).contiguous()
+            tensor = where[key].get_tensor(key).contiguous()
             digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
     return digest.hexdigest()
 
 
@@ -332,10 +323,16 @@ def _preference_dataset(examples: Sequence[PreferenceExample], processor: Any):
     )
 
 
+# Options that change how often things are written, not what is trained:
+# changing them between a crash and the resume is harmless.
+_BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit")
+
+
 def _run_fingerprint(base_model_path: str, examples: Sequence[PreferenceExample], config: TrainConfig) -> str:
+    settings = {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING_OPTIONS}
     payload = {
         "base_model_path": str(base_model_path),
-        "config": config.to_dict(),
+        "config": settings,
         "examples": [dataclasses.asdict(e) for e in examples],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -497,8 +494,9 @@ def train_dpo(
 
     Resumes from the newest complete checkpoint in `checkpoint_dir` written by
     the same run. `device=None` lets Trainer/accelerate place the model (the
-    only correct choice under `accelerate launch`); "cpu" forces the CPU;
-    "cuda:N" selects one GPU in a single-process run. `callbacks` are
+    only correct choice for GPUs under `accelerate launch`); "cpu" forces the
+    CPU (also what makes several CPU processes under torchrun/accelerate
+    distributed); "cuda:N" selects one GPU in a single-process run. `callbacks` are
     transformers TrainerCallbacks (progress bars, interruption).
     `train_seconds` counts this call's training only, not earlier attempts.
     """
@@ -538,6 +536,13 @@ def train_dpo(
     trainer.remove_callback(PrinterCallback)
 
     accelerator = trainer.accelerator
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        # Each rank would train alone and race the others writing output_dir.
+        raise RuntimeError(
+            f"launched as {launched} processes but training is not distributed "
+            f"(accelerate runs {accelerator.num_processes}); for several CPU processes pass device='cpu'"
+        )
     if accelerator.is_main_process:
         _prepare_checkpoint_dir(checkpoint_dir, fingerprint, resume)
     accelerator.wait_for_everyone()

@@ -294,6 +294,20 @@ def test_checkpoints_of_another_run_are_refused(world, trained):
     other = dataclasses.replace(FAST_CONFIG, beta=0.5)
     with pytest.raises(ValueError, match="different training run"):
         train_dpo(str(base), examples, ckpt.parent / "other", ckpt, other, device="cpu")
+    with pytest.raises(ValueError, match="different training run"):
+        train_dpo(str(base), examples[:-1], ckpt.parent / "other", ckpt, FAST_CONFIG, device="cpu")
+    assert not (ckpt.parent / "other").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumes_to_the_same_model(world, trained):
+    # Checkpoint frequency is bookkeeping: changing it does not block resuming.
+    base, examples = world
+    ckpt = Path(trained.model_dir).parent / "ckpt"
+    config = dataclasses.replace(FAST_CONFIG, save_steps=5)
+    again = train_dpo(str(base), examples, ckpt.parent / "again", ckpt, config, device="cpu")
+    assert again.resumed_from_step == TOTAL_STEPS and again.global_step == TOTAL_STEPS
+    assert again.weights_hash == trained.weights_hash
 
 
 @pytest.mark.slow
