@@ -1,0 +1,220 @@
+"""Loading the policy (a LLaVA-style vision-language model) and the CLIP scorer.
+
+Both load from a hub id or a local directory through the libraries' own
+loaders (`transformers` Auto classes, `open_clip`), so a tiny model saved by
+`csr.engine.tiny` goes through the same path as a user's 7B checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from csr.engine.errors import ModelLoadError
+
+# Used when a processor ships no chat template: LLaVA-1.5's conversation format.
+FALLBACK_PROMPT = "USER: <image>\n{prompt} ASSISTANT:"
+IMAGE_PLACEHOLDER = "<image>"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _resolve_dtype(dtype: Any, device: str) -> Any:
+    if dtype is None:
+        # Half precision on CPU is slow and not bit-stable; on a GPU keep the checkpoint's own dtype.
+        return torch.float32 if str(device).startswith("cpu") else "auto"
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+@dataclass
+class Policy:
+    """A loaded policy model with what the search needs to drive it."""
+
+    name: str
+    model: Any
+    processor: Any
+    tokenizer: Any
+    device: str
+    sentence_end_ids: tuple[int, ...]
+    eos_token_id: int
+    stop_ids: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # EOS first: when a token is both, it ends the response, not just the sentence.
+        self.stop_ids = tuple(dict.fromkeys([self.eos_token_id, *self.sentence_end_ids]))
+
+    def build_prompt(self, user_prompt: str) -> str:
+        """The model's prompt text for one image and one user question.
+
+        LLaVA prompt sets carry their own "<image>" markers; they are removed
+        here because the chat template places the image itself.
+        """
+        text = user_prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+        if getattr(self.processor, "chat_template", None):
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+            ]
+            return self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        return FALLBACK_PROMPT.format(prompt=text)
+
+    def encode(self, image, user_prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs (input ids with image placeholders expanded, pixel values, ...)."""
+        inputs = self.processor(text=self.build_prompt(user_prompt), images=image, return_tensors="pt")
+        out = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device)
+                if value.is_floating_point():
+                    value = value.to(self.model.dtype)
+            out[key] = value
+        return out
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def find_sentence_end_ids(tokenizer) -> tuple[int, ...]:
+    """Token ids that are a full stop, possibly with whitespace around it.
+
+    A real BPE vocabulary has several ("." and ".\\n", or "▁."); tokens that
+    merely end with "." (abbreviations like "Mr." or "...") are not counted,
+    so that a sentence does not end inside "Mr. Smith".
+    """
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+    found = tuple(i for i, t in zip(ids, texts, strict=True) if t.strip() == ".")
+    if not found:
+        raise ModelLoadError("the tokenizer has no token for '.'; cannot split sentences")
+    return found
+
+
+def _eos_token_id(model, tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+    if eos is None:
+        raise ModelLoadError("the model defines no end-of-sequence token")
+    return int(eos)
+
+
+def load_policy(
+    name_or_path: str,
+    device: str = "cpu",
+    dtype: Any = None,
+    sentence_end_ids: tuple[int, ...] | None = None,
+) -> Policy:
+    """Load a vision-language model and its processor from a local directory or hub id."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = str(name_or_path)
+    if _looks_like_path(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory not found: {path}")
+        source = str(path)
+    torch_dtype = _resolve_dtype(dtype, device)
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load a vision-language model from {source!r} "
+            f"(neither a loadable local directory nor a hub id): {type(exc).__name__}: {exc}"
+        ) from exc
+    model.to(device).eval()
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ModelLoadError(f"the processor of {source!r} has no tokenizer")
+    ends = tuple(sentence_end_ids) if sentence_end_ids else find_sentence_end_ids(tokenizer)
+    return Policy(
+        name=str(name_or_path),
+        model=model,
+        processor=processor,
+        tokenizer=tokenizer,
+        device=str(device),
+        sentence_end_ids=ends,
+        eos_token_id=_eos_token_id(model, tokenizer),
+    )
+
+
+@dataclass
+class ClipScorer:
+    """An open_clip model scoring image-sentence relevance as max(100 * cos, 0)."""
+
+    name: str
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: str
+
+    @torch.inference_mode()
+    def encode_image(self, image) -> torch.Tensor:
+        """The L2-normalised image embedding, shape (dim,); compute once per image."""
+        pixels = self.preprocess(image.convert("RGB")).unsqueeze(0).to(self.device)
+        return self.model.encode_image(pixels, normalize=True)[0].float()
+
+    @torch.inference_mode()
+    def score(self, image_embedding: torch.Tensor, texts: list[str]) -> list[float]:
+        """R_I for each text, all texts in one batch. The tokenizer truncates at
+        CLIP's context length (77 tokens), as the paper's max_new_tokens assumes."""
+        if not texts:
+            return []
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        text_embeddings = self.model.encode_text(tokens, normalize=True).float()
+        cosine = text_embeddings @ image_embedding.to(text_embeddings.device).float()
+        return (100.0 * cosine).clamp_min(0.0).tolist()
+
+
+def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> ClipScorer:
+    """Load an open_clip model: `ViT-L-14-336` + pretrained tag, `hf-hub:org/repo`,
+    or `local-dir:PATH` (the schemas ignore `pretrained`)."""
+    import open_clip
+
+    if name.startswith("local-dir:"):
+        path = Path(name[len("local-dir:") :]).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"CLIP directory not found: {path}")
+        if not (path / "open_clip_config.json").is_file():
+            raise ModelLoadError(f"CLIP directory {path} has no open_clip_config.json")
+        pretrained = None
+    elif name.startswith("hf-hub:"):
+        pretrained = None
+    elif name not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown CLIP model {name!r}: use an open_clip model name (e.g. ViT-L-14-336), "
+            "hf-hub:ORG/REPO or local-dir:PATH"
+        )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as exc:
+        detail = f" with pretrained={pretrained!r}" if pretrained else ""
+        raise ModelLoadError(
+            f"could not load CLIP model {name!r}{detail}: {type(exc).__name__}: {exc}"
+        ) from exc
+    model.eval()
+    return ClipScorer(name=name, model=model, preprocess=preprocess, tokenizer=tokenizer, device=str(device))

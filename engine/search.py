@@ -1,0 +1,808 @@
+"""CSR's sentence-level beam search (section 3.2.1, algorithm 1, appendix A.1),
+on top of a token-level diverse (group) beam search that we implement
+ourselves, batched and with the KV cache.
+
+Layers, bottom up:
+
+- `group_beam_search`: the token-level algorithm on logits only. Several
+  independent searches ("parents") run side by side; a `step` callback runs
+  the model. Semantics follow transformers' beam search (v5 `_beam_search`,
+  which equals v4 `BeamSearchScorer` for one group) per group, and v4
+  `_group_beam_search` + `HammingDiversityLogitsProcessor` across groups.
+- `PromptPrefix` / `expand_partials`: the model side. The prompt (image
+  features + prompt tokens) is run once per prompt and its KV cache copied
+  for every expansion; all active partial responses x beams advance in one
+  forward pass per token.
+- `run_sentence_search`: the tree of sentences, rewards and selection, with
+  the model and CLIP behind two callables so that the benchmark can plug the
+  naive (released-code style) versions into the very same tree logic.
+- `sentence_beam_search`: what `csr generate` calls per prompt.
+
+Decisions where the paper is silent (recorded here and in spec/CSR.md terms):
+
+- A sentence ends at a full-stop token (`Policy.sentence_end_ids`), at EOS, or
+  after `max_new_tokens`; a sentence cut by `max_new_tokens` is not final and
+  is expanded further, as in the released code.
+- `max_length` bounds the *response* in tokens (prompt and image tokens not
+  counted, so the setting does not depend on the model's image-token count).
+  Each expansion gets min(max_new_tokens, max_length - response length) new
+  tokens; a candidate whose response reaches max_length is final.
+- A response ends when a candidate finishes with EOS. A candidate that is
+  only EOS (no visible text, e.g. "</s>" right after a full stop) is an *end
+  marker*: final, kept, r_i = 0, reward 0, and it does not count as a
+  sentence (cumulative reward = its parent's). At depth 0 it would be an
+  empty response and is excluded ("empty_response").
+- Final candidates do not take a place in the active set (as in the released
+  code); every non-excluded final is kept for curation (`is_kept`).
+- Active set: from the non-final, non-excluded candidates of a depth, the
+  top-k and bottom-k (k = `num_beams`) by the selection key; all of them when
+  there are at most 2k. `keep_rule="reference-code"` reproduces the released
+  code's slicing (`[:k//2 - 1] + [-(k//2):]` when there are at least k).
+- Selection key: `select_by="reward"` (paper, default) ranks by cumulative
+  reward under the preset; `select_by="text"` (released code) by the path's
+  running sum of length-normalised sentence log-probs.
+- Degenerate candidates (`csr.engine.degenerate`) are stored with their
+  reason, never expanded, never final. Among siblings, a candidate whose
+  stripped text equals an earlier non-excluded sibling's is stored with
+  exclusion_reason "duplicate" and not expanded (group beam search can return
+  the same sentence from two groups: the Hamming penalty only sees the tokens
+  of running beams, not those of finished ones).
+- Reference-code ranks are taken among the non-excluded, non-end-marker
+  siblings (the released code ranks after dropping degenerate ones);
+  excluded candidates get reward 0 under that preset.
+- R_T uses the raw model log-probs of the sentence tokens (EOS included when
+  it ended the sentence). The released code ranks on `sequences_scores`, which
+  for groups > 0 include the diversity penalty; we rank on raw log-probs so
+  that the stored columns reproduce every score.
+- Text of a candidate: the exact increment of the decoded response, so that
+  concatenating a path's texts gives the decoded response; CLIP and the
+  degenerate filters see it stripped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from csr.engine import degenerate, rewards
+
+SENTENCE_END = "sentence_end"
+EOS = "eos"
+MAX_NEW_TOKENS = "max_new_tokens"
+MAX_LENGTH = "max_length"
+
+EMPTY_RESPONSE = "empty_response"
+DUPLICATE = "duplicate"
+
+SELECT_BY = ("reward", "text")
+KEEP_RULES = ("paper", "reference-code")
+
+# transformers marks impossible beams with -1e9 rather than -inf so that sums stay finite.
+_NEG = -1.0e9
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every setting of the sentence-level beam search (appendix A.1 defaults)."""
+
+    num_token_beams: int = 5
+    num_beam_groups: int = 5
+    diversity_penalty: float = 3.0
+    max_new_tokens: int = 74
+    max_length: int = 1024
+    num_beams: int = 5
+    preset: str = rewards.PAPER
+    lam: float = 0.9
+    select_by: str = "reward"
+    keep_rule: str = "paper"
+
+    def __post_init__(self) -> None:
+        for name in ("num_token_beams", "num_beam_groups", "max_new_tokens", "max_length", "num_beams"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_token_beams % self.num_beam_groups:
+            raise ValueError(
+                f"num_token_beams ({self.num_token_beams}) must be a multiple of "
+                f"num_beam_groups ({self.num_beam_groups})"
+            )
+        if not self.diversity_penalty >= 0:
+            raise ValueError(f"diversity_penalty must be >= 0, got {self.diversity_penalty!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1], got {self.lam!r}")
+        if self.preset not in rewards.PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(rewards.PRESETS)}")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
+        if self.keep_rule not in KEEP_RULES:
+            raise ValueError(f"keep_rule must be one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
+        """Missing keys take their defaults; unknown keys are an error (a typo must not pass)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown search setting(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @property
+    def beam_settings_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_beams": self.num_token_beams,
+            "num_beam_groups": self.num_beam_groups,
+            "diversity_penalty": self.diversity_penalty,
+        }
+
+
+# --------------------------------------------------------------------------- token level
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    num_beams: int
+    num_beam_groups: int
+    diversity_penalty: float
+    eos_token_id: int
+    sentence_end_ids: tuple[int, ...]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys([self.eos_token_id, *self.sentence_end_ids]))
+
+
+@dataclass
+class TokenBeam:
+    """One sequence returned by the token-level search."""
+
+    token_ids: list[int]
+    token_logprobs: list[float]  # raw model log-softmax of each chosen token (no penalty)
+    finish_reason: str  # SENTENCE_END | EOS | MAX_NEW_TOKENS
+    score: float  # the beam score it was ranked by: penalised log-prob sum / length
+
+    @property
+    def logprob_sum(self) -> float:
+        return float(sum(self.token_logprobs))
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def group_beam_search(
+    first_logits: torch.Tensor,
+    step: StepFn,
+    caps: Sequence[int],
+    settings: BeamSettings,
+) -> list[list[TokenBeam]]:
+    """Diverse beam search for P independent parents, one model call per token.
+
+    `first_logits` (P, V): next-token logits of each parent; row p of the
+    model state is parent p. `step(rows, tokens)` must reorder/select the
+    model state to `rows` (indices into its current rows, repeats allowed),
+    feed `tokens` (one per row) and return the next-token logits (R, V).
+    `caps[p]` is the most new tokens parent p may take.
+
+    Returns per parent all num_beams finished sequences, best score first.
+    """
+    n_parents, vocab = first_logits.shape
+    groups = settings.num_beam_groups
+    size = settings.num_beams // groups  # beams per group
+    device = first_logits.device
+    stop = torch.tensor(settings.stop_ids, device=device)
+    # As transformers: keep enough candidates that `size` non-finished ones remain.
+    k_top = min(max(2, 1 + len(settings.stop_ids)) * size, size * vocab)
+    caps_t = torch.tensor(list(caps), device=device).view(n_parents, 1)
+    t_max = max(caps)
+
+    shape = (n_parents, groups, size)
+    run_tokens = torch.zeros(*shape, t_max, dtype=torch.long, device=device)
+    run_lps = torch.zeros(*shape, t_max, dtype=torch.float32, device=device)
+    # First beam of each group starts at 0, the others at -1e9, so that step 0
+    # does not pick the same token for every beam of a group.
+    run_scores = torch.full(shape, _NEG, dtype=torch.float32, device=device)
+    run_scores[:, :, 0] = 0.0
+    fin_tokens = torch.zeros_like(run_tokens)
+    fin_lps = torch.zeros_like(run_lps)
+    fin_len = torch.zeros(shape, dtype=torch.long, device=device)
+    fin_scores = torch.full(shape, _NEG, dtype=torch.float32, device=device)
+    fin_valid = torch.zeros(shape, dtype=torch.bool, device=device)
+    # Per (parent, group): can the running beams still beat the worst finished one?
+    improvable = torch.ones(n_parents, groups, dtype=torch.bool, device=device)
+    alive = torch.ones(n_parents, groups, dtype=torch.bool, device=device)
+    # Where each running beam lives in the model state; at first all are copies of the parent row.
+    row_of = torch.arange(n_parents, device=device).view(-1, 1, 1).expand(shape).clone()
+    parent_idx = torch.arange(n_parents, device=device)
+
+    logits = first_logits
+    for t in range(t_max):
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        lp_all = log_probs[row_of]  # (P, G, size, V)
+        counts = torch.zeros(n_parents, vocab, dtype=torch.float32, device=device)
+        new_src = torch.zeros(shape, dtype=torch.long, device=device)
+        new_tok = torch.zeros(shape, dtype=torch.long, device=device)
+        length = t + 1
+        for g in range(groups):
+            live = alive[:, g]
+            if not bool(live.any()):
+                continue
+            lp = lp_all[:, g]  # (P, size, V)
+            scores = lp
+            if g > 0 and settings.diversity_penalty:
+                scores = lp - settings.diversity_penalty * counts[:, None, :]
+            acc = (scores + run_scores[:, g, :, None]).reshape(n_parents, size * vocab)
+            top_v, top_i = acc.topk(k_top, dim=1)
+            src = top_i // vocab
+            tok = top_i % vocab
+            stopped = torch.isin(tok, stop)
+            hits = stopped | (length >= caps_t)
+
+            # Running beams: the best `size` candidates without a stop token. At
+            # the length cap they are never expanded, but, as in v4's group beam
+            # search, later groups still pay the diversity penalty for them.
+            run_v = top_v + stopped.float() * _NEG
+            pick = run_v.topk(size, dim=1).indices
+            n_src = src.gather(1, pick)
+            n_tok = tok.gather(1, pick)
+            n_lp = lp[parent_idx[:, None], n_src, n_tok]
+            prev_tokens = run_tokens[:, g].gather(1, n_src[..., None].expand(-1, -1, t_max))
+            prev_lps = run_lps[:, g].gather(1, n_src[..., None].expand(-1, -1, t_max))
+
+            # Finished: stopping candidates among the top `size` ranks, length-normalised.
+            top_src, top_tok = src[:, :size], tok[:, :size]
+            cand_ok = hits[:, :size] & improvable[:, g : g + 1] & live[:, None]
+            cand_scores = torch.where(cand_ok, top_v[:, :size] / length, torch.full_like(top_v[:, :size], _NEG))
+            cand_tokens = run_tokens[:, g].gather(1, top_src[..., None].expand(-1, -1, t_max)).clone()
+            cand_tokens[:, :, t] = top_tok
+            cand_lps = run_lps[:, g].gather(1, top_src[..., None].expand(-1, -1, t_max)).clone()
+            cand_lps[:, :, t] = lp[parent_idx[:, None], top_src, top_tok]
+            merged_scores = torch.cat([fin_scores[:, g], cand_scores], dim=1)
+            keep = merged_scores.topk(size, dim=1).indices
+            fin_scores[:, g] = merged_scores.gather(1, keep)
+            fin_valid[:, g] = torch.cat([fin_valid[:, g], cand_ok], dim=1).gather(1, keep)
+            length_col = torch.full_like(cand_scores, length, dtype=torch.long)
+            fin_len[:, g] = torch.cat([fin_len[:, g], length_col], dim=1).gather(1, keep)
+            idx = keep[..., None].expand(-1, -1, t_max)
+            fin_tokens[:, g] = torch.cat([fin_tokens[:, g], cand_tokens], dim=1).gather(1, idx)
+            fin_lps[:, g] = torch.cat([fin_lps[:, g], cand_lps], dim=1).gather(1, idx)
+
+            # Commit the running beams of live parents only.
+            prev_tokens[:, :, t] = n_tok
+            prev_lps[:, :, t] = n_lp
+            lv = live[:, None]
+            run_tokens[:, g] = torch.where(lv[..., None], prev_tokens, run_tokens[:, g])
+            run_lps[:, g] = torch.where(lv[..., None], prev_lps, run_lps[:, g])
+            new_scores = run_v.gather(1, pick)
+            run_scores[:, g] = torch.where(lv, new_scores, run_scores[:, g])
+            new_src[:, g] = n_src
+            new_tok[:, g] = n_tok
+            # Hamming diversity: later groups pay for the tokens this group's running beams chose.
+            if settings.diversity_penalty:
+                counts.scatter_add_(1, n_tok, lv.float().expand(-1, size).contiguous())
+
+            # Early stopping (early_stopping=False): done when the best running
+            # beam, normalised by the current length, cannot beat the worst of a
+            # full set of finished ones; or when every candidate stopped.
+            best_running = new_scores[:, 0] / length
+            worst_finished = fin_scores[:, g].min(dim=1).values
+            full = fin_valid[:, g].all(dim=1)
+            improvable[:, g] &= ~full | (best_running > worst_finished)
+            all_stopped = hits.all(dim=1)
+            alive[:, g] &= improvable[:, g] & ~all_stopped
+
+        if not bool(alive.any()):
+            break
+        # Model state for the next step: the running beams of live (parent, group)s, in order.
+        live_pg = alive.nonzero(as_tuple=False)  # row-major: parent, then group
+        p_live, g_live = live_pg[:, 0], live_pg[:, 1]
+        rows = row_of[p_live[:, None], g_live[:, None], new_src[p_live, g_live]].reshape(-1)
+        tokens = new_tok[p_live, g_live].reshape(-1)
+        row_of = torch.zeros_like(row_of)
+        row_of[p_live, g_live] = torch.arange(rows.numel(), device=device).view(-1, size)
+        logits = step(rows, tokens)
+
+    return _collect(fin_tokens, fin_lps, fin_len, fin_scores, fin_valid, caps, settings)
+
+
+def _collect(fin_tokens, fin_lps, fin_len, fin_scores, fin_valid, caps, settings) -> list[list[TokenBeam]]:
+    n_parents = fin_tokens.shape[0]
+    tokens = fin_tokens.reshape(n_parents, -1, fin_tokens.shape[-1]).tolist()
+    lps = fin_lps.reshape(n_parents, -1, fin_lps.shape[-1]).tolist()
+    lengths = fin_len.reshape(n_parents, -1).tolist()
+    scores = fin_scores.reshape(n_parents, -1).tolist()
+    valid = fin_valid.reshape(n_parents, -1).tolist()
+    ends = set(settings.sentence_end_ids)
+    out: list[list[TokenBeam]] = []
+    for p in range(n_parents):
+        beams = []
+        # Best first across all groups, as transformers' finalize does.
+        for j in sorted(range(len(scores[p])), key=lambda j: -scores[p][j]):
+            if not valid[p][j]:
+                continue
+            n = lengths[p][j]
+            ids = tokens[p][j][:n]
+            last = ids[-1]
+            if last == settings.eos_token_id:
+                reason = EOS
+            elif last in ends:
+                reason = SENTENCE_END
+            else:
+                reason = MAX_NEW_TOKENS
+            beams.append(TokenBeam(ids, lps[p][j][:n], reason, scores[p][j]))
+        out.append(beams)
+    return out
+
+
+# --------------------------------------------------------------------------- model side
+
+
+class PromptPrefix:
+    """One prompt run once through the model: its KV cache and last logits.
+
+    Every expansion copies this cache (the prompt cache is never mutated), so
+    image features and prompt tokens are computed once per prompt.
+    """
+
+    def __init__(self, policy, image, user_prompt: str):
+        self.policy = policy
+        inputs = policy.encode(image, user_prompt)
+        self.length = int(inputs["input_ids"].shape[1])
+        with torch.inference_mode():
+            out = policy.model(**inputs, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        self.last_logits = out.logits[0, -1].float()
+        self.forward_passes = 1
+
+    def copy_cache(self, rows: int):
+        from transformers import DynamicCache
+
+        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in self.cache]
+        return DynamicCache(ddp_cache_data=data, config=self.policy.model.config)
+
+
+class _CachedRows:
+    """Model state for a batch of rows that share the prompt prefix: a
+    DynamicCache, the 2-D attention mask and each row's next position id."""
+
+    def __init__(self, model, cache, mask: torch.Tensor, next_pos: torch.Tensor):
+        self.model, self.cache, self.mask, self.next_pos = model, cache, mask, next_pos
+        self.forward_passes = 0
+        self.rows_forwarded = 0
+
+    def step(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        identity = rows.numel() == self.mask.shape[0] and bool(
+            (rows == torch.arange(rows.numel(), device=rows.device)).all()
+        )
+        if not identity:
+            self.cache.reorder_cache(rows)
+            self.mask = self.mask[rows]
+            self.next_pos = self.next_pos[rows]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=self.mask,
+                position_ids=self.next_pos[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.next_pos = self.next_pos + 1
+        self.forward_passes += 1
+        self.rows_forwarded += int(tokens.numel())
+        return out.logits[:, -1]
+
+
+def _extend(prefix: PromptPrefix, partials: Sequence[Sequence[int]]) -> tuple[_CachedRows, torch.Tensor]:
+    """Copy the prompt cache for each partial response and run their response
+    tokens in one padded forward pass. Padding sits between the prompt and the
+    response, masked out, with explicit position ids, so each row computes
+    exactly what it would alone."""
+    model = prefix.policy.model
+    device = prefix.last_logits.device
+    n = len(partials)
+    lengths = [len(p) for p in partials]
+    width = max(lengths)
+    cache = prefix.copy_cache(n)
+    mask = torch.ones(n, prefix.length, dtype=torch.long, device=device)
+    next_pos = torch.tensor([prefix.length + m for m in lengths], device=device)
+    rows = _CachedRows(model, cache, mask, next_pos)
+    first = prefix.last_logits.expand(n, -1).clone()
+    if width == 0:
+        return rows, first
+    pad = prefix.policy.tokenizer.pad_token_id or 0
+    ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+    ext_mask = torch.zeros(n, width, dtype=torch.long, device=device)
+    pos = torch.full((n, width), prefix.length, dtype=torch.long, device=device)
+    for i, part in enumerate(partials):
+        m = len(part)
+        if m:
+            ids[i, width - m :] = torch.tensor(list(part), device=device)
+            ext_mask[i, width - m :] = 1
+            pos[i, width - m :] = torch.arange(prefix.length, prefix.length + m, device=device)
+    rows.mask = torch.cat([mask, ext_mask], dim=1)
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids,
+            attention_mask=rows.mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    rows.forward_passes += 1
+    rows.rows_forwarded += n * width
+    has_tokens = torch.tensor(lengths, device=device)[:, None] > 0
+    first = torch.where(has_tokens, out.logits[:, -1].float(), first)
+    return rows, first
+
+
+@dataclass
+class ExpandStats:
+    forward_passes: int = 0
+    rows_forwarded: int = 0
+
+
+def expand_partials(
+    prefix: PromptPrefix,
+    partials: Sequence[Sequence[int]],
+    caps: Sequence[int],
+    settings: BeamSettings,
+    max_rows: int | None = None,
+    stats: ExpandStats | None = None,
+) -> list[list[TokenBeam]]:
+    """Next-sentence candidates for each partial response (token ids after the
+    prompt), all partials x beams in one forward pass per token. `max_rows`
+    bounds the batch (parents are split into chunks; results do not change)."""
+    per_chunk = len(partials)
+    if max_rows is not None:
+        per_chunk = max(1, max_rows // settings.num_beams)
+    out: list[list[TokenBeam]] = []
+    for start in range(0, len(partials), per_chunk):
+        chunk = partials[start : start + per_chunk]
+        rows, first = _extend(prefix, chunk)
+        out.extend(group_beam_search(first, rows.step, caps[start : start + per_chunk], settings))
+        if stats is not None:
+            stats.forward_passes += rows.forward_passes
+            stats.rows_forwarded += rows.rows_forwarded
+    return out
+
+
+# --------------------------------------------------------------------------- sentence level
+
+
+@dataclass
+class CandidateRecord:
+    """One candidate sentence of one prompt's search tree (a `candidates` row)."""
+
+    node: int
+    parent_node: int | None
+    depth: int
+    sibling_index: int
+    text: str
+    token_count: int
+    logprob_sum: float
+    r_t: float
+    r_i: float
+    reward: float
+    cumulative_reward: float
+    is_final: bool
+    is_kept: bool
+    exclusion_reason: str | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class SearchStats:
+    depths: int = 0
+    candidates: int = 0
+    finals: int = 0
+    forward_passes: int = 0
+    rows_forwarded: int = 0
+    clip_calls: int = 0
+    model_seconds: float = 0.0
+    clip_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    records: list[CandidateRecord]
+    # Response token ids of each candidate's own sentence, indexed by node.
+    token_ids: list[list[int]]
+    stats: SearchStats = field(default_factory=SearchStats)
+
+
+@dataclass
+class _Path:
+    node: int | None
+    tokens: list[int]
+    decoded: str
+    cumulative: float
+    sentences: int
+    text_path: float  # running sum of length-normalised sentence log-probs
+
+
+ExpandFn = Callable[[list[list[int]], list[int]], list[list[TokenBeam]]]
+ScoreFn = Callable[[list[str]], list[float]]
+
+
+def run_sentence_search(policy, config: SearchConfig, expand: ExpandFn, score: ScoreFn) -> SearchResult:
+    """The sentence-level beam search tree, with the model behind `expand`
+    (partials, caps -> candidates per partial) and CLIP behind `score`
+    (texts -> R_I). See the module docstring for the decisions it makes."""
+    started = time.perf_counter()
+    result = SearchResult(records=[], token_ids=[])
+    stats = result.stats
+    active = [_Path(None, [], "", 0.0, 0, 0.0)]
+    depth = 0
+    while active:
+        caps = [min(config.max_new_tokens, config.max_length - len(p.tokens)) for p in active]
+        t0 = time.perf_counter()
+        expansions = expand([p.tokens for p in active], caps)
+        t1 = time.perf_counter()
+        stats.model_seconds += t1 - t0
+        level = _make_candidates(policy, config, active, expansions, depth, result)
+        texts = [c.clip_text for c in level if c.clip_text]
+        t2 = time.perf_counter()
+        clip_scores = iter(score(texts) if texts else [])
+        stats.clip_seconds += time.perf_counter() - t2
+        stats.clip_calls += 1 if texts else 0
+        for c in level:
+            c.record.r_i = next(clip_scores) if c.clip_text else 0.0
+        _score_level(config, level)
+        active = _select(config, level)
+        stats.depths += 1
+        depth += 1
+    stats.candidates = len(result.records)
+    stats.finals = sum(r.is_final and r.is_kept for r in result.records)
+    stats.total_seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class _Candidate:
+    record: CandidateRecord
+    parent: _Path
+    path: _Path
+    clip_text: str
+    end_marker: bool
+
+    @property
+    def eligible(self) -> bool:
+        return self.record.exclusion_reason is None and not self.end_marker
+
+
+def _make_candidates(policy, config, active, expansions, depth, result) -> list[_Candidate]:
+    level: list[_Candidate] = []
+    for parent, beams in zip(active, expansions, strict=True):
+        seen: set[str] = set()
+        for sibling, beam in enumerate(beams):
+            tokens = parent.tokens + beam.token_ids
+            decoded = policy.decode(tokens)
+            text = decoded[len(parent.decoded) :] if decoded.startswith(parent.decoded) else policy.decode(beam.token_ids)
+            stripped = text.strip()
+            reason = beam.finish_reason
+            at_limit = len(tokens) >= config.max_length
+            if at_limit and reason == MAX_NEW_TOKENS:
+                reason = MAX_LENGTH
+            is_final = reason == EOS or at_limit
+            end_marker = reason == EOS and not stripped
+            if end_marker:
+                exclusion = EMPTY_RESPONSE if depth == 0 else None
+            else:
+                exclusion = degenerate.exclusion_reason(text)
+            if exclusion is None:
+                if stripped in seen:
+                    exclusion = DUPLICATE
+                seen.add(stripped)
+            logprob_sum = beam.logprob_sum
+            record = CandidateRecord(
+                node=len(result.records),
+                parent_node=parent.node,
+                depth=depth,
+                sibling_index=sibling,
+                text=text,
+                token_count=len(beam.token_ids),
+                logprob_sum=logprob_sum,
+                r_t=rewards.text_probability(logprob_sum),
+                r_i=0.0,
+                reward=0.0,
+                cumulative_reward=0.0,
+                is_final=is_final,
+                is_kept=False,
+                exclusion_reason=exclusion,
+                finish_reason=reason,
+            )
+            result.records.append(record)
+            result.token_ids.append(list(beam.token_ids))
+            path = _Path(
+                node=record.node,
+                tokens=tokens,
+                decoded=decoded,
+                cumulative=0.0,
+                sentences=parent.sentences + (0 if end_marker else 1),
+                text_path=parent.text_path + rewards.normalized_logprob(logprob_sum, record.token_count),
+            )
+            level.append(_Candidate(record, parent, path, "" if end_marker else stripped, end_marker))
+    return level
+
+
+def _score_level(config: SearchConfig, level: list[_Candidate]) -> None:
+    by_parent: dict[int, list[_Candidate]] = {}
+    for c in level:
+        by_parent.setdefault(id(c.parent), []).append(c)
+    for siblings in by_parent.values():
+        parent = siblings[0].parent
+        ranked = [c for c in siblings if c.eligible]
+        values = rewards.sentence_rewards(
+            config.preset,
+            config.lam,
+            [c.record.logprob_sum for c in ranked],
+            [c.record.token_count for c in ranked],
+            [c.record.r_i for c in ranked],
+            parent.text_path,
+        )
+        reward_of = {id(c): v for c, v in zip(ranked, values, strict=True)}
+        for c in siblings:
+            rec = c.record
+            if c.end_marker:
+                rec.reward = 0.0
+                rec.cumulative_reward = parent.cumulative
+            else:
+                if id(c) in reward_of:
+                    rec.reward = reward_of[id(c)]
+                elif config.preset == rewards.PAPER:
+                    rec.reward = rewards.calibrated(config.lam, rec.r_i, rec.r_t)
+                else:
+                    rec.reward = 0.0  # unranked: excluded before ranking
+                rec.cumulative_reward = rewards.cumulative(
+                    config.preset, parent.cumulative, parent.sentences, rec.reward
+                )
+            c.path.cumulative = rec.cumulative_reward
+
+
+def _select(config: SearchConfig, level: list[_Candidate]) -> list[_Path]:
+    for c in level:
+        if c.record.is_final and c.record.exclusion_reason is None:
+            c.record.is_kept = True
+    pool = [c for c in level if not c.record.is_final and c.eligible]
+    if config.select_by == "reward":
+        pool.sort(key=lambda c: -c.record.cumulative_reward)
+    else:
+        pool.sort(key=lambda c: -c.path.text_path)
+    k = config.num_beams
+    if config.keep_rule == "paper":
+        kept = pool if len(pool) <= 2 * k else pool[:k] + pool[-k:]
+    elif len(pool) >= k:
+        top, bottom = max(k // 2 - 1, 0), k // 2
+        kept = pool[:top] + (pool[-bottom:] if bottom else [])
+    else:
+        kept = pool
+    for c in kept:
+        c.record.is_kept = True
+    kept.sort(key=lambda c: c.record.node)
+    return [c.path for c in kept]
+
+
+def sentence_beam_search(
+    policy,
+    clip,
+    image,
+    prompt_text: str,
+    config: SearchConfig,
+    image_embedding: torch.Tensor | None = None,
+    max_rows: int | None = None,
+) -> SearchResult:
+    """Run CSR's sentence-level beam search for one (image, prompt).
+
+    The prompt prefix runs through the model once; the CLIP image embedding
+    is computed once (or passed in, e.g. cached per image by the worker).
+    Returns every candidate generated (`result.records`), degenerate ones
+    included with their exclusion reason.
+    """
+    settings = BeamSettings(
+        eos_token_id=policy.eos_token_id,
+        sentence_end_ids=tuple(policy.sentence_end_ids),
+        **config.beam_settings_kwargs,
+    )
+    t0 = time.perf_counter()
+    prefix = PromptPrefix(policy, image, prompt_text)
+    if image_embedding is None:
+        image_embedding = clip.encode_image(image)
+    prefix_seconds = time.perf_counter() - t0
+    expand_stats = ExpandStats()
+
+    def expand(partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
+        return expand_partials(prefix, partials, caps, settings, max_rows, expand_stats)
+
+    def score(texts: list[str]) -> list[float]:
+        return clip.score(image_embedding, texts)
+
+    result = run_sentence_search(policy, config, expand, score)
+    result.stats.forward_passes = expand_stats.forward_passes + prefix.forward_passes
+    result.stats.rows_forwarded = expand_stats.rows_forwarded + prefix.length
+    result.stats.model_seconds += prefix_seconds
+    result.stats.total_seconds += prefix_seconds
+    return result
+
+
+def naive_expand(
+    policy,
+    image,
+    user_prompt: str,
+    partials: Sequence[Sequence[int]],
+    caps: Sequence[int],
+    settings: BeamSettings,
+    stats: ExpandStats | None = None,
+) -> list[list[TokenBeam]]:
+    """`expand_partials` the way the authors' released code pays for it: one
+    `generate` call per partial response, each re-running the vision tower and
+    the whole prefix (prompt + response so far), on `num_beams` copies of the
+    input as transformers' beam search expands it before the first forward.
+    The token-level search itself is the same, so results are the same."""
+    model = policy.model
+    out: list[list[TokenBeam]] = []
+    for part, cap in zip(partials, caps, strict=True):
+        inputs = policy.encode(image, user_prompt)
+        ids = inputs["input_ids"]
+        if part:
+            ids = torch.cat([ids, torch.tensor([list(part)], device=ids.device)], dim=1)
+        inputs["input_ids"] = ids
+        inputs["attention_mask"] = torch.ones_like(ids)
+        n = settings.num_beams
+        batch = {k: v.repeat_interleave(n, dim=0) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            first = model(**batch, use_cache=True, logits_to_keep=1)
+        length = ids.shape[1]
+        rows = _CachedRows(
+            model,
+            first.past_key_values,
+            batch["attention_mask"],
+            torch.full((n,), length, dtype=torch.long, device=ids.device),
+        )
+        out.extend(group_beam_search(first.logits[:1, -1].float(), rows.step, [cap], settings))
+        if stats is not None:
+            stats.forward_passes += rows.forward_passes + 1
+            stats.rows_forwarded += rows.rows_forwarded + n * length
+    return out
+
+
+def naive_sentence_beam_search(policy, clip, image, prompt_text: str, config: SearchConfig) -> SearchResult:
+    """The same sentence-level search, computed as the released code does:
+    each partial response expanded on its own with the prefix recomputed
+    (`naive_expand`), the image re-encoded by CLIP for every sentence and
+    each sentence scored alone. The baseline of bench/bench_search.py and
+    the reference the batched search is tested against."""
+    settings = BeamSettings(
+        eos_token_id=policy.eos_token_id,
+        sentence_end_ids=tuple(policy.sentence_end_ids),
+        **config.beam_settings_kwargs,
+    )
+    expand_stats = ExpandStats()
+
+    def expand(partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
+        return naive_expand(policy, image, prompt_text, partials, caps, settings, expand_stats)
+
+    def score(texts: list[str]) -> list[float]:
+        return [clip.score(clip.encode_image(image), [text])[0] for text in texts]
+
+    result = run_sentence_search(policy, config, expand, score)
+    result.stats.forward_passes = expand_stats.forward_passes
+    result.stats.rows_forwarded = expand_stats.rows_forwarded
+    return result
+
+
+def response_text(records: Sequence[CandidateRecord], leaf: int) -> str:
+    """The response ending at candidate `leaf`: its path's texts, concatenated."""
+    parts = []
+    node: int | None = leaf
+    while node is not None:
+        parts.append(records[node].text)
+        node = records[node].parent_node
+    return "".join(reversed(parts)).strip()

@@ -1,0 +1,492 @@
+"""The token-level diverse beam search and the sentence-level search.
+
+The batched, cached search is checked against a plain reference written here
+(one sequence at a time, a full forward pass over the whole sequence at every
+step, Python lists instead of tensors), against transformers' own beam search,
+and the sentence-level tree against its stated rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+from csr.engine.search import (
+    EOS,
+    MAX_LENGTH,
+    MAX_NEW_TOKENS,
+    SENTENCE_END,
+    BeamSettings,
+    PromptPrefix,
+    SearchConfig,
+    expand_partials,
+    group_beam_search,
+    naive_sentence_beam_search,
+    response_text,
+    sentence_beam_search,
+)
+
+from tests.conftest import PROMPT
+
+NEG = -1.0e9
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _reference_logprobs(policy, inputs, tokens: list[int]) -> torch.Tensor:
+    """Next-token log-probs after prompt + tokens: no cache, no batching."""
+    ids = torch.cat([inputs["input_ids"], torch.tensor([tokens], dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        out = policy.model(
+            input_ids=ids,
+            pixel_values=inputs["pixel_values"],
+            attention_mask=torch.ones_like(ids),
+            use_cache=False,
+        )
+    return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+
+
+def reference_group_beam_search(policy, inputs, prefix: list[int], cap: int, settings: BeamSettings):
+    """Diverse beam search as transformers 4.x runs it (per group: top-k
+    candidates, finished hypotheses among the top `size` ranks, Hamming
+    penalty for the tokens earlier groups picked at this step), with the
+    v5 early-stopping heuristic. Returns [(tokens, raw logprobs, score)]."""
+    groups = settings.num_beam_groups
+    size = settings.num_beams // groups
+    stop = set(settings.stop_ids)
+    k = max(2, 1 + len(stop)) * size
+    beams = [[([], [], 0.0 if b == 0 else NEG) for b in range(size)] for _ in range(groups)]
+    hyps: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(groups)]
+    improvable = [True] * groups
+    done = [False] * groups
+    for t in range(cap):
+        chosen_this_step: list[int] = []
+        for g in range(groups):
+            if done[g]:
+                continue
+            candidates = []
+            for b, (tokens, _, score) in enumerate(beams[g]):
+                raw = _reference_logprobs(policy, inputs, prefix + tokens)
+                penalised = raw.clone()
+                for token in chosen_this_step:
+                    penalised[token] -= settings.diversity_penalty
+                # float32 like the real search, so that -1e9 beams tie the same way
+                totals = (penalised + torch.tensor(score, dtype=torch.float32)).tolist()
+                for v, total in enumerate(totals):
+                    candidates.append((total, b, v, float(raw[v])))
+            candidates.sort(key=lambda c: -c[0])
+            top = candidates[:k]
+            hits = [(v in stop) or (t + 1 >= cap) for _, _, v, _ in top]
+            running = []
+            # v4 picks running beams among the non-stop tokens even at the length cap,
+            # so the penalty of later groups sees them
+            for total, b, v, raw in top:
+                if v not in stop and len(running) < size:
+                    tokens, lps, _ = beams[g][b]
+                    running.append((tokens + [v], lps + [raw], total))
+            for total, b, v, raw in top:  # only if too few candidates lack a stop token
+                if v in stop and len(running) < size:
+                    tokens, lps, _ = beams[g][b]
+                    running.append((tokens + [v], lps + [raw], total + NEG))
+            if improvable[g]:
+                for rank, ((total, b, v, raw), hit) in enumerate(zip(top, hits, strict=True)):
+                    if hit and rank < size:
+                        tokens, lps, _ = beams[g][b]
+                        hyps[g].append((total / (t + 1), tokens + [v], lps + [raw]))
+                hyps[g] = sorted(hyps[g], key=lambda h: -h[0])[:size]
+            beams[g] = running
+            chosen_this_step += [tokens[-1] for tokens, _, _ in running]
+            best = running[0][2] / (t + 1)
+            if len(hyps[g]) == size and best <= min(h[0] for h in hyps[g]):
+                improvable[g] = False
+            done[g] = not improvable[g] or all(hits)
+        if all(done):
+            break
+    everything = sorted((h for group in hyps for h in group), key=lambda h: -h[0])
+    return [(tokens, lps, score) for score, tokens, lps in everything]
+
+
+def _settings(policy, beams: int, groups: int, penalty: float) -> BeamSettings:
+    return BeamSettings(
+        num_beams=beams,
+        num_beam_groups=groups,
+        diversity_penalty=penalty,
+        eos_token_id=policy.eos_token_id,
+        sentence_end_ids=policy.sentence_end_ids,
+    )
+
+
+def _words(policy, text: str) -> list[int]:
+    return policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: one thread beats two on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "which,beams,groups,penalty",
+    [
+        ("trained_policy", 5, 5, 3.0),  # the paper's setting
+        ("policy", 4, 2, 1.5),  # several beams per group
+        ("trained_policy", 3, 1, 0.0),  # plain beam search
+    ],
+)
+def test_batched_cached_search_equals_plain_reference(request, colour_images, which, beams, groups, penalty):
+    policy = request.getfixturevalue(which)
+    image = colour_images["green"]
+    settings = _settings(policy, beams, groups, penalty)
+    # Partials of different lengths (the empty one is depth 0) and different caps,
+    # so padding, masks, position ids and per-parent stopping all matter.
+    partials = [
+        [],
+        _words(policy, "there is a big green square ."),
+        _words(policy, "the background is red . the square is on the left"),
+    ]
+    caps = [5, 4, 6]
+    prefix = PromptPrefix(policy, image, PROMPT)
+    got = expand_partials(prefix, partials, caps, settings)
+    inputs = policy.encode(image, PROMPT)
+    for part, cap, beams_got in zip(partials, caps, got, strict=True):
+        want = reference_group_beam_search(policy, inputs, part, cap, settings)
+        assert [b.token_ids for b in beams_got] == [w[0] for w in want]
+        for b, (_, lps, score) in zip(beams_got, want, strict=True):
+            assert b.token_logprobs == pytest.approx(lps, abs=1e-4)
+            assert b.score == pytest.approx(score, abs=1e-4)
+            assert len(b.token_ids) <= cap
+
+
+def test_chunked_batches_give_the_same_result(trained_policy, colour_images):
+    settings = _settings(trained_policy, 5, 5, 3.0)
+    partials = [[], _words(trained_policy, "there is a small red circle ."), _words(trained_policy, "the")]
+    prefix = PromptPrefix(trained_policy, colour_images["red"], PROMPT)
+    whole = expand_partials(prefix, partials, [8, 8, 8], settings)
+    chunked = expand_partials(prefix, partials, [8, 8, 8], settings, max_rows=5)
+    assert [[b.token_ids for b in p] for p in whole] == [[b.token_ids for b in p] for p in chunked]
+
+
+@pytest.mark.parametrize("beams", [2, 4])
+@pytest.mark.parametrize("which", ["policy", "trained_policy"])
+def test_one_group_without_penalty_equals_transformers_generate(request, colour_images, which, beams):
+    policy = request.getfixturevalue(which)
+    image = colour_images["blue"]
+    max_new = 9
+    settings = _settings(policy, beams, 1, 0.0)
+    ours = expand_partials(PromptPrefix(policy, image, PROMPT), [[]], [max_new], settings)[0]
+    inputs = policy.encode(image, PROMPT)
+    with torch.inference_mode():
+        out = policy.model.generate(
+            **inputs,
+            num_beams=beams,
+            num_return_sequences=beams,
+            do_sample=False,
+            eos_token_id=[*policy.sentence_end_ids, policy.eos_token_id],
+            max_new_tokens=max_new,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    start = inputs["input_ids"].shape[1]
+    assert len(ours) == beams
+    for beam, sequence, score in zip(ours, out.sequences, out.sequences_scores, strict=True):
+        generated = sequence[start:].tolist()
+        # transformers pads the shorter finished sequences after their stop token
+        assert generated[: len(beam.token_ids)] == beam.token_ids
+        assert beam.score == pytest.approx(float(score), abs=1e-4)
+
+
+# --------------------------------------------------------------------------- diversity
+
+
+class _TableModel:
+    """Next-token logits that depend only on the last token: a fixed table."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.calls = 0
+
+    def step(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.table[tokens]
+
+
+def _table(vocab: int = 8, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, vocab, generator=gen) * 2.0
+
+
+def _table_settings(groups: int, penalty: float, per_group: int = 1) -> BeamSettings:
+    # token 0 ends the response, token 1 ends a sentence
+    return BeamSettings(
+        num_beams=groups * per_group,
+        num_beam_groups=groups,
+        diversity_penalty=penalty,
+        eos_token_id=0,
+        sentence_end_ids=(1,),
+    )
+
+
+def _first_logits_without_stops(vocab: int = 8) -> torch.Tensor:
+    logits = torch.linspace(3.0, 0.0, vocab)  # token 2 best, then 3, ...
+    logits[0] = logits[1] = -20.0
+    return logits[None]
+
+
+def test_without_penalty_groups_that_would_agree_return_the_same_sequence():
+    table = _table()
+    model = _TableModel(table)
+    beams = group_beam_search(_first_logits_without_stops(), model.step, [6], _table_settings(3, 0.0))[0]
+    assert len(beams) == 3
+    assert beams[0].token_ids == beams[1].token_ids == beams[2].token_ids
+
+
+def test_huge_penalty_makes_every_group_start_differently():
+    model = _TableModel(_table())
+    beams = group_beam_search(_first_logits_without_stops(), model.step, [6], _table_settings(4, 1e4))[0]
+    first_tokens = [b.token_ids[0] for b in beams]
+    assert sorted(first_tokens) == [2, 3, 4, 5]  # the four best first tokens, one per group
+
+
+def test_hamming_penalty_counts_tokens_chosen_by_earlier_groups():
+    # Step 0 log-probs: token 2 leads token 3 by 0.5 and token 4 by 1.0 (logits 3, 2.5, 2.0).
+    first = torch.full((1, 8), -20.0)
+    first[0, 2], first[0, 3], first[0, 4] = 3.0, 2.5, 2.0
+    model = _TableModel(_table())
+    lp = torch.log_softmax(first[0], dim=-1)
+    # penalty 0.4 < 0.5: group 1 keeps token 2 despite group 0 having chosen it
+    beams = group_beam_search(first, model.step, [1], _table_settings(2, 0.4))[0]
+    assert sorted(b.token_ids[0] for b in beams) == [2, 2]
+    # penalty 0.6 > 0.5: group 1 moves to token 3; group 2 pays 0.6 for 2 and 0.6 for 3 -> 2 - 0.6 vs 3 - 0.6
+    beams = group_beam_search(first, model.step, [1], _table_settings(3, 0.6))[0]
+    assert sorted(b.token_ids[0] for b in beams) == [2, 2, 3]
+    # the returned scores are the penalised ones; the log-probs are raw
+    by_token = defaultdict(list)
+    for b in beams:
+        by_token[b.token_ids[0]].append(b)
+    assert by_token[3][0].score == pytest.approx(float(lp[3]), abs=1e-6)
+    assert sorted(b.score for b in by_token[2]) == pytest.approx([float(lp[2]) - 0.6, float(lp[2])], abs=1e-5)
+    for b in beams:
+        assert b.token_logprobs == pytest.approx([float(lp[b.token_ids[0]])], abs=1e-6)
+
+
+def test_finish_reasons_and_caps():
+    table = torch.full((8, 8), -5.0)
+    table[:, 5] = 5.0  # after any token, token 5 is likely: nothing stops before the cap
+    first = torch.full((1, 8), -5.0)
+    first[0, 5] = 5.0
+    first[0, 1] = 4.0  # a sentence end right away is the second best
+    model = _TableModel(table)
+    beams = group_beam_search(first, model.step, [4], _table_settings(1, 0.0, per_group=2))[0]
+    reasons = {tuple(b.token_ids): b.finish_reason for b in beams}
+    assert reasons[(1,)] == SENTENCE_END
+    assert reasons[(5, 5, 5, 5)] == MAX_NEW_TOKENS
+
+    first[0, 0] = 4.5  # now EOS is second best
+    beams = group_beam_search(first, model.step, [3], _table_settings(1, 0.0, per_group=2))[0]
+    assert {tuple(b.token_ids): b.finish_reason for b in beams}[(0,)] == EOS
+
+
+# --------------------------------------------------------------------------- sentence level
+
+SMALL = SearchConfig(max_new_tokens=12, max_length=40)
+
+
+@pytest.fixture(scope="module")
+def tree(trained_policy, clip_scorer, colour_images):
+    return sentence_beam_search(trained_policy, clip_scorer, colour_images["red"], PROMPT, SMALL)
+
+
+def test_tree_structure(tree):
+    records = tree.records
+    assert [r.node for r in records] == list(range(len(records)))
+    children = defaultdict(list)
+    for r in records:
+        if r.parent_node is None:
+            assert r.depth == 0
+        else:
+            parent = records[r.parent_node]
+            assert parent.node < r.node and r.depth == parent.depth + 1
+        children[r.parent_node].append(r)
+    for parent, kids in children.items():
+        assert [k.sibling_index for k in kids] == list(range(len(kids)))
+        assert len(kids) == SMALL.num_token_beams
+        if parent is not None:
+            p = records[parent]
+            # only kept, non-final, non-excluded candidates are expanded
+            assert p.is_kept and not p.is_final and p.exclusion_reason is None
+    for r in records:
+        if r.is_kept and not r.is_final:
+            assert r.node in children, "a kept partial response was never expanded"
+    # the test model must exercise every kind of ending and some exclusions
+    reasons = {r.finish_reason for r in records}
+    assert EOS in reasons and SENTENCE_END in reasons
+    assert any(r.is_final and r.is_kept for r in records)
+    assert any(r.exclusion_reason == "duplicate" for r in records)
+
+
+def test_final_candidates_end_the_response(tree):
+    for r in tree.records:
+        if r.is_final:
+            assert r.finish_reason in (EOS, MAX_LENGTH) or _response_tokens(tree, r.node) >= SMALL.max_length
+        else:
+            assert r.finish_reason in (SENTENCE_END, MAX_NEW_TOKENS)
+        assert r.token_count == len(tree.token_ids[r.node]) <= SMALL.max_new_tokens
+        assert _response_tokens(tree, r.node) <= SMALL.max_length
+
+
+def _path(records, node):
+    out = []
+    while node is not None:
+        out.append(node)
+        node = records[node].parent_node
+    return out[::-1]
+
+
+def _response_tokens(tree, node) -> int:
+    return sum(len(tree.token_ids[n]) for n in _path(tree.records, node))
+
+
+def test_active_set_is_top_and_bottom_k_by_cumulative_reward(tree):
+    k = SMALL.num_beams
+    by_depth = defaultdict(list)
+    for r in tree.records:
+        by_depth[r.depth].append(r)
+    for level in by_depth.values():
+        pool = [r for r in level if not r.is_final and r.exclusion_reason is None]
+        ranked = sorted(pool, key=lambda r: -r.cumulative_reward)
+        expected = ranked if len(ranked) <= 2 * k else ranked[:k] + ranked[-k:]
+        assert {r.node for r in pool if r.is_kept} == {r.node for r in expected}
+        assert all(r.is_kept for r in level if r.is_final and r.exclusion_reason is None)
+        assert not any(r.is_kept for r in level if r.exclusion_reason is not None)
+
+
+def test_paper_rewards_and_cumulative_sum(tree):
+    lam = SMALL.lam
+    for r in tree.records:
+        assert r.r_t == pytest.approx(math.exp(r.logprob_sum), rel=1e-9)
+        parent_cum = 0.0 if r.parent_node is None else tree.records[r.parent_node].cumulative_reward
+        if r.finish_reason == EOS and not r.text.strip():  # end marker: adds nothing
+            assert r.reward == 0.0 and r.cumulative_reward == pytest.approx(parent_cum)
+        else:
+            assert r.reward == pytest.approx(lam * r.r_i + (1 - lam) * r.r_t)
+            assert r.cumulative_reward == pytest.approx(parent_cum + r.reward)
+
+
+def test_texts_concatenate_to_the_decoded_response(tree, trained_policy):
+    finals = [r for r in tree.records if r.is_final and r.is_kept]
+    assert finals
+    for r in finals:
+        tokens = [t for n in _path(tree.records, r.node) for t in tree.token_ids[n]]
+        assert response_text(tree.records, r.node) == trained_policy.decode(tokens).strip()
+
+
+def test_r_t_equals_a_plain_forward_pass(tree, trained_policy, colour_images):
+    inputs = trained_policy.encode(colour_images["red"], PROMPT)
+    checked = 0
+    for r in tree.records:
+        if r.depth == 0 or checked >= 6:
+            continue
+        previous = [t for n in _path(tree.records, r.parent_node) for t in tree.token_ids[n]]
+        sentence = tree.token_ids[r.node]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([previous + sentence])], dim=1)
+        with torch.inference_mode():
+            logits = trained_policy.model(
+                input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=False
+            ).logits[0].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        start = inputs["input_ids"].shape[1] + len(previous)
+        recomputed = sum(float(log_probs[start - 1 + i, tok]) for i, tok in enumerate(sentence))
+        assert r.logprob_sum == pytest.approx(recomputed, abs=1e-4)
+        checked += 1
+    assert checked == 6
+
+
+def test_r_i_equals_open_clip_directly(tree, clip_scorer, colour_images):
+    model, preprocess, tokenizer = clip_scorer.model, clip_scorer.preprocess, clip_scorer.tokenizer
+    with torch.inference_mode():
+        image = model.encode_image(preprocess(colour_images["red"])[None])
+        image = image / image.norm(dim=-1, keepdim=True)
+        for r in tree.records:
+            if not r.text.strip():
+                assert r.r_i == 0.0
+                continue
+            text = model.encode_text(tokenizer([r.text.strip()]))
+            text = text / text.norm(dim=-1, keepdim=True)
+            assert r.r_i == pytest.approx(max(100 * float(image[0] @ text[0]), 0.0), abs=1e-3)
+
+
+def test_batched_search_equals_the_naive_released_code_way(trained_policy, clip_scorer, colour_images, tree):
+    naive = naive_sentence_beam_search(trained_policy, clip_scorer, colour_images["red"], PROMPT, SMALL)
+    assert len(naive.records) == len(tree.records)
+    for a, b in zip(tree.records, naive.records, strict=True):
+        assert (a.node, a.parent_node, a.text, a.is_final, a.is_kept, a.exclusion_reason) == (
+            b.node,
+            b.parent_node,
+            b.text,
+            b.is_final,
+            b.is_kept,
+            b.exclusion_reason,
+        )
+        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
+        assert a.r_i == pytest.approx(b.r_i, abs=1e-3)
+        assert a.cumulative_reward == pytest.approx(b.cumulative_reward, abs=1e-3)
+    # the point of batching: far fewer forward passes for the same tree
+    assert tree.stats.forward_passes < naive.stats.forward_passes
+
+
+def test_reference_code_preset_and_text_selection(trained_policy, clip_scorer, colour_images):
+    config = SearchConfig(
+        max_new_tokens=12, max_length=30, preset="reference-code", select_by="text", keep_rule="reference-code"
+    )
+    result = sentence_beam_search(trained_policy, clip_scorer, colour_images["blue"], PROMPT, config)
+    records = result.records
+    sentences = {None: 0}
+    for r in records:
+        parent = r.parent_node
+        end_marker = r.finish_reason == EOS and not r.text.strip()
+        n_parent = sentences[parent]
+        sentences[r.node] = n_parent + (0 if end_marker else 1)
+        parent_cum = 0.0 if parent is None else records[parent].cumulative_reward
+        if end_marker:
+            assert r.cumulative_reward == pytest.approx(parent_cum)
+        else:
+            assert 0.0 <= r.reward < 1.0
+            assert r.cumulative_reward == pytest.approx((parent_cum * n_parent + r.reward) / (n_parent + 1))
+    # released-code slicing of the active set: top k//2 - 1 and bottom k//2 by text score
+    by_depth = defaultdict(list)
+    for r in records:
+        by_depth[r.depth].append(r)
+    k = config.num_beams
+    for level in by_depth.values():
+        pool = [r for r in level if not r.is_final and r.exclusion_reason is None]
+        kept = [r for r in pool if r.is_kept]
+        assert len(kept) == (len(pool) if len(pool) < k else k // 2 - 1 + k // 2)
+
+
+def test_search_is_deterministic(trained_policy, clip_scorer, colour_images, tree):
+    again = sentence_beam_search(trained_policy, clip_scorer, colour_images["red"], PROMPT, SMALL)
+    assert again.records == tree.records
+
+
+def test_search_config_round_trip_and_validation():
+    config = SearchConfig(preset="reference-code", lam=0.5)
+    assert SearchConfig.from_dict(config.to_dict()) == config
+    assert SearchConfig.from_dict({}) == SearchConfig()
+    assert SearchConfig().to_dict()["diversity_penalty"] == 3.0
+    with pytest.raises(ValueError, match="unknown search setting"):
+        SearchConfig.from_dict({"num_beam": 5})
+    with pytest.raises(ValueError, match="multiple"):
+        SearchConfig(num_token_beams=5, num_beam_groups=2)
+    with pytest.raises(ValueError, match="preset"):
+        SearchConfig(preset="other")
+    with pytest.raises(ValueError, match="lam"):
+        SearchConfig(lam=1.5)
+    with pytest.raises(ValueError, match="select_by"):
+        SearchConfig(select_by="clip")
