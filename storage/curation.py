@@ -1,6 +1,8 @@
 """Curation: per prompt, the best and worst final responses become a pair.
 
-Everything is one SQL selection over the candidates table, recomputed from
+A candidate with empty text is the end-of-response step of the search (EOS
+right after a sentence): it ends the path but is no sentence, so it adds no
+reward and no text. Everything is one SQL selection over the candidates table, recomputed from
 the raw scores stored with every candidate (R_T as probability with its
 log-prob sum and token count, R_I as the raw CLIP score), so a pair set under
 another preset or lambda is a re-curation, never a re-generation.
@@ -44,15 +46,16 @@ down(id, prompt_id, node, path_norm) AS (
 ),
 scored AS (
     SELECT c.id, c.prompt_id, c.node, c.parent_node, c.sibling_index, c.text, c.is_final,
-           {sentence_reward} AS rs
+           CASE WHEN TRIM(c.text) = '' THEN 0 ELSE {sentence_reward} END AS rs,
+           CASE WHEN TRIM(c.text) = '' THEN 0 ELSE 1 END AS sentences
     FROM candidates c JOIN down d ON d.id = c.id
     WINDOW sib AS (PARTITION BY c.prompt_id, c.parent_node)
 ),
 up(leaf_id, prompt_id, parent_node, total, n, response) AS (
-    SELECT id, prompt_id, parent_node, rs, 1, TRIM(text) FROM scored WHERE is_final
+    SELECT id, prompt_id, parent_node, rs, sentences, TRIM(text) FROM scored WHERE is_final
     UNION ALL
-    SELECT up.leaf_id, up.prompt_id, s.parent_node, up.total + s.rs, up.n + 1,
-           TRIM(s.text) || ' ' || up.response
+    SELECT up.leaf_id, up.prompt_id, s.parent_node, up.total + s.rs, up.n + s.sentences,
+           CASE WHEN up.response = '' THEN TRIM(s.text) ELSE TRIM(s.text) || ' ' || up.response END
     FROM up JOIN scored s ON s.prompt_id = up.prompt_id AND s.node = up.parent_node
 ),
 responses AS (
@@ -100,7 +103,7 @@ class CurationPolicy:
 
 def selection_sql(preset: str) -> str:
     sentence = _PAPER_SENTENCE if preset == "paper" else _REFERENCE_SENTENCE
-    response = "total" if preset == "paper" else "total * 1.0 / n"
+    response = "total" if preset == "paper" else "total * 1.0 / CASE WHEN n > 0 THEN n ELSE 1 END"
     return _SELECTION.format(sentence_reward=sentence, response_score=response).strip()
 
 

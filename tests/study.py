@@ -1,0 +1,74 @@
+"""A small study on disk for end-to-end tests: tiny models, a few images,
+a store initialised and filled through the real `csr` command."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import create_engine, text
+
+from tests.conftest import COLOURS, PROMPT
+from tests.db_backends import run_csr
+
+# Small enough for seconds per iteration on two cores, big enough for real trees.
+SEARCH = {
+    "num_token_beams": 2,
+    "num_beam_groups": 2,
+    "diversity_penalty": 3.0,
+    "max_new_tokens": 10,
+    "max_length": 48,
+    "num_beams": 2,
+}
+TRAIN = {
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "learning_rate": 1e-3,
+    "projector_learning_rate": 1e-3,
+    "epochs": 1,
+    "batch_size": 2,
+    "warmup_ratio": 0.0,
+    "gradient_checkpointing": False,
+}
+
+
+@dataclass
+class Study:
+    directory: Path
+    url: str
+    prompts: int
+
+    def csr(self, *args, **kwargs):
+        return run_csr(*args, cwd=self.directory, db=self.url, **kwargs)
+
+    def query(self, sql: str, **params) -> list[tuple]:
+        engine = create_engine(self.url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(text(sql), params)]
+        finally:
+            engine.dispose()
+
+
+def make_study(directory: Path, url: str, llava_dir: Path, clip_dir: Path, prompts: int = 6) -> Study:
+    images = directory / "images"
+    images.mkdir(parents=True)
+    names = list(COLOURS)
+    with (directory / "prompts.jsonl").open("w") as handle:
+        for i in range(prompts):
+            colour = names[i % len(names)]
+            # a pixel of difference per prompt: distinct images, distinct hashes
+            Image.new("RGB", (40, 36), tuple(min(255, c + i) for c in COLOURS[colour])).save(images / f"{i}.png")
+            handle.write(json.dumps({"id": f"p{i}", "image": f"{i}.png", "prompt": PROMPT}) + "\n")
+    toml = ["[generate]"] + [f"{k} = {json.dumps(v)}" for k, v in SEARCH.items()]
+    toml += ["", "[train]"] + [f"{k} = {json.dumps(v)}" for k, v in TRAIN.items()]
+    (directory / "csr.toml").write_text("\n".join(toml) + "\n")
+    study = Study(directory, url, prompts)
+    done = study.csr("init", "--model", str(llava_dir), "--clip", f"local-dir:{clip_dir}")
+    assert done.returncode == 0, done.stderr
+    done = study.csr("prompts", "import", "prompts.jsonl", "--images", "images")
+    assert done.returncode == 0, done.stderr
+    return study
