@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from csr.cli.context import state
-from csr.storage.store import open_store
 from rich.console import Console
 from rich.table import Table
+
+from csr.cli.context import state
+from csr.storage.store import open_store
 
 console = Console()
 eval_app = typer.Typer(help="Evaluate model versions.", no_args_is_help=True)
@@ -22,6 +23,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the per-version results to this JSON file."),
 ) -> None:
     """Run CSR end to end on the built-in world and print CHAIR per model version."""
     from csr.engine.demo import DemoOptions, run_demo
@@ -41,6 +43,14 @@ def demo(
             "" if row.pairs is None else str(row.pairs),
         )
     console.print(table)
+    if json_out is not None:
+        import dataclasses
+        import json
+
+        json_out.write_text(json.dumps({
+            "lambda": lam, "seed": seed, "iterations": iterations, "prompts": prompts, "heldout": heldout,
+            "wall_seconds": report.wall_seconds, "versions": [dataclasses.asdict(r) for r in report.rows],
+        }, indent=2))
     console.print(f"store: {report.store_url}")
     console.print(f"wall time: {report.wall_seconds:.1f} s")
 
