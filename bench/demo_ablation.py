@@ -40,6 +40,11 @@ def run(seed: int, lam: float, args, root: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def _cell(rows: list[dict], key: str) -> str:
+    values = [row[key] for row in rows]
+    return f"{statistics.mean(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})"
+
+
 def table(results: list[dict], iterations: int) -> str:
     lines = ["| lambda | version | CHAIR_S mean (per seed) | CHAIR_I mean (per seed) | recall mean | words mean |",
              "|---|---|---|---|---|---|"]
@@ -47,10 +52,7 @@ def table(results: list[dict], iterations: int) -> str:
         runs = [r for r in results if r["lambda"] == lam]
         for version in range(iterations + 1):
             rows = [next(v for v in r["versions"] if v["version"] == version) for r in runs]
-            def fmt(key):
-                values = [row[key] for row in rows]
-                return f"{statistics.mean(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})"
-            lines.append(f"| {lam:g} | {version} | {fmt('chair_s')} | {fmt('chair_i')} | "
+            lines.append(f"| {lam:g} | {version} | {_cell(rows, 'chair_s')} | {_cell(rows, 'chair_i')} | "
                          f"{statistics.mean(row['recall'] for row in rows):.3f} | "
                          f"{statistics.mean(row['mean_words'] for row in rows):.1f} |")
     return "\n".join(lines)
