@@ -1,0 +1,293 @@
+"""sql, stats, report: read-only analytics over the store through DuckDB."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import decimal
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import duckdb
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from csr.cli.context import state
+from csr.engine.errors import CsrError
+from csr.storage import analytics
+from csr.storage.errors import StoreError
+
+console = Console()
+FORMATS = ("table", "csv", "json", "parquet")
+_BATCH = 10_000
+
+
+def sql_cmd(
+    ctx: typer.Context,
+    query: str = typer.Argument(None, help="SQL to run; read from stdin when left out (an interactive prompt on a terminal)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the result to this file (required for parquet)."),
+    max_rows: int = typer.Option(1000, "--max-rows", help="Rows shown by --format table (0: all)."),
+) -> None:
+    """Query the store with DuckDB, read-only.
+
+    Every store table is a view under its own name, plus `responses` (one row
+    per final response), `response_sentences`, `pair_stats` and the macro
+    words(text). Only reads run: SELECT, WITH, FROM, SHOW, DESCRIBE,
+    SUMMARIZE, EXPLAIN; anything that would write is refused.
+    """
+    if fmt not in FORMATS:
+        raise CsrError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and out is None:
+        raise CsrError("--format parquet writes a file: give --out PATH")
+    if query is None and sys.stdin.isatty():
+        if out is not None or fmt != "table":
+            raise CsrError("the interactive prompt prints tables: pass the query to use --format or --out")
+        _interactive(state(ctx).url, max_rows)
+        return
+    if query is None:
+        query = sys.stdin.read()
+    # Refused before the store is even opened.
+    statements = analytics.read_statements(query)
+    if len(statements) > 1 and (fmt != "table" or out is not None):
+        raise CsrError(f"--format {fmt} and --out take one statement; this query has {len(statements)}")
+    with analytics.connect(state(ctx).url) as con:
+        for statement in statements:
+            _run(con, statement, fmt, out, max_rows)
+
+
+def _run(con: duckdb.DuckDBPyConnection, statement: str, fmt: str, out: Path | None, max_rows: int) -> None:
+    try:
+        if fmt == "parquet":
+            con.sql(statement).write_parquet(str(out))
+            return
+        cursor = con.execute(statement)
+        columns = [d[0] for d in cursor.description or []]
+        rows = _batches(cursor)
+        if fmt == "table":
+            _print_table(columns, rows, max_rows, out)
+            return
+        stream: IO[str]
+        with (open(out, "w", newline="") if out else _stdout()) as stream:
+            if fmt == "csv":
+                _write_csv(columns, rows, stream)
+            else:
+                _write_json(columns, rows, stream)
+    except duckdb.Error as exc:
+        raise StoreError(f"query failed: {analytics.first_line(exc)}") from exc
+
+
+class _stdout:
+    """sys.stdout as a context manager that is not closed on exit."""
+
+    def __enter__(self) -> IO[str]:
+        return sys.stdout
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()
+
+
+def _batches(cursor: duckdb.DuckDBPyConnection) -> Iterator[tuple]:
+    # Results can be millions of rows: stream them instead of fetchall().
+    while True:
+        batch = cursor.fetchmany(_BATCH)
+        if not batch:
+            return
+        yield from batch
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _print_table(columns: list[str], rows: Iterator[tuple], max_rows: int, out: Path | None) -> None:
+    table = Table(*columns, show_lines=False)
+    shown = total = 0
+    for row in rows:
+        total += 1
+        if max_rows and shown >= max_rows:
+            continue
+        table.add_row(*(_cell(v) for v in row))
+        shown += 1
+    footer = f"{total} row{'s' if total != 1 else ''}"
+    if shown < total:
+        footer += f" ({shown} shown; --max-rows 0 or --format csv for all)"
+    if out is not None:
+        with open(out, "w") as handle:
+            target = Console(file=handle, width=max(80, 24 * len(columns)), color_system=None)
+            target.print(table)
+            target.print(footer)
+        return
+    if columns:
+        console.print(table)
+    console.print(footer, style="dim")
+
+
+def _write_csv(columns: list[str], rows: Iterator[tuple], stream: IO[str]) -> None:
+    writer = csv.writer(stream)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if v is None else _plain(v) for v in row])
+
+
+def _plain(value):
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (uuid.UUID, dt.timedelta)):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float):
+        return analytics.clean_number(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _write_json(columns: list[str], rows: Iterator[tuple], stream: IO[str]) -> None:
+    # One array of objects, written row by row so that large results stream.
+    stream.write("[")
+    for index, row in enumerate(rows):
+        record = {column: _plain(value) for column, value in zip(columns, row, strict=True)}
+        stream.write(("," if index else "") + "\n  " + json.dumps(record, allow_nan=False))
+    stream.write("\n]\n")
+
+
+def _interactive(url: str, max_rows: int) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    with analytics.connect(url) as con:
+        _prompt_loop(con, max_rows)
+
+
+def _prompt_loop(con: duckdb.DuckDBPyConnection, max_rows: int) -> None:
+    console.print("csr sql (read-only DuckDB over the store). End a statement with ';'. "
+                  "Tables: SHOW TABLES; quit: .quit or Ctrl-D", style="dim")
+    buffer: list[str] = []
+    while True:
+        try:
+            line = input("csr> " if not buffer else "...> ")
+        except EOFError:
+            console.print()
+            return
+        if not buffer and line.strip() in (".quit", ".exit", "\\q"):
+            return
+        buffer.append(line)
+        text = "\n".join(buffer).strip()
+        if not text:
+            buffer.clear()
+            continue
+        if not text.endswith(";"):
+            continue
+        buffer.clear()
+        try:
+            for statement in analytics.read_statements(text):
+                _run(con, statement, "table", None, max_rows)
+        except StoreError as exc:
+            console.print(f"error: {exc}", style="red", markup=False)
+        except KeyboardInterrupt:
+            console.print("interrupted", style="red")
+
+
+def stats_cmd(
+    ctx: typer.Context,
+    iteration: int = typer.Option(None, "--iter", help="Only this iteration."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """The paper's figures per iteration: rewards of chosen and rejected (table 10), R_T and R_I,
+    length (table 7), pair margins, exclusions; CHAIR per model version."""
+    with analytics.connect(state(ctx).url) as con:
+        summary = analytics.stats(con, iteration)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print_stats(summary)
+
+
+# (label, key, format) rows of the per-iteration table; the figures are columns
+# per iteration, as in the paper's tables.
+_STAT_ROWS = (
+    ("prompts searched", "prompts", "d"),
+    ("candidates", "candidates", "d"),
+    ("final responses", "final_responses", "d"),
+    ("excluded candidates", "excluded", "d"),
+    ("mean words, final responses", "final_mean_words", ".1f"),
+    ("default pair set", "pair_set", "s"),
+    ("pairs", "pairs", "d"),
+    ("chosen mean reward R(y)", "chosen_mean_reward", ".3f"),
+    ("rejected mean reward R(y)", "rejected_mean_reward", ".3f"),
+    ("chosen mean R_T", "chosen_mean_r_t", ".4f"),
+    ("rejected mean R_T", "rejected_mean_r_t", ".4f"),
+    ("chosen mean R_I", "chosen_mean_r_i", ".3f"),
+    ("rejected mean R_I", "rejected_mean_r_i", ".3f"),
+    ("chosen mean words", "chosen_mean_words", ".1f"),
+    ("rejected mean words", "rejected_mean_words", ".1f"),
+)
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec != "s" else str(value)
+
+
+def _print_stats(summary: dict) -> None:
+    iterations = summary["iterations"]
+    if not iterations:
+        console.print("no iteration in the store yet (csr generate --iter 1)")
+    else:
+        table = Table("", *(f"iter {it['iteration']}" for it in iterations), title="per iteration")
+        for label, key, spec in _STAT_ROWS:
+            table.add_row(label, *(_fmt(it[key], spec) for it in iterations))
+        for quantile in ("min", "p25", "median", "p75", "max"):
+            table.add_row(f"margin {quantile}", *(_fmt(it["margin"][quantile], ".3f") for it in iterations))
+        reasons = sorted({reason for it in iterations for reason in it["exclusions"]})
+        for reason in reasons:
+            table.add_row(f"excluded: {reason}", *(str(it["exclusions"].get(reason, 0)) for it in iterations))
+        console.print(table)
+    if summary["evaluations"]:
+        chair = Table("model version", "trained on iter", "benchmark", "responses", "CHAIR_S", "CHAIR_I",
+                      "mean words", title="CHAIR per model version")
+        for row in summary["evaluations"]:
+            chair.add_row(str(row["model_version"]), _fmt(row["trained_on_iteration"], "d"), row["benchmark"],
+                          str(row["n_responses"]), _fmt(row["chair_s"], ".4f"), _fmt(row["chair_i"], ".4f"),
+                          _fmt(row["mean_words"], ".1f"))
+        console.print(chair)
+
+
+def report_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., "--out", help="Directory for report.html (created if missing)."),
+    pairs: int = typer.Option(50, "--pairs", min=0, help="Pairs shown in the browsable sample."),
+    screenshot: bool = typer.Option(False, "--screenshot", help="Also write report.png with headless Chromium."),
+) -> None:
+    """A static HTML report: reward and length plots per iteration, CHAIR, a sample of pairs."""
+    from csr.engine import report
+
+    with analytics.connect(state(ctx).url) as con:
+        page = report.write_report(con, out, pairs=pairs)
+    console.print(f"report written to {page}")
+    if screenshot:
+        png = report.screenshot(page, out / "report.png")
+        console.print(f"screenshot written to {png}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sql")(sql_cmd)
+    app.command("stats")(stats_cmd)
+    app.command("report")(report_cmd)

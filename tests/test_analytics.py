@@ -1,0 +1,413 @@
+"""csr sql / csr stats over SQLite and PostgreSQL stores, and the candidate write path."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import threading
+from pathlib import Path
+
+import duckdb
+import pytest
+from sqlalchemy import func, select
+
+from csr.storage import analytics
+from csr.storage.db import make_engine
+from csr.storage.errors import StoreError
+from csr.storage.models import Candidate, Iteration
+from csr.storage.store import create_store
+from csr.storage.trees import CANDIDATE_COLUMNS, insert_candidates
+from tests.analytics_fixtures import NOW, Study, fill_study, random_tree, sqlite_store
+from tests.db_backends import CSR_SCRIPT, fingerprint, run_csr
+
+
+class Store:
+    """A filled store: its URL, the study written into it, and its backend."""
+
+    def __init__(self, backend: str, url: str, study: Study):
+        self.backend, self.url, self.study = backend, url, study
+
+    def fingerprint(self):
+        return fingerprint(self.url)
+
+
+@pytest.fixture
+def store(backend: str, store_url: str, tmp_path: Path) -> Store:
+    """The synthetic study on each backend (PostgreSQL: a fresh database, dropped afterwards)."""
+    engine, _ = create_store(store_url)
+    try:
+        study = fill_study(engine, tmp_path / "images")
+    finally:
+        engine.dispose()
+    return Store(backend, store_url, study)
+
+
+@pytest.fixture
+def sqlite_study(tmp_path: Path) -> Store:
+    url, engine = sqlite_store(tmp_path)
+    study = fill_study(engine, tmp_path / "images")
+    engine.dispose()
+    return Store("sqlite", url, study)
+
+
+def sql_json(url: str, query: str) -> list[dict]:
+    result = run_csr("sql", query, "--format", "json", db=url)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("csr: error: "), result.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------- csr sql
+
+
+def test_sql_count_equals_sqlalchemy(store: Store):
+    engine = make_engine(store.url)
+    with engine.connect() as conn:
+        expected = conn.execute(select(func.count()).select_from(Candidate)).scalar_one()
+    engine.dispose()
+    assert expected == sum(len(tree.rows) for tree in store.study.trees)
+    rows = sql_json(store.url, "select count(*) AS n from candidates")
+    assert rows == [{"n": expected}]
+
+
+def test_every_table_and_view_is_exposed(store: Store):
+    names = {row["name"] for row in sql_json(store.url, "SELECT view_name AS name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'")}
+    for table in ("images", "prompts", "iterations", "model_versions", "work_items", "workers", "candidates",
+                  "pair_sets", "pairs", "training_runs", "evaluations", "alembic_version"):
+        assert table in names
+    assert {"responses", "response_sentences", "pair_responses", "pair_stats"} <= names
+    # Booleans read as booleans on both backends.
+    kinds = sql_json(store.url, "SELECT typeof(is_final) AS t FROM candidates LIMIT 1")
+    assert kinds == [{"t": "BOOLEAN"}]
+
+
+WRITES = [
+    "INSERT INTO candidates SELECT * FROM candidates LIMIT 1",
+    "DELETE FROM candidates",
+    "UPDATE pairs SET margin = 0",
+    "DELETE FROM store.candidates",
+    "CREATE TABLE x AS SELECT 1",
+    "DROP VIEW candidates",
+    "ATTACH ':memory:' AS other",
+    "DETACH store",
+    "COPY candidates TO 'out.csv'",
+    "INSTALL sqlite",
+    "LOAD sqlite",
+    "SET threads = 1",
+    "PRAGMA threads = 1",
+    "CALL checkpoint()",
+    "EXPLAIN ANALYZE DELETE FROM candidates",
+    "SELECT 1; DELETE FROM candidates",
+]
+
+
+@pytest.mark.parametrize("statement", WRITES)
+def test_writes_are_refused_and_store_unchanged(store: Store, statement: str, tmp_path: Path):
+    before = store.fingerprint()
+    result = run_csr("--db", store.url, "sql", statement, cwd=tmp_path)
+    assert "read-only" in one_line_error(result)
+    assert store.fingerprint() == before
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_read_only_even_without_the_guard(store: Store):
+    """The guard is one layer; the attachment itself is READ_ONLY."""
+    before = store.fingerprint()
+    schema = "public" if store.backend == "postgresql" else "main"
+    target = f"{analytics.ALIAS}.{schema}"
+    with analytics.connect(store.url) as con:
+        for statement in (f"DELETE FROM {target}.candidates", f"INSERT INTO {target}.evaluations (id) VALUES (99)",
+                          f"DROP TABLE {target}.pairs", f"UPDATE {target}.pairs SET margin = 0"):
+            with pytest.raises(duckdb.Error, match="read-only|read only"):
+                con.execute(statement)
+        with pytest.raises(duckdb.Error, match="locked"):
+            con.execute("SET lock_configuration = false")
+    assert store.fingerprint() == before
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT 1", "with x AS (SELECT 1 AS a) SELECT * FROM x", "FROM candidates LIMIT 1", "VALUES (1)",
+    "SHOW TABLES", "DESCRIBE candidates", "SUMMARIZE SELECT 1 AS a", "PRAGMA table_info('candidates')",
+    "EXPLAIN SELECT 1", "EXPLAIN ANALYZE SELECT 1", "/* note */ explain analyze select 1",
+    "SELECT 1; SELECT 2",
+])
+def test_reads_pass_the_guard(query: str):
+    assert analytics.read_statements(query)
+
+
+@pytest.mark.parametrize("query", WRITES + ["", "SELEC 1", "EXPORT DATABASE 'x'", "VACUUM", "USE store",
+                                            "RESET threads", "CHECKPOINT"])
+def test_guard_refuses(query: str):
+    with pytest.raises(StoreError):
+        analytics.read_statements(query)
+
+
+def test_sql_output_formats(sqlite_study: Store, tmp_path: Path):
+    url = sqlite_study.url
+    query = "SELECT iteration, count(*) AS n, avg(reward) AS mean FROM candidates GROUP BY iteration ORDER BY iteration"
+    expected = sql_json(url, query)
+    assert [row["iteration"] for row in expected] == [1, 2]
+
+    csv_out = run_csr("--db", url, "sql", query, "--format", "csv")
+    assert csv_out.returncode == 0, csv_out.stderr
+    lines = csv_out.stdout.strip().splitlines()
+    assert lines[0] == "iteration,n,mean" and len(lines) == 3
+    assert int(lines[1].split(",")[1]) == expected[0]["n"]
+
+    table = run_csr("--db", url, "sql", query)
+    assert table.returncode == 0 and "2 rows" in table.stdout
+
+    parquet = tmp_path / "out.parquet"
+    result = run_csr("--db", url, "sql", query, "--format", "parquet", "--out", str(parquet))
+    assert result.returncode == 0, result.stderr
+    back = duckdb.sql(f"SELECT * FROM '{parquet}' ORDER BY iteration").fetchall()
+    assert [(r[0], r[1]) for r in back] == [(e["iteration"], e["n"]) for e in expected]
+
+    json_file = tmp_path / "out.json"
+    assert run_csr("--db", url, "sql", query, "--format", "json", "--out", str(json_file)).returncode == 0
+    assert json.loads(json_file.read_text()) == expected
+
+    assert "--out" in one_line_error(run_csr("--db", url, "sql", query, "--format", "parquet"))
+    assert "--format" in one_line_error(run_csr("--db", url, "sql", query, "--format", "xml"))
+    assert "query failed" in one_line_error(run_csr("--db", url, "sql", "SELECT nope FROM candidates"))
+
+
+def test_sql_reads_stdin(sqlite_study: Store):
+    result = subprocess.run(
+        [str(CSR_SCRIPT), "--db", sqlite_study.url, "sql", "--format", "csv"],
+        input="SELECT count(*) AS n FROM prompts;\n", capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["n", str(len(sqlite_study.study.prompt_ids))]
+
+
+def test_sql_needs_a_store(tmp_path: Path):
+    result = run_csr("--db", str(tmp_path / "missing.db"), "sql", "SELECT 1")
+    assert "csr init" in one_line_error(result)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_responses_view_matches_the_trees(store: Store):
+    rows = sql_json(store.url, "SELECT * FROM responses ORDER BY leaf_id")
+    expected = {}
+    for tree in store.study.trees:
+        for final in tree.finals():
+            path = tree.path(final["node"])
+            expected[tree.ids[final["node"]]] = {
+                "iteration": tree.iteration,
+                "prompt_id": tree.prompt_id,
+                "text": tree.text(final["node"]),
+                "sentences": len(path),
+                "words": len(tree.text(final["node"]).split()),
+                "cumulative_reward": final["cumulative_reward"],
+                "sum_r_t": sum(r["r_t"] for r in path),
+                "mean_r_i": statistics.fmean(r["r_i"] for r in path),
+                "sum_reward": sum(r["reward"] for r in path),
+            }
+    assert {row["leaf_id"] for row in rows} == set(expected)
+    for row in rows:
+        want = expected[row["leaf_id"]]
+        assert_close(row, want, f"leaf {row['leaf_id']}")
+        # R(y) as the search accumulated it equals the sum of the path's R(s).
+        assert row["cumulative_reward"] == pytest.approx(row["sum_reward"], rel=1e-9)
+
+
+def test_words_macro():
+    con = duckdb.connect()
+    con.execute(analytics.WORDS_MACRO)
+    for value in ("", "one", "two words", "  padded   spaces ", "tab\tand\nnewline", "   "):
+        assert con.execute("SELECT words(?)", [value]).fetchone()[0] == len(value.split()), value
+
+
+# ---------------------------------------------------------------- csr stats
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (DuckDB quantile_cont)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def expected_stats(study: Study, number: int) -> dict:
+    trees = [t for t in study.trees if t.iteration == number]
+    rows = [row for t in trees for row in t.rows]
+    finals = [(t, row) for t in trees for row in t.finals()]
+    pairs = [p for p in study.pairs if p.iteration == number and p.is_default]
+    exclusions: dict[str, int] = {}
+    for row in rows:
+        if row["exclusion_reason"]:
+            exclusions[row["exclusion_reason"]] = exclusions.get(row["exclusion_reason"], 0) + 1
+    margins = [p.margin for p in pairs]
+    return {
+        "iteration": number,
+        "prompts": len(trees),
+        "candidates": len(rows),
+        "final_responses": len(finals),
+        "excluded": sum(exclusions.values()),
+        "exclusions": exclusions,
+        "final_mean_words": statistics.fmean(len(t.text(r["node"]).split()) for t, r in finals),
+        "pair_set": "default",
+        "pairs": len(pairs),
+        "chosen_mean_reward": statistics.fmean(p.chosen["cumulative_reward"] for p in pairs),
+        "rejected_mean_reward": statistics.fmean(p.rejected["cumulative_reward"] for p in pairs),
+        "chosen_mean_r_t": statistics.fmean(statistics.fmean(s["r_t"] for s in p.chosen_node_path) for p in pairs),
+        "chosen_mean_r_i": statistics.fmean(statistics.fmean(s["r_i"] for s in p.chosen_node_path) for p in pairs),
+        "rejected_mean_r_t": statistics.fmean(statistics.fmean(s["r_t"] for s in p.rejected_node_path) for p in pairs),
+        "rejected_mean_r_i": statistics.fmean(statistics.fmean(s["r_i"] for s in p.rejected_node_path) for p in pairs),
+        "chosen_mean_words": statistics.fmean(len(p.chosen_text.split()) for p in pairs),
+        "rejected_mean_words": statistics.fmean(len(p.rejected_text.split()) for p in pairs),
+        "margin": {"min": min(margins), "p25": quantile(margins, 0.25), "median": quantile(margins, 0.5),
+                   "p75": quantile(margins, 0.75), "max": max(margins)},
+    }
+
+
+def assert_close(actual, expected, where: str = "") -> None:
+    if isinstance(expected, dict):
+        assert set(actual) >= set(expected), where
+        for key, value in expected.items():
+            assert_close(actual[key], value, f"{where}.{key}")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-9), where
+    else:
+        assert actual == expected, where
+
+
+def test_stats_match_hand_computation(store: Store):
+    result = run_csr("--db", store.url, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert [it["iteration"] for it in summary["iterations"]] == [1, 2]
+    for it in summary["iterations"]:
+        assert_close(it, expected_stats(store.study, it["iteration"]), f"iter{it['iteration']}")
+    evaluations = [{k: e[k] for k in ("model_version", "benchmark", "n_responses", "chair_s", "chair_i", "mean_words")}
+                   for e in summary["evaluations"]]
+    assert evaluations == store.study.evaluations
+
+
+def test_stats_one_iteration_and_table(sqlite_study: Store):
+    result = run_csr("--db", sqlite_study.url, "stats", "--iter", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert [it["iteration"] for it in summary["iterations"]] == [2]
+    assert_close(summary["iterations"][0], expected_stats(sqlite_study.study, 2))
+
+    table = run_csr("--db", sqlite_study.url, "stats")
+    assert table.returncode == 0, table.stderr
+    for label in ("chosen mean reward", "rejected mean R_I", "margin median", "CHAIR_S", "excluded: "):
+        assert label in table.stdout
+
+    assert "no iteration 9" in one_line_error(run_csr("--db", sqlite_study.url, "stats", "--iter", "9"))
+
+
+def test_stats_of_an_empty_store(tmp_path: Path):
+    url, engine = sqlite_store(tmp_path)
+    engine.dispose()
+    result = run_csr("--db", url, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"iterations": [], "evaluations": []}
+
+
+# ---------------------------------------------------------------- live store
+
+
+def test_sql_while_a_worker_writes(tmp_path: Path):
+    """Reads run beside a writer (SQLite WAL) and see whole trees only."""
+    url, engine = sqlite_store(tmp_path)
+    study = fill_study(engine, tmp_path / "images", prompts=2, iterations=1, evaluations=False)
+    base = sum(len(t.rows) for t in study.trees)
+    tree = random_tree(random.Random(3), width=4, max_depth=3)
+    size = len(tree)
+    stop = threading.Event()
+    written = []
+
+    def writer() -> None:
+        # Re-writes the same tree under fresh iteration numbers, one transaction each.
+        number = 100
+        while not stop.is_set():
+            with engine.begin() as conn:
+                conn.execute(Iteration.__table__.insert().values(
+                    number=number, policy_version=0, preset="paper", config={}, config_hash="0" * 64,
+                    state="generating", created_at=NOW))
+                insert_candidates(conn, number, study.prompt_ids[0], tree)
+            written.append(number)
+            number += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        counts = []
+        for _ in range(4):
+            rows = sql_json(url, "SELECT count(*) AS n FROM candidates")
+            counts.append(rows[0]["n"])
+    finally:
+        stop.set()
+        thread.join()
+        engine.dispose()
+    assert written, "the writer never committed"
+    assert counts == sorted(counts)
+    assert all((n - base) % size == 0 for n in counts), (counts, base, size)
+
+
+# ---------------------------------------------------------------- store API
+
+
+def add_iteration(conn, number: int) -> None:
+    conn.execute(Iteration.__table__.insert().values(
+        number=number, policy_version=0, preset="paper", config={}, config_hash="0" * 64, state="generating",
+        created_at=NOW))
+
+
+def test_insert_candidates_round_trip(store: Store):
+    tree = random_tree(random.Random(11))
+    tree[0].pop("finish_reason")  # optional column
+    engine = make_engine(store.url)
+    try:
+        with engine.begin() as conn:
+            add_iteration(conn, 7)
+            assert insert_candidates(conn, 7, store.study.prompt_ids[0], []) == 0
+            assert insert_candidates(conn, 7, store.study.prompt_ids[0], tree) == len(tree)
+        with engine.connect() as conn:
+            stored = conn.execute(
+                select(*(getattr(Candidate, c) for c in CANDIDATE_COLUMNS))
+                .where(Candidate.iteration == 7).order_by(Candidate.node)
+            ).all()
+    finally:
+        engine.dispose()
+    assert len(stored) == len(tree)
+    for row, want in zip(stored, tree, strict=True):
+        for column, value in zip(CANDIDATE_COLUMNS, row, strict=True):
+            expected = want.get(column)
+            if isinstance(expected, float):
+                assert value == pytest.approx(expected, rel=1e-12), column
+            else:
+                assert value == expected, column
+    assert stored[0].finish_reason is None
+
+
+def test_insert_candidates_is_atomic_with_the_callers_transaction(store: Store):
+    engine = make_engine(store.url)
+    tree = random_tree(random.Random(5))
+    tree[-1]["text"] = None  # NOT NULL: nothing of the transaction may remain
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - each driver has its own IntegrityError
+            with engine.begin() as conn:
+                add_iteration(conn, 8)
+                insert_candidates(conn, 8, store.study.prompt_ids[0], tree)
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(Candidate)
+                                .where(Candidate.iteration == 8)).scalar_one() == 0
+            assert conn.execute(select(func.count()).select_from(Iteration)
+                                .where(Iteration.number == 8)).scalar_one() == 0
+    finally:
+        engine.dispose()

@@ -1,0 +1,127 @@
+"""csr report: a static page that loads in headless Chromium with its plots and pairs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from csr.engine import report
+from tests.analytics_fixtures import Study, fill_study, sqlite_store
+from tests.db_backends import run_csr
+
+needs_chromium = pytest.mark.skipif(
+    shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+    reason="headless Chromium is not installed (Debian: apt-get install chromium)",
+)
+
+
+@pytest.fixture
+def study_store(tmp_path: Path) -> tuple[str, Study]:
+    url, engine = sqlite_store(tmp_path)
+    study = fill_study(engine, tmp_path / "images", prompts=5)
+    engine.dispose()
+    return url, study
+
+
+def body_data(dom: str) -> dict[str, str]:
+    """The data-* attributes the page's load check writes on <body>."""
+    match = re.search(r"<body([^>]*)>", dom)
+    assert match, dom[:500]
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', match.group(1)))
+
+
+def default_pairs(study: Study) -> list:
+    return [p for p in study.pairs if p.is_default]
+
+
+@needs_chromium
+def test_report_loads_in_chromium_with_every_pair(study_store, tmp_path: Path):
+    url, study = study_store
+    out = tmp_path / "report"
+    result = run_csr("--db", url, "report", "--out", out, "--pairs", "100")
+    assert result.returncode == 0, result.stderr
+    page = out / "report.html"
+    html = page.read_text()
+    # Nothing to fetch: every image is a data URI and no link leaves the page.
+    assert not re.findall(r'(?:src|href)="(?!data:|#)', html)
+    assert "http://" not in html and "https://" not in html
+    assert html.count('class="plot"') == 4  # R_I distribution, rewards, lengths, CHAIR
+
+    dom = report.dump_dom(page)
+    data = body_data(dom)
+    pairs = default_pairs(study)
+    assert data["state"] == "loaded"
+    assert data["errors"] == "0"
+    assert data["broken-images"] == "0"
+    assert data["pairs"] == str(len(pairs))
+    assert len(re.findall(r'<section class="pair[ "]', dom)) == len(pairs)
+    assert len(re.findall(r'<img class="thumb"', dom)) == len(pairs)
+    # One row per sentence of each chosen and rejected response, with R_T, R_I and R(s).
+    sentences = sum(len(p.chosen_node_path) + len(p.rejected_node_path) for p in pairs)
+    assert len(re.findall(r'<tr class="sentence">', dom)) == sentences
+    some = pairs[0]
+    assert re.sub(r"\s+", " ", some.chosen_node_path[0]["text"]) in dom
+
+
+@needs_chromium
+def test_report_pair_limit_and_screenshot(study_store, tmp_path: Path):
+    url, study = study_store
+    out = tmp_path / "report"
+    result = run_csr("--db", url, "report", "--out", out, "--pairs", "3", "--screenshot")
+    assert result.returncode == 0, result.stderr
+    dom = report.dump_dom(out / "report.html")
+    assert body_data(dom)["pairs"] == "3"
+    # The sample spreads over iterations.
+    assert set(re.findall(r'<section class="pair[^"]*" id="pair-\d+" data-iteration="(\d+)"', dom)) == {"1", "2"}
+    png = out / "report.png"
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert image.size[0] >= 800 and image.size[1] >= 600
+        # Not a blank page: the screenshot has more than one colour.
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or range(2)) > 1
+
+
+@needs_chromium
+def test_missing_image_shows_a_placeholder(study_store, tmp_path: Path):
+    url, study = study_store
+    for image in study.image_dir.iterdir():
+        image.unlink()
+    out = tmp_path / "report"
+    assert run_csr("--db", url, "report", "--out", out, "--pairs", "2").returncode == 0
+    dom = report.dump_dom(out / "report.html")
+    assert body_data(dom)["broken-images"] == "0"
+    assert dom.count("image not found") == 2
+
+
+@needs_chromium
+def test_report_of_an_empty_store(tmp_path: Path):
+    url, engine = sqlite_store(tmp_path)
+    engine.dispose()
+    out = tmp_path / "report"
+    result = run_csr("--db", url, "report", "--out", out)
+    assert result.returncode == 0, result.stderr
+    data = body_data(report.dump_dom(out / "report.html"))
+    assert (data["state"], data["errors"], data["pairs"]) == ("loaded", "0", "0")
+
+
+def test_screenshot_without_chromium_is_a_clear_error(study_store, tmp_path: Path):
+    url, _ = study_store
+    out = tmp_path / "report"
+    result = run_csr("--db", url, "report", "--out", out, "--pairs", "1", "--screenshot",
+                     env={"PATH": str(tmp_path / "empty-bin"), "CSR_CHROMIUM": ""})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Chromium" in lines[0] and "not found" in lines[0], result.stderr
+    assert (out / "report.html").exists() and not (out / "report.png").exists()
+
+
+def test_out_must_be_a_directory(study_store, tmp_path: Path):
+    url, _ = study_store
+    file = tmp_path / "taken"
+    file.write_text("x")
+    result = run_csr("--db", url, "report", "--out", file)
+    assert result.returncode == 1 and "not a directory" in result.stderr
