@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
+
 from csr.cli.context import CliState
 from csr.engine.errors import USER_ERRORS
 
@@ -45,9 +46,28 @@ def _register() -> None:
 _register()
 
 
+def _click_kinds(name: str) -> tuple[type[BaseException], ...]:
+    """`name` from click and from the copy of click that typer >= 0.20 vendors as typer._click."""
+    import click
+
+    kinds = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = None
+    if vendored is not None and hasattr(vendored, name):
+        kinds.append(getattr(vendored, name))
+    if name == "Abort":
+        kinds.append(typer.Abort)
+    return tuple(kinds)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # typer.Exit(code) raised by a command comes back as a return value here
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            sys.exit(code)
     except USER_ERRORS as exc:
         print(f"csr: error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -57,12 +77,10 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _click_kinds("ClickException")):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, _click_kinds("Abort")):
             print("csr: aborted", file=sys.stderr)
             sys.exit(1)
         raise

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+
 from csr.engine.settings import Settings, load_settings, resolve_store_url
 
 

@@ -6,14 +6,21 @@ import json
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from csr.cli.context import state
 from csr.engine.errors import CsrError
 from csr.engine.settings import DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED, DEFAULT_MODEL
 from csr.storage import migrate
-from csr.storage.db import make_engine
-from csr.storage.store import create_store, open_store, register_base_model, status
-from rich.console import Console
-from rich.table import Table
+from csr.storage.store import (
+    create_store,
+    open_store,
+    register_base_model,
+    status,
+    store_revision,
+    upgrade_store,
+)
 
 console = Console()
 db_app = typer.Typer(help="Store schema maintenance.", no_args_is_help=True)
@@ -70,11 +77,7 @@ def _display(url: str) -> str:
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Migrate the store to the schema this csr needs (back it up first)."""
-    engine = make_engine(state(ctx).url, must_exist=True)
-    try:
-        before, after = migrate.upgrade(engine)
-    finally:
-        engine.dispose()
+    before, after = upgrade_store(state(ctx).url)
     if before == after:
         console.print(f"store already at schema {after}")
     else:
@@ -84,11 +87,7 @@ def db_upgrade(ctx: typer.Context) -> None:
 @db_app.command("revision")
 def db_revision(ctx: typer.Context) -> None:
     """Print the store's schema revision and the one this csr needs."""
-    engine = make_engine(state(ctx).url, must_exist=True)
-    try:
-        console.print(f"store: {migrate.current_revision(engine)}  csr: {migrate.head_revision()}")
-    finally:
-        engine.dispose()
+    console.print(f"store: {store_revision(state(ctx).url)}  csr: {migrate.head_revision()}")
 
 
 @prompts_app.command("import")

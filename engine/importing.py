@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from csr.engine.errors import CsrError
 from csr.engine.prompt_files import (
     ImageInfo,
@@ -16,7 +18,6 @@ from csr.engine.prompt_files import (
 )
 from csr.storage import prompts as prompt_store
 from csr.storage.errors import ImportRejected
-from sqlalchemy import Engine
 
 
 @dataclass
@@ -44,19 +45,25 @@ def import_prompts(
     report = ImportReport()
     with engine.begin() as conn:
         existing = prompt_store.existing_prompts(conn, [r.external_id for r in records])
-        seen: dict[str, tuple[str, str]] = {}
+        seen: dict[str, tuple[tuple[str, str], int]] = {}  # id -> (content, position) in this file
         to_add: list[tuple[PromptRecord, ImageInfo]] = []
         for record, info in zip(records, infos, strict=True):
             content = (info.sha256, record.text)
-            earlier = existing.get(record.external_id) or seen.get(record.external_id)
+            in_store = existing.get(record.external_id)
+            in_file = seen.get(record.external_id)
+            earlier = in_store if in_store is not None else (in_file[0] if in_file else None)
             if earlier is None:
-                seen[record.external_id] = content
+                seen[record.external_id] = (content, record.position)
                 to_add.append((record, info))
             elif earlier == content:
                 report.already_present += 1
+            elif in_store is not None:
+                problems.append(
+                    Problem(record.position, f"id {record.external_id!r} already exists in the store with different content")
+                )
             else:
                 problems.append(
-                    Problem(record.position, f"id {record.external_id!r} already exists with different content")
+                    Problem(record.position, f"id {record.external_id!r} repeats record {in_file[1]} with different content")
                 )
         if problems and not skip_bad:
             problems.sort(key=lambda p: p.position)

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from csr.engine.errors import CsrError
 from PIL import Image, UnidentifiedImageError
+
+from csr.engine.errors import CsrError
 
 _IMAGE_MARKER = re.compile(r"\s*<image>\s*")
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from csr.storage.errors import StoreError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from csr.storage.errors import StoreError
 
 DEFAULT_URL = "sqlite:///csr.db"
 SQLITE_BUSY_TIMEOUT_MS = 60_000

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import csr.migrations
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from csr.storage.errors import SchemaMismatch
 from sqlalchemy import Engine, inspect
+
+import csr.migrations
+from csr.storage.errors import SchemaMismatch
 
 MIGRATIONS_DIR = Path(csr.migrations.__file__).parent
 

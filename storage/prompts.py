@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from sqlalchemy import Connection, func, insert, select
+
 from csr.storage.clock import utcnow
 from csr.storage.models import Image, Prompt
-from sqlalchemy import Connection, func, insert, select
 
 _CHUNK = 500
 

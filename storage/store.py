@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy.exc import DBAPIError
+
 from csr.storage import migrate
 from csr.storage.clock import utcnow
 from csr.storage.db import make_engine
 from csr.storage.errors import StoreError
 from csr.storage.models import Iteration, ModelVersion, Prompt, Worker, WorkItem
-from sqlalchemy import Connection, Engine, func, select, update
 
 # A worker that has not sent a heartbeat for this long is not counted as live.
 LIVE_WORKER_WINDOW = timedelta(seconds=90)
@@ -36,6 +38,11 @@ def create_store(url: str) -> tuple[Engine, str]:
         if migrate.is_empty(engine):
             migrate.upgrade(engine)
             return engine, "created"
+        if migrate.current_revision(engine) is None:
+            raise StoreError(
+                f"the database at {engine.url.render_as_string()} has tables but is not a csr store: "
+                "point --db / CSR_DATABASE_URL at an empty database or an existing csr store"
+            )
         migrate.check_revision(engine)
         return engine, "exists"
     except StoreError:
@@ -44,6 +51,30 @@ def create_store(url: str) -> tuple[Engine, str]:
     except Exception as exc:
         engine.dispose()
         raise StoreError(f"cannot create the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+
+
+def upgrade_store(url: str) -> tuple[str | None, str]:
+    """`csr db upgrade`: migrate an existing store to head; returns (before, after)."""
+    engine = make_engine(url, must_exist=True)
+    try:
+        if migrate.current_revision(engine) is None and not migrate.is_empty(engine):
+            raise StoreError(f"the database at {engine.url.render_as_string()} has tables but is not a csr store")
+        return migrate.upgrade(engine)
+    except DBAPIError as exc:  # server down, not a database, a migration the data refuses
+        raise StoreError(f"cannot upgrade the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+    finally:
+        engine.dispose()
+
+
+def store_revision(url: str) -> str | None:
+    """The schema revision of an existing store (None for a database that is not a csr store)."""
+    engine = make_engine(url, must_exist=True)
+    try:
+        return migrate.current_revision(engine)
+    except DBAPIError as exc:
+        raise StoreError(f"cannot open the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+    finally:
+        engine.dispose()
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,0 +1,47 @@
+# csr: the two set-up commands of the README are `make demo` and `make test`;
+# each installs what it needs into .venv first (pinned by constraints.txt).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed
+SAMPLE := $(CURDIR)/examples/sample
+
+# What `make demo` runs. The built-in demo world (`csr demo`) replaces the
+# sample-data walk-through by changing this one line to:  DEMO = $(BIN)/csr demo
+DEMO = $(MAKE) --no-print-directory sample-demo
+
+.PHONY: install demo sample-demo test lint bench clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when the requirements change.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: install
+	$(DEMO)
+
+# init + import + status on the bundled sample (examples/sample) in a fresh
+# directory: the store is an embedded SQLite file there.
+sample-demo: install
+	@dir=$$(mktemp -d "$${TMPDIR:-/tmp}/csr-sample-XXXXXX") && cd "$$dir" && echo "study directory: $$dir" \
+	  && $(BIN)/csr init \
+	  && $(BIN)/csr prompts import $(SAMPLE)/prompts.json --images $(SAMPLE)/images \
+	  && $(BIN)/csr status
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/bench_import.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,276 @@
+"""Schema migrations: released schemas stay frozen, stores made by them upgrade
+to head with every row intact, and the models agree with the migrations."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import MetaData, create_engine, insert, select, text
+from sqlalchemy.engine import make_url
+
+from csr.storage import migrate
+from csr.storage.db import make_engine
+from csr.storage.models import Base
+from tests.assets.freeze_schema import asset_path, frozen_revisions, postgresql_ddl, sqlite_ddl
+from tests.db_backends import run_csr
+
+HEAD = migrate.head_revision()
+T0 = datetime.fromisoformat("2026-03-01T09:30:15.123456")  # naive UTC, as the store keeps it
+
+
+def _driver(url: str) -> str:
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False) if parsed.drivername == "postgresql" else url
+
+
+def _schema_differences(url: str) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def _rows_by_key(url: str) -> dict[str, dict[tuple, dict]]:
+    """table -> primary key -> row (column -> value) for every table but alembic_version."""
+    engine = create_engine(_driver(url))
+    try:
+        metadata = MetaData()
+        metadata.reflect(engine)
+        snapshot = {}
+        with engine.connect() as conn:
+            for name, table in metadata.tables.items():
+                if name == "alembic_version":
+                    continue
+                keys = [c.name for c in table.primary_key.columns]
+                snapshot[name] = {
+                    tuple(row[k] for k in keys): dict(row) for row in conn.execute(select(table)).mappings()
+                }
+        return snapshot
+    finally:
+        engine.dispose()
+
+
+# -- data for a store at revision 0001: every table, rows that reference each other -------
+
+
+def _fill_0001(url: str) -> None:
+    engine = make_engine(url)  # foreign keys on: the data must be consistent
+    metadata = MetaData()
+    metadata.reflect(engine)
+    t = metadata.tables
+    later = [T0 + timedelta(minutes=m) for m in range(60)]
+    with engine.begin() as conn:
+        conn.execute(insert(t["images"]), [
+            {"id": 1, "sha256": "3f" * 32, "root": "/data/coco/train2014", "rel_path": "COCO_train2014_000000000009.jpg",
+             "size_bytes": 161_811, "width": 640, "height": 480},
+            {"id": 2, "sha256": "a0" * 32, "root": "/data/coco/train2014", "rel_path": "sub dir/ünïcode.png",
+             "size_bytes": 5_000_000_000, "width": 1, "height": 1},
+            {"id": 3, "sha256": "07" * 32, "root": "/data/vg", "rel_path": "2345.jpg", "size_bytes": 88, "width": 336, "height": 336},
+        ])
+        conn.execute(insert(t["prompts"]), [
+            {"id": 1, "external_id": "000000000009", "image_id": 1, "text": "What is on the plate?",
+             "source": "llava_instruct_150k.json", "created_at": T0},
+            {"id": 2, "external_id": "000000000009-2", "image_id": 1, "text": "Describe the image in detail.",
+             "source": "llava_instruct_150k.json", "created_at": T0},
+            {"id": 3, "external_id": "vg-2345", "image_id": 3, "text": 'Is there a "dog"?\nAnswer briefly.',
+             "source": "extra.jsonl", "created_at": later[1]},
+            {"id": 4, "external_id": "ü-4", "image_id": 2, "text": "¿Qué hay en la imagen?", "source": "extra.jsonl",
+             "created_at": later[1]},
+        ])
+        conn.execute(insert(t["model_versions"]), [
+            {"version": 0, "parent_version": None, "iteration": None, "path": "llava-hf/llava-1.5-7b-hf",
+             "base_model": "llava-hf/llava-1.5-7b-hf", "clip_model": "ViT-L-14-336", "clip_pretrained": "openai",
+             "weights_hash": None, "lora_config": None, "metrics": None, "created_at": T0},
+            {"version": 1, "parent_version": 0, "iteration": 1, "path": "/study/models/v1",
+             "base_model": "llava-hf/llava-1.5-7b-hf", "clip_model": "ViT-L-14-336", "clip_pretrained": "openai",
+             "weights_hash": "be" * 32, "lora_config": {"r": 128, "alpha": 256, "target_modules": ["q_proj", "v_proj"]},
+             "metrics": {"train_loss": 0.4213, "reward_margin": [0.1, 0.25]}, "created_at": later[50]},
+        ])
+        conn.execute(insert(t["iterations"]), [
+            {"number": 1, "policy_version": 0, "preset": "paper", "config": {"beam": 5, "lambda": 0.9, "seed": 7},
+             "config_hash": "c1" * 32, "state": "trained", "created_at": later[2]},
+            {"number": 2, "policy_version": 1, "preset": "paper", "config": {"beam": 5, "lambda": 0.9, "seed": 8},
+             "config_hash": "c2" * 32, "state": "generating", "created_at": later[51]},
+        ])
+        conn.execute(insert(t["workers"]), [
+            {"id": 1, "iteration": 1, "host": "gpu-a", "pid": 4242, "device": "cuda:0", "started_at": later[3],
+             "heartbeat_at": later[20], "stopped_at": later[21]},
+            {"id": 2, "iteration": 2, "host": "gpu-b", "pid": 77, "device": "cuda:1", "started_at": later[52],
+             "heartbeat_at": later[55], "stopped_at": None},
+        ])
+        conn.execute(insert(t["work_items"]), [
+            *({"id": pid, "iteration": 1, "prompt_id": pid, "state": "done", "worker_id": 1, "lease_expires_at": None,
+               "attempts": 1, "last_error": None, "updated_at": later[10 + pid]} for pid in (1, 2, 3, 4)),
+            {"id": 5, "iteration": 2, "prompt_id": 1, "state": "claimed", "worker_id": 2, "lease_expires_at": later[59],
+             "attempts": 2, "last_error": None, "updated_at": later[53]},
+            {"id": 6, "iteration": 2, "prompt_id": 2, "state": "failed", "worker_id": None, "lease_expires_at": None,
+             "attempts": 3, "last_error": "CUDA out of memory\nTraceback ...", "updated_at": later[54]},
+            {"id": 7, "iteration": 2, "prompt_id": 3, "state": "pending", "worker_id": None, "lease_expires_at": None,
+             "attempts": 0, "last_error": None, "updated_at": later[51]},
+        ])
+        candidates = []
+        for prompt_id in (1, 2):
+            for node, (parent, depth, sibling) in enumerate([(None, 0, 0), (None, 0, 1), (0, 1, 0), (0, 1, 1), (1, 1, 0)]):
+                candidates.append({
+                    "id": (prompt_id - 1) * 5 + node + 1, "iteration": 1, "prompt_id": prompt_id, "node": node,
+                    "parent_node": parent, "depth": depth, "sibling_index": sibling,
+                    "text": f"The plate holds {node} slices of pizza." if node != 4 else "There is a dog, and a 🍕.",
+                    "token_count": 9 + node, "logprob_sum": -3.25 - node / 7, "r_t": -0.361 - node / 100,
+                    "r_i": 0.2875 + node / 1000, "reward": 0.9 * -0.361 + 0.1 * 0.2875,
+                    "cumulative_reward": -1.5e-3 * (node + 1), "is_final": depth == 1, "is_kept": node in (0, 2),
+                    "exclusion_reason": None if node in (0, 2) else "below_beam",
+                })
+        conn.execute(insert(t["candidates"]), candidates)
+        conn.execute(insert(t["pair_sets"]), [
+            {"id": 1, "iteration": 1, "name": "default", "preset": "paper",
+             "params": {"policy": "best_vs_worst", "min_margin": 0.0}, "selection_sql": "SELECT ... FROM candidates",
+             "result_hash": "5e" * 32, "is_default": True, "created_at": later[30]},
+            {"id": 2, "iteration": 1, "name": "margin>0.01", "preset": "paper", "params": {"min_margin": 0.01},
+             "selection_sql": "SELECT 1", "result_hash": "5f" * 32, "is_default": False, "created_at": later[31]},
+        ])
+        conn.execute(insert(t["pairs"]), [
+            {"id": 1, "pair_set_id": 1, "prompt_id": 1, "chosen_candidate_id": 3, "rejected_candidate_id": 5,
+             "chosen_text": "The plate holds 2 slices of pizza.", "rejected_text": "There is a dog, and a 🍕.",
+             "chosen_reward": -0.0045, "rejected_reward": -0.0075, "margin": 0.003},
+            {"id": 2, "pair_set_id": 1, "prompt_id": 2, "chosen_candidate_id": 8, "rejected_candidate_id": 10,
+             "chosen_text": "a", "rejected_text": "b", "chosen_reward": 1.0, "rejected_reward": -1.0, "margin": 2.0},
+            {"id": 3, "pair_set_id": 2, "prompt_id": 1, "chosen_candidate_id": 3, "rejected_candidate_id": 4,
+             "chosen_text": "c", "rejected_text": "d", "chosen_reward": 0.5, "rejected_reward": 0.25, "margin": 0.25},
+        ])
+        conn.execute(insert(t["training_runs"]), [
+            {"id": 1, "iteration": 1, "pair_set_id": 1, "selection_sql": "SELECT ... FROM pairs WHERE pair_set_id = 1",
+             "pairs_hash": "9a" * 32, "hyperparams": {"lr": 1e-6, "beta": 0.1, "epochs": 1},
+             "metrics": [{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.52}], "state": "done",
+             "checkpoint_dir": "/study/runs/1", "output_version": 1, "started_at": later[32],
+             "finished_at": later[49]},
+        ])
+    engine.dispose()
+
+
+FILLERS = {"0001": _fill_0001}
+OLDER_FROZEN = [rev for rev in frozen_revisions() if rev != HEAD]
+
+
+def _sqlite_store_from_asset(path: Path, revision: str) -> str:
+    connection = sqlite3.connect(path)
+    connection.executescript(asset_path(revision, "sqlite").read_text())
+    connection.execute("INSERT INTO alembic_version (version_num) VALUES (?)", (revision,))
+    connection.commit()
+    connection.close()
+    return f"sqlite:///{path}"
+
+
+def _postgres_store_from_asset(url: str, revision: str) -> str:
+    with psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False),
+                         autocommit=True) as connection:
+        connection.execute(asset_path(revision, "postgresql").read_text())
+    return url
+
+
+def _check_upgrade_keeps_every_row(url: str, revision: str) -> None:
+    assert revision in FILLERS, f"add a function filling every table of the frozen schema {revision}"
+    FILLERS[revision](url)
+    before = _rows_by_key(url)
+    assert all(before.values()), f"every table must hold rows: {[n for n, r in before.items() if not r]}"
+
+    done = run_csr("db", "upgrade", db=url)
+    assert done.returncode == 0, done.stderr
+    assert f"upgraded from schema {revision} to {HEAD}" in done.stdout
+
+    after = _rows_by_key(url)
+    for table, rows in before.items():
+        assert set(after[table]) == set(rows), f"{table}: rows lost or added"
+        for key, row in rows.items():
+            kept = {column: after[table][key][column] for column in row}
+            assert kept == row, f"{table} {key} changed"
+    assert _schema_differences(url) == []
+    engine = make_engine(url)
+    try:
+        assert migrate.current_revision(engine) == HEAD
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
+                assert conn.execute(text("PRAGMA integrity_check")).scalar_one() == "ok"
+    finally:
+        engine.dispose()
+
+    shown = run_csr("status", "--json", db=url)
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["prompts"] == 4
+    assert [it["iteration"] for it in summary["iterations"]] == [1, 2]
+    assert [v["version"] for v in summary["model_versions"]] == [0, 1]
+    second = summary["iterations"][1]
+    assert (second["claimed"], second["failed"], second["pending"], second["done"]) == (1, 1, 2, 0)
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def test_released_schemas_are_frozen():
+    assert "0001" in frozen_revisions()
+    assert migrate.known_revisions() >= set(frozen_revisions())
+
+
+@pytest.mark.parametrize("revision", frozen_revisions())
+def test_migrations_still_produce_the_frozen_sqlite_schema(revision):
+    # A released revision must never be edited: stores in the field were made by it.
+    assert sqlite_ddl(revision) == asset_path(revision, "sqlite").read_text()
+
+
+@pytest.mark.parametrize("revision", frozen_revisions())
+def test_migrations_still_produce_the_frozen_postgresql_schema(revision):
+    assert postgresql_ddl(revision) == asset_path(revision, "postgresql").read_text()
+
+
+@pytest.mark.parametrize("revision", OLDER_FROZEN)
+def test_sqlite_store_upgrades_from_frozen_schema_with_all_rows(tmp_path, revision):
+    url = _sqlite_store_from_asset(tmp_path / "old.db", revision)
+    refused = run_csr("status", db=url)
+    assert refused.returncode != 0 and "csr db upgrade" in refused.stderr
+    _check_upgrade_keeps_every_row(url, revision)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("revision", OLDER_FROZEN)
+def test_postgresql_store_upgrades_from_frozen_schema_with_all_rows(postgres_url, revision):
+    url = _postgres_store_from_asset(postgres_url, revision)
+    refused = run_csr("status", db=url)
+    assert refused.returncode != 0 and "csr db upgrade" in refused.stderr
+    _check_upgrade_keeps_every_row(url, revision)
+
+
+def test_models_agree_with_migrations_at_head(store_url):
+    engine = make_engine(store_url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    assert _schema_differences(store_url) == []
+
+
+def test_models_differing_from_migrations_are_detected(store_url):
+    """The agreement check above can fail: a store one revision behind differs from the models."""
+    engine = make_engine(store_url)
+    migrate.upgrade(engine, "0001")
+    engine.dispose()
+    assert _schema_differences(store_url) != []
+
+
+def test_upgrade_of_a_store_at_head_changes_nothing(store_url):
+    engine = make_engine(store_url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    done = run_csr("db", "upgrade", db=store_url)
+    assert done.returncode == 0, done.stderr
+    assert f"already at schema {HEAD}" in done.stdout
+    revision = run_csr("db", "revision", db=store_url)
+    assert revision.stdout.split() == ["store:", HEAD, "csr:", HEAD]
