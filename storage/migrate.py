@@ -11,7 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
 import csr.migrations
-from csr.storage.errors import SchemaMismatch
+from csr.storage.errors import SchemaMismatch, StoreError
 
 MIGRATIONS_DIR = Path(csr.migrations.__file__).parent
 
@@ -41,9 +41,28 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     if before is not None and before not in known_revisions():
         raise SchemaMismatch(_newer_message(before))
     config = _config()
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+    with engine.connect() as connection:
+        # SQLite: a batch migration that recreates a table other tables reference
+        # (copy, DROP, rename) fails while foreign keys are enforced. Switch them
+        # off for the migration (outside the transaction, where the pragma works)
+        # and check every reference before committing instead.
+        raw = connection.connection.driver_connection if connection.dialect.name == "sqlite" else None
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, revision)
+                if raw is not None:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise StoreError(
+                            f"the upgrade to {revision} would leave {len(broken)} broken reference(s), "
+                            f"first in table {broken[0][0]}; nothing was changed"
+                        )
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")
     return before, current_revision(engine)
 
 

@@ -17,9 +17,10 @@ from sqlalchemy.engine import make_url
 
 from csr.storage import migrate
 from csr.storage.db import make_engine
+from csr.storage.errors import StoreError
 from csr.storage.models import Base
 from tests.assets.freeze_schema import asset_path, frozen_revisions, postgresql_ddl, sqlite_ddl
-from tests.db_backends import run_csr
+from tests.db_backends import fingerprint, run_csr
 
 HEAD = migrate.head_revision()
 T0 = datetime.fromisoformat("2026-03-01T09:30:15.123456")  # naive UTC, as the store keeps it
@@ -274,3 +275,83 @@ def test_upgrade_of_a_store_at_head_changes_nothing(store_url):
     assert f"already at schema {HEAD}" in done.stdout
     revision = run_csr("db", "revision", db=store_url)
     assert revision.stdout.split() == ["store:", HEAD, "csr:", HEAD]
+
+
+# -- SQLite batch migrations that recreate referenced tables ------------------------------
+
+_TEST_REVISION = '''"""test only: {title}"""
+from alembic import op
+
+revision = "{revision}"
+down_revision = "{down}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+{body}
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def _migrations_with(tmp_path: Path, monkeypatch, title: str, body: str) -> str:
+    """A copy of the migrations with one more revision after head, used by storage.migrate."""
+    import shutil
+
+    copy = tmp_path / "migrations"
+    shutil.copytree(migrate.MIGRATIONS_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    revision = "9001"
+    (copy / "versions" / f"{revision}_test.py").write_text(
+        _TEST_REVISION.format(title=title, revision=revision, down=HEAD, body=body)
+    )
+    monkeypatch.setattr(migrate, "MIGRATIONS_DIR", copy)
+    return revision
+
+
+def _filled_head_store(tmp_path: Path) -> str:
+    url = _sqlite_store_from_asset(tmp_path / "store.db", "0001")
+    _fill_0001(url)
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    return url
+
+
+def test_sqlite_batch_migration_may_recreate_referenced_tables(tmp_path, monkeypatch):
+    """Copy-and-rename of tables that others reference (pairs -> pair_sets, candidates,
+    prompts) must work on a full store and keep every row and reference."""
+    url = _filled_head_store(tmp_path)
+    before = _rows_by_key(url)
+    body = "\n".join(
+        f'    with op.batch_alter_table("{table}", recreate="always"):\n        pass'
+        for table in ("pair_sets", "candidates", "prompts", "model_versions")
+    )
+    revision = _migrations_with(tmp_path, monkeypatch, "recreate referenced tables", body)
+    engine = make_engine(url)
+    try:
+        assert migrate.upgrade(engine) == (HEAD, revision)
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar_one() == 1  # back on for every later use
+            assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
+    finally:
+        engine.dispose()
+    assert _rows_by_key(url) == before
+
+
+def test_sqlite_migration_that_breaks_references_is_refused(tmp_path, monkeypatch):
+    url = _filled_head_store(tmp_path)
+    _migrations_with(tmp_path, monkeypatch, "orphan pairs", '    op.execute("DELETE FROM pair_sets WHERE id = 2")')
+    engine = make_engine(url)
+    engine.dispose()
+    before = fingerprint(url)
+    engine = make_engine(url)
+    try:
+        with pytest.raises(StoreError, match="broken reference.*pairs.*nothing was changed"):
+            migrate.upgrade(engine)
+        assert migrate.current_revision(engine) == HEAD
+    finally:
+        engine.dispose()
+    assert fingerprint(url) == before
