@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 
 from csr.engine.errors import CsrError
 from csr.engine.prompt_files import (
@@ -43,62 +44,70 @@ def import_prompts(
     records, infos = _with_images(parsed.records, images_dir, image_prefix, problems)
 
     report = ImportReport()
-    with engine.begin() as conn:
-        existing = prompt_store.existing_prompts(conn, [r.external_id for r in records])
-        seen: dict[str, tuple[tuple[str, str], int]] = {}  # id -> (content, position) in this file
-        to_add: list[tuple[PromptRecord, ImageInfo]] = []
-        for record, info in zip(records, infos, strict=True):
-            content = (info.sha256, record.text)
-            in_store = existing.get(record.external_id)
-            in_file = seen.get(record.external_id)
-            earlier = in_store if in_store is not None else (in_file[0] if in_file else None)
-            if earlier is None:
-                seen[record.external_id] = (content, record.position)
-                to_add.append((record, info))
-            elif earlier == content:
-                report.already_present += 1
-            elif in_store is not None:
-                problems.append(
-                    Problem(record.position, f"id {record.external_id!r} already exists in the store with different content")
-                )
-            else:
-                problems.append(
-                    Problem(record.position, f"id {record.external_id!r} repeats record {in_file[1]} with different content")
-                )
-        if problems and not skip_bad:
-            problems.sort(key=lambda p: p.position)
-            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise ImportRejected(f"{file}: {problems[0]}{more}; nothing imported (use --skip-bad to import the rest)")
-        report.skipped = sorted(problems, key=lambda p: p.position)
+    try:
+        with engine.begin() as conn:
+            existing = prompt_store.existing_prompts(conn, [r.external_id for r in records])
+            seen: dict[str, tuple[tuple[str, str], int]] = {}  # id -> (content, position) in this file
+            to_add: list[tuple[PromptRecord, ImageInfo]] = []
+            for record, info in zip(records, infos, strict=True):
+                content = (info.sha256, record.text)
+                in_store = existing.get(record.external_id)
+                in_file = seen.get(record.external_id)
+                earlier = in_store if in_store is not None else (in_file[0] if in_file else None)
+                if earlier is None:
+                    seen[record.external_id] = (content, record.position)
+                    to_add.append((record, info))
+                elif earlier == content:
+                    report.already_present += 1
+                elif in_store is not None:
+                    problems.append(
+                        Problem(record.position, f"id {record.external_id!r} already exists in the store with different content")
+                    )
+                else:
+                    problems.append(
+                        Problem(record.position, f"id {record.external_id!r} repeats record {in_file[1]} with different content")
+                    )
+            if problems and not skip_bad:
+                problems.sort(key=lambda p: p.position)
+                more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+                raise ImportRejected(f"{file}: {problems[0]}{more}; nothing imported (use --skip-bad to import the rest)")
+            report.skipped = sorted(problems, key=lambda p: p.position)
 
-        known = prompt_store.image_ids(conn, sorted({info.sha256 for _, info in to_add}))
-        new_images: dict[str, dict] = {}
-        for _, info in to_add:
-            if info.sha256 not in known and info.sha256 not in new_images:
-                new_images[info.sha256] = {
-                    "sha256": info.sha256,
-                    "root": str(images_dir.resolve()),
-                    "rel_path": info.rel_path,
-                    "size_bytes": info.size_bytes,
-                    "width": info.width,
-                    "height": info.height,
-                }
-        prompt_store.insert_images(conn, list(new_images.values()))
-        known.update(prompt_store.image_ids(conn, list(new_images)))
-        prompt_store.insert_prompts(
-            conn,
-            [
-                {
-                    "external_id": record.external_id,
-                    "image_id": known[info.sha256],
-                    "text": record.text,
-                    "source": file.name,
-                }
-                for record, info in to_add
-            ],
-        )
-        report.added = len(to_add)
-        report.new_images = len(new_images)
+            known = prompt_store.image_ids(conn, sorted({info.sha256 for _, info in to_add}))
+            new_images: dict[str, dict] = {}
+            for _, info in to_add:
+                if info.sha256 not in known and info.sha256 not in new_images:
+                    new_images[info.sha256] = {
+                        "sha256": info.sha256,
+                        "root": str(images_dir.resolve()),
+                        "rel_path": info.rel_path,
+                        "size_bytes": info.size_bytes,
+                        "width": info.width,
+                        "height": info.height,
+                    }
+            prompt_store.insert_images(conn, list(new_images.values()))
+            known.update(prompt_store.image_ids(conn, list(new_images)))
+            prompt_store.insert_prompts(
+                conn,
+                [
+                    {
+                        "external_id": record.external_id,
+                        "image_id": known[info.sha256],
+                        "text": record.text,
+                        "source": file.name,
+                    }
+                    for record, info in to_add
+                ],
+            )
+            report.added = len(to_add)
+            report.new_images = len(new_images)
+    except IntegrityError as exc:
+        # Another import committed the same ids or images between our check and our insert
+        # (PostgreSQL; SQLite serialises writers). The transaction is rolled back.
+        raise ImportRejected(
+            f"{file}: another import wrote some of these prompts or images at the same time; "
+            "nothing imported, run the import again"
+        ) from exc
     return report
 
 

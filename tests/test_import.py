@@ -404,3 +404,22 @@ def test_in_process_errors_are_user_errors(sqlite_url, images, tmp_path):
         assert str(report.skipped[0]).startswith("record 1: image not found")
     finally:
         engine.dispose()
+
+
+def test_a_concurrent_import_of_the_same_prompts_is_one_clear_error(seeded, images, tmp_path, monkeypatch):
+    """Another import commits the same ids after this one looked them up: the unique
+    constraint refuses the insert; the user gets an ImportRejected, and nothing is written."""
+    from csr.engine import importing
+    from csr.storage.errors import ImportRejected
+
+    monkeypatch.setattr(importing.prompt_store, "existing_prompts", lambda conn, ids: {})
+    file = write_json(tmp_path / "again.json", [llava("new", "blue.png", "New?"),
+                                                llava("p1", "red.png", "<image>\nWhat colour?")])
+    before = fingerprint(seeded)
+    engine, _ = create_store(seeded)
+    try:
+        with pytest.raises(ImportRejected, match="at the same time; nothing imported"):
+            import_prompts(engine, file, images)
+    finally:
+        engine.dispose()
+    assert fingerprint(seeded) == before
