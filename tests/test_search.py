@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+
 from csr.engine.search import (
     EOS,
     MAX_LENGTH,
@@ -21,13 +22,14 @@ from csr.engine.search import (
     BeamSettings,
     PromptPrefix,
     SearchConfig,
+    _assign_slots,
+    _BufferLayer,
     expand_partials,
     group_beam_search,
     naive_sentence_beam_search,
     response_text,
     sentence_beam_search,
 )
-
 from tests.conftest import PROMPT
 
 NEG = -1.0e9
@@ -171,6 +173,29 @@ def test_chunked_batches_give_the_same_result(trained_policy, colour_images):
     whole = expand_partials(prefix, partials, [8, 8, 8], settings)
     chunked = expand_partials(prefix, partials, [8, 8, 8], settings, max_rows=5)
     assert [[b.token_ids for b in p] for p in whole] == [[b.token_ids for b in p] for p in chunked]
+
+
+def test_rows_move_only_when_they_must():
+    # beams 0 and 2 go on, 1 and 3 died: row 2 moves into the free place 1
+    assert _assign_slots([0, 2]) == ([0, 1], [1], [2])
+    # one beam forks into two (as within a group): the fork is copied
+    assert _assign_slots([1, 1, 0]) == ([1, 2, 0], [2], [1])
+    # nothing changes: nothing moves
+    assert _assign_slots([0, 1, 2]) == ([0, 1, 2], [], [])
+
+
+def test_buffer_layer_grows_and_moves_rows():
+    keys, values = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    layer = _BufferLayer(keys, values, capacity=5)
+    new_k, new_v = torch.randn(3, 2, 3, 5), torch.randn(3, 2, 3, 5)
+    got_k, got_v = layer.update(new_k, new_v)  # past the capacity: grows
+    assert torch.equal(got_k, torch.cat([keys, new_k], dim=2))
+    assert torch.equal(got_v, torch.cat([values, new_v], dim=2))
+    layer.move_rows(torch.tensor([0]), torch.tensor([2]))
+    layer.truncate_rows(2)
+    assert torch.equal(layer.keys[0], got_k[2]) and torch.equal(layer.keys[1], got_k[1])
+    layer.reorder_cache(torch.tensor([1, 1, 0]))
+    assert layer.get_seq_length() == 7 and torch.equal(layer.values[2], got_v[2])
 
 
 @pytest.mark.parametrize("beams", [2, 4])
