@@ -8,11 +8,14 @@ schema, indexes and pragmas as a real store):
 
 (a) rows/s through the store API (`insert_candidates`, one transaction per
     prompt tree, the way generation workers write) against a raw
-    `sqlite3.executemany` of the same rows into a second file in one
-    transaction (the fastest the schema allows);
-(b) the candidate aggregates of `csr stats` run by DuckDB over the attached
-    store against the same SQL run by SQLite itself; and the `responses`
-    recursion (mean words of final responses) both ways.
+    `sqlite3.executemany` of the same rows into other files, once in one
+    transaction and once with one transaction per tree; the ratio is taken
+    against the faster of the two;
+(b) the candidate aggregates of `csr stats`, and the `responses` recursion
+    (mean words of final responses), run by SQLite itself against DuckDB,
+    both over the live attached store and through `--cache` (a columnar copy
+    of the candidates in a DuckDB file, synced at connect);
+(c) what keeping that cache up to date costs.
 """
 
 from __future__ import annotations
@@ -64,6 +67,20 @@ SELECT iteration, avg(words) FROM (
          sum(length(trim(text)) - length(replace(trim(text), ' ', '')) + 1) AS words
   FROM path GROUP BY iteration, leaf_id
 ) GROUP BY iteration
+"""
+# SQLite walks a tree both ways through an index (the unique node index up,
+# ix_candidates_children down); the benchmark gives it the faster of the two.
+RESPONSE_WORDS_SQLITE_TOP_DOWN = """
+WITH RECURSIVE prefix(iteration, prompt_id, node, is_final, words) AS (
+  SELECT iteration, prompt_id, node, is_final, length(trim(text)) - length(replace(trim(text), ' ', '')) + 1
+  FROM candidates WHERE parent_node IS NULL
+  UNION ALL
+  SELECT c.iteration, c.prompt_id, c.node, c.is_final,
+         prefix.words + length(trim(c.text)) - length(replace(trim(c.text), ' ', '')) + 1
+  FROM prefix JOIN candidates AS c
+    ON c.iteration = prefix.iteration AND c.prompt_id = prefix.prompt_id AND c.parent_node = prefix.node
+)
+SELECT iteration, avg(words) FROM prefix WHERE is_final GROUP BY iteration
 """
 RESPONSE_WORDS_DUCKDB = analytics._RESPONSE_LENGTH.format(where="")
 
@@ -155,23 +172,27 @@ def bench_store_api(url: str, prompts: int, seed: int) -> tuple[int, float]:
     return rows, elapsed
 
 
-def bench_raw(path: Path, prompts: int, seed: int) -> tuple[int, float]:
+def bench_raw(path: Path, prompts: int, seed: int, *, per_tree: bool) -> tuple[int, float]:
+    """sqlite3.executemany of the same rows: one transaction, or one per tree like the API."""
     columns = ("iteration", "prompt_id", *CANDIDATE_COLUMNS)
     sql = f"INSERT INTO candidates ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    data = [(1, prompt_id, *(row[c] for c in CANDIDATE_COLUMNS))
-            for prompt_id, tree in trees(prompts, seed) for row in tree]
+    batches = [[(1, prompt_id, *(row[c] for c in CANDIDATE_COLUMNS)) for row in tree]
+               for prompt_id, tree in trees(prompts, seed)]
+    if not per_tree:
+        batches = [[row for batch in batches for row in batch]]
     conn = sqlite3.connect(path, isolation_level=None)
     # The store engine's pragmas, so that only the API's own cost differs.
     for pragma in ("journal_mode=WAL", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}", "foreign_keys=ON",
                    "synchronous=NORMAL"):
         conn.execute(f"PRAGMA {pragma}")
     start = time.perf_counter()
-    conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(sql, data)
-    conn.execute("COMMIT")
+    for batch in batches:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql, batch)
+        conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
     conn.close()
-    return len(data), elapsed
+    return sum(len(batch) for batch in batches), elapsed
 
 
 def timed(run: Callable[[], object], repeat: int) -> tuple[float, object]:
@@ -185,27 +206,35 @@ def timed(run: Callable[[], object], repeat: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def bench_aggregates(path: Path, repeat: int) -> list[tuple[str, float, float, bool]]:
+# (name, SQLite formulations (the fastest counts), DuckDB statements)
+CASES = (
+    ("csr stats candidate aggregates", (AGGREGATES,), AGGREGATES),
+    ("mean words of final responses (recursive)",
+     ((RESPONSE_WORDS_SQLITE,), (RESPONSE_WORDS_SQLITE_TOP_DOWN,)), (RESPONSE_WORDS_DUCKDB,)),
+)
+
+
+def bench_aggregates(path: Path, repeat: int, cache: Path | None) -> dict[str, tuple[float, object]]:
+    """Seconds (and results) of each case through DuckDB, live attach or through the cache."""
     url = f"sqlite:///{path}"
-    lite = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     start = time.perf_counter()
-    with analytics.connect(url) as duck:
-        print(f"  DuckDB connect (revision check, attach, views): {time.perf_counter() - start:.3f} s")
+    with analytics.connect(url, cache=cache) as duck:
+        what = "cache sync + attach" if cache else "revision check, attach, views"
+        print(f"  DuckDB connect ({what}): {time.perf_counter() - start:.3f} s")
+        return {name: timed(lambda s=sqls: [sorted(duck.execute(q).fetchall()) for q in s], repeat)
+                for name, _, sqls in CASES}
 
-        def run_sqlite(sqls: tuple[str, ...]) -> list:
-            return [sorted(lite.execute(sql).fetchall()) for sql in sqls]
 
-        def run_duckdb(sqls: tuple[str, ...]) -> list:
-            return [sorted(duck.execute(sql).fetchall()) for sql in sqls]
-
-        out = []
-        cases = (("csr stats candidate aggregates", AGGREGATES, AGGREGATES),
-                 ("mean words of final responses (recursive)", (RESPONSE_WORDS_SQLITE,), (RESPONSE_WORDS_DUCKDB,)))
-        for name, sqlite_sqls, duck_sqls in cases:
-            sqlite_s, sqlite_result = timed(lambda s=sqlite_sqls: run_sqlite(s), repeat)
-            duck_s, duck_result = timed(lambda s=duck_sqls: run_duckdb(s), repeat)
-            out.append((name, sqlite_s, duck_s, _same(sqlite_result, duck_result)))
-    lite.close()
+def bench_sqlite(path: Path, repeat: int) -> dict[str, tuple[float, object]]:
+    lite = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    out = {}
+    try:
+        for name, variants, _ in CASES:
+            runs = [timed(lambda s=sqls: [sorted(lite.execute(q).fetchall()) for q in s], repeat)
+                    for sqls in variants]
+            out[name] = min(runs, key=lambda run: run[0])
+    finally:
+        lite.close()
     return out
 
 
@@ -226,38 +255,81 @@ def _same(a: list, b: list) -> bool:
     return True
 
 
+def add_trees(url: str, first_prompt: int, count: int, seed: int) -> None:
+    """Trees of a second iteration, as workers would add them while someone analyses."""
+    from csr.storage.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        if not conn.exec_driver_sql("SELECT 1 FROM iterations WHERE number = 2").first():
+            conn.execute(insert(Iteration).values(number=2, policy_version=0, preset="paper", config={},
+                                                  config_hash="0" * 64, state="generating", created_at=NOW))
+    for offset, (_, tree) in enumerate(trees(count, seed + 1)):
+        with engine.begin() as conn:
+            insert_candidates(conn, 2, first_prompt + offset, tree)
+    engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=13_000, help="prompt trees to write (200 candidates each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each aggregate (median)")
-    parser.add_argument("--dir", type=Path, default=None, help="where the two store files go (default: a temp dir)")
+    parser.add_argument("--dir", type=Path, default=None, help="where the store files go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the store files")
     args = parser.parse_args(argv)
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="csr-bench-"))
     directory.mkdir(parents=True, exist_ok=True)
-    api_path, raw_path = directory / "api.db", directory / "raw.db"
-    for path in (api_path, raw_path):
-        for suffix in ("", "-wal", "-shm"):
+    paths = {name: directory / f"{name}.db" for name in ("api", "raw", "raw_trees")}
+    cache = directory / "analytics.duckdb"
+    for path in (*paths.values(), cache):
+        for suffix in ("", "-wal", "-shm", ".wal"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     try:
-        print(f"{args.prompts} prompts x {sum(LEVELS)} candidates = {args.prompts * sum(LEVELS):,} rows in {directory}")
-        api_url = prepare_store(api_path, args.prompts)
-        prepare_store(raw_path, args.prompts)
+        rows = args.prompts * sum(LEVELS)
+        print(f"{args.prompts} prompts x {sum(LEVELS)} candidates = {rows:,} rows in {directory}")
+        urls = {name: prepare_store(path, args.prompts) for name, path in paths.items()}
 
         print("(a) insert")
-        api_rows, api_s = bench_store_api(api_url, args.prompts, args.seed)
-        raw_rows, raw_s = bench_raw(raw_path, args.prompts, args.seed)
-        api_rate, raw_rate = api_rows / api_s, raw_rows / raw_s
-        print(f"  store API (insert_candidates, 1 transaction per tree): {api_rows:,} rows in {api_s:.2f} s = {api_rate:,.0f} rows/s")
-        print(f"  raw sqlite3.executemany (1 transaction):              {raw_rows:,} rows in {raw_s:.2f} s = {raw_rate:,.0f} rows/s")
-        print(f"  ratio store API / raw: {api_rate / raw_rate:.0%} (target >= 50%)")
+        api_rows, api_s = bench_store_api(urls["api"], args.prompts, args.seed)
+        one_rows, one_s = bench_raw(paths["raw"], args.prompts, args.seed, per_tree=False)
+        tree_rows_, tree_s = bench_raw(paths["raw_trees"], args.prompts, args.seed, per_tree=True)
+        api_rate = api_rows / api_s
+        raw_rates = {"1 transaction": one_rows / one_s, "1 transaction per tree": tree_rows_ / tree_s}
+        print(f"  store API insert_candidates, 1 transaction per tree: {api_s:7.2f} s = {api_rate:9,.0f} rows/s")
+        for name, rate in raw_rates.items():
+            print(f"  raw sqlite3.executemany, {name + ':':24s}  {rows / rate:7.2f} s = {rate:9,.0f} rows/s")
+        best = max(raw_rates.values())
+        print(f"  ratio store API / fastest raw: {api_rate / best:.0%} (target >= 50%)")
 
-        print("(b) aggregate (median of", args.repeat, "runs after a warm-up)")
-        for name, sqlite_s, duck_s, same in bench_aggregates(api_path, args.repeat):
-            print(f"  {name}: SQLite {sqlite_s:.3f} s, DuckDB {duck_s:.3f} s, "
-                  f"DuckDB {sqlite_s / duck_s:.1f}x faster{'' if same else '  (RESULTS DIFFER)'}")
+        print(f"(b) aggregates over {rows:,} candidates (median of {args.repeat} runs after a warm-up)")
+        sqlite = bench_sqlite(paths["api"], args.repeat)
+        live = bench_aggregates(paths["api"], args.repeat, None)
+        start = time.perf_counter()
+        cached = bench_aggregates(paths["api"], args.repeat, cache)
+        print(f"    (first use of the cache, copy included: {time.perf_counter() - start:.2f} s)")
+        for name, _, _ in CASES:
+            sqlite_s, expected = sqlite[name]
+            for how, results in (("DuckDB live attach", live), ("DuckDB --cache", cached)):
+                duck_s, got = results[name]
+                note = "" if _same(expected, got) else "  (RESULTS DIFFER)"
+                print(f"  {name}: SQLite {sqlite_s:.3f} s, {how} {duck_s:.3f} s = "
+                      f"{sqlite_s / duck_s:.1f}x SQLite's speed{note}")
+
+        print("(c) cache upkeep")
+        start = time.perf_counter()
+        with analytics.connect(urls["api"], cache=cache):
+            pass
+        print(f"  connect with an up-to-date cache: {time.perf_counter() - start:.2f} s")
+        new = max(1, args.prompts // 100)
+        add_trees(urls["api"], 1, new, args.seed)
+        start = time.perf_counter()
+        with analytics.connect(urls["api"], cache=cache) as duck:
+            elapsed = time.perf_counter() - start
+            (count,) = duck.execute("SELECT count(*) FROM candidates").fetchone()
+        print(f"  connect after {new} new trees ({new * sum(LEVELS):,} rows): {elapsed:.2f} s; "
+              f"cache holds {count:,} rows (expected {rows + new * sum(LEVELS):,})")
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)

@@ -24,6 +24,12 @@ from csr.storage.errors import StoreError
 
 console = Console()
 FORMATS = ("table", "csv", "json", "parquet")
+CACHE_HELP = ("DuckDB file keeping a columnar copy of the candidates, synced at each use: much faster "
+              "aggregates on large stores (default: none, read the store directly).")
+
+
+def _cache_option() -> Path | None:
+    return typer.Option(None, "--cache", envvar="CSR_ANALYTICS_CACHE", help=CACHE_HELP)
 _BATCH = 10_000
 
 
@@ -33,6 +39,7 @@ def sql_cmd(
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the result to this file (required for parquet)."),
     max_rows: int = typer.Option(1000, "--max-rows", help="Rows shown by --format table (0: all)."),
+    cache: Path = _cache_option(),
 ) -> None:
     """Query the store with DuckDB, read-only.
 
@@ -48,7 +55,7 @@ def sql_cmd(
     if query is None and sys.stdin.isatty():
         if out is not None or fmt != "table":
             raise CsrError("the interactive prompt prints tables: pass the query to use --format or --out")
-        _interactive(state(ctx).url, max_rows)
+        _interactive(state(ctx).url, max_rows, cache)
         return
     if query is None:
         query = sys.stdin.read()
@@ -56,7 +63,7 @@ def sql_cmd(
     statements = analytics.read_statements(query)
     if len(statements) > 1 and (fmt != "table" or out is not None):
         raise CsrError(f"--format {fmt} and --out take one statement; this query has {len(statements)}")
-    with analytics.connect(state(ctx).url) as con:
+    with analytics.connect(state(ctx).url, cache=cache) as con:
         for statement in statements:
             _run(con, statement, fmt, out, max_rows)
 
@@ -136,7 +143,12 @@ def _write_csv(columns: list[str], rows: Iterator[tuple], stream: IO[str]) -> No
     writer = csv.writer(stream)
     writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if v is None else _plain(v) for v in row])
+        writer.writerow(["" if v is None else _csv_cell(v) for v in row])
+
+
+def _csv_cell(value):
+    # SQL spelling, not Python's True/False.
+    return ("true" if value else "false") if isinstance(value, bool) else _plain(value)
 
 
 def _plain(value):
@@ -166,12 +178,12 @@ def _write_json(columns: list[str], rows: Iterator[tuple], stream: IO[str]) -> N
     stream.write("\n]\n")
 
 
-def _interactive(url: str, max_rows: int) -> None:
+def _interactive(url: str, max_rows: int, cache: Path | None) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    with analytics.connect(url) as con:
+    with analytics.connect(url, cache=cache) as con:
         _prompt_loop(con, max_rows)
 
 
@@ -208,10 +220,11 @@ def stats_cmd(
     ctx: typer.Context,
     iteration: int = typer.Option(None, "--iter", help="Only this iteration."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    cache: Path = _cache_option(),
 ) -> None:
     """The paper's figures per iteration: rewards of chosen and rejected (table 10), R_T and R_I,
     length (table 7), pair margins, exclusions; CHAIR per model version."""
-    with analytics.connect(state(ctx).url) as con:
+    with analytics.connect(state(ctx).url, cache=cache) as con:
         summary = analytics.stats(con, iteration)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -275,11 +288,12 @@ def report_cmd(
     out: Path = typer.Option(..., "--out", help="Directory for report.html (created if missing)."),
     pairs: int = typer.Option(50, "--pairs", min=0, help="Pairs shown in the browsable sample."),
     screenshot: bool = typer.Option(False, "--screenshot", help="Also write report.png with headless Chromium."),
+    cache: Path = _cache_option(),
 ) -> None:
     """A static HTML report: reward and length plots per iteration, CHAIR, a sample of pairs."""
     from csr.engine import report
 
-    with analytics.connect(state(ctx).url) as con:
+    with analytics.connect(state(ctx).url, cache=cache) as con:
         page = report.write_report(con, out, pairs=pairs)
     console.print(f"report written to {page}")
     if screenshot:

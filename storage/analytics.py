@@ -16,6 +16,7 @@ next to three convenience views:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import re
@@ -80,22 +81,39 @@ SELECT path.leaf_id, n.iteration, n.prompt_id, n.id AS candidate_id, n.node, n.d
 FROM path JOIN nodes AS n ON n.id = path.candidate_id
 """
 
-# Leaf attributes come from the leaf's own sentence row, so the view reads
-# the candidates once (inside response_sentences).
+# Responses are built top-down: each node extends its parent's prefix (text,
+# word count, reward sums), so every candidate is visited once and no
+# group-by or join back is needed; about twice as fast as aggregating
+# response_sentences. A final candidate's prefix is its whole response.
 RESPONSES_VIEW = """
 CREATE VIEW responses AS
-SELECT iteration, prompt_id, leaf_id,
-       string_agg(text, ' ' ORDER BY depth) AS text,
-       count(*) AS sentences,
-       sum(words(text)) AS words,
-       any_value(cumulative_reward) FILTER (WHERE candidate_id = leaf_id) AS cumulative_reward,
-       sum(r_t) AS sum_r_t, avg(r_t) AS mean_r_t,
-       sum(r_i) AS sum_r_i, avg(r_i) AS mean_r_i,
-       sum(reward) AS sum_reward, avg(reward) AS mean_reward,
-       any_value(exclusion_reason) FILTER (WHERE candidate_id = leaf_id) AS exclusion_reason,
-       any_value(finish_reason) FILTER (WHERE candidate_id = leaf_id) AS finish_reason
-FROM response_sentences
-GROUP BY iteration, prompt_id, leaf_id
+WITH RECURSIVE
+  nodes AS MATERIALIZED (
+    SELECT id, iteration, prompt_id, node, parent_node, depth, text, words(text) AS words, r_t, r_i,
+           reward, cumulative_reward, is_final, exclusion_reason, finish_reason
+    FROM candidates
+  ),
+  prefix AS (
+    SELECT id, iteration, prompt_id, node, depth, is_final, text, words, 1 AS sentences,
+           r_t AS sum_r_t, r_i AS sum_r_i, reward AS sum_reward, cumulative_reward,
+           exclusion_reason, finish_reason
+    FROM nodes
+    WHERE parent_node IS NULL
+    UNION ALL
+    SELECT n.id, n.iteration, n.prompt_id, n.node, n.depth, n.is_final,
+           prefix.text || ' ' || n.text, prefix.words + n.words, prefix.sentences + 1,
+           prefix.sum_r_t + n.r_t, prefix.sum_r_i + n.r_i, prefix.sum_reward + n.reward,
+           n.cumulative_reward, n.exclusion_reason, n.finish_reason
+    FROM prefix
+    JOIN nodes AS n
+      ON n.iteration = prefix.iteration AND n.prompt_id = prefix.prompt_id
+     AND n.parent_node = prefix.node AND n.depth > prefix.depth
+  )
+SELECT iteration, prompt_id, id AS leaf_id, text, sentences, words, cumulative_reward,
+       sum_r_t, sum_r_t / sentences AS mean_r_t, sum_r_i, sum_r_i / sentences AS mean_r_i,
+       sum_reward, sum_reward / sentences AS mean_reward, exclusion_reason, finish_reason
+FROM prefix
+WHERE is_final
 """
 
 # One row per pair with both responses' sentence-level figures. The
@@ -236,8 +254,13 @@ def _attach_statement(url: str) -> tuple[str, str, str]:
 
 
 @contextmanager
-def connect(url: str, *, threads: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An in-memory DuckDB connection with the store attached read-only and the views made."""
+def connect(url: str, *, cache: Path | None = None, threads: int | None = None
+            ) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB connection with the store attached read-only and the views made.
+
+    With `cache`, the candidates view reads a columnar copy kept in that
+    DuckDB file, brought up to date with the store first (see _sync_cache).
+    """
     url = normalise_url(url)
     # Same messages as every other command for a missing store or a schema
     # from another csr version. The engine also stays open until DuckDB has
@@ -245,7 +268,7 @@ def connect(url: str, *, threads: int | None = None) -> Iterator[duckdb.DuckDBPy
     # and the read-write connection closing last removes them as usual.
     engine = open_store(url)
     try:
-        con = _open_duckdb(url, threads)
+        con = _open_duckdb(url, cache, threads)
         try:
             yield con
         finally:
@@ -254,7 +277,7 @@ def connect(url: str, *, threads: int | None = None) -> Iterator[duckdb.DuckDBPy
         engine.dispose()
 
 
-def _open_duckdb(url: str, threads: int | None) -> duckdb.DuckDBPyConnection:
+def _open_duckdb(url: str, cache: Path | None, threads: int | None) -> duckdb.DuckDBPyConnection:
     extension, attach, schema = _attach_statement(url)
     con = duckdb.connect(":memory:")
     try:
@@ -270,7 +293,20 @@ def _open_duckdb(url: str, threads: int | None) -> duckdb.DuckDBPyConnection:
             # its own snapshot: a tree committed meanwhile could then be half
             # visible. One connection reads one consistent snapshot per query.
             con.execute("SET sqlite_disable_multithreaded_scans = true")
-        _create_table_views(con, schema)
+        columns = _store_columns(con, schema)
+        sources = {table: f'{ALIAS}."{schema}"."{table}"' for table in columns}
+        if cache is not None:
+            store_file = sqlite_path(url)
+            if store_file is not None and Path(cache).resolve() == store_file.resolve():
+                raise StoreError("--cache must be a file of its own, not the store")
+            query_function = "sqlite_query" if extension == "sqlite_scanner" else "postgres_query"
+            _sync_cache(con, Path(cache), _store_key(url), query_function, sources[CACHED_TABLE],
+                        _typed_select(CACHED_TABLE, columns[CACHED_TABLE]))
+            sources[CACHED_TABLE] = f'{CACHE_ALIAS}."{CACHED_TABLE}"'
+        for table, names in columns.items():
+            cached = sources[table].startswith(CACHE_ALIAS)
+            select_list = "*" if cached else _typed_select(table, names)
+            con.execute(f'CREATE VIEW "{table}" AS SELECT {select_list} FROM {sources[table]}')
         for ddl in CONVENIENCE_DDL.values():
             con.execute(ddl)
         # Belt and braces next to the statement guard: no SET can undo this.
@@ -281,12 +317,7 @@ def _open_duckdb(url: str, threads: int | None) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _create_table_views(con: duckdb.DuckDBPyConnection, schema: str) -> None:
-    """One view per store table under its own name, with uniform column types.
-
-    SQLite has no boolean or JSON type, so its scanner yields integers and
-    text; the casts give a query the same types on both backends.
-    """
+def _store_columns(con: duckdb.DuckDBPyConnection, schema: str) -> dict[str, list[str]]:
     columns: dict[str, list[str]] = {}
     for table, column in con.execute(
         "SELECT table_name, column_name FROM duckdb_columns() "
@@ -294,21 +325,111 @@ def _create_table_views(con: duckdb.DuckDBPyConnection, schema: str) -> None:
         [ALIAS, schema],
     ).fetchall():
         columns.setdefault(table, []).append(column)
-    for table, names in columns.items():
-        model = Base.metadata.tables.get(table)
-        select_list = []
-        for name in names:
-            column = model.columns.get(name) if model is not None else None
-            ident = f'"{name}"'
-            if column is not None and isinstance(column.type, Boolean):
-                select_list.append(f"CAST({ident} AS BOOLEAN) AS {ident}")
-            elif column is not None and isinstance(column.type, JSON):
-                select_list.append(f"CAST({ident} AS JSON) AS {ident}")
-            else:
-                select_list.append(ident)
-        con.execute(
-            f'CREATE VIEW "{table}" AS SELECT {", ".join(select_list)} FROM {ALIAS}."{schema}"."{table}"'
-        )
+    return columns
+
+
+def _typed_select(table: str, names: list[str]) -> str:
+    """The select list of one store table, with the same column types on both backends.
+
+    SQLite has no boolean or JSON type, so its scanner yields integers and
+    text; the casts give every query the same types everywhere.
+    """
+    model = Base.metadata.tables.get(table)
+    select_list = []
+    for name in names:
+        column = model.columns.get(name) if model is not None else None
+        ident = f'"{name}"'
+        if column is not None and isinstance(column.type, Boolean):
+            select_list.append(f"CAST({ident} AS BOOLEAN) AS {ident}")
+        elif column is not None and isinstance(column.type, JSON):
+            select_list.append(f"CAST({ident} AS JSON) AS {ident}")
+        else:
+            select_list.append(ident)
+    return ", ".join(select_list)
+
+
+# ------------------------------------------------ columnar cache of the candidates
+#
+# Through the scanners DuckDB reads the store row by row with the store's own
+# engine, so a scan costs about what SQLite's own scan costs. The candidates
+# table is the only large one (millions of rows per iteration) and it is
+# append-only: a prompt's tree is written once, in one transaction, and never
+# updated. So a DuckDB file can keep a columnar copy and fetch only the rows
+# with a larger id at each connect. Deleted rows, or rows that appear below
+# the copied id (PostgreSQL can commit out of id order), make the counts
+# disagree and the copy is rebuilt. Rows updated in place would go unnoticed:
+# no csr command does that.
+
+CACHE_ALIAS = "cache"
+CACHED_TABLE = "candidates"
+_SYNC_STATE = f"""
+CREATE TABLE IF NOT EXISTS {CACHE_ALIAS}.sync_state (
+  table_name VARCHAR PRIMARY KEY, store VARCHAR, columns VARCHAR, max_id BIGINT, row_count BIGINT
+)
+"""
+
+
+def _store_key(url: str) -> str:
+    """Which store a cache file was filled from (no password)."""
+    path = sqlite_path(url)
+    if path is not None:
+        return f"sqlite:{path.resolve()}"
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _sync_cache(con: duckdb.DuckDBPyConnection, path: Path, store_key: str, query_function: str,
+                source: str, select_list: str) -> None:
+    """Bring the cached copy of the candidates up to date, then attach it read-only."""
+    target = f'{CACHE_ALIAS}."{CACHED_TABLE}"'
+    literal = _quote_literal(str(path))
+    try:
+        # TYPE duckdb: never let DuckDB guess the format (it would open a SQLite file read-write).
+        con.execute(f"ATTACH {literal} AS {CACHE_ALIAS} (TYPE duckdb)")
+    except duckdb.Error as exc:
+        raise StoreError(
+            f"cannot open the analytics cache {path} (is another csr using it?): {first_line(exc)}"
+        ) from exc
+
+    def live(sql: str) -> str:
+        """A query the store itself runs (sqlite_query / postgres_query)."""
+        return f"{query_function}({_quote_literal(ALIAS)}, {_quote_literal(sql)})"
+
+    try:
+        con.execute("BEGIN TRANSACTION")
+        con.execute(_SYNC_STATE)
+        state = con.execute(
+            f"SELECT store, columns, max_id FROM {CACHE_ALIAS}.sync_state WHERE table_name = ?",
+            [CACHED_TABLE],
+        ).fetchone()
+        rebuild = state is None or state[0] != store_key or state[1] != select_list
+        if not rebuild:
+            # Rows committed since the last sync: a range scan on the primary key.
+            above = int(state[2] or 0)
+            con.execute(f"INSERT INTO {target} SELECT {select_list} "
+                        f"FROM {live(f'SELECT * FROM {CACHED_TABLE} WHERE id > {above}')}")
+            max_id, copied = con.execute(f"SELECT max(id), count(*) FROM {target}").fetchone()
+            # One statement, one snapshot of the store: its rows up to max_id
+            # must be exactly the copied ones. count(*) of the whole table
+            # reads an index; only the rows above max_id are walked.
+            (stored,) = con.execute("SELECT CAST(n AS BIGINT) FROM " + live(
+                f"SELECT (SELECT count(*) FROM {CACHED_TABLE}) - "
+                f"(SELECT count(*) FROM {CACHED_TABLE} WHERE id > {int(max_id or 0)}) AS n"
+            )).fetchone()
+            rebuild = stored != copied
+        if rebuild:
+            con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {select_list} FROM {source}")
+            max_id, copied = con.execute(f"SELECT max(id), count(*) FROM {target}").fetchone()
+        con.execute(f"DELETE FROM {CACHE_ALIAS}.sync_state WHERE table_name = ?", [CACHED_TABLE])
+        con.execute(f"INSERT INTO {CACHE_ALIAS}.sync_state VALUES (?, ?, ?, ?, ?)",
+                    [CACHED_TABLE, store_key, select_list, max_id, copied])
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+    # Queries then read the copy through a read-only attachment.
+    con.execute(f"DETACH {CACHE_ALIAS}")
+    con.execute(f"ATTACH {literal} AS {CACHE_ALIAS} (TYPE duckdb, READ_ONLY)")
 
 
 def first_line(exc: BaseException) -> str:
@@ -394,9 +515,26 @@ GROUP BY iteration, exclusion_reason
 ORDER BY iteration, n DESC, exclusion_reason
 """
 
+# The `responses` recursion without the text: the word count is all this
+# figure needs, and carrying the growing text costs a third of the time.
 _RESPONSE_LENGTH = """
+WITH RECURSIVE
+  nodes AS MATERIALIZED (
+    SELECT iteration, prompt_id, node, parent_node, depth, is_final, words(text) AS words
+    FROM candidates {where}
+  ),
+  prefix AS (
+    SELECT iteration, prompt_id, node, depth, is_final, words FROM nodes WHERE parent_node IS NULL
+    UNION ALL
+    SELECT n.iteration, n.prompt_id, n.node, n.depth, n.is_final, prefix.words + n.words
+    FROM prefix
+    JOIN nodes AS n
+      ON n.iteration = prefix.iteration AND n.prompt_id = prefix.prompt_id
+     AND n.parent_node = prefix.node AND n.depth > prefix.depth
+  )
 SELECT iteration, avg(words) AS final_mean_words
-FROM responses {where}
+FROM prefix
+WHERE is_final
 GROUP BY iteration
 """
 

@@ -277,6 +277,10 @@ def assert_close(actual, expected, where: str = "") -> None:
         assert set(actual) >= set(expected), where
         for key, value in expected.items():
             assert_close(actual[key], value, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(got, want, f"{where}[{index}]")
     elif isinstance(expected, float):
         assert actual == pytest.approx(expected, rel=1e-9), where
     else:
@@ -411,3 +415,95 @@ def test_insert_candidates_is_atomic_with_the_callers_transaction(store: Store):
                                 .where(Iteration.number == 8)).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+# ---------------------------------------------------------------- --cache
+
+
+def test_cache_gives_the_same_figures_and_follows_the_store(store: Store, tmp_path: Path):
+    cache = tmp_path / "analytics.duckdb"
+    plain = json.loads(run_csr("--db", store.url, "stats", "--json").stdout)
+    result = run_csr("--db", store.url, "stats", "--json", "--cache", cache)
+    assert result.returncode == 0, result.stderr
+    assert_close(json.loads(result.stdout), plain)
+    assert cache.exists()
+
+    def cached_count() -> int:
+        out = run_csr("--db", store.url, "sql", "SELECT count(*) AS n FROM candidates", "--format", "json",
+                      "--cache", cache)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)[0]["n"]
+
+    base = sum(len(t.rows) for t in store.study.trees)
+    assert cached_count() == base
+    # New trees are fetched at the next use...
+    tree = random_tree(random.Random(9))
+    engine = make_engine(store.url)
+    try:
+        with engine.begin() as conn:
+            add_iteration(conn, 5)
+            insert_candidates(conn, 5, store.study.prompt_ids[0], tree)
+        assert cached_count() == base + len(tree)
+        # ...and rows that disappear make the copy start again.
+        with engine.begin() as conn:
+            conn.execute(Candidate.__table__.delete().where(Candidate.iteration == 5))
+    finally:
+        engine.dispose()
+    assert cached_count() == base
+    before = store.fingerprint()
+    assert "read-only" in one_line_error(run_csr("--db", store.url, "sql", "DELETE FROM candidates",
+                                                 "--cache", cache))
+    assert store.fingerprint() == before
+
+
+def test_cache_refuses_the_store_file_and_a_busy_cache(sqlite_study: Store, tmp_path: Path):
+    store_file = Path(sqlite_study.url.removeprefix("sqlite:///"))
+    before = sqlite_study.fingerprint()
+    result = run_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", store_file)
+    assert "not the store" in one_line_error(result)
+    assert sqlite_study.fingerprint() == before
+
+    cache = tmp_path / "busy.duckdb"
+    holder = duckdb.connect(str(cache))  # another process's writer holds the file lock
+    try:
+        result = run_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", cache)
+        assert "analytics cache" in one_line_error(result)
+    finally:
+        holder.close()
+    assert run_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", cache).returncode == 0
+
+
+def test_interactive_prompt_on_a_terminal(sqlite_study: Store):
+    """No query and a TTY on stdin: a prompt that runs reads and refuses writes."""
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen([str(CSR_SCRIPT), "--db", sqlite_study.url, "sql"], stdin=slave, stdout=slave,
+                               stderr=slave, env={**os.environ, "COLUMNS": "120", "NO_COLOR": "1"})
+    os.close(slave)
+
+    def until_prompt(timeout: float = 60) -> str:
+        out, end = b"", time.time() + timeout
+        while time.time() < end and not out.rstrip().endswith(b">"):
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                out += os.read(master, 65536)
+        return out.decode(errors="replace")
+
+    try:
+        assert "read-only" in until_prompt()
+        os.write(master, b"SELECT count(*) AS n\n")
+        until_prompt()
+        os.write(master, b"FROM prompts;\n")
+        assert str(len(sqlite_study.study.prompt_ids)) in until_prompt()
+        os.write(master, b"DELETE FROM prompts;\n")
+        assert "refused" in until_prompt()
+        os.write(master, b".quit\n")
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
