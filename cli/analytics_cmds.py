@@ -84,7 +84,8 @@ def _run(con: duckdb.DuckDBPyConnection, statement: str, fmt: str, out: Path | N
             if fmt == "csv":
                 _write_csv(columns, rows, stream)
             else:
-                _write_json(columns, rows, stream)
+                json_columns = {d[0] for d in cursor.description or [] if str(d[1]) == "JSON"}
+                _write_json(columns, rows, stream, json_columns)
     except duckdb.Error as exc:
         raise StoreError(f"query failed: {analytics.first_line(exc)}") from exc
 
@@ -169,11 +170,15 @@ def _plain(value):
     return value
 
 
-def _write_json(columns: list[str], rows: Iterator[tuple], stream: IO[str]) -> None:
+def _write_json(columns: list[str], rows: Iterator[tuple], stream: IO[str], json_columns: set[str]) -> None:
     # One array of objects, written row by row so that large results stream.
+    # JSON columns (iteration configs, pair-set params) are embedded, not quoted.
     stream.write("[")
     for index, row in enumerate(rows):
-        record = {column: _plain(value) for column, value in zip(columns, row, strict=True)}
+        record = {
+            column: json.loads(value) if column in json_columns and isinstance(value, str) else _plain(value)
+            for column, value in zip(columns, row, strict=True)
+        }
         stream.write(("," if index else "") + "\n  " + json.dumps(record, allow_nan=False))
     stream.write("\n]\n")
 

@@ -175,6 +175,12 @@ def test_sql_output_formats(sqlite_study: Store, tmp_path: Path):
     assert run_csr("--db", url, "sql", query, "--format", "json", "--out", str(json_file)).returncode == 0
     assert json.loads(json_file.read_text()) == expected
 
+    # JSON columns come out as JSON, not as quoted strings; booleans as CSV true/false.
+    params = sql_json(url, "SELECT params, is_default FROM pair_sets ORDER BY id")
+    assert params[0] == {"params": {"rule": "sum"}, "is_default": True}
+    flags = run_csr("--db", url, "sql", "SELECT is_default FROM pair_sets ORDER BY id", "--format", "csv")
+    assert flags.stdout.split()[:3] == ["is_default", "true", "false"]
+
     assert "--out" in one_line_error(run_csr("--db", url, "sql", query, "--format", "parquet"))
     assert "--format" in one_line_error(run_csr("--db", url, "sql", query, "--format", "xml"))
     assert "query failed" in one_line_error(run_csr("--db", url, "sql", "SELECT nope FROM candidates"))
