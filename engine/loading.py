@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from csr.engine.errors import ModelLoadError
 
 # Used when a processor ships no chat template: LLaVA-1.5's conversation format.

@@ -16,8 +16,9 @@ import random
 
 import pytest
 import torch
-from csr.engine import tiny
 from PIL import Image
+
+from csr.engine import tiny
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from csr.engine import tiny
 from csr.engine.errors import CsrError, ModelLoadError
 from csr.engine.loading import (
@@ -15,7 +16,6 @@ from csr.engine.loading import (
     load_clip,
     load_policy,
 )
-
 from tests.conftest import PROMPT
 
 
