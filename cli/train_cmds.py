@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
 from csr.cli.context import state
 from csr.engine import iterations
 from csr.engine.errors import CsrError
 from csr.storage.store import model_version, open_store
-from rich.console import Console
 
 console = Console()
 

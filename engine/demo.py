@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import text
+
 from csr.engine import iterations
 from csr.engine.chair import world_vocabulary
 from csr.engine.evaluation import evaluate
@@ -22,7 +24,6 @@ from csr.engine.importing import import_prompts
 from csr.engine.settings import Settings
 from csr.storage import work
 from csr.storage.store import create_store, register_base_model
-from sqlalchemy import text
 
 BENCHMARK = "demo-world-heldout"
 

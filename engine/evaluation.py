@@ -6,12 +6,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+from sqlalchemy import Engine
+
 from csr.engine.chair import ChairResult, Vocabulary, chair, load_coco_ground_truth
 from csr.engine.errors import CsrError
 from csr.storage.evaluations import record_evaluation
 from csr.storage.store import model_version
-from PIL import Image
-from sqlalchemy import Engine
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sqlalchemy import Engine, text
+
 from csr.engine.errors import CsrError
 from csr.storage import curation
-from sqlalchemy import Engine, text
 
 FORMATS = ("llava-json", "trl-jsonl", "parquet")
 _SUFFIX = {"llava-json": ".json", "trl-jsonl": ".jsonl", "parquet": ".parquet"}

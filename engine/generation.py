@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from PIL import Image
+from sqlalchemy import Engine
+
 from csr.engine.errors import CsrError
 from csr.storage import work
 from csr.storage.store import model_version
 from csr.storage.trees import CANDIDATE_COLUMNS
-from PIL import Image
-from sqlalchemy import Engine
 
 PRESETS = ("paper", "reference-code")
 

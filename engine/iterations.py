@@ -14,12 +14,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from csr.engine.errors import CsrError
 from csr.engine.settings import Settings
 from csr.storage import curation, versions, work
 from csr.storage.errors import OrderError
 from csr.storage.store import model_version
-from sqlalchemy import Engine
 
 
 def iteration_policy(engine: Engine, iteration: int) -> curation.CurationPolicy:

@@ -49,7 +49,7 @@ class TinyLlavaSize:
 def train_word_tokenizer(corpus: Iterable[str]):
     """A word-level fast tokenizer whose '.' is a token of its own, so the
     engine's sentence-end detection works on it as on a real BPE vocabulary."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))

@@ -2,8 +2,9 @@
 connection of its own; `alembic -c migrations/alembic.ini` also works for developers."""
 
 from alembic import context
-from csr.storage.models import Base
 from sqlalchemy import engine_from_config, pool
+
+from csr.storage.models import Base
 
 config = context.config
 target_metadata = Base.metadata

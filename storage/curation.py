@@ -14,11 +14,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from sqlalchemy import Connection, func, insert, select, text, update
+
 from csr.storage.clock import utcnow
 from csr.storage.errors import OrderError, StoreError
 from csr.storage.models import Pair, PairSet
 from csr.storage.work import get_iteration
-from sqlalchemy import Connection, func, insert, select, text, update
 
 PRESETS = ("paper", "reference-code")
 

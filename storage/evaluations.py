@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Connection, delete, insert, select
+
 from csr.storage.clock import utcnow
 from csr.storage.models import Evaluation
-from sqlalchemy import Connection, delete, insert, select
 
 
 def record_evaluation(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Connection, delete, insert, select, update
+
 from csr.storage.clock import utcnow
 from csr.storage.models import Iteration, ModelVersion, PairSet, TrainingRun
-from sqlalchemy import Connection, delete, insert, select, update
 
 
 def find_resumable_run(conn: Connection, iteration: int, pairs_hash: str, hyperparams: dict):

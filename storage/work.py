@@ -15,12 +15,13 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+from sqlalchemy import Connection, Engine, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+
 from csr.storage.clock import utcnow
 from csr.storage.errors import OrderError
 from csr.storage.models import Image, Iteration, ModelVersion, Prompt, Worker, WorkItem
 from csr.storage.trees import insert_candidates
-from sqlalchemy import Connection, Engine, func, insert, select, text, update
-from sqlalchemy.exc import IntegrityError
 
 PENDING, CLAIMED, DONE, FAILED = "pending", "claimed", "done", "failed"
 

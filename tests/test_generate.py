@@ -36,7 +36,7 @@ def _assert_complete_trees(study, trees):
     for nodes in trees.values():
         numbers = [n[0] for n in nodes]
         assert numbers == list(range(len(nodes))), "nodes of one tree are numbered without gaps"
-        for node, parent, depth, _text, _final in nodes:
+        for _node, parent, depth, _text, _final in nodes:
             if parent is None:
                 assert depth == 0
             else:

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from transformers.utils import logging as hf_logging
+
 from csr.engine import tiny
 from csr.engine.training import (
     TrainConfig,
@@ -20,11 +25,6 @@ from csr.engine.training import (
     train_dpo,
     weights_hash,
 )
-from PIL import Image
-from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
-from transformers.utils import logging as hf_logging
-
 from tests.tiny_training_helpers import FAST_CONFIG, PROMPT, make_world
 
 # transformers/TRL deprecation chatter about their own internals.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
+
 from csr.engine import tiny
 from csr.engine.training import PreferenceExample, TrainConfig
-from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 PROMPT = "Describe the image."
