@@ -7,9 +7,10 @@ BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed
 SAMPLE := $(CURDIR)/examples/sample
 
-# What `make demo` runs. The built-in demo world (`csr demo`) replaces the
-# sample-data walk-through by changing this one line to:  DEMO = $(BIN)/csr demo
-DEMO = $(MAKE) --no-print-directory sample-demo
+# What `make demo` runs: CSR end to end on the built-in demo world, in ./csr-demo
+# (a second run resumes there). `make sample-demo` walks through init + import +
+# status on the bundled sample prompts instead.
+DEMO = $(BIN)/csr demo
 
 .PHONY: install demo sample-demo test lint bench clean
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def _click_kinds(name: str) -> tuple[type[BaseException], ...]:
 
 
 def main() -> None:
+    # csr shows its own progress; the hub's and transformers' per-file bars
+    # (loading and writing weights) would interleave with it.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         code = app(standalone_mode=False)
         # typer.Exit(code) raised by a command comes back as a return value here

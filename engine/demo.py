@@ -23,7 +23,8 @@ from csr.engine.generation import WorkerOptions, iteration_config, run_worker
 from csr.engine.importing import import_prompts
 from csr.engine.settings import Settings
 from csr.storage import work
-from csr.storage.store import create_store, register_base_model
+from csr.storage.errors import OrderError
+from csr.storage.store import create_store, model_version, register_base_model
 
 BENCHMARK = "demo-world-heldout"
 
@@ -64,6 +65,10 @@ class DemoOptions:
     seed: int = 0
     lam: float = 0.9
     size: str = "default"  # demo model recipe: default | quick
+    # The tiny models learn from other scenes than CSR's prompts: a policy
+    # trained on its own prompt images memorises them and leaves CSR almost no
+    # hallucination to correct (docs/demo-world.md).
+    model_scenes: int = 2000
     generate: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
 
@@ -95,14 +100,16 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     root = options.directory.resolve()
     root.mkdir(parents=True, exist_ok=True)
     world = WorldConfig(seed=options.seed)
-    train_scenes = generate_scenes(world, options.prompts, "train")
+    model_scenes = generate_scenes(world, options.model_scenes, "train")
+    prompt_scenes = generate_scenes(world, options.prompts, "train", start=options.model_scenes)
     heldout = generate_scenes(world, options.heldout, "heldout")
-    prompt_file = write_prompt_set(train_scenes, root / "world")
-    say(f"world: {len(train_scenes)} training prompts, {len(heldout)} held-out images under {root / 'world'}")
+    prompt_file = write_prompt_set(prompt_scenes, root / "world")
+    say(f"world: {len(prompt_scenes)} CSR prompts, {len(heldout)} held-out images under {root / 'world'}; "
+        f"the tiny models learn from {len(model_scenes)} other scenes")
 
     t = time.perf_counter()
-    policy_dir = train_demo_policy(train_scenes, root / "models" / "base", seed=options.seed, size=options.size)
-    clip_dir = train_demo_clip(train_scenes, root / "models" / "clip", seed=options.seed, size=options.size)
+    policy_dir = train_demo_policy(model_scenes, root / "models" / "base", seed=options.seed, size=options.size)
+    clip_dir = train_demo_clip(model_scenes, root / "models" / "clip", seed=options.seed, size=options.size)
     say(f"tiny models ready in {time.perf_counter() - t:.1f} s (cached under {root / 'models'})")
 
     settings = Settings(
@@ -135,15 +142,23 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         rows = [evaluate_version(0)]
         say(_row_line(rows[-1]))
         for number in range(1, options.iterations + 1):
+            # Every step is idempotent, so a demo stopped midway resumes here.
             t = time.perf_counter()
             preset, config = iteration_config(engine, number, settings.generate)
-            work.start_iteration(engine, number, preset, config)
+            try:
+                work.start_iteration(engine, number, preset, config)
+            except OrderError as exc:
+                raise OrderError(f"{exc}; {root} holds a demo run with other settings: pass another --dir") from exc
             stats = run_worker(engine, number, config, WorkerOptions(batch_prompts=8), stop=threading.Event())
             say(f"iteration {number}: generated {stats.prompts_done} prompt(s), {stats.candidates} candidate(s) "
                 f"in {time.perf_counter() - t:.1f} s")
             curated = iterations.curate(engine, number)
-            outcome = iterations.train(engine, settings, number, iterations.TrainOptions(device="cpu"))
-            say(f"iteration {number}: {curated.pairs} pair(s); trained version {number} in {outcome.train_seconds:.1f} s")
+            if _has_version(engine, number):
+                say(f"iteration {number}: {curated.pairs} pair(s); model version {number} exists, kept")
+            else:
+                outcome = iterations.train(engine, settings, number, iterations.TrainOptions(device="cpu"))
+                say(f"iteration {number}: {curated.pairs} pair(s); trained version {number} "
+                    f"in {outcome.train_seconds:.1f} s")
             row = evaluate_version(number)
             row.pairs = curated.pairs
             row.chosen_r_i, row.rejected_r_i = _pair_clip_means(engine, curated.pair_set_id, number)
@@ -177,6 +192,11 @@ def _pair_clip_means(engine, pair_set_id: int, iteration: int) -> tuple[float | 
     with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
         row = conn.execute(text(_PAIR_CLIP_MEANS), {"ps": pair_set_id, "it": iteration}).one()
     return row.chosen, row.rejected
+
+
+def _has_version(engine, number: int) -> bool:
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        return model_version(conn, number) is not None
 
 
 def _row_line(row: VersionRow) -> str:

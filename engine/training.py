@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,10 @@ PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
 IMAGE_PLACEHOLDER = "<image>"
 FALLBACK_PROMPT = "USER: <image>\n{prompt} ASSISTANT:"
 
+# PEFT and TRL read transformers' deprecated `is_gradient_checkpointing`;
+# the warning names nothing a csr user could change.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 FINGERPRINT_FILE = "csr_run.json"
@@ -54,6 +59,11 @@ class TrainConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     beta: float = 0.1
+    # Weight of an added negative log-likelihood term on the chosen response
+    # (TRL's "sft" loss next to "sigmoid", as in RPO). 0 is the paper's pure DPO.
+    # DPO on pairs that differ in a word or two can lower the chosen response's
+    # likelihood too; the NLL term holds it up (docs/demo-results.md).
+    sft_weight: float = 0.0
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
@@ -91,6 +101,8 @@ class TrainConfig:
                 raise TrainConfigError(f"training option {name} must be > 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise TrainConfigError(f"training option learning_rate must be > 0, got {self.learning_rate}")
+        if self.sft_weight < 0:
+            raise TrainConfigError(f"training option sft_weight must be >= 0, got {self.sft_weight}")
         if self.projector_learning_rate < 0:
             raise TrainConfigError("training option projector_learning_rate must be >= 0")
         if not 0 <= self.lora_dropout < 1:
@@ -446,10 +458,14 @@ def _lora_setup(model: torch.nn.Module, config: TrainConfig) -> tuple[Any, dict[
 def _dpo_args(config: TrainConfig, checkpoint_dir: Path, bf16: bool, device: str | None) -> Any:
     from trl import DPOConfig
 
+    # transformers 5.x renamed gradient checkpointing and warns on the old name.
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__
+                     else "gradient_checkpointing")
     return DPOConfig(
         output_dir=str(checkpoint_dir),
         beta=config.beta,
-        loss_type=["sigmoid"],
+        loss_type=["sigmoid", "sft"] if config.sft_weight else ["sigmoid"],
+        loss_weights=[1.0, config.sft_weight] if config.sft_weight else None,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         # transformers 5 folded warmup_ratio into warmup_steps: a float < 1 is a ratio.
@@ -464,7 +480,7 @@ def _dpo_args(config: TrainConfig, checkpoint_dir: Path, bf16: bool, device: str
         bf16=bf16,
         fp16=False,
         use_cpu=device == "cpu",
-        gradient_checkpointing=config.gradient_checkpointing,
+        **{checkpointing: config.gradient_checkpointing},
         # TRL zeroes every dropout by default, which would silently drop the
         # configured lora_dropout; LLaVA's own dropouts are 0 anyway.
         disable_dropout=False,

@@ -93,6 +93,7 @@ def test_config_unknown_keys_are_named():
         ("lr_scheduler", "cosine_restarts", "lr_scheduler must be one of"),
         ("save_dtype", "int8", "save_dtype must be one of"),
         ("bf16", "yes", "bf16 must be true, false or unset"),
+        ("sft_weight", -0.5, "sft_weight must be >= 0"),
     ],
 )
 def test_config_bad_values_are_refused(key, value, message):
@@ -252,6 +253,22 @@ def test_dpo_raises_the_implicit_reward_margin(world, trained):
     assert before == [0.0] * len(examples)
     assert sum(after) / len(after) > 0.05
     assert sum(m > 0 for m in after) >= len(after) - 1
+
+
+@pytest.mark.slow
+def test_sft_weight_holds_up_the_chosen_likelihood(world, trained, tmp_path):
+    base, examples = world
+    with_sft = train_dpo(str(base), examples, tmp_path / "model", tmp_path / "ckpt",
+                         dataclasses.replace(FAST_CONFIG, sft_weight=1.0), device="cpu")
+
+    def chosen_logprob(model_dir) -> float:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
+        return sum(completion_logprob(model, processor, Image.open(e.image_path).convert("RGB"), e.prompt, e.chosen)
+                   for e in examples)
+
+    assert chosen_logprob(with_sft.model_dir) > chosen_logprob(trained.model_dir)
+    assert min(implicit_reward_margins(with_sft.model_dir, base, examples, FAST_CONFIG.beta, device="cpu")) > 0
 
 
 @pytest.mark.slow

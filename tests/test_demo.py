@@ -1,0 +1,122 @@
+"""End to end: a reduced `csr demo` (quick models, a few prompts, 2 iterations)
+through the real console script, its resume, and `csr eval chair` on
+COCO-style annotations of the demo world's images."""
+
+import json
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from csr.engine.world import WorldConfig, generate_scenes, render
+from tests.db_backends import fingerprint, run_csr
+
+pytestmark = pytest.mark.slow
+
+ITERATIONS = 2
+DEMO_ARGS = ("--quick", "--prompts", "6", "--heldout", "12", "--model-scenes", "300",
+             "--iterations", str(ITERATIONS), "--seed", "3")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    study, results = root / "study", root / "results.json"
+    done = run_csr("demo", "--dir", study, *DEMO_ARGS, "--json", results, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return study, json.loads(results.read_text()), done.stdout
+
+
+def _query(study, sql: str) -> list[tuple]:
+    engine = create_engine(f"sqlite:///{study / 'csr.db'}")
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def test_demo_runs_every_iteration_and_reports_chair_per_version(demo):
+    study, results, stdout = demo
+    versions = results["versions"]
+    assert [v["version"] for v in versions] == list(range(ITERATIONS + 1))
+    for v in versions:
+        assert 0.0 <= v["chair_s"] <= 1.0 and 0.0 <= v["chair_i"] <= 1.0
+        assert v["mean_words"] > 0
+    for v in versions[1:]:
+        assert v["pairs"] > 0
+        assert v["chosen_r_i"] is not None and v["rejected_r_i"] is not None
+    assert "wall time:" in stdout and "CHAIR_S" in stdout
+
+    # Everything went through the store: every prompt done in each iteration,
+    # a model version per iteration, and the CHAIR printed is the CHAIR stored.
+    assert _query(study, "SELECT iteration, state, count(*) FROM work_items GROUP BY iteration, state "
+                         "ORDER BY iteration") == [(n, "done", 6) for n in range(1, ITERATIONS + 1)]
+    assert _query(study, "SELECT version, parent_version FROM model_versions ORDER BY version") == [
+        (0, None), *((n, n - 1) for n in range(1, ITERATIONS + 1))
+    ]
+    stored = _query(study, "SELECT model_version, chair_s, chair_i FROM evaluations ORDER BY model_version")
+    assert stored == [(v["version"], pytest.approx(v["chair_s"]), pytest.approx(v["chair_i"])) for v in versions]
+
+    stats = run_csr("stats", db=f"sqlite:///{study / 'csr.db'}")
+    assert stats.returncode == 0, stats.stderr
+    assert "demo-world-heldout" in stats.stdout and "CHAIR_S" in stats.stdout
+
+
+def test_demo_resumes_in_its_directory_without_training_again(demo):
+    study, results, _ = demo
+    hashes = _query(study, "SELECT version, weights_hash FROM model_versions ORDER BY version")
+    again = run_csr("demo", "--dir", study, *DEMO_ARGS, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert f"model version {ITERATIONS} exists, kept" in again.stdout
+    assert _query(study, "SELECT version, weights_hash FROM model_versions ORDER BY version") == hashes
+
+    other = run_csr("demo", "--dir", study, *DEMO_ARGS, "--lambda", "0.5", timeout=900)
+    assert other.returncode != 0
+    assert "pass another --dir" in other.stderr and "Traceback" not in other.stderr
+
+
+def _coco_files(tmp_path, scenes):
+    images = tmp_path / "images"
+    images.mkdir()
+    names = sorted({o for s in scenes for o in s.truth})
+    category = {name: i + 1 for i, name in enumerate(names)}
+    annotations = []
+    for image_id, scene in enumerate(scenes, start=1):
+        render(scene).save(images / f"{image_id:06d}.png")
+        annotations += [{"id": len(annotations) + 1, "image_id": image_id, "category_id": category[o]}
+                        for o in sorted(scene.truth)]
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i:06d}.png"} for i in range(1, len(scenes) + 1)],
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n} for n, i in category.items()],
+    }))
+    synonyms = tmp_path / "synonyms.txt"
+    synonyms.write_text("# category, synonyms\n" + "\n".join(names) + "\n")
+    return instances, synonyms, images
+
+
+def test_eval_chair_on_coco_style_annotations(demo, tmp_path):
+    study, _, _ = demo
+    url = f"sqlite:///{study / 'csr.db'}"
+    scenes = generate_scenes(WorldConfig(seed=3), 5, "heldout", start=500)
+    instances, synonyms, images = _coco_files(tmp_path, scenes)
+    done = run_csr("eval", "chair", "--version", str(ITERATIONS), "--annotations", instances,
+                   "--synonyms", synonyms, "--images", images, "--prompt", "Describe the image.", db=url)
+    assert done.returncode == 0, done.stderr
+    assert "CHAIR_S" in done.stdout and "over 5 image(s)" in done.stdout
+    [(version, n, chair_s)] = _query(study, "SELECT model_version, n_responses, chair_s FROM evaluations "
+                                            "WHERE benchmark = 'chair:instances.json'")
+    assert (version, n) == (ITERATIONS, 5) and 0.0 <= chair_s <= 1.0
+
+    before = fingerprint(url)
+    missing = run_csr("eval", "chair", "--version", "9", "--annotations", instances,
+                      "--synonyms", synonyms, "--images", images, db=url)
+    bad_synonyms = tmp_path / "bad.txt"
+    bad_synonyms.write_text("unicorn, horse with a horn\n")
+    unknown = run_csr("eval", "chair", "--version", "0", "--annotations", instances,
+                      "--synonyms", bad_synonyms, "--images", images, db=url)
+    for failed, says in ((missing, "no model version 9"), (unknown, "unicorn")):
+        assert failed.returncode != 0
+        assert says in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+    assert fingerprint(url) == before
