@@ -21,7 +21,10 @@ sentences of up to 20 tokens, responses of up to 80), the same prompts and image
     sentence and each sentence scored alone.
 
 Both must give the same candidates (texts exactly, scores within tolerance);
-the bench prints candidates/s of each and the ratio. The two are run
+the bench prints candidates/s of each and the ratio. Then (c) the same prompts
+go through the real generation worker (`run_worker`: claim, search, write the
+whole tree in one transaction, mark done) against a fresh SQLite store, and the
+bench prints the share of the worker's wall time spent in store writes. The two are run
 alternately per prompt so that a noisy shared machine hurts both alike.
 
 Threads: one by default. On a 2-core machine that other jobs share, two
@@ -123,6 +126,35 @@ def build_models(root: Path) -> tuple[Path, Path]:
     return policy_dir, clip_dir
 
 
+def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prompts, device: str):
+    """Run the prompts through the generation worker on a new SQLite store; its stats."""
+    import json
+    import threading
+
+    from csr.engine.generation import WorkerOptions, iteration_config, run_worker
+    from csr.engine.importing import import_prompts
+    from csr.storage import work
+    from csr.storage.store import create_store, register_base_model
+
+    image_dir = root / "images"
+    image_dir.mkdir()
+    with (root / "prompts.jsonl").open("w") as handle:
+        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            image.save(image_dir / f"{i}.png")
+            handle.write(json.dumps({"id": str(i), "image": f"{i}.png", "prompt": prompt}) + "\n")
+    engine, _ = create_store(f"sqlite:///{root / 'bench.db'}")
+    try:
+        with engine.begin() as conn:
+            register_base_model(conn, str(policy_dir), f"local-dir:{clip_dir}", None)
+        import_prompts(engine, root / "prompts.jsonl", image_dir)
+        preset, config = iteration_config(engine, 1, CONFIG.to_dict())
+        work.start_iteration(engine, 1, preset, config)
+        return run_worker(engine, 1, config, WorkerOptions(device=device, batch_prompts=len(prompts)),
+                          stop=threading.Event())
+    finally:
+        engine.dispose()
+
+
 def compare(a, b) -> list[str]:
     """Differences between two searches' candidate lists (empty when they agree)."""
     problems = []
@@ -156,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        policy_dir, clip_dir = build_models(Path(tmp))
-        policy = load_policy(str(policy_dir), device=args.device)
-        clip = load_clip(f"local-dir:{clip_dir}", None, device=args.device)
+    tmp = tempfile.TemporaryDirectory()
+    policy_dir, clip_dir = build_models(Path(tmp.name))
+    policy = load_policy(str(policy_dir), device=args.device)
+    clip = load_clip(f"local-dir:{clip_dir}", None, device=args.device)
     n_params = sum(p.numel() for p in policy.model.parameters())
     images, prompts = [], []
     for i, image in enumerate(make_images(4 * args.prompts)):
@@ -212,6 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nMISMATCH: {len(mismatches)} candidates differ, e.g.\n  " + "\n  ".join(mismatches[:3]))
     else:
         print("same candidates from both (texts exact, log-probs within 1e-3, R_I/cumulative within 1e-2)")
+
+    worker = store_write_share(Path(tmp.name), policy_dir, clip_dir, images, prompts, args.device)
+    tmp.cleanup()
+    print(
+        f"\nworker on an SQLite store: {worker.prompts_done} prompts, {worker.candidates} candidates in "
+        f"{worker.wall_seconds:.2f} s ({worker.candidates / worker.wall_seconds:.1f} cands/s); search "
+        f"{worker.search_seconds:.2f} s, store writes {worker.store_seconds:.3f} s"
+    )
+    # The worker's wall time includes loading both models once, which a real
+    # run spreads over thousands of prompts: give the share both ways.
+    print(
+        f"store writes: {100 * worker.store_seconds / (worker.search_seconds + worker.store_seconds):.2f}% of "
+        f"search + write time, {100 * worker.store_seconds / worker.wall_seconds:.2f}% of the worker's wall time"
+    )
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

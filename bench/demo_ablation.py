@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--heldout", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=1, help="demos run at once (one thread each when > 1)")
     parser.add_argument("--root", type=Path, default=Path("bench/out/ablation"))

@@ -18,13 +18,14 @@ eval_app = typer.Typer(help="Evaluate model versions.", no_args_is_help=True)
 def demo(
     directory: Path = typer.Option(Path("csr-demo"), "--dir", help="Study directory (world, models, store)."),
     iterations: int = typer.Option(3, "--iterations", min=1, help="CSR iterations to run."),
-    prompts: int = typer.Option(200, "--prompts", min=2, help="Training prompts (images) in the world."),
+    prompts: int = typer.Option(1000, "--prompts", min=2, help="CSR prompts (images of the world) per iteration."),
     heldout: int = typer.Option(100, "--heldout", min=1, help="Held-out images for CHAIR."),
     model_scenes: int = typer.Option(2000, "--model-scenes", min=1,
                                      help="Scenes the tiny models learn from (other than the prompts)."),
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
+    device: str = typer.Option("cpu", "--device", help="Device for generation and training, e.g. cuda:0."),
     json_out: Path = typer.Option(None, "--json", help="Also write the per-version results to this JSON file."),
 ) -> None:
     """Run CSR end to end on the built-in world and print CHAIR per model version."""
@@ -32,7 +33,8 @@ def demo(
 
     report = run_demo(
         DemoOptions(directory=directory, iterations=iterations, prompts=prompts, heldout=heldout, seed=seed,
-                    lam=lam, model_scenes=model_scenes, size="quick" if quick else "default"),
+                    lam=lam, model_scenes=model_scenes, size="quick" if quick else "default",
+                    device=device),
         say=lambda line: console.print(line, highlight=False),
     )
     table = Table("version", "CHAIR_S", "CHAIR_I", "recall", "words", "R_I chosen", "R_I rejected", "pairs",

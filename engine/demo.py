@@ -8,6 +8,7 @@ held-out images. Everything goes through the same code a real study uses.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -18,19 +19,24 @@ from sqlalchemy import text
 
 from csr.engine import iterations
 from csr.engine.chair import world_vocabulary
+from csr.engine.errors import CsrError
 from csr.engine.evaluation import evaluate
 from csr.engine.generation import WorkerOptions, iteration_config, run_worker
 from csr.engine.importing import import_prompts
-from csr.engine.settings import Settings
+from csr.engine.settings import Settings, load_settings
 from csr.storage import work
-from csr.storage.errors import OrderError
 from csr.storage.store import create_store, model_version, register_base_model
 
 BENCHMARK = "demo-world-heldout"
+DEMO_FILE = "demo.json"  # the world options of the run a demo directory holds
 
 # Search and training sized for a 2-core CPU: the world's sentences are ~6
 # tokens, so short token searches lose nothing; DPO on a 0.4M-parameter model
-# needs a far larger step than the paper's 1e-7 for a 7B model.
+# needs a far larger step than the paper's 1e-7 for a 7B model. Pure DPO on the
+# world's pairs (which differ in a colour or shape word) lowered the chosen
+# responses' likelihood with the rejected ones and raised hallucination; an NLL
+# term on the chosen response (sft_weight) and 1,000 prompts per iteration made
+# CSR reduce it (docs/demo-results.md).
 DEMO_GENERATE = {
     "num_token_beams": 3,
     "num_beam_groups": 3,
@@ -43,12 +49,13 @@ DEMO_GENERATE = {
 }
 DEMO_TRAIN = {
     "beta": 0.1,
+    "sft_weight": 1.0,
     "lora_r": 16,
     "lora_alpha": 32,
     "lora_dropout": 0.0,
-    "learning_rate": 2e-3,
-    "projector_learning_rate": 2e-3,
-    "epochs": 2,
+    "learning_rate": 5e-4,
+    "projector_learning_rate": 5e-4,
+    "epochs": 1,
     "batch_size": 8,
     "warmup_ratio": 0.0,
     "save_steps": 1000,
@@ -60,11 +67,12 @@ DEMO_TRAIN = {
 class DemoOptions:
     directory: Path
     iterations: int = 3
-    prompts: int = 200
+    prompts: int = 1000
     heldout: int = 100
     seed: int = 0
     lam: float = 0.9
     size: str = "default"  # demo model recipe: default | quick
+    device: str = "cpu"  # where generation and training run; the tiny models train on the CPU
     # The tiny models learn from other scenes than CSR's prompts: a policy
     # trained on its own prompt images memorises them and leaves CSR almost no
     # hallucination to correct (docs/demo-world.md).
@@ -98,7 +106,13 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
 
     started = time.perf_counter()
     root = options.directory.resolve()
+    generate = {**DEMO_GENERATE, "lam": options.lam, **options.generate}
+    train = {**DEMO_TRAIN, "seed": options.seed, **options.train}
+    world_options = {"seed": options.seed, "prompts": options.prompts, "model_scenes": options.model_scenes,
+                     "heldout": options.heldout, "size": options.size}
+    _refuse_other_settings(root, generate, train, world_options)
     root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_FILE).write_text(json.dumps(world_options, indent=1, sort_keys=True) + "\n")
     world = WorldConfig(seed=options.seed)
     model_scenes = generate_scenes(world, options.model_scenes, "train")
     prompt_scenes = generate_scenes(world, options.prompts, "train", start=options.model_scenes)
@@ -119,8 +133,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         clip=f"local-dir:{clip_dir}",
         clip_pretrained=None,
         models_dir="models",
-        generate={**DEMO_GENERATE, "lam": options.lam, **options.generate},
-        train={**DEMO_TRAIN, "seed": options.seed, **options.train},
+        generate=generate,
+        train=train,
     )
     settings.write()
     engine, _ = create_store(settings.store_url)
@@ -145,18 +159,16 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
             # Every step is idempotent, so a demo stopped midway resumes here.
             t = time.perf_counter()
             preset, config = iteration_config(engine, number, settings.generate)
-            try:
-                work.start_iteration(engine, number, preset, config)
-            except OrderError as exc:
-                raise OrderError(f"{exc}; {root} holds a demo run with other settings: pass another --dir") from exc
-            stats = run_worker(engine, number, config, WorkerOptions(batch_prompts=8), stop=threading.Event())
+            work.start_iteration(engine, number, preset, config)
+            stats = run_worker(engine, number, config, WorkerOptions(device=options.device, batch_prompts=8),
+                               stop=threading.Event())
             say(f"iteration {number}: generated {stats.prompts_done} prompt(s), {stats.candidates} candidate(s) "
                 f"in {time.perf_counter() - t:.1f} s")
             curated = iterations.curate(engine, number)
             if _has_version(engine, number):
                 say(f"iteration {number}: {curated.pairs} pair(s); model version {number} exists, kept")
             else:
-                outcome = iterations.train(engine, settings, number, iterations.TrainOptions(device="cpu"))
+                outcome = iterations.train(engine, settings, number, iterations.TrainOptions(device=options.device))
                 say(f"iteration {number}: {curated.pairs} pair(s); trained version {number} "
                     f"in {outcome.train_seconds:.1f} s")
             row = evaluate_version(number)
@@ -192,6 +204,25 @@ def _pair_clip_means(engine, pair_set_id: int, iteration: int) -> tuple[float | 
     with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
         row = conn.execute(text(_PAIR_CLIP_MEANS), {"ps": pair_set_id, "it": iteration}).one()
     return row.chosen, row.rejected
+
+
+def _refuse_other_settings(root: Path, generate: dict, train: dict, world_options: dict) -> None:
+    """A demo directory resumes only the run it holds: checked before anything is written."""
+    if not (root / "csr.toml").is_file() or not (root / DEMO_FILE).is_file():
+        return
+    held = load_settings(root / "csr.toml")
+    held_world = json.loads((root / DEMO_FILE).read_text())
+    sections = (("generate", held.generate, generate), ("train", held.train, train),
+                ("demo", held_world, world_options))
+    differing = sorted(
+        f"{section}.{key}: {mine.get(key)!r} there, {theirs.get(key)!r} now"
+        for section, mine, theirs in sections
+        for key in set(mine) | set(theirs)
+        if mine.get(key) != theirs.get(key)
+    )
+    if differing:
+        raise CsrError(f"{root} holds a demo run with other settings ({'; '.join(differing)}): "
+                       "pass another --dir, or the same settings to resume it")
 
 
 def _has_version(engine, number: int) -> bool:

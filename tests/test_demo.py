@@ -70,9 +70,12 @@ def test_demo_resumes_in_its_directory_without_training_again(demo):
     assert f"model version {ITERATIONS} exists, kept" in again.stdout
     assert _query(study, "SELECT version, weights_hash FROM model_versions ORDER BY version") == hashes
 
+    before = fingerprint(f"sqlite:///{study / 'csr.db'}"), (study / "csr.toml").read_text()
     other = run_csr("demo", "--dir", study, *DEMO_ARGS, "--lambda", "0.5", timeout=900)
     assert other.returncode != 0
-    assert "pass another --dir" in other.stderr and "Traceback" not in other.stderr
+    assert "pass another --dir" in other.stderr and "lam" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert (fingerprint(f"sqlite:///{study / 'csr.db'}"), (study / "csr.toml").read_text()) == before
 
 
 def _coco_files(tmp_path, scenes):

@@ -268,7 +268,9 @@ def test_sft_weight_holds_up_the_chosen_likelihood(world, trained, tmp_path):
                    for e in examples)
 
     assert chosen_logprob(with_sft.model_dir) > chosen_logprob(trained.model_dir)
-    assert min(implicit_reward_margins(with_sft.model_dir, base, examples, FAST_CONFIG.beta, device="cpu")) > 0
+    # ... while the preference is still learnt.
+    margins = implicit_reward_margins(with_sft.model_dir, base, examples, FAST_CONFIG.beta, device="cpu")
+    assert sum(margins) / len(margins) > 0.05, margins
 
 
 @pytest.mark.slow
