@@ -36,7 +36,7 @@ def run(seed: int, lam: float, args, root: Path) -> dict:
     csr = Path(sys.executable).with_name("csr")
     cmd = [str(csr), "demo", "--dir", str(study), "--seed", str(seed), "--lambda", str(lam),
            "--iterations", str(args.iterations), "--prompts", str(args.prompts), "--heldout", str(args.heldout),
-           "--json", str(out)]
+           "--preset", args.preset, "--json", str(out)]
     print(" ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL if args.jobs > 1 else None)
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--heldout", type=int, default=100)
+    parser.add_argument("--preset", default="paper", help="reward preset of every run (paper, reference-code)")
     parser.add_argument("--jobs", type=int, default=1, help="demos run at once (one thread each when > 1)")
     parser.add_argument("--root", type=Path, default=Path("bench/out/ablation"))
     parser.add_argument("--out", type=Path, default=None, help="Write the markdown table here.")

@@ -24,6 +24,7 @@ def demo(
                                      help="Scenes the tiny models learn from (other than the prompts)."),
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
+    preset: str = typer.Option("paper", "--preset", help="Reward preset: paper or reference-code (spec/CSR.md)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
     device: str = typer.Option("cpu", "--device", help="Device for generation and training, e.g. cuda:0."),
     json_out: Path = typer.Option(None, "--json", help="Also write the per-version results to this JSON file."),
@@ -34,11 +35,11 @@ def demo(
     report = run_demo(
         DemoOptions(directory=directory, iterations=iterations, prompts=prompts, heldout=heldout, seed=seed,
                     lam=lam, model_scenes=model_scenes, size="quick" if quick else "default",
-                    device=device),
+                    device=device, generate={"preset": preset}),
         say=lambda line: console.print(line, highlight=False),
     )
     table = Table("version", "CHAIR_S", "CHAIR_I", "recall", "words", "R_I chosen", "R_I rejected", "pairs",
-                  title=f"demo world, lambda {lam}, seed {seed}")
+                  title=f"demo world, {preset} preset, lambda {lam}, seed {seed}")
     for row in report.rows:
         table.add_row(
             str(row.version), f"{row.chair_s:.3f}", f"{row.chair_i:.3f}", f"{row.recall:.3f}", f"{row.mean_words:.1f}",
@@ -52,7 +53,7 @@ def demo(
         import json
 
         json_out.write_text(json.dumps({
-            "lambda": lam, "seed": seed, "iterations": iterations, "prompts": prompts, "heldout": heldout,
+            "lambda": lam, "preset": preset, "seed": seed, "iterations": iterations, "prompts": prompts, "heldout": heldout,
             "wall_seconds": report.wall_seconds, "versions": [dataclasses.asdict(r) for r in report.rows],
         }, indent=2))
     console.print(f"store: {report.store_url}")

@@ -21,7 +21,7 @@ from csr.engine import iterations
 from csr.engine.chair import world_vocabulary
 from csr.engine.errors import CsrError
 from csr.engine.evaluation import evaluate
-from csr.engine.generation import WorkerOptions, iteration_config, run_worker
+from csr.engine.generation import PRESETS, WorkerOptions, iteration_config, run_worker
 from csr.engine.importing import import_prompts
 from csr.engine.settings import Settings, load_settings
 from csr.storage import work
@@ -110,6 +110,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     train = {**DEMO_TRAIN, "seed": options.seed, **options.train}
     world_options = {"seed": options.seed, "prompts": options.prompts, "model_scenes": options.model_scenes,
                      "heldout": options.heldout, "size": options.size}
+    if generate["preset"] not in PRESETS:
+        raise CsrError(f"unknown preset {generate['preset']!r}; choose one of {', '.join(PRESETS)}")
     _refuse_other_settings(root, generate, train, world_options)
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_FILE).write_text(json.dumps(world_options, indent=1, sort_keys=True) + "\n")

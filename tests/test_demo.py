@@ -62,6 +62,13 @@ def test_demo_runs_every_iteration_and_reports_chair_per_version(demo):
     assert "demo-world-heldout" in stats.stdout and "CHAIR_S" in stats.stdout
 
 
+def test_demo_refuses_an_unknown_preset_before_writing_anything(tmp_path):
+    bad = run_csr("demo", "--dir", tmp_path / "study", *DEMO_ARGS, "--preset", "paper-ish")
+    assert bad.returncode != 0
+    assert bad.stderr.strip() == "csr: error: unknown preset 'paper-ish'; choose one of paper, reference-code"
+    assert not (tmp_path / "study").exists()
+
+
 def test_demo_resumes_in_its_directory_without_training_again(demo):
     study, results, _ = demo
     hashes = _query(study, "SELECT version, weights_hash FROM model_versions ORDER BY version")
