@@ -24,7 +24,7 @@ def demo(
                                      help="Scenes the tiny models learn from (other than the prompts)."),
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
-    preset: str = typer.Option("paper", "--preset", help="Reward preset: paper or reference-code (spec/CSR.md)."),
+    preset: str = typer.Option("paper", "--preset", help="Reward preset: paper | reference-code (README: Reward presets)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
     device: str = typer.Option("cpu", "--device", help="Device for generation and training, e.g. cuda:0."),
     json_out: Path = typer.Option(None, "--json", help="Also write the per-version results to this JSON file."),
