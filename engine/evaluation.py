@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from csr.engine.chair import ChairResult, Vocabulary, chair, load_coco_ground_truth
 from csr.engine.errors import CsrError
+from csr.engine.prompt_files import resolve_image
 from csr.storage.evaluations import record_evaluation
 from csr.storage.store import model_version
 
@@ -77,7 +78,9 @@ def evaluate_coco(
     ids = sorted(files)[:limit] if limit else sorted(files)
     paths = []
     for image_id in ids:
-        path = images_dir / files[image_id]
+        path = resolve_image(images_dir, files[image_id])
+        if isinstance(path, str):
+            raise CsrError(f"{annotations.name}: {path}")
         if not path.is_file():
             raise CsrError(f"image {files[image_id]!r} of the annotations is not in {images_dir}")
         paths.append(path)

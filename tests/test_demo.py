@@ -126,7 +126,14 @@ def test_eval_chair_on_coco_style_annotations(demo, tmp_path):
     bad_synonyms.write_text("unicorn, horse with a horn\n")
     unknown = run_csr("eval", "chair", "--version", "0", "--annotations", instances,
                       "--synonyms", bad_synonyms, "--images", images, db=url)
-    for failed, says in ((missing, "no model version 9"), (unknown, "unicorn")):
+    escaping = tmp_path / "escaping.json"
+    data = json.loads(instances.read_text())
+    data["images"][0]["file_name"] = "../instances.json"
+    escaping.write_text(json.dumps(data))
+    escape = run_csr("eval", "chair", "--version", "0", "--annotations", escaping,
+                     "--synonyms", synonyms, "--images", images, db=url)
+    for failed, says in ((missing, "no model version 9"), (unknown, "unicorn"),
+                         (escape, "escapes the images directory")):
         assert failed.returncode != 0
         assert says in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
     assert fingerprint(url) == before
