@@ -177,15 +177,19 @@ class ClipScorer:
         return self.model.encode_image(pixels, normalize=True)[0].float()
 
     @torch.inference_mode()
-    def score(self, image_embedding: torch.Tensor, texts: list[str]) -> list[float]:
-        """R_I for each text, all texts in one batch. The tokenizer truncates at
-        CLIP's context length (77 tokens), as the paper's max_new_tokens assumes."""
+    def raw_scores(self, image_embedding: torch.Tensor, texts: list[str]) -> list[float]:
+        """100 * cos for each text, all texts in one batch. The tokenizer truncates
+        at CLIP's context length (77 tokens), as the paper's max_new_tokens assumes."""
         if not texts:
             return []
         tokens = self.tokenizer(list(texts)).to(self.device)
         text_embeddings = self.model.encode_text(tokens, normalize=True).float()
         cosine = text_embeddings @ image_embedding.to(text_embeddings.device).float()
-        return (100.0 * cosine).clamp_min(0.0).tolist()
+        return (100.0 * cosine).tolist()
+
+    def score(self, image_embedding: torch.Tensor, texts: list[str]) -> list[float]:
+        """R_I = max(100 * cos, 0) for each text (eq. 3)."""
+        return [max(s, 0.0) for s in self.raw_scores(image_embedding, texts)]
 
 
 def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> ClipScorer:
