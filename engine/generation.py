@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from csr.engine.errors import CsrError
 from csr.storage import work
 from csr.storage.store import model_version
-from csr.storage.trees import CANDIDATE_COLUMNS
+from csr.storage.trees import CANDIDATE_COLUMNS, RESPONSE_COLUMNS, Tree
 
 PRESETS = ("paper", "reference-code")
 
@@ -135,7 +135,7 @@ def run_worker(
                 try:
                     image = _load_image(image_path)
                     embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
-                    records = _search(policy, clip, image, text, search_config, embedding)
+                    result = _search(policy, clip, image, text, search_config, embedding)
                 except Exception as exc:  # one bad prompt must not stop the run
                     held.pop(0)
                     message = f"{type(exc).__name__}: {exc}"
@@ -147,17 +147,17 @@ def run_worker(
                         traceback.print_exc()
                     continue
                 t1 = time.perf_counter()
-                rows = [_row(r) for r in records]
-                written = work.complete(engine, claim, worker_id, iteration, rows)
+                tree = tree_rows(result)
+                written = work.complete(engine, claim, worker_id, iteration, tree)
                 t2 = time.perf_counter()
                 held.pop(0)
                 stats.search_seconds += t1 - t0
                 stats.store_seconds += t2 - t1
                 if written:
                     stats.prompts_done += 1
-                    stats.candidates += len(rows)
+                    stats.candidates += len(tree.candidates)
                     if on_progress:
-                        on_progress(1, len(rows))
+                        on_progress(1, len(tree.candidates))
                 else:
                     stats.prompts_lost += 1
     finally:
@@ -172,8 +172,7 @@ def run_worker(
 def _search(policy, clip, image, text, search_config, embedding):
     from csr.engine.search import sentence_beam_search
 
-    result = sentence_beam_search(policy, clip, image, text, search_config, image_embedding=embedding)
-    return getattr(result, "records", result)
+    return sentence_beam_search(policy, clip, image, text, search_config, image_embedding=embedding)
 
 
 def _load_image(path: str) -> Image.Image:
@@ -192,8 +191,13 @@ def _cached(cache: OrderedDict, key, compute, size: int = 256):
     return value
 
 
-def _row(record) -> dict:
-    return {column: getattr(record, column, None) for column in CANDIDATE_COLUMNS}
+def tree_rows(result) -> Tree:
+    """A SearchResult as the store's rows."""
+    candidates = [{c: getattr(r, c) for c in CANDIDATE_COLUMNS} for r in result.records]
+    responses = [
+        {c: getattr(r, c) for c in RESPONSE_COLUMNS} for r in result.responses
+    ]
+    return Tree(candidates, responses)
 
 
 def _limit_threads() -> None:
