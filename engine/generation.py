@@ -209,7 +209,7 @@ def run_worker(
                     continue
                 if not others:
                     break  # nothing pending, nothing claimed: the iteration is finished
-                described = "; ".join(h.describe() for h in others)
+                described = _describe(others)
                 if not options.wait:
                     raise WorkStillHeld(
                         f"iteration {iteration} is not finished: {described}; "
@@ -296,6 +296,15 @@ def _outstanding(engine: Engine, iteration: int, worker_id: int) -> tuple[int, l
     with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
         pending = work.progress(conn, iteration)[work.PENDING]
         return pending, work.holders(conn, iteration, exclude_worker=worker_id)
+
+
+def _describe(others: list[work.Holder], shown: int = 2) -> str:
+    """One line, however many workers: the first few, then a count."""
+    total = sum(h.prompts for h in others)
+    parts = [h.describe() for h in others[:shown]]
+    if len(others) > shown:
+        parts.append(f"and {len(others) - shown} more worker(s)")
+    return f"{total} prompt(s) held by other workers: " + "; ".join(parts)
 
 
 def _until_next_look(others: list[work.Holder]) -> float:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -179,6 +180,43 @@ def test_interrupt_releases_the_leases_at_once(study, clean_counts, signum):
     _assert_finished_like_a_clean_run(study, clean_counts)
 
 
+def _execute(study: Study, sql: str, **params):
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(study.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            return conn.execute(text(sql), params)
+    finally:
+        engine.dispose()
+
+
+def test_a_rerun_waits_for_prompts_held_on_another_host(study, clean_counts):
+    done = study.csr("generate", "--iter", "1", "--quiet", "--limit", str(PROMPTS - 1))
+    assert done.returncode == 0, done.stderr
+    # A worker on another machine holds the last prompt: its pid cannot be checked from here.
+    now = datetime.now(UTC).replace(tzinfo=None)
+    _execute(study, "INSERT INTO workers (iteration, host, pid, device, started_at, heartbeat_at) "
+                    "VALUES (1, 'elsewhere', 4242, 'cuda:0', :now, :now)", now=now)
+    [(other,)] = study.query("SELECT id FROM workers WHERE host = 'elsewhere'")
+    _execute(study, "UPDATE work_items SET state = 'claimed', worker_id = :w, attempts = 1, "
+                    "lease_expires_at = :until WHERE state = 'pending'", w=other, until=now + timedelta(hours=1))
+
+    held = study.csr("generate", "--iter", "1", "--quiet", "--no-wait")
+    assert held.returncode == 1
+    assert f"worker {other} (host elsewhere, pid 4242) holds 1 prompt(s) until" in held.stderr, held.stderr
+    _assert_short_lines(held.stderr)
+
+    # Its lease runs out while the rerun waits (the rerun takes a few seconds to load its models).
+    _execute(study, "UPDATE work_items SET lease_expires_at = :until WHERE worker_id = :w",
+             w=other, until=datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=25))
+    waited = study.csr("generate", "--iter", "1", "--quiet", timeout=300)
+    assert waited.returncode == 0, waited.stderr
+    assert f"waiting: 1 prompt(s) held by other workers: worker {other}" in waited.stderr, waited.stderr
+    _assert_finished_like_a_clean_run(study, clean_counts)
+    assert study.query("SELECT MAX(attempts) FROM work_items") == [(2,)]
+
+
 # -- store outages (PostgreSQL through a proxy the test cuts) ---------------------------------
 
 
@@ -311,3 +349,46 @@ def test_store_errors_are_one_line_unless_csr_debug(study):
     ]
     debug = study.csr("status", env={"CSR_DEBUG": "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "[SQL:" in debug.stderr
+
+
+# -- iterate and train ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", only_on("sqlite"))
+def test_iterate_and_train_killed_resume_where_they_were(study):
+    # A checkpoint at every step, and enough steps to kill between two of them.
+    with (study.directory / "csr.toml").open("a") as handle:  # [train] is the file's last section
+        handle.write("epochs = 4\nsave_steps = 1\nsave_total_limit = 2\n")
+    checkpoints = study.directory / "models" / "v1.checkpoints"
+
+    def run(*args: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != "CSR_DATABASE_URL"}
+        return subprocess.Popen([str(CSR_SCRIPT), "--db", study.url, *args], cwd=study.directory, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # Killed during generation: the rerun takes the dead worker's prompts back and goes on.
+    first = run("iterate", "--from", "1", "--to", "1", "--quiet")
+    _wait_for(lambda: _mid_run(study), "a prompt done and others claimed", process=first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    # Killed during training, once a checkpoint is complete.
+    def checkpointed() -> bool:
+        return any((c / "trainer_state.json").is_file() for c in checkpoints.glob("checkpoint-*"))
+
+    second = run("iterate", "--from", "1", "--to", "1", "--quiet")
+    _wait_for(checkpointed, "a training checkpoint", timeout=400, process=second)
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    assert _states(study) == {"done": PROMPTS}, "generation was finished before training"
+    assert study.query("SELECT COUNT(*) FROM model_versions WHERE version = 1") == [(0,)]
+
+    trained = study.csr("train", "--iter", "1", timeout=400)
+    assert trained.returncode == 0, trained.stderr
+    assert "resumed from step" in trained.stdout, trained.stdout
+    assert study.query("SELECT state FROM training_runs") == [("done",)]
+
+    again = study.csr("iterate", "--from", "1", "--to", "1", "--quiet", timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "model version 1 exists, skipping" in again.stdout
