@@ -358,8 +358,10 @@ def test_store_errors_are_one_line_unless_csr_debug(study):
 @pytest.mark.parametrize("backend", only_on("sqlite"))
 def test_iterate_and_train_killed_resume_where_they_were(study):
     # A checkpoint at every step, and enough steps to kill between two of them.
-    with (study.directory / "csr.toml").open("a") as handle:  # [train] is the file's last section
-        handle.write("epochs = 4\nsave_steps = 1\nsave_total_limit = 2\n")
+    settings = study.directory / "csr.toml"
+    lines = [line for line in settings.read_text().splitlines() if not line.startswith("epochs")]
+    # [train] is the file's last section
+    settings.write_text("\n".join([*lines, "epochs = 4", "save_steps = 1", "save_total_limit = 2", ""]))
     checkpoints = study.directory / "models" / "v1.checkpoints"
 
     def run(*args: str) -> subprocess.Popen:
