@@ -149,7 +149,7 @@ def status_cmd(
 
 def _print_workers(workers: list[dict]) -> None:
     if not workers:
-        console.print("workers: none running")
+        console.print("live workers: none")
         return
     table = Table("worker", "iteration", "state", "host", "pid", "device", "prompts held", "heartbeat", "lease until")
     for w in workers:
