@@ -362,6 +362,7 @@ def holders(conn: Connection, iteration: int, exclude_worker: int | None = None)
     """Workers holding claimed items of the iteration (leases live or not), most prompts first."""
     query = (
         select(Worker.id, Worker.host, Worker.pid, func.count(), func.max(WorkItem.lease_expires_at))
+        .select_from(WorkItem)
         .join(Worker, Worker.id == WorkItem.worker_id)
         .where(WorkItem.iteration == iteration, WorkItem.state == CLAIMED)
         .group_by(Worker.id, Worker.host, Worker.pid)

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from tests.db_backends import CSR_SCRIPT, only_on
 from tests.study import Study, make_study
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, free_port
 
 PROMPTS = 6
 LONG_LEASE = "600"  # a rerun that waited for this lease would run past the test's timeout
@@ -394,3 +394,46 @@ def test_iterate_and_train_killed_resume_where_they_were(study):
     again = study.csr("iterate", "--from", "1", "--to", "1", "--quiet", timeout=300)
     assert again.returncode == 0, again.stderr
     assert "model version 1 exists, skipping" in again.stdout
+
+
+# -- which database errors are outages ---------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_outages_are_told_from_refused_data(tmp_path, new_postgres_database):
+    import sqlite3
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from csr.storage.outages import first_line, is_outage
+
+    def error_of(engine, sql: str) -> SQLAlchemyError:
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(sql))
+        except SQLAlchemyError as exc:
+            return exc
+        finally:
+            engine.dispose()
+        raise AssertionError(f"{sql} did not fail")
+
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER CHECK (x > 0))")
+    holder.execute("BEGIN IMMEDIATE")  # holds the write lock past the other side's busy timeout
+    locked = error_of(create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.1}), "INSERT INTO t VALUES (1)")
+    holder.execute("ROLLBACK")
+    holder.close()
+    refused = error_of(create_engine(f"sqlite:///{path}"), "INSERT INTO t VALUES (0)")
+    assert is_outage(locked) and not is_outage(refused)
+    assert first_line(refused) == "IntegrityError: CHECK constraint failed: x > 0"
+
+    url = make_url(new_postgres_database()).set(drivername="postgresql+psycopg")
+    down = error_of(create_engine(url.set(port=free_port())), "SELECT 1")  # nothing listens there
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER CHECK (x > 0))"))
+    check = error_of(engine, "INSERT INTO t VALUES (0)")
+    assert is_outage(down) and not is_outage(check)
+    assert "\n" not in first_line(check) and first_line(check).startswith("CheckViolation: ")
