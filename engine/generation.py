@@ -201,6 +201,8 @@ def run_worker(
                 want = min(want, options.limit - stats.prompts_done - stats.prompts_failed)
                 if want <= 0:
                     break
+            # Holding nothing here: a claim lost to a dropped connection goes back first.
+            store(work.release_unheld, worker_id)
             held = store(work.claim, iteration, worker_id, want, lease, options.max_attempts)
             if not held:
                 pending, others = store(_outstanding, iteration, worker_id)

@@ -302,6 +302,26 @@ def release(engine: Engine, worker_id: int, claims: list[Claim]) -> None:
         )
 
 
+def release_unheld(engine: Engine, worker_id: int) -> int:
+    """Give back items claimed in this worker's name that it does not know it holds.
+
+    Called between batches, when the worker holds nothing: a claim whose commit
+    landed but whose answer was lost to a dropped connection leaves such items.
+    """
+    with engine.begin() as conn:
+        return conn.execute(
+            update(WorkItem)
+            .where(WorkItem.worker_id == worker_id, WorkItem.state == CLAIMED)
+            .values(
+                state=PENDING,
+                worker_id=None,
+                lease_expires_at=None,
+                attempts=WorkItem.attempts - 1,
+                updated_at=utcnow(),
+            )
+        ).rowcount or 0
+
+
 def stop_worker(engine: Engine, worker_id: int) -> None:
     with engine.begin() as conn:
         conn.execute(update(Worker).where(Worker.id == worker_id).values(stopped_at=utcnow()))
