@@ -334,7 +334,6 @@ def test_a_tree_the_store_refuses_fails_only_that_prompt(study, clean_counts):
 
 @pytest.mark.parametrize("backend", only_on("sqlite"))
 def test_store_errors_are_one_line_unless_csr_debug(study):
-    study.query("SELECT 1")
     from sqlalchemy import create_engine, text
 
     engine = create_engine(study.url)
