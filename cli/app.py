@@ -63,6 +63,10 @@ def _click_kinds(name: str) -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+def _debug() -> bool:
+    return os.environ.get("CSR_DEBUG", "") not in ("", "0")
+
+
 def main() -> None:
     # csr shows its own progress; the hub's and transformers' per-file bars
     # (loading and writing weights) would interleave with it.
@@ -87,4 +91,17 @@ def main() -> None:
         if isinstance(exc, _click_kinds("Abort")):
             print("csr: aborted", file=sys.stderr)
             sys.exit(1)
-        raise
+        if _debug():
+            raise
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from csr.storage.outages import first_line, is_outage
+
+        # SQLAlchemy's message goes on with the statement and every parameter row:
+        # one line says what went wrong; CSR_DEBUG=1 shows the rest.
+        if isinstance(exc, SQLAlchemyError):
+            what = "the store is unreachable" if is_outage(exc) else "the store refused the operation"
+            print(f"csr: error: {what}: {first_line(exc)} (CSR_DEBUG=1 for details)", file=sys.stderr)
+        else:
+            print(f"csr: error: unexpected {first_line(exc)} (CSR_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,4 +1,9 @@
-"""`csr generate --iter N`: one worker in this process, or K worker processes."""
+"""`csr generate --iter N`: one worker in this process, or K worker processes.
+
+Exit status: 0 when the iteration is finished (or --limit reached); 1 with one
+line on an error; 130 / 143 when SIGINT / SIGTERM stopped the run (the
+prompts in hand are released at once; a second signal aborts on the spot).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.exc import SQLAlchemyError
 
 from csr.cli.context import state
 from csr.engine.errors import CsrError
 from csr.engine.generation import WorkerOptions, iteration_config, run_worker
 from csr.storage import work
 from csr.storage.store import open_store
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 console = Console(stderr=True)
 
@@ -36,6 +45,9 @@ def generate(
     limit: int = typer.Option(None, "--limit", min=1, help="Stop after this many prompts (in total over the workers)."),
     lease_seconds: float = typer.Option(120.0, "--lease-seconds", min=1.0, help="How long a claim survives without a heartbeat."),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts before a prompt is marked failed."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="When other workers still hold prompts, say so and exit 1 instead of waiting to take them over."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Put the iteration's failed prompts back to pending first."),
+    store_retry_seconds: float = typer.Option(300.0, "--store-retry-seconds", min=0.0, help="How long to retry a lost store connection before giving up."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run the calibrated sentence-level beam search over every prompt; resumable, many workers may share a store."""
@@ -51,12 +63,17 @@ def generate(
         _, created = work.start_iteration(engine, iteration, preset_name, config)
         if created and not quiet:
             console.print(f"iteration {iteration} started (preset {preset_name}, policy version {iteration - 1})")
+        if retry_failed:
+            again = work.retry_failed(engine, iteration)
+            console.print(f"{again} failed prompt(s) of iteration {iteration} put back to pending")
         options = WorkerOptions(
             device=device_list[0],
             batch_prompts=batch_prompts,
             limit=limit,
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
+            wait=not no_wait,
+            store_retry_seconds=store_retry_seconds,
         )
         if workers == 1:
             _run_here(engine, iteration, config, options, quiet)
@@ -87,26 +104,54 @@ def _progress(quiet: bool) -> Progress:
     )
 
 
+class _StopSignals:
+    """SIGINT / SIGTERM: the first stops the worker after the prompt in hand, the second aborts."""
+
+    def __init__(self, stop: threading.Event, on_signal: Callable[[int], None] | None = None):
+        # on_signal runs for every signal received (K worker processes: pass it on).
+        self.stop, self.on_signal = stop, on_signal
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopSignals:
+        for signum in STOP_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.on_signal is not None:
+            self.on_signal(signum)
+        if self.received is not None:
+            # Abort on the spot, store untouched: the leases expire (or, on this host,
+            # the next worker sees this pid gone) as after SIGKILL.
+            print(f"csr: aborted by a second {name}; the prompts in hand go back when their leases end",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        print(f"csr: {name}: stopping after the current prompt ({name} again to abort at once)",
+              file=sys.stderr, flush=True)
+        self.stop.set()
+
+    def exit_if_stopped(self, what: str) -> None:
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            print(f"csr: stopped by {name}: {what}", file=sys.stderr, flush=True)
+            raise typer.Exit(128 + self.received)
+
+
 def _run_here(engine, iteration: int, config: dict, options: WorkerOptions, quiet: bool) -> None:
     stop = threading.Event()
-    interrupts = 0
-
-    def on_sigint(signum, frame):
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts == 1:
-            console.print("stopping after the current prompt (Ctrl-C again to abandon it)")
-            stop.set()
-        else:
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
         counts = work.progress(conn, iteration)
     total = sum(counts.values())
     started = time.perf_counter()
     done = {"prompts": 0, "candidates": 0}
-    try:
+    with _StopSignals(stop) as signals:
         with _progress(quiet) as bar:
             task = bar.add_task("generate", total=total, completed=counts[work.DONE] + counts[work.FAILED],
                                 iteration=iteration, rates="")
@@ -118,11 +163,13 @@ def _run_here(engine, iteration: int, config: dict, options: WorkerOptions, quie
                 bar.update(task, advance=prompts, rates=f"{done['prompts'] / elapsed:.2f} prompts/s "
                                                         f"{done['candidates'] / elapsed:.1f} candidates/s")
 
-            stats = run_worker(engine, iteration, config, options, stop=stop, on_progress=on_progress)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            stats = run_worker(engine, iteration, config, options, stop=stop, on_progress=on_progress,
+                               say=lambda line: console.print(line, soft_wrap=True, highlight=False))
     for error in stats.errors:
-        console.print(f"failed: {error}")
+        console.print(f"failed: {error}", soft_wrap=True, highlight=False, markup=False)
+    signals.exit_if_stopped(
+        f"{stats.prompts_done} prompt(s) done, {stats.released} released for the next run; worker stopped"
+    )
     if not quiet:
         console.print(
             f"worker done: {stats.prompts_done} prompt(s), {stats.candidates} candidate(s), "
@@ -147,37 +194,49 @@ def _run_processes(ctx, engine, iteration, settings, options: WorkerOptions, dev
             "generate", "--iter", str(iteration), "--device", device,
             "--batch-prompts", str(options.batch_prompts), "--lease-seconds", str(options.lease_seconds),
             "--max-attempts", str(options.max_attempts), "--quiet",
+            "--store-retry-seconds", str(options.store_retry_seconds),
         ]
+        if not options.wait:
+            cmd.append("--no-wait")
         for key, flag in (("preset", "--preset"), ("lam", "--lambda"), ("select_by", "--select-by")):
             if key in settings:
                 cmd += [flag, str(settings[key])]
         if per_worker_limit is not None:
             cmd += ["--limit", str(per_worker_limit)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CSR_TORCH_THREADS": str(threads)}
-        children.append(subprocess.Popen(cmd, env=env))
+        # Own session: a terminal's Ctrl-C reaches only this process, which passes
+        # each signal on once (a second one then aborts the children too).
+        children.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+
+    def forward(signum: int) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    stop = threading.Event()
     started = time.perf_counter()
-    try:
+    with _StopSignals(stop, on_signal=forward) as signals:
         with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
             first = work.progress(conn, iteration)
         with _progress(quiet) as bar:
             task = bar.add_task("generate", total=sum(first.values()), completed=first[work.DONE] + first[work.FAILED],
                                 iteration=iteration, rates="")
             while any(child.poll() is None for child in children):
-                time.sleep(1.0)
-                with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
-                    now = work.progress(conn, iteration)
+                time.sleep(1.0)  # a signal runs its handler and the sleep goes on
+                try:
+                    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+                        now = work.progress(conn, iteration)
+                except SQLAlchemyError:
+                    continue  # a store outage: the workers retry on their own; so does the bar
                 finished = now[work.DONE] + now[work.FAILED]
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 rate = (now[work.DONE] - first[work.DONE]) / elapsed
                 bar.update(task, completed=finished, rates=f"{rate:.2f} prompts/s, {len(children)} workers")
-    except KeyboardInterrupt:
-        # Children got the same SIGINT from the terminal and finish their current prompt.
-        for child in children:
-            child.wait()
-        raise
+    signals.exit_if_stopped(f"{len(children)} worker process(es) stopped; their prompts were released")
     failed = [c.returncode for c in children if c.returncode != 0]
     if failed:
-        raise CsrError(f"{len(failed)} of {len(children)} worker process(es) failed (exit codes {failed})")
+        raise CsrError(f"{len(failed)} of {len(children)} worker process(es) failed (exit codes {failed}); "
+                       f"run `csr generate --iter {iteration}` again to finish the iteration")
     work.finish_iteration_if_done(engine, iteration)
 
 

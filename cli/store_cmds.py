@@ -12,7 +12,7 @@ from rich.table import Table
 from csr.cli.context import state
 from csr.engine.errors import CsrError
 from csr.engine.settings import DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED, DEFAULT_MODEL
-from csr.storage import migrate
+from csr.storage import migrate, work
 from csr.storage.store import (
     create_store,
     open_store,
@@ -118,11 +118,14 @@ def status_cmd(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Per iteration: prompts total / pending / claimed / done / failed; model versions; live workers."""
+    """Per iteration: prompts total / pending / claimed / done / failed; model versions; workers
+    (live, stale or gone); failed prompts with their reason."""
     engine = open_store(state(ctx).url)
     try:
         with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
             summary = status(conn)
+            summary["workers"] = work.worker_states(conn)
+            summary["failed_prompts"] = work.failed_items(conn)
     finally:
         engine.dispose()
     if as_json:
@@ -140,13 +143,35 @@ def status_cmd(
     for v in summary["model_versions"]:
         versions.add_row(str(v["version"]), str(v["parent"]), str(v["iteration"]), v["path"], (v["weights_hash"] or "")[:12])
     console.print(versions)
-    if summary["live_workers"]:
-        workers = Table("worker", "iteration", "host", "pid", "device", "heartbeat")
-        for w in summary["live_workers"]:
-            workers.add_row(str(w["id"]), str(w["iteration"]), w["host"], str(w["pid"]), w["device"], w["heartbeat_at"])
-        console.print(workers)
-    else:
+    _print_workers(summary["workers"])
+    _print_failed(summary["failed_prompts"])
+
+
+def _print_workers(workers: list[dict]) -> None:
+    if not workers:
         console.print("live workers: none")
+        return
+    table = Table("worker", "iteration", "state", "host", "pid", "device", "prompts held", "heartbeat", "lease until")
+    for w in workers:
+        table.add_row(str(w["id"]), str(w["iteration"]), w["state"], w["host"], str(w["pid"]), w["device"],
+                      str(w["prompts_held"]), w["heartbeat_at"], w["lease_expires_at"] or "")
+    console.print(table)
+    live = sum(w["state"] == work.LIVE for w in workers)
+    console.print(f"live workers: {live} (stale: heartbeat older than the lease; gone: process ended)")
+
+
+FAILED_SHOWN = 20
+
+
+def _print_failed(failed: list[dict]) -> None:
+    if not failed:
+        return
+    table = Table("iteration", "prompt", "attempts", "reason", title="failed prompts")
+    for f in failed[:FAILED_SHOWN]:
+        table.add_row(str(f["iteration"]), f["prompt"], str(f["attempts"]), f["error"] or "")
+    console.print(table)
+    more = f" ({len(failed) - FAILED_SHOWN} more with --json)" if len(failed) > FAILED_SHOWN else ""
+    console.print(f"{len(failed)} failed prompt(s){more}; `csr generate --iter N --retry-failed` tries them again")
 
 
 def register(app: typer.Typer) -> None:

@@ -150,7 +150,8 @@ def iterate(
             continue
         ctx.invoke(generate, ctx=ctx, iteration=number, device=device, batch_prompts=batch_prompts, quiet=quiet,
                    preset=None, lam=None, select_by=None, devices=None, workers=1, limit=None,
-                   lease_seconds=120.0, max_attempts=3)
+                   lease_seconds=120.0, max_attempts=3, no_wait=False, retry_failed=False,
+                   store_retry_seconds=300.0)
         ctx.invoke(curate, ctx=ctx, iteration=number, preset=None, lam=None, min_margin=0.0, name=None,
                    make_default=False)
         ctx.invoke(train, ctx=ctx, iteration=number, allow_partial=False, force=False, pair_set=None,

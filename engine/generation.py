@@ -3,7 +3,14 @@
 Loop: claim a batch of prompts with a lease, run the sentence-level beam
 search on each, write each prompt's whole tree in the transaction that marks
 it done. A heartbeat thread extends the leases; if the process dies, the
-leases run out and other workers take the prompts over.
+leases run out (or, on the same host, its dead pid is noticed) and other
+workers take the prompts over.
+
+Faults (docs/faults.md): a store outage is retried with backoff for a bounded
+time, the tree's transaction written again whole; a tree the store refuses
+fails that prompt's attempt, not the run. When no work is left but other
+workers hold leases, the worker waits for them and takes their prompts over
+if their leases expire, so one run finishes the iteration.
 """
 
 from __future__ import annotations
@@ -16,12 +23,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 from PIL import Image
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from csr.engine.errors import CsrError
 from csr.storage import work
+from csr.storage.clock import utcnow
+from csr.storage.outages import first_line, is_outage
 from csr.storage.store import model_version
 from csr.storage.trees import CANDIDATE_COLUMNS, RESPONSE_COLUMNS, Tree
 
@@ -35,6 +46,22 @@ class WorkerOptions:
     limit: int | None = None
     lease_seconds: float = 120.0
     max_attempts: int = 3
+    # No work left but other workers hold leases: wait for them (and take their
+    # prompts over when the leases expire), or return at once.
+    wait: bool = True
+    # How long a lost store connection is retried before the worker gives up.
+    store_retry_seconds: float = 300.0
+
+
+class StoreUnavailable(CsrError):
+    """The store stayed unreachable for longer than the retry bound."""
+
+
+class WorkStillHeld(CsrError):
+    """--no-wait: the iteration is unfinished because other workers hold prompts."""
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,6 +73,8 @@ class WorkerStats:
     search_seconds: float = 0.0
     store_seconds: float = 0.0
     wall_seconds: float = 0.0
+    released: int = 0  # prompts given back unfinished when the worker was stopped
+    store_retries: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -74,6 +103,11 @@ def iteration_config(engine: Engine, iteration: int, generate_settings: dict) ->
     return search.preset, config
 
 
+def debug() -> bool:
+    """CSR_DEBUG=1: tracebacks and full database errors instead of one line."""
+    return os.environ.get("CSR_DEBUG", "") not in ("", "0")
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, engine: Engine, worker_id: int, lease: timedelta):
         super().__init__(daemon=True, name="csr-heartbeat")
@@ -89,6 +123,42 @@ class _Heartbeat(threading.Thread):
                 continue
 
 
+class _Store:
+    """Store calls of one worker, retried with backoff while the store is unreachable."""
+
+    def __init__(self, engine: Engine, bound_seconds: float, stats: WorkerStats, say: Callable[[str], None]):
+        self.engine, self.bound, self.stats, self.say = engine, bound_seconds, stats, say
+
+    def __call__(self, call: Callable[..., T], *args) -> T:
+        lost_since = None
+        delay = 0.25
+        while True:
+            try:
+                result = call(self.engine, *args)
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):
+                    raise
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    self.say(f"store unreachable ({first_line(exc)}); retrying for up to {self.bound:.0f} s")
+                if now - lost_since >= self.bound:
+                    raise StoreUnavailable(
+                        f"the store was unreachable for {now - lost_since:.0f} s, longer than "
+                        f"--store-retry-seconds {self.bound:g}: {first_line(exc)}; "
+                        "this worker's leases will expire and a rerun takes its prompts over"
+                    ) from exc
+                self.stats.store_retries += 1
+                # Connections in the pool may all be dead (a restarted server): start afresh.
+                self.engine.dispose()
+                time.sleep(min(delay, max(self.bound - (now - lost_since), 0.05)))
+                delay = min(delay * 2, 5.0)
+                continue
+            if lost_since is not None:
+                self.say(f"store reachable again after {time.monotonic() - lost_since:.1f} s")
+            return result
+
+
 def run_worker(
     engine: Engine,
     iteration: int,
@@ -96,12 +166,17 @@ def run_worker(
     options: WorkerOptions,
     stop: threading.Event | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> WorkerStats:
-    """Generate until no work is left, `limit` prompts are done, or `stop` is set."""
+    """Generate until the iteration is finished, `limit` prompts are done, or `stop` is set.
+
+    `say` receives one-line notices (waiting for other workers, store outages).
+    """
     from csr.engine.loading import load_clip, load_policy
     from csr.engine.search import SearchConfig
 
     stop = stop or threading.Event()
+    say = say or (lambda _line: None)
     stats = WorkerStats()
     started = time.perf_counter()
     if config["policy_path"] is None:
@@ -111,11 +186,14 @@ def run_worker(
     clip = load_clip(config["clip"], config["clip_pretrained"], device=options.device)
     search_config = SearchConfig.from_dict(config["search"])
     lease = timedelta(seconds=options.lease_seconds)
-    worker_id = work.register_worker(engine, iteration, options.device)
+    store = _Store(engine, options.store_retry_seconds, stats, say)
+    worker_id = store(work.register_worker, iteration, options.device)
     beat = _Heartbeat(engine, worker_id, lease)
     beat.start()
     embeddings: OrderedDict[int, object] = OrderedDict()
     held: list[work.Claim] = []
+    store_lost = False
+    waiting_for: tuple | None = None
     try:
         while not stop.is_set():
             want = options.batch_prompts
@@ -123,11 +201,30 @@ def run_worker(
                 want = min(want, options.limit - stats.prompts_done - stats.prompts_failed)
                 if want <= 0:
                     break
-            held = work.claim(engine, iteration, worker_id, want, lease, options.max_attempts)
+            # Holding nothing here: a claim lost to a dropped connection goes back first.
+            store(work.release_unheld, worker_id)
+            held = store(work.claim, iteration, worker_id, want, lease, options.max_attempts)
             if not held:
-                break
-            with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
-                inputs = work.prompt_inputs(conn, [c.prompt_id for c in held])
+                pending, others = store(_outstanding, iteration, worker_id)
+                if pending:  # given back (or put back) since our claim looked: claim again
+                    stop.wait(0.05)
+                    continue
+                if not others:
+                    break  # nothing pending, nothing claimed: the iteration is finished
+                described = _describe(others)
+                if not options.wait:
+                    raise WorkStillHeld(
+                        f"iteration {iteration} is not finished: {described}; "
+                        "run again without --no-wait to wait and take them over if their leases expire"
+                    )
+                shape = tuple((h.worker_id, h.prompts) for h in others)
+                if shape != waiting_for:
+                    say(f"waiting: {described}")
+                    waiting_for = shape
+                stop.wait(_until_next_look(others))
+                continue
+            waiting_for = None
+            inputs = store(_prompt_inputs, [c.prompt_id for c in held])
             while held and not stop.is_set():
                 claim = held[0]
                 text, image_path, image_id = inputs[claim.prompt_id]
@@ -138,17 +235,23 @@ def run_worker(
                     result = _search(policy, clip, image, text, search_config, embedding)
                 except Exception as exc:  # one bad prompt must not stop the run
                     held.pop(0)
-                    message = f"{type(exc).__name__}: {exc}"
-                    state = work.fail(engine, claim, worker_id, message, options.max_attempts)
-                    if state == work.FAILED:
-                        stats.prompts_failed += 1
-                        stats.errors.append(f"prompt {claim.prompt_id}: {message}")
-                    if not isinstance(exc, (OSError, CsrError, ValueError)):
+                    if not isinstance(exc, (OSError, CsrError, ValueError)) and debug():
                         traceback.print_exc()
+                    _fail(store, claim, worker_id, first_line(exc), options, stats)
                     continue
                 t1 = time.perf_counter()
                 tree = tree_rows(result)
-                written = work.complete(engine, claim, worker_id, iteration, tree)
+                try:
+                    # One transaction: the whole tree, or (rolled back) nothing. After an
+                    # outage it is written again whole; if the lost commit had landed, the
+                    # item is no longer ours and nothing is written twice.
+                    written = store(work.complete, claim, worker_id, iteration, tree)
+                except SQLAlchemyError as exc:  # the store refused this tree: this prompt's failure
+                    held.pop(0)
+                    if debug():
+                        traceback.print_exc()
+                    _fail(store, claim, worker_id, first_line(exc), options, stats)
+                    continue
                 t2 = time.perf_counter()
                 held.pop(0)
                 stats.search_seconds += t1 - t0
@@ -160,13 +263,62 @@ def run_worker(
                         on_progress(1, len(tree.candidates))
                 else:
                     stats.prompts_lost += 1
+    except StoreUnavailable:
+        store_lost = True
+        raise
     finally:
         beat.stopped.set()
-        work.release(engine, worker_id, held)
-        work.stop_worker(engine, worker_id)
-        work.finish_iteration_if_done(engine, iteration)
+        stats.released = len(held)
+        if not store_lost:  # with the store gone, the leases simply expire
+            _finish(store, worker_id, iteration, held)
         stats.wall_seconds = time.perf_counter() - started
     return stats
+
+
+def _fail(store: _Store, claim: work.Claim, worker_id: int, message: str, options: WorkerOptions,
+          stats: WorkerStats) -> None:
+    state = store(work.fail, claim, worker_id, message, options.max_attempts)
+    if state == work.FAILED:
+        stats.prompts_failed += 1
+        stats.errors.append(f"prompt {claim.prompt_id}: {message}")
+
+
+def _finish(store: _Store, worker_id: int, iteration: int, held: list[work.Claim]) -> None:
+    """Give back what this worker still holds, record it as stopped, close the iteration if done."""
+    try:
+        store(work.release, worker_id, held)
+        store(work.stop_worker, worker_id)
+        store(work.finish_iteration_if_done, iteration)
+    except StoreUnavailable:
+        pass  # the leases expire instead; a rerun finishes the iteration
+
+
+def _outstanding(engine: Engine, iteration: int, worker_id: int) -> tuple[int, list[work.Holder]]:
+    """(pending prompts, other workers holding prompts) of the iteration."""
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        pending = work.progress(conn, iteration)[work.PENDING]
+        return pending, work.holders(conn, iteration, exclude_worker=worker_id)
+
+
+def _describe(others: list[work.Holder], shown: int = 2) -> str:
+    """One line, however many workers: the first few, then a count."""
+    total = sum(h.prompts for h in others)
+    parts = [h.describe() for h in others[:shown]]
+    if len(others) > shown:
+        parts.append(f"and {len(others) - shown} more worker(s)")
+    return f"{total} prompt(s) held by other workers: " + "; ".join(parts)
+
+
+def _until_next_look(others: list[work.Holder]) -> float:
+    """Seconds to wait: until the first lease ends, but look now and then for dead workers."""
+    first_end = min(h.lease_expires_at for h in others)
+    seconds = (first_end - utcnow()).total_seconds() + 0.05
+    return min(max(seconds, 0.05), 2.0)
+
+
+def _prompt_inputs(engine: Engine, prompt_ids: list[int]):
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        return work.prompt_inputs(conn, prompt_ids)
 
 
 def _search(policy, clip, image, text, search_config, embedding):

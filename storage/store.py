@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.exc import DBAPIError
 
-from csr.storage import migrate
+from csr.storage import migrate, work
 from csr.storage.clock import utcnow
 from csr.storage.db import make_engine
 from csr.storage.errors import StoreError
-from csr.storage.models import Iteration, ModelVersion, Prompt, Worker, WorkItem
-
-# A worker that has not sent a heartbeat for this long is not counted as live.
-LIVE_WORKER_WINDOW = timedelta(seconds=90)
+from csr.storage.models import Iteration, ModelVersion, Prompt, WorkItem
 
 
 def open_store(url: str) -> Engine:
@@ -155,18 +150,6 @@ def status(conn: Connection) -> dict:
         }
         for v in conn.execute(select(ModelVersion).order_by(ModelVersion.version)).all()
     ]
-    cutoff = utcnow() - LIVE_WORKER_WINDOW
-    workers = [
-        {
-            "id": w.id,
-            "iteration": w.iteration,
-            "host": w.host,
-            "pid": w.pid,
-            "device": w.device,
-            "heartbeat_at": w.heartbeat_at.isoformat(timespec="seconds"),
-        }
-        for w in conn.execute(
-            select(Worker).where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= cutoff).order_by(Worker.id)
-        ).all()
-    ]
-    return {"prompts": total, "iterations": iterations, "model_versions": versions, "live_workers": workers}
+    # Live by its lease and, on this host, by its process: a stale or dead worker is never live.
+    live = [w for w in work.worker_states(conn) if w["state"] == work.LIVE]
+    return {"prompts": total, "iterations": iterations, "model_versions": versions, "live_workers": live}

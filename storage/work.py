@@ -3,7 +3,9 @@
 A work item is one (iteration, prompt). Workers claim a batch of items with a
 lease, heartbeat to extend it, and complete each item in the same transaction
 that writes its search tree. A worker that dies simply stops extending its
-leases; once they expire, any other worker may claim the items again.
+leases; once they expire, any other worker may claim the items again. On
+the same host a dead worker is recognised at once (its pid is gone), and its
+items are taken back without waiting for the lease.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from csr.storage.clock import utcnow
 from csr.storage.errors import OrderError
 from csr.storage.models import Image, Iteration, ModelVersion, Prompt, Worker, WorkItem
+from csr.storage.outages import MAX_MESSAGE
+from csr.storage.processes import is_gone, this_host
 from csr.storage.trees import Tree, insert_tree
 
 PENDING, CLAIMED, DONE, FAILED = "pending", "claimed", "done", "failed"
@@ -113,7 +116,7 @@ def register_worker(engine: Engine, iteration: int, device: str) -> int:
             insert(Worker)
             .values(
                 iteration=iteration,
-                host=socket.gethostname(),
+                host=this_host(),
                 pid=os.getpid(),
                 device=device,
                 started_at=now,
@@ -156,6 +159,7 @@ def claim(
     # SQLite: the engine opens every transaction with BEGIN IMMEDIATE, so claims serialise.
     lock = "FOR UPDATE SKIP LOCKED" if engine.dialect.name == "postgresql" else ""
     with engine.begin() as conn:
+        _reclaim_from_dead_local_workers(conn, iteration, now)
         _fail_exhausted(conn, iteration, now, max_attempts)
         rows = conn.execute(
             text(_CLAIM_SQL.format(lock=lock)),
@@ -171,8 +175,34 @@ def claim(
     return sorted((Claim(r.id, r.prompt_id, r.attempts) for r in rows), key=lambda c: c.work_item_id)
 
 
+def _reclaim_from_dead_local_workers(conn: Connection, iteration: int, now: datetime) -> int:
+    """End the leases of workers on this host whose process is gone; returns how many items.
+
+    The items stay claimed with an expired lease, so the attempt the dead
+    worker used still counts and `_fail_exhausted` sees them like any other
+    abandoned item.
+    """
+    holders = conn.execute(
+        select(Worker.id, Worker.host, Worker.pid, Worker.started_at)
+        .where(Worker.host == this_host(), Worker.id.in_(
+            select(WorkItem.worker_id).where(
+                WorkItem.iteration == iteration, WorkItem.state == CLAIMED, WorkItem.lease_expires_at >= now
+            )
+        ))
+    ).all()
+    dead = [w.id for w in holders if is_gone(w.host, w.pid, w.started_at)]
+    if not dead:
+        return 0
+    return conn.execute(
+        update(WorkItem)
+        .where(WorkItem.worker_id.in_(dead), WorkItem.state == CLAIMED)
+        .values(lease_expires_at=now - timedelta(microseconds=1), updated_at=now)
+    ).rowcount or 0
+
+
 def _fail_exhausted(conn: Connection, iteration: int, now, max_attempts: int) -> None:
-    """Items whose workers died `max_attempts` times are failed instead of retried forever."""
+    """Items that used `max_attempts` are failed instead of retried forever: claimed ones
+    whose worker died, and pending ones left over from a run with a higher --max-attempts."""
     conn.execute(
         update(WorkItem)
         .where(
@@ -185,6 +215,15 @@ def _fail_exhausted(conn: Connection, iteration: int, now, max_attempts: int) ->
             state=FAILED,
             worker_id=None,
             last_error=func.coalesce(WorkItem.last_error, "the worker holding it stopped responding"),
+            updated_at=now,
+        )
+    )
+    conn.execute(
+        update(WorkItem)
+        .where(WorkItem.iteration == iteration, WorkItem.state == PENDING, WorkItem.attempts >= max_attempts)
+        .values(
+            state=FAILED,
+            last_error=func.coalesce(WorkItem.last_error, "no attempts left"),
             updated_at=now,
         )
     )
@@ -231,9 +270,17 @@ def fail(engine: Engine, claim_: Claim, worker_id: int, error: str, max_attempts
         conn.execute(
             update(WorkItem)
             .where(WorkItem.id == claim_.work_item_id, WorkItem.worker_id == worker_id)
-            .values(state=state, worker_id=None, lease_expires_at=None, last_error=error[:2000], updated_at=utcnow())
+            .values(
+                state=state, worker_id=None, lease_expires_at=None, last_error=_one_line(error), updated_at=utcnow()
+            )
         )
     return state
+
+
+def _one_line(error: str) -> str:
+    lines = error.strip().splitlines()
+    line = lines[0] if lines else "unknown error"
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3] + "..."
 
 
 def release(engine: Engine, worker_id: int, claims: list[Claim]) -> None:
@@ -253,6 +300,26 @@ def release(engine: Engine, worker_id: int, claims: list[Claim]) -> None:
                 updated_at=utcnow(),
             )
         )
+
+
+def release_unheld(engine: Engine, worker_id: int) -> int:
+    """Give back items claimed in this worker's name that it does not know it holds.
+
+    Called between batches, when the worker holds nothing: a claim whose commit
+    landed but whose answer was lost to a dropped connection leaves such items.
+    """
+    with engine.begin() as conn:
+        return conn.execute(
+            update(WorkItem)
+            .where(WorkItem.worker_id == worker_id, WorkItem.state == CLAIMED)
+            .values(
+                state=PENDING,
+                worker_id=None,
+                lease_expires_at=None,
+                attempts=WorkItem.attempts - 1,
+                updated_at=utcnow(),
+            )
+        ).rowcount or 0
 
 
 def stop_worker(engine: Engine, worker_id: int) -> None:
@@ -292,3 +359,115 @@ def prompt_inputs(conn: Connection, prompt_ids: list[int]) -> dict[int, tuple[st
     ).all()
     return {r.id: (r.text, os.path.join(r.root, r.rel_path), r.image_id) for r in rows}
 
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Another worker's hold on unfinished items of an iteration."""
+
+    worker_id: int
+    host: str
+    pid: int
+    prompts: int
+    lease_expires_at: datetime  # the latest of its leases
+
+    def describe(self) -> str:
+        return (
+            f"worker {self.worker_id} (host {self.host}, pid {self.pid}) holds {self.prompts} prompt(s) "
+            f"until {self.lease_expires_at.isoformat(sep=' ', timespec='seconds')} UTC"
+        )
+
+
+def holders(conn: Connection, iteration: int, exclude_worker: int | None = None) -> list[Holder]:
+    """Workers holding claimed items of the iteration (leases live or not), most prompts first."""
+    query = (
+        select(Worker.id, Worker.host, Worker.pid, func.count(), func.max(WorkItem.lease_expires_at))
+        .select_from(WorkItem)
+        .join(Worker, Worker.id == WorkItem.worker_id)
+        .where(WorkItem.iteration == iteration, WorkItem.state == CLAIMED)
+        .group_by(Worker.id, Worker.host, Worker.pid)
+        .order_by(Worker.id)
+    )
+    if exclude_worker is not None:
+        query = query.where(WorkItem.worker_id != exclude_worker)
+    return [Holder(*row) for row in conn.execute(query).all()]
+
+
+def retry_failed(engine: Engine, iteration: int) -> int:
+    """Put the iteration's failed items back to pending with their attempts reset."""
+    with engine.begin() as conn:
+        return conn.execute(
+            update(WorkItem)
+            .where(WorkItem.iteration == iteration, WorkItem.state == FAILED)
+            .values(state=PENDING, attempts=0, worker_id=None, lease_expires_at=None, updated_at=utcnow())
+        ).rowcount or 0
+
+
+def failed_items(conn: Connection, limit: int | None = None) -> list[dict]:
+    """Failed prompts with the error that failed them, newest iteration first."""
+    query = (
+        select(WorkItem.iteration, Prompt.id, Prompt.external_id, WorkItem.attempts, WorkItem.last_error)
+        .join(Prompt, Prompt.id == WorkItem.prompt_id)
+        .where(WorkItem.state == FAILED)
+        .order_by(WorkItem.iteration.desc(), Prompt.id)
+        .limit(limit)
+    )
+    return [
+        {"iteration": it, "prompt_id": pid, "prompt": ext, "attempts": attempts, "error": error}
+        for it, pid, ext, attempts, error in conn.execute(query).all()
+    ]
+
+
+LIVE, STALE, GONE, STOPPED = "live", "stale", "gone", "stopped"
+
+# A worker holding no items shows no lease to judge it by: without a heartbeat
+# for this long it is shown as stale.
+IDLE_WORKER_WINDOW = timedelta(seconds=90)
+
+
+def worker_states(conn: Connection, include_stopped: bool = False) -> list[dict]:
+    """Every worker not recorded as stopped, with its state.
+
+    - gone: on this host, its process has ended (or its pid belongs to another process now);
+    - stale: its heartbeat is older than its lease (leases are extended at each
+      heartbeat to heartbeat + lease, so a worker past its leases missed them all);
+    - live: otherwise.
+    """
+    now = utcnow()
+    held = {
+        worker: (count, lease_end)
+        for worker, count, lease_end in conn.execute(
+            select(WorkItem.worker_id, func.count(), func.max(WorkItem.lease_expires_at))
+            .where(WorkItem.state == CLAIMED, WorkItem.worker_id.is_not(None))
+            .group_by(WorkItem.worker_id)
+        ).all()
+    }
+    query = select(Worker).order_by(Worker.id)
+    if not include_stopped:
+        query = query.where(Worker.stopped_at.is_(None))
+    result = []
+    for w in conn.execute(query).all():
+        prompts, lease_end = held.get(w.id, (0, None))
+        if w.stopped_at is not None:
+            state = STOPPED
+        elif is_gone(w.host, w.pid, w.started_at):
+            state = GONE
+        else:
+            if lease_end is not None:
+                state = STALE if lease_end < now else LIVE
+            else:
+                state = STALE if w.heartbeat_at < now - IDLE_WORKER_WINDOW else LIVE
+        result.append(
+            {
+                "id": w.id,
+                "iteration": w.iteration,
+                "host": w.host,
+                "pid": w.pid,
+                "device": w.device,
+                "state": state,
+                "prompts_held": int(prompts),
+                "heartbeat_at": w.heartbeat_at.isoformat(timespec="seconds"),
+                "lease_expires_at": lease_end.isoformat(timespec="seconds") if lease_end else None,
+            }
+        )
+    return result

@@ -85,6 +85,9 @@ def test_failed_prompt_is_recorded_and_the_run_goes_on(study):
     assert states == {"done": study.prompts - 1, "failed": 1}
     [(attempts, error)] = study.query("SELECT attempts, last_error FROM work_items WHERE state = 'failed'")
     assert attempts == 2 and "0.png" in error
+    # One line per failure, no traceback: the worker's stderr stays readable.
+    assert "Traceback" not in done.stderr
+    assert max(len(line) for line in done.stderr.splitlines()) <= 300, done.stderr
 
 
 def _start_worker(study, *extra):
