@@ -159,6 +159,19 @@ class _CachedRows:
         self.in_place = all(isinstance(layer, _BufferLayer) for layer in getattr(cache, "layers", [None]))
         self.forward_passes = 0
         self.rows_forwarded = 0
+        self.peak_kv_bytes = self.kv_bytes()
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the cache buffers (every row's copy of the prefix included)."""
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for name in ("_k", "_v", "keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+                    if name == "_v":
+                        break
+        return total
 
     def _rearrange(self, wanted: torch.Tensor) -> None:
         if not self.in_place or wanted.numel() > self.mask.shape[0]:
@@ -199,6 +212,7 @@ class _CachedRows:
         self.next_pos = self.next_pos + 1
         self.forward_passes += 1
         self.rows_forwarded += int(feed.numel())
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
         return out.logits[self.slot, -1]
 
 
@@ -229,12 +243,27 @@ class CascadeRows:
             layers, row_prompt.numel(), kv_heads, head_dim, capacity, first.dtype, first.device
         )
         self.slot = torch.arange(row_prompt.numel(), device=row_prompt.device)
+        self.prefix_lengths = torch.tensor([p.length for p in self.prefixes], device=row_prompt.device)
         self.forward_passes = 0
         self.rows_forwarded = 0
+        # For the bench's FLOP count: real (unpadded) query tokens, and the
+        # keys they attend summed over those tokens (per layer).
+        self.tokens = torch.zeros((), dtype=torch.long, device=row_prompt.device)
+        self.attended = torch.zeros((), dtype=torch.long, device=row_prompt.device)
+        self.peak_kv_bytes = sum(p.nbytes for p in self.prefixes) + self.cache.nbytes
+
+    def _count(self, valid: torch.Tensor) -> None:
+        end = self.cache.length + valid.shape[1]
+        seen = self.cache.valid[:, :end].long().cumsum(dim=1)[:, -valid.shape[1] :]
+        keys = seen + self.prefix_lengths[self.row_prompt][:, None]
+        self.tokens += valid.sum()
+        self.attended += (keys * valid).sum()
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Run `ids` (rows, n) with their `valid` mask and position ids; the last position's logits."""
         self.cache.begin(valid)
+        self._count(valid)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, sum(p.nbytes for p in self.prefixes) + self.cache.nbytes)
         state = CascadeState(self.prefixes, row_groups(self.row_prompt, len(self.prefixes)), self.cache)
         try:
             with torch.inference_mode(), cascade_attention(self.model):

@@ -456,6 +456,12 @@ def _extend(
 class ExpandStats:
     forward_passes: int = 0
     rows_forwarded: int = 0
+    # Shared-prefix path only (for the bench's FLOP count): real query tokens
+    # run, and keys attended summed over them, per layer.
+    tokens: int = 0
+    attended: int = 0
+    # The most KV-cache bytes one batch held (prefixes and rows).
+    peak_kv_bytes: int = 0
 
 
 ATTENTION = ("cascade", "plain")
@@ -531,6 +537,10 @@ def expand_prompts(
         if stats is not None:
             stats.forward_passes += rows.forward_passes
             stats.rows_forwarded += rows.rows_forwarded
+            stats.peak_kv_bytes = max(stats.peak_kv_bytes, rows.peak_kv_bytes)
+            if shared:
+                stats.tokens += int(rows.tokens)
+                stats.attended += int(rows.attended)
     out: list[list[list[TokenBeam]]] = [[] for _ in jobs]
     for (j, _, _), beams in zip(parents, found, strict=True):
         out[j].append(beams)
