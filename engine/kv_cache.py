@@ -248,6 +248,7 @@ class CascadeRows:
         self.rows_forwarded = 0
         # For the bench's FLOP count: real (unpadded) query tokens, and the
         # keys they attend summed over those tokens (per layer).
+        self.logit_rows = 0
         self.tokens = torch.zeros((), dtype=torch.long, device=row_prompt.device)
         self.attended = torch.zeros((), dtype=torch.long, device=row_prompt.device)
         self.peak_kv_bytes = sum(p.nbytes for p in self.prefixes) + self.cache.nbytes
@@ -279,6 +280,7 @@ class CascadeRows:
             self.cache.commit()
         self.forward_passes += 1
         self.rows_forwarded += int(ids.numel())
+        self.logit_rows += ids.shape[0]
         return out.logits[:, -1]
 
     def _rearrange(self, wanted: torch.Tensor) -> None:

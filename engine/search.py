@@ -460,6 +460,7 @@ class ExpandStats:
     # run, and keys attended summed over them, per layer.
     tokens: int = 0
     attended: int = 0
+    logit_rows: int = 0
     # The most KV-cache bytes one batch held (prefixes and rows).
     peak_kv_bytes: int = 0
 
@@ -541,6 +542,7 @@ def expand_prompts(
             if shared:
                 stats.tokens += int(rows.tokens)
                 stats.attended += int(rows.attended)
+                stats.logit_rows += rows.logit_rows
     out: list[list[list[TokenBeam]]] = [[] for _ in jobs]
     for (j, _, _), beams in zip(parents, found, strict=True):
         out[j].append(beams)
