@@ -21,6 +21,7 @@ from csr.storage import work
 from csr.storage.store import open_store
 
 console = Console(stderr=True)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def generate(
@@ -37,6 +38,8 @@ def generate(
     lease_seconds: float = typer.Option(120.0, "--lease-seconds", min=1.0, help="How long a claim survives without a heartbeat."),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts before a prompt is marked failed."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    dtype: str = typer.Option(None, "--dtype", help="Policy dtype for the search: float32 | bfloat16 | float16 (recorded with the iteration; default float32 on CPU, the checkpoint's on GPU)."),
+    kv_budget: float = typer.Option(None, "--kv-budget", min=0.0, help="GiB of KV cache a batch of prompts may hold (default: half the device's free memory)."),
 ) -> None:
     """Run the calibrated sentence-level beam search over every prompt; resumable, many workers may share a store."""
     st = state(ctx)
@@ -48,6 +51,10 @@ def generate(
     engine = open_store(st.url)
     try:
         preset_name, config = iteration_config(engine, iteration, settings)
+        if dtype is not None:
+            if dtype not in DTYPES:
+                raise CsrError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            config["dtype"] = dtype
         _, created = work.start_iteration(engine, iteration, preset_name, config)
         if created and not quiet:
             console.print(f"iteration {iteration} started (preset {preset_name}, policy version {iteration - 1})")
@@ -57,6 +64,8 @@ def generate(
             limit=limit,
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
+            dtype=dtype,
+            kv_budget=None if kv_budget is None else int(kv_budget * 2**30),
         )
         if workers == 1:
             _run_here(engine, iteration, config, options, quiet)
@@ -153,6 +162,10 @@ def _run_processes(ctx, engine, iteration, settings, options: WorkerOptions, dev
                 cmd += [flag, str(settings[key])]
         if per_worker_limit is not None:
             cmd += ["--limit", str(per_worker_limit)]
+        if options.dtype is not None:
+            cmd += ["--dtype", options.dtype]
+        if options.kv_budget is not None:
+            cmd += ["--kv-budget", str(options.kv_budget / 2**30)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CSR_TORCH_THREADS": str(threads)}
         children.append(subprocess.Popen(cmd, env=env))
     started = time.perf_counter()

@@ -35,6 +35,8 @@ class WorkerOptions:
     limit: int | None = None
     lease_seconds: float = 120.0
     max_attempts: int = 3
+    dtype: str | None = None  # the policy's dtype for the search (None: float32 on CPU, the checkpoint's on GPU)
+    kv_budget: int | None = None  # bytes of KV cache a batch of prompts may hold (None: from free memory)
 
 
 @dataclass
@@ -107,7 +109,8 @@ def run_worker(
     if config["policy_path"] is None:
         raise CsrError(f"iteration {iteration} has no policy model")
     _limit_threads()
-    policy = load_policy(config["policy_path"], device=options.device)
+    # An iteration started with a dtype keeps it: the trees depend on it.
+    policy = load_policy(config["policy_path"], device=options.device, dtype=config.get("dtype", options.dtype))
     clip = load_clip(config["clip"], config["clip_pretrained"], device=options.device)
     search_config = SearchConfig.from_dict(config["search"])
     lease = timedelta(seconds=options.lease_seconds)
@@ -128,30 +131,29 @@ def run_worker(
                 break
             with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
                 inputs = work.prompt_inputs(conn, [c.prompt_id for c in held])
-            while held and not stop.is_set():
+            # The prompts of a claim are searched together (one forward pass
+            # serves all their rows), then each tree is written on its own.
+            t0 = time.perf_counter()
+            outcomes = _search_claims(policy, clip, held, inputs, search_config, embeddings, options)
+            share = (time.perf_counter() - t0) / max(len(held), 1)
+            for outcome in outcomes:
                 claim = held[0]
-                text, image_path, image_id = inputs[claim.prompt_id]
-                t0 = time.perf_counter()
-                try:
-                    image = _load_image(image_path)
-                    embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
-                    records = _search(policy, clip, image, text, search_config, embedding)
-                except Exception as exc:  # one bad prompt must not stop the run
+                if isinstance(outcome, BaseException):  # one bad prompt must not stop the run
                     held.pop(0)
-                    message = f"{type(exc).__name__}: {exc}"
+                    message = f"{type(outcome).__name__}: {outcome}"
                     state = work.fail(engine, claim, worker_id, message, options.max_attempts)
                     if state == work.FAILED:
                         stats.prompts_failed += 1
                         stats.errors.append(f"prompt {claim.prompt_id}: {message}")
-                    if not isinstance(exc, (OSError, CsrError, ValueError)):
-                        traceback.print_exc()
+                    if not isinstance(outcome, (OSError, CsrError, ValueError)):
+                        traceback.print_exception(outcome)
                     continue
                 t1 = time.perf_counter()
-                rows = [_row(r) for r in records]
+                rows = [_row(r) for r in outcome]
                 written = work.complete(engine, claim, worker_id, iteration, rows)
                 t2 = time.perf_counter()
                 held.pop(0)
-                stats.search_seconds += t1 - t0
+                stats.search_seconds += share
                 stats.store_seconds += t2 - t1
                 if written:
                     stats.prompts_done += 1
@@ -169,11 +171,25 @@ def run_worker(
     return stats
 
 
-def _search(policy, clip, image, text, search_config, embedding):
-    from csr.engine.search import sentence_beam_search
+def _search_claims(policy, clip, held, inputs, search_config, embeddings, options) -> list:
+    """Per claim, its candidate records or the exception that stopped it."""
+    from csr.engine.batch_search import PromptJob, search_prompts
 
-    result = sentence_beam_search(policy, clip, image, text, search_config, image_embedding=embedding)
-    return getattr(result, "records", result)
+    outcomes: list = [None] * len(held)
+    jobs, where = [], []
+    for i, claim in enumerate(held):
+        text, image_path, image_id = inputs[claim.prompt_id]
+        try:
+            image = _load_image(image_path)
+            embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
+        except Exception as exc:
+            outcomes[i] = exc
+            continue
+        jobs.append(PromptJob(image, text, embedding))
+        where.append(i)
+    for i, result in zip(where, search_prompts(policy, clip, jobs, search_config, options.kv_budget), strict=True):
+        outcomes[i] = result if isinstance(result, BaseException) else result.records
+    return outcomes
 
 
 def _load_image(path: str) -> Image.Image:
