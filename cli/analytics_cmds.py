@@ -43,8 +43,8 @@ def sql_cmd(
 ) -> None:
     """Query the store with DuckDB, read-only.
 
-    Every store table is a view under its own name, plus `responses` (one row
-    per final response), `response_sentences`, `pair_stats` and the macro
+    Every store table is a view under its own name (`responses`: one row per
+    final response), plus `response_paths`, `response_sentences`, `pair_stats` and the macro
     words(text). Only reads run: SELECT, WITH, FROM, SHOW, DESCRIBE,
     SUMMARIZE, EXPLAIN; anything that would write is refused.
     """

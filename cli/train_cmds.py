@@ -34,6 +34,8 @@ def curate(
     verb = "created" if result.created else "unchanged"
     default = " (default)" if result.is_default else ""
     console.print(f"pair set {result.name!r}{default} {verb}: {result.pairs} pair(s), hash {result.result_hash[:16]}")
+    if result.note:
+        console.print(result.note)
 
 
 def train(
@@ -61,6 +63,12 @@ def train(
         f"from {outcome.pairs} pair(s) in {outcome.train_seconds:.1f} s{resumed}"
         + (f"; final loss {loss:.4f}" if loss is not None else "")
     )
+    console.print(f"reference log-probs: {outcome.reference}")
+    if outcome.skipped_too_long:
+        console.print(
+            f"{outcome.skipped_too_long} pair(s) left out: a response is longer than max_response_tokens "
+            "(never cut; raise [train] max_response_tokens, or set too_long = \"refuse\")"
+        )
 
 
 def export(

@@ -187,7 +187,7 @@ def _search_batch(policy, clip, jobs, prefixes, config, settings, attention, sta
                 embedding = clip.encode_image(job.image)
 
             def score(texts: list[str]) -> list[float]:
-                return clip.score(embedding, texts)
+                return clip.raw_scores(embedding, texts)
 
             def expand(partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
                 return rendezvous.expand(i, partials, caps)

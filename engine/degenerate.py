@@ -5,6 +5,12 @@ drops candidates with non-Latin scripts, emoji, long runs of one repeated word
 or character, more than 5 newlines, or fewer than 4 characters. We keep such
 candidates in the store with the reason instead of losing them; the search
 never expands them or uses them as a final response.
+
+Two rule sets: `exclusion_reason` (csr's, the `paper` preset's default: more
+scripts, case-insensitive repeats) and `released_exclusion_reason` (the
+released code's rules exactly, the `reference-code` preset's: the text is
+first passed through its `clean_text`, which deletes every character outside
+a whitelist, emoji included, and the checks run on what is left).
 """
 
 from __future__ import annotations
@@ -79,3 +85,44 @@ def exclusion_reason(text: str) -> str | None:
     if _REPEATED_CHAR.search(stripped) or _NBSP_RUN.search(stripped):
         return REPEATED_CHAR
     return None
+
+
+RULE_SETS = ("csr", "reference-code")
+
+# The released code's `clean_text` whitelist (note its range `"-(`).
+_RELEASED_CLEAN = re.compile(r"[^\w\s.,?!;:\'\"-()/\[\]{}+$€£*=/><==!%°^™©®♫♪π√]+")
+_RELEASED_SPECIAL = re.compile(
+    "[\u3130-\u318f\uac00-\ud7af]"  # Korean
+    "|[\U0001f600-\U0001f64f\U0001f300-\U0001f5ff\U0001f680-\U0001f6ff\U0001f700-\U0001f77f]"
+    "|[\u0400-\u04ff]"  # Cyrillic
+    "|[\u3040-\u309f\u30a0-\u30ff]"  # Japanese kana
+    "|(?:&nbsp;){2,}"
+)
+_RELEASED_REPEATED_WORD = re.compile(r"(\b\w+\b)(?:\s+\1){5,}")
+_RELEASED_REPEATED_CHAR = re.compile(r"(.)" + r"\s*\1" * 10)
+_RELEASED_RUNS = ("ttttttttttt", "sssssssssss", ", , , , , , , , , , , , ,", "'" * 10)
+
+
+def released_exclusion_reason(text: str) -> str | None:
+    """The released code's rules (`clean_tree` and `score.py`'s length check)."""
+    cleaned = _RELEASED_CLEAN.sub("", text.strip())
+    if len(cleaned.strip()) < MIN_CHARS:
+        return TOO_SHORT
+    if _RELEASED_SPECIAL.search(cleaned):
+        return NON_LATIN
+    if _RELEASED_REPEATED_WORD.search(cleaned):
+        return REPEATED_WORD
+    if _RELEASED_REPEATED_CHAR.search(cleaned) or any(run in cleaned for run in _RELEASED_RUNS):
+        return REPEATED_CHAR
+    if cleaned.count("\n") > MAX_NEWLINES:
+        return TOO_MANY_NEWLINES
+    return None
+
+
+def reason_for(rules: str, text: str) -> str | None:
+    """The exclusion reason of `text` under the named rule set."""
+    if rules == "csr":
+        return exclusion_reason(text)
+    if rules == "reference-code":
+        return released_exclusion_reason(text)
+    raise ValueError(f"unknown degenerate rule set {rules!r}; choose one of {', '.join(RULE_SETS)}")

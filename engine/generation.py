@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from csr.engine.errors import CsrError
 from csr.storage import work
 from csr.storage.store import model_version
-from csr.storage.trees import CANDIDATE_COLUMNS
+from csr.storage.trees import CANDIDATE_COLUMNS, RESPONSE_COLUMNS, Tree
 
 PRESETS = ("paper", "reference-code")
 
@@ -149,17 +149,17 @@ def run_worker(
                         traceback.print_exception(outcome)
                     continue
                 t1 = time.perf_counter()
-                rows = [_row(r) for r in outcome]
-                written = work.complete(engine, claim, worker_id, iteration, rows)
+                tree = tree_rows(outcome)
+                written = work.complete(engine, claim, worker_id, iteration, tree)
                 t2 = time.perf_counter()
                 held.pop(0)
                 stats.search_seconds += share
                 stats.store_seconds += t2 - t1
                 if written:
                     stats.prompts_done += 1
-                    stats.candidates += len(rows)
+                    stats.candidates += len(tree.candidates)
                     if on_progress:
-                        on_progress(1, len(rows))
+                        on_progress(1, len(tree.candidates))
                 else:
                     stats.prompts_lost += 1
     finally:
@@ -172,7 +172,7 @@ def run_worker(
 
 
 def _search_claims(policy, clip, held, inputs, search_config, embeddings, options) -> list:
-    """Per claim, its candidate records or the exception that stopped it."""
+    """Per claim, its SearchResult or the exception that stopped it."""
     from csr.engine.batch_search import PromptJob, search_prompts
 
     outcomes: list = [None] * len(held)
@@ -188,7 +188,7 @@ def _search_claims(policy, clip, held, inputs, search_config, embeddings, option
         jobs.append(PromptJob(image, text, embedding))
         where.append(i)
     for i, result in zip(where, search_prompts(policy, clip, jobs, search_config, options.kv_budget), strict=True):
-        outcomes[i] = result if isinstance(result, BaseException) else result.records
+        outcomes[i] = result
     return outcomes
 
 
@@ -208,8 +208,13 @@ def _cached(cache: OrderedDict, key, compute, size: int = 256):
     return value
 
 
-def _row(record) -> dict:
-    return {column: getattr(record, column, None) for column in CANDIDATE_COLUMNS}
+def tree_rows(result) -> Tree:
+    """A SearchResult as the store's rows."""
+    candidates = [{c: getattr(r, c) for c in CANDIDATE_COLUMNS} for r in result.records]
+    responses = [
+        {c: getattr(r, c) for c in RESPONSE_COLUMNS} for r in result.responses
+    ]
+    return Tree(candidates, responses)
 
 
 def _limit_threads() -> None:

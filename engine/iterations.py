@@ -78,6 +78,8 @@ class TrainOutcome:
     path: Path
     weights_hash: str
     pairs: int
+    skipped_too_long: int
+    reference: str
     resumed_from_step: int | None
     train_seconds: float
     final_metrics: dict
@@ -89,7 +91,7 @@ def _is_main_process() -> bool:
 
 
 def train(engine: Engine, settings: Settings, iteration: int, options: TrainOptions) -> TrainOutcome:
-    from csr.engine.training import PreferenceExample, TrainConfig, TrainConfigError, train_dpo
+    from csr.engine.training import TrainConfig, TrainConfigError, train_dpo
 
     try:
         config = TrainConfig.from_dict(settings.train)
@@ -124,6 +126,17 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
             f"pair set {pair_set.name!r} of iteration {iteration} is empty: nothing to train on "
             "(no prompt had two distinct final responses above the margin)"
         )
+    rows, too_long = split_too_long(rows, config.max_response_tokens)
+    if too_long and config.too_long == "refuse":
+        raise OrderError(
+            f"{len(too_long)} pair(s) of pair set {pair_set.name!r} have a response longer than "
+            f"max_response_tokens ({config.max_response_tokens}); raise it, or set too_long = \"skip\" in [train]"
+        )
+    if not rows:
+        raise OrderError(
+            f"every pair of pair set {pair_set.name!r} has a response longer than max_response_tokens "
+            f"({config.max_response_tokens}): nothing to train on"
+        )
     pairs_hash = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
     hyperparams = config.to_dict()
 
@@ -143,15 +156,7 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
                     conn, iteration, pair_set.id, curation.TRAINING_SELECTION, pairs_hash, hyperparams,
                     str(checkpoint_dir),
                 )
-    examples = [
-        PreferenceExample(
-            image_path=str(Path(r["image_root"]) / r["image_path"]),
-            prompt=r["prompt"],
-            chosen=r["chosen_text"],
-            rejected=r["rejected_text"],
-        )
-        for r in rows
-    ]
+    examples = preference_examples(rows, parent.path)
     staging = models_dir / f"v{iteration}.staging"
     try:
         result = train_dpo(parent.path, examples, staging, checkpoint_dir, config, device=options.device)
@@ -175,7 +180,13 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
                 path=str(output_dir.resolve()),
                 weights_hash=result.weights_hash,
                 lora_config=result.lora_config,
-                metrics={"final": final, "train_seconds": result.train_seconds, "pairs": len(rows)},
+                metrics={
+                    "final": final,
+                    "train_seconds": result.train_seconds,
+                    "pairs": len(rows),
+                    "pairs_skipped_too_long": len(too_long),
+                    "reference": result.extra["reference"],
+                },
                 run_id=run_id,
                 replace=existing is not None,
             )
@@ -185,7 +196,49 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
         path=output_dir,
         weights_hash=result.weights_hash,
         pairs=len(rows),
+        skipped_too_long=len(too_long),
+        reference=result.extra["reference"],
         resumed_from_step=result.resumed_from_step,
         train_seconds=result.train_seconds,
         final_metrics=final,
     )
+
+
+def split_too_long(rows: list[dict], max_response_tokens: int) -> tuple[list[dict], list[dict]]:
+    """Pairs whose responses fit, and those with a response over the limit."""
+    fits, too_long = [], []
+    for r in rows:
+        longest = max(r["chosen_token_count"], r["rejected_token_count"])
+        (too_long if longest > max_response_tokens else fits).append(r)
+    return fits, too_long
+
+
+def preference_examples(rows: list[dict], policy_path: str):
+    """Training examples from `curation.training_rows`: the stored token ids and
+    their stored log-probs. Rows rebuilt from stores made before token ids were
+    kept are tokenised from their text, and have no reference log-probs."""
+    from csr.engine.training import PreferenceExample, completion_ids
+
+    tokenizer = None
+    examples = []
+    for r in rows:
+        chosen, rejected = r["chosen_token_ids"], r["rejected_token_ids"]
+        tree = chosen is not None and rejected is not None
+        if not tree:
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(policy_path)
+            chosen = chosen if chosen is not None else completion_ids(tokenizer, r["chosen_text"])
+            rejected = rejected if rejected is not None else completion_ids(tokenizer, r["rejected_text"])
+        examples.append(
+            PreferenceExample(
+                image_path=str(Path(r["image_root"]) / r["image_path"]),
+                prompt=r["prompt"],
+                chosen_ids=list(chosen),
+                rejected_ids=list(rejected),
+                chosen_ref_logp=r["chosen_logprob_sum"] if tree else None,
+                rejected_ref_logp=r["rejected_logprob_sum"] if tree else None,
+            )
+        )
+    return examples

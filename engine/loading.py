@@ -62,24 +62,11 @@ class Policy:
         self.stop_ids = tuple(dict.fromkeys([self.eos_token_id, *self.sentence_end_ids]))
 
     def build_prompt(self, user_prompt: str) -> str:
-        """The model's prompt text for one image and one user question.
-
-        LLaVA prompt sets carry their own "<image>" markers; they are removed
-        here because the chat template places the image itself.
-        """
-        text = user_prompt.replace(IMAGE_PLACEHOLDER, "").strip()
-        if getattr(self.processor, "chat_template", None):
-            messages = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-            ]
-            return self.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-        return FALLBACK_PROMPT.format(prompt=text)
+        return chat_prompt(self.processor, user_prompt)
 
     def encode(self, image, user_prompt: str) -> dict[str, torch.Tensor]:
         """Processor outputs (input ids with image placeholders expanded, pixel values, ...)."""
-        inputs = self.processor(text=self.build_prompt(user_prompt), images=image, return_tensors="pt")
+        inputs = encode_prompts(self.processor, [image], [user_prompt])
         out = {}
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor):
@@ -91,6 +78,33 @@ class Policy:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def chat_prompt(processor, user_prompt: str) -> str:
+    """The model's prompt text for one image and one user question: the one
+    definition generation, training and evaluation share, so that DPO scores
+    responses in the context they were generated in.
+
+    LLaVA prompt sets carry their own "<image>" markers; they are removed
+    here because the chat template places the image itself.
+    """
+    text = user_prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return FALLBACK_PROMPT.format(prompt=text)
+
+
+def encode_prompts(processor, images: list, user_prompts: list[str]) -> Any:
+    """Processor outputs for a batch of (image, prompt), left-padded, with the
+    tokenizer's own special tokens (LLaVA-1.5's BOS) as generation has them."""
+    return processor(
+        text=[chat_prompt(processor, p) for p in user_prompts],
+        images=images,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
 
 
 def find_sentence_end_ids(tokenizer) -> tuple[int, ...]:
@@ -177,15 +191,19 @@ class ClipScorer:
         return self.model.encode_image(pixels, normalize=True)[0].float()
 
     @torch.inference_mode()
-    def score(self, image_embedding: torch.Tensor, texts: list[str]) -> list[float]:
-        """R_I for each text, all texts in one batch. The tokenizer truncates at
-        CLIP's context length (77 tokens), as the paper's max_new_tokens assumes."""
+    def raw_scores(self, image_embedding: torch.Tensor, texts: list[str]) -> list[float]:
+        """100 * cos for each text, all texts in one batch. The tokenizer truncates
+        at CLIP's context length (77 tokens), as the paper's max_new_tokens assumes."""
         if not texts:
             return []
         tokens = self.tokenizer(list(texts)).to(self.device)
         text_embeddings = self.model.encode_text(tokens, normalize=True).float()
         cosine = text_embeddings @ image_embedding.to(text_embeddings.device).float()
-        return (100.0 * cosine).clamp_min(0.0).tolist()
+        return (100.0 * cosine).tolist()
+
+    def score(self, image_embedding: torch.Tensor, texts: list[str]) -> list[float]:
+        """R_I = max(100 * cos, 0) for each text (eq. 3)."""
+        return [max(s, 0.0) for s in self.raw_scores(image_embedding, texts)]
 
 
 def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> ClipScorer:

@@ -1,22 +1,30 @@
 """Reward arithmetic of CSR (section 3.1 of arXiv 2405.14622), as pure functions.
 
+This module is the one definition of every formula: the search calls it while
+it grows a tree, and `storage/curation.py`'s SQL computes the same response
+score from the per-response sums the search stores (a test compares the two).
+
 Raw inputs per candidate sentence: the summed log-probability of its tokens
-and their count (from the search, no second forward pass) and the CLIP score
-max(100 * cos, 0). Two presets turn them into the sentence reward R(s) and a
+(from the search, no second forward pass), the diversity-penalised,
+length-normalised beam score the token search ranked it by, and CLIP's
+100 * cos. Two presets turn them into the sentence reward R(s) and a
 response score (spec/CSR.md):
 
-- ``paper``: R_T = exp(logprob_sum) (eq. 2), R_I = CLIP score (eq. 3),
+- ``paper``: R_T = exp(logprob_sum) (eq. 2), R_I = max(100 cos, 0) (eq. 3),
   R(s) = lam * R_I + (1 - lam) * R_T (eq. 4), response score = sum of R(s).
 - ``reference-code`` (the authors' released code): both scores become ranks
-  among the siblings expanded from the same parent; the text rank is taken on
-  the path's running sum of length-normalised sentence log-probs, the image
-  rank on the CLIP score; response score = mean of R(s).
+  among the scored siblings of one parent: the text rank on the penalised beam
+  score (`sequences_scores`), the image rank on 100 cos (not clipped). The
+  released response key is sum of lam * image_rank + (1 - lam) * text_rank
+  over the path divided by (n + 1), because its path list includes the root
+  (`construct.py`: `x[1] / len(x[0])`); the smallest key is chosen.
 
-The released code's rank is best = 1/n ... worst = 1 and it picks the response
-with the *smallest* mean. We store ``1 - rank`` (best = 1 - 1/n ... worst = 0)
-so that larger is better in both presets; since R(s) is linear in the ranks,
-the mean of our R(s) is exactly ``1 - `` the released code's mean, so the
-order of responses is the same.
+Orientation: the released rank is best = 1/n ... worst = 1. We store
+``1 - rank`` (best = 1 - 1/n ... worst = 0) so that larger is better in both
+presets. With R(s) = lam * image_score + (1 - lam) * text_score on those
+scores, the released key of a response with n sentences is
+(n - sum R(s)) / (n + 1), and our response score is its negation,
+(sum R(s) - n) / (n + 1): the order of responses is the released order, reversed.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ REFERENCE_CODE = "reference-code"
 PRESETS = (PAPER, REFERENCE_CODE)
 
 
-def _check_preset(preset: str) -> None:
+def check_preset(preset: str) -> None:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
@@ -39,14 +47,9 @@ def text_probability(logprob_sum: float) -> float:
     return math.exp(logprob_sum)
 
 
-def normalized_logprob(logprob_sum: float, token_count: int) -> float:
-    """The sentence log-probability divided by its length (length_penalty 1.0)."""
-    return logprob_sum / max(token_count, 1)
-
-
-def clip_reward(cosine: float) -> float:
-    """R_I of eq. 3 from the cosine similarity of the image and text embeddings."""
-    return max(100.0 * cosine, 0.0)
+def clip_reward(clip_score: float) -> float:
+    """R_I of eq. 3 from CLIP's 100 * cos."""
+    return max(clip_score, 0.0)
 
 
 def calibrated(lam: float, image_score: float, text_score: float) -> float:
@@ -69,51 +72,30 @@ def sibling_rank_scores(values: Sequence[float]) -> list[float]:
     return scores
 
 
-def sentence_rewards(
+def sentence_reward(preset: str, lam: float, r_t: float, r_i: float, text_rank: float, image_rank: float) -> float:
+    """R(s) of one scored sentence under `preset`."""
+    check_preset(preset)
+    if preset == PAPER:
+        return calibrated(lam, r_i, r_t)
+    return calibrated(lam, image_rank, text_rank)
+
+
+def response_score(
     preset: str,
     lam: float,
-    logprob_sums: Sequence[float],
-    token_counts: Sequence[int],
-    clip_scores: Sequence[float],
-    parent_text_path: float = 0.0,
-) -> list[float]:
-    """R(s) for each sibling of one parent, in sibling order.
+    *,
+    sentences: int,
+    r_t_sum: float,
+    r_i_sum: float,
+    text_rank_sum: float,
+    image_rank_sum: float,
+) -> float:
+    """The curation score of a response from the sums over its sentences.
 
-    `parent_text_path` is the parent's running sum of length-normalised
-    sentence log-probs (only the reference-code preset uses it; it is the
-    same for all siblings, so it cannot change their ranks, but it is what
-    the released code ranks on).
+    R(s) is linear in its inputs, so the sum of R(s) over a path is R of the
+    sums: any lambda can be applied after the search, without the tree.
     """
-    _check_preset(preset)
+    check_preset(preset)
     if preset == PAPER:
-        return [
-            calibrated(lam, r_i, text_probability(lp))
-            for lp, r_i in zip(logprob_sums, clip_scores, strict=True)
-        ]
-    paths = [
-        parent_text_path + normalized_logprob(lp, n)
-        for lp, n in zip(logprob_sums, token_counts, strict=True)
-    ]
-    text_ranks = sibling_rank_scores(paths)
-    image_ranks = sibling_rank_scores(list(clip_scores))
-    return [calibrated(lam, i, t) for i, t in zip(image_ranks, text_ranks, strict=True)]
-
-
-def cumulative(preset: str, parent_cumulative: float, parent_sentences: int, reward: float) -> float:
-    """The response score of a path after appending a sentence with `reward`.
-
-    `parent_sentences` is how many sentences the parent path holds (0 at the
-    root). Paper: the sum of R(s); reference-code: their mean.
-    """
-    _check_preset(preset)
-    if preset == PAPER:
-        return parent_cumulative + reward
-    return (parent_cumulative * parent_sentences + reward) / (parent_sentences + 1)
-
-
-def response_score(preset: str, rewards: Sequence[float]) -> float:
-    """The curation score of a whole response from its sentences' R(s)."""
-    _check_preset(preset)
-    if preset == PAPER:
-        return float(sum(rewards))
-    return float(sum(rewards) / len(rewards)) if rewards else 0.0
+        return calibrated(lam, r_i_sum, r_t_sum)
+    return (calibrated(lam, image_rank_sum, text_rank_sum) - sentences) / (sentences + 1)

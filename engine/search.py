@@ -49,30 +49,31 @@ Decisions where the paper is silent (recorded here and in spec/CSR.md terms):
   sentence (cumulative reward = its parent's). At depth 0 it would be an
   empty response and is excluded ("empty_response").
 - Final candidates do not take a place in the active set (as in the released
-  code); every non-excluded final is kept for curation (`is_kept`).
-- Active set: from the non-final, non-excluded candidates of a depth, the
-  top-k and bottom-k (k = `num_beams`) by the selection key; all of them when
-  there are at most 2k. `keep_rule="reference-code"` reproduces the released
-  code's slicing (`[:k//2 - 1] + [-(k//2):]` when there are at least k).
-- Selection key: `select_by="reward"` (paper, default) ranks by cumulative
-  reward under the preset; `select_by="text"` (released code) by the path's
-  running sum of length-normalised sentence log-probs.
+  code); every non-excluded final is kept for curation (`is_kept`) and becomes
+  a `ResponseRecord`: its exact text, token ids and the sums curation needs.
+- Active set (`keep_rule="paper"`): at most `num_beams` (k) partial responses,
+  "the capacity of input at each search layer" (appendix A.1): from the
+  non-final, non-excluded candidates of a depth, the top ceil(k/2) and the
+  bottom floor(k/2) by the selection key; all of them when there are at most
+  k. `keep_rule="reference-code"` reproduces the released code's slicing
+  (`[:k//2 - 1] + [-(k//2):]` when there are at least k).
+- Selection key: `select_by="reward"` (paper) ranks by the path's response
+  score under the preset; `select_by="text"` (released code) by the path's sum
+  of penalised beam scores (its `node.score`).
+- The preset picks `max_new_tokens`, `select_by`, `keep_rule` and
+  `degenerate_rules` unless they are set (PRESET_SEARCH_DEFAULTS).
 - Degenerate candidates (`csr.engine.degenerate`) are stored with their
-  reason, never expanded, never final. Among siblings, a candidate whose
+  reason, never expanded, never final. Under csr's rules, a candidate whose
   stripped text equals an earlier non-excluded sibling's is stored with
   exclusion_reason "duplicate" and not expanded (group beam search can return
-  the same sentence from two groups: the Hamming penalty only sees the tokens
-  of running beams, not those of finished ones).
-- Reference-code ranks are taken among the non-excluded, non-end-marker
-  siblings (the released code ranks after dropping degenerate ones);
-  excluded candidates get reward 0 under that preset.
-- R_T uses the raw model log-probs of the sentence tokens (EOS included when
-  it ended the sentence). The released code ranks on `sequences_scores`, which
-  for groups > 0 include the diversity penalty; we rank on raw log-probs so
-  that the stored columns reproduce every score.
-- Text of a candidate: the exact increment of the decoded response, so that
-  concatenating a path's texts gives the decoded response; CLIP and the
-  degenerate filters see it stripped.
+  the same sentence from two groups); the released rules keep it.
+- Sibling ranks (text rank on the penalised beam score, image rank on 100 cos)
+  are taken among the non-excluded, non-end-marker siblings, and stored under
+  both presets. R_T uses the raw model log-probs of the sentence tokens (EOS
+  included when it ended the sentence).
+- Text of a candidate: the exact increment of the decoded response
+  (`csr.engine.text`), so that concatenating a path's texts gives the decoded
+  response; CLIP and the degenerate filters see it stripped.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from csr.engine import degenerate, rewards
+from csr.engine import text as stored_text
 from csr.engine.cascade_attention import PrefixKV
 from csr.engine.kv_cache import (  # noqa: F401  (re-exported: tests and the bench use them from here)
     CascadeRows,
@@ -111,22 +113,50 @@ KEEP_RULES = ("paper", "reference-code")
 _NEG = -1.0e9
 
 
+# What each preset implies for the search; any of these can still be set on its own.
+PRESET_SEARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    rewards.PAPER: {
+        "max_new_tokens": 74,  # appendix A.1
+        "select_by": "reward",  # the calibrated reward guides the selection (section 3.2.1)
+        "keep_rule": "paper",  # num_beams in all: top ceil(k/2) + bottom floor(k/2)
+        "degenerate_rules": "csr",
+    },
+    rewards.REFERENCE_CODE: {
+        "max_new_tokens": 70,  # step1.sh
+        "select_by": "text",  # node.score: the path's sum of penalised beam scores
+        "keep_rule": "reference-code",  # new_nodes[:int(k/2)-1] + new_nodes[-int(k/2):]
+        "degenerate_rules": "reference-code",  # clean_tree + score.py
+    },
+}
+
+
 @dataclass(frozen=True)
 class SearchConfig:
-    """Every setting of the sentence-level beam search (appendix A.1 defaults)."""
+    """Every setting of the sentence-level beam search (appendix A.1 defaults).
+
+    `max_new_tokens`, `select_by`, `keep_rule` and `degenerate_rules` left as
+    None take the preset's value (PRESET_SEARCH_DEFAULTS); `to_dict` records
+    the resolved values with the iteration.
+    """
 
     num_token_beams: int = 5
     num_beam_groups: int = 5
     diversity_penalty: float = 3.0
-    max_new_tokens: int = 74
+    max_new_tokens: int | None = None
     max_length: int = 1024
     num_beams: int = 5
     preset: str = rewards.PAPER
     lam: float = 0.9
-    select_by: str = "reward"
-    keep_rule: str = "paper"
+    select_by: str | None = None
+    keep_rule: str | None = None
+    degenerate_rules: str | None = None
 
     def __post_init__(self) -> None:
+        if self.preset not in rewards.PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(rewards.PRESETS)}")
+        for name, value in PRESET_SEARCH_DEFAULTS[self.preset].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         for name in ("num_token_beams", "num_beam_groups", "max_new_tokens", "max_length", "num_beams"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -140,12 +170,14 @@ class SearchConfig:
             raise ValueError(f"diversity_penalty must be >= 0, got {self.diversity_penalty!r}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {self.lam!r}")
-        if self.preset not in rewards.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(rewards.PRESETS)}")
         if self.select_by not in SELECT_BY:
             raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule must be one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
+        if self.degenerate_rules not in degenerate.RULE_SETS:
+            raise ValueError(
+                f"degenerate_rules must be one of {', '.join(degenerate.RULE_SETS)}, got {self.degenerate_rules!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -588,6 +620,43 @@ class CandidateRecord:
     is_kept: bool
     exclusion_reason: str | None
     finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    # The diversity-penalised, length-normalised score the token search ranked it by.
+    beam_score: float | None = None
+    # 1 - rank among the scored siblings (None for end markers and excluded candidates).
+    text_rank: float | None = None
+    image_rank: float | None = None
+
+
+@dataclass
+class ResponseRecord:
+    """One final response of a tree (a `responses` row): its whole path, summed."""
+
+    leaf_node: int
+    text: str
+    token_ids: list[int]
+    sentence_count: int
+    logprob_sum: float
+    r_t_sum: float
+    r_i_sum: float
+    text_rank_sum: float
+    image_rank_sum: float
+    is_truncated: bool
+
+    @property
+    def token_count(self) -> int:
+        return len(self.token_ids)
+
+    def score(self, preset: str, lam: float) -> float:
+        return rewards.response_score(
+            preset,
+            lam,
+            sentences=self.sentence_count,
+            r_t_sum=self.r_t_sum,
+            r_i_sum=self.r_i_sum,
+            text_rank_sum=self.text_rank_sum,
+            image_rank_sum=self.image_rank_sum,
+        )
 
 
 @dataclass
@@ -595,6 +664,7 @@ class SearchStats:
     depths: int = 0
     candidates: int = 0
     finals: int = 0
+    max_active: int = 0
     forward_passes: int = 0
     rows_forwarded: int = 0
     clip_calls: int = 0
@@ -606,54 +676,79 @@ class SearchStats:
 @dataclass
 class SearchResult:
     records: list[CandidateRecord]
-    # Response token ids of each candidate's own sentence, indexed by node.
-    token_ids: list[list[int]]
+    responses: list[ResponseRecord] = field(default_factory=list)
     stats: SearchStats = field(default_factory=SearchStats)
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        """Response token ids of each candidate's own sentence, indexed by node."""
+        return [r.token_ids for r in self.records]
 
 
 @dataclass
 class _Path:
+    """A partial (or final) response: the sums a response row needs, so far."""
+
     node: int | None
     tokens: list[int]
-    decoded: str
-    cumulative: float
-    sentences: int
-    text_path: float  # running sum of length-normalised sentence log-probs
+    settled: str  # raw decode of `tokens` that later tokens cannot change
+    text: str  # the stored (portable) texts of the path, concatenated
+    sentences: int = 0
+    logprob_sum: float = 0.0
+    r_t_sum: float = 0.0
+    r_i_sum: float = 0.0
+    text_rank_sum: float = 0.0
+    image_rank_sum: float = 0.0
+    beam_path: float = 0.0  # the released code's node.score: sum of penalised beam scores
+
+    def score(self, config: SearchConfig) -> float:
+        return rewards.response_score(
+            config.preset,
+            config.lam,
+            sentences=self.sentences,
+            r_t_sum=self.r_t_sum,
+            r_i_sum=self.r_i_sum,
+            text_rank_sum=self.text_rank_sum,
+            image_rank_sum=self.image_rank_sum,
+        )
 
 
 ExpandFn = Callable[[list[list[int]], list[int]], list[list[TokenBeam]]]
+# texts -> CLIP's 100 * cos for each (not clipped: the released image rank uses it raw).
 ScoreFn = Callable[[list[str]], list[float]]
 
 
 def run_sentence_search(policy, config: SearchConfig, expand: ExpandFn, score: ScoreFn) -> SearchResult:
     """The sentence-level beam search tree, with the model behind `expand`
     (partials, caps -> candidates per partial) and CLIP behind `score`
-    (texts -> R_I). See the module docstring for the decisions it makes."""
+    (texts -> 100 cos). See the module docstring for the decisions it makes."""
     started = time.perf_counter()
-    result = SearchResult(records=[], token_ids=[])
+    result = SearchResult(records=[])
     stats = result.stats
-    active = [_Path(None, [], "", 0.0, 0, 0.0)]
+    active = [_Path(None, [], "", "")]
     depth = 0
     while active:
+        stats.max_active = max(stats.max_active, len(active))
         caps = [min(config.max_new_tokens, config.max_length - len(p.tokens)) for p in active]
         t0 = time.perf_counter()
         expansions = expand([p.tokens for p in active], caps)
         t1 = time.perf_counter()
         stats.model_seconds += t1 - t0
         level = _make_candidates(policy, config, active, expansions, depth, result)
-        texts = [c.clip_text for c in level if c.clip_text]
+        clip_texts = [c.clip_text for c in level if c.clip_text]
         t2 = time.perf_counter()
-        clip_scores = iter(score(texts) if texts else [])
+        raw_scores = iter(score(clip_texts) if clip_texts else [])
         stats.clip_seconds += time.perf_counter() - t2
-        stats.clip_calls += 1 if texts else 0
+        stats.clip_calls += 1 if clip_texts else 0
         for c in level:
-            c.record.r_i = next(clip_scores) if c.clip_text else 0.0
+            c.clip_raw = next(raw_scores) if c.clip_text else 0.0
+            c.record.r_i = rewards.clip_reward(c.clip_raw)
         _score_level(config, level)
-        active = _select(config, level)
+        active = _select(config, level, result)
         stats.depths += 1
         depth += 1
     stats.candidates = len(result.records)
-    stats.finals = sum(r.is_final and r.is_kept for r in result.records)
+    stats.finals = len(result.responses)
     stats.total_seconds = time.perf_counter() - started
     return result
 
@@ -665,6 +760,7 @@ class _Candidate:
     path: _Path
     clip_text: str
     end_marker: bool
+    clip_raw: float = 0.0
 
     @property
     def eligible(self) -> bool:
@@ -677,23 +773,22 @@ def _make_candidates(policy, config, active, expansions, depth, result) -> list[
         seen: set[str] = set()
         for sibling, beam in enumerate(beams):
             tokens = parent.tokens + beam.token_ids
-            decoded = policy.decode(tokens)
-            if decoded.startswith(parent.decoded):
-                text = decoded[len(parent.decoded) :]
-            else:  # a tokenizer whose decoding of the prefix changes with what follows
-                text = policy.decode(beam.token_ids)
-            stripped = text.strip()
             reason = beam.finish_reason
             at_limit = len(tokens) >= config.max_length
             if at_limit and reason == MAX_NEW_TOKENS:
                 reason = MAX_LENGTH
             is_final = reason == EOS or at_limit
-            end_marker = reason == EOS and not stripped
+            decoded = policy.decode(tokens)
+            text = stored_text.portable(stored_text.increment(parent.settled, decoded, is_final))
+            stripped = text.strip()
+            end_marker = reason == EOS and stored_text.is_blank(text)
             if end_marker:
                 exclusion = EMPTY_RESPONSE if depth == 0 else None
             else:
-                exclusion = degenerate.exclusion_reason(text)
-            if exclusion is None:
+                exclusion = degenerate.reason_for(config.degenerate_rules, text)
+            # csr's rules: group beam search can return one sentence from two
+            # groups; the released code keeps both.
+            if exclusion is None and config.degenerate_rules == "csr":
                 if stripped in seen:
                     exclusion = DUPLICATE
                 seen.add(stripped)
@@ -714,67 +809,72 @@ def _make_candidates(policy, config, active, expansions, depth, result) -> list[
                 is_kept=False,
                 exclusion_reason=exclusion,
                 finish_reason=reason,
+                token_ids=list(beam.token_ids),
+                beam_score=float(beam.score),
             )
             result.records.append(record)
-            result.token_ids.append(list(beam.token_ids))
             path = _Path(
                 node=record.node,
                 tokens=tokens,
-                decoded=decoded,
-                cumulative=0.0,
-                sentences=parent.sentences + (0 if end_marker else 1),
-                text_path=parent.text_path + rewards.normalized_logprob(logprob_sum, record.token_count),
+                settled=decoded if is_final else stored_text.settled(decoded),
+                text=parent.text + text,
+                sentences=parent.sentences,
+                logprob_sum=parent.logprob_sum + logprob_sum,
+                r_t_sum=parent.r_t_sum,
+                r_i_sum=parent.r_i_sum,
+                text_rank_sum=parent.text_rank_sum,
+                image_rank_sum=parent.image_rank_sum,
+                beam_path=parent.beam_path + float(beam.score),
             )
             level.append(_Candidate(record, parent, path, "" if end_marker else stripped, end_marker))
     return level
 
 
 def _score_level(config: SearchConfig, level: list[_Candidate]) -> None:
+    """Ranks among each parent's scored siblings, R(s) and the path sums.
+
+    Ranks are stored under both presets (they do not depend on lambda), so a
+    tree can be re-curated under the other preset. An end marker adds nothing
+    to its path; an excluded candidate is never part of a response.
+    """
     by_parent: dict[int, list[_Candidate]] = {}
     for c in level:
         by_parent.setdefault(id(c.parent), []).append(c)
     for siblings in by_parent.values():
-        parent = siblings[0].parent
         ranked = [c for c in siblings if c.eligible]
-        values = rewards.sentence_rewards(
-            config.preset,
-            config.lam,
-            [c.record.logprob_sum for c in ranked],
-            [c.record.token_count for c in ranked],
-            [c.record.r_i for c in ranked],
-            parent.text_path,
-        )
-        reward_of = {id(c): v for c, v in zip(ranked, values, strict=True)}
+        text_ranks = rewards.sibling_rank_scores([c.record.beam_score for c in ranked])
+        image_ranks = rewards.sibling_rank_scores([c.clip_raw for c in ranked])
+        for c, text_rank, image_rank in zip(ranked, text_ranks, image_ranks, strict=True):
+            rec, path = c.record, c.path
+            rec.text_rank, rec.image_rank = text_rank, image_rank
+            rec.reward = rewards.sentence_reward(config.preset, config.lam, rec.r_t, rec.r_i, text_rank, image_rank)
+            path.sentences += 1
+            path.r_t_sum += rec.r_t
+            path.r_i_sum += rec.r_i
+            path.text_rank_sum += text_rank
+            path.image_rank_sum += image_rank
         for c in siblings:
-            rec = c.record
-            if c.end_marker:
-                rec.reward = 0.0
-                rec.cumulative_reward = parent.cumulative
-            else:
-                if id(c) in reward_of:
-                    rec.reward = reward_of[id(c)]
-                elif config.preset == rewards.PAPER:
-                    rec.reward = rewards.calibrated(config.lam, rec.r_i, rec.r_t)
-                else:
-                    rec.reward = 0.0  # unranked: excluded before ranking
-                rec.cumulative_reward = rewards.cumulative(
-                    config.preset, parent.cumulative, parent.sentences, rec.reward
-                )
-            c.path.cumulative = rec.cumulative_reward
+            if not c.eligible and not c.end_marker and config.preset == rewards.PAPER:
+                # shown for audit; an excluded candidate never enters a response
+                c.record.reward = rewards.calibrated(config.lam, c.record.r_i, c.record.r_t)
+            c.record.cumulative_reward = c.path.score(config)
 
 
-def _select(config: SearchConfig, level: list[_Candidate]) -> list[_Path]:
+def _select(config: SearchConfig, level: list[_Candidate], result: SearchResult) -> list[_Path]:
     for c in level:
         if c.record.is_final and c.record.exclusion_reason is None:
             c.record.is_kept = True
+            result.responses.append(_response(c))
     pool = [c for c in level if not c.record.is_final and c.eligible]
     if config.select_by == "reward":
         pool.sort(key=lambda c: -c.record.cumulative_reward)
     else:
-        pool.sort(key=lambda c: -c.path.text_path)
+        pool.sort(key=lambda c: -c.path.beam_path)
     k = config.num_beams
     if config.keep_rule == "paper":
-        kept = pool if len(pool) <= 2 * k else pool[:k] + pool[-k:]
+        # num_beams is "the capacity of input at each search layer" (appendix A.1)
+        top, bottom = (k + 1) // 2, k // 2
+        kept = pool if len(pool) <= k else pool[:top] + (pool[-bottom:] if bottom else [])
     elif len(pool) >= k:
         top, bottom = max(k // 2 - 1, 0), k // 2
         kept = pool[:top] + (pool[-bottom:] if bottom else [])
@@ -784,6 +884,22 @@ def _select(config: SearchConfig, level: list[_Candidate]) -> list[_Path]:
         c.record.is_kept = True
     kept.sort(key=lambda c: c.record.node)
     return [c.path for c in kept]
+
+
+def _response(c: _Candidate) -> ResponseRecord:
+    path = c.path
+    return ResponseRecord(
+        leaf_node=c.record.node,
+        text=path.text,
+        token_ids=list(path.tokens),
+        sentence_count=path.sentences,
+        logprob_sum=path.logprob_sum,
+        r_t_sum=path.r_t_sum,
+        r_i_sum=path.r_i_sum,
+        text_rank_sum=path.text_rank_sum,
+        image_rank_sum=path.image_rank_sum,
+        is_truncated=c.record.finish_reason == MAX_LENGTH,
+    )
 
 
 def sentence_beam_search(
@@ -818,7 +934,7 @@ def sentence_beam_search(
         return expand_partials(prefix, partials, caps, settings, max_rows, expand_stats)
 
     def score(texts: list[str]) -> list[float]:
-        return clip.score(image_embedding, texts)
+        return clip.raw_scores(image_embedding, texts)
 
     result = run_sentence_search(policy, config, expand, score)
     result.stats.forward_passes = expand_stats.forward_passes + prefix.forward_passes
@@ -889,7 +1005,7 @@ def naive_sentence_beam_search(policy, clip, image, prompt_text: str, config: Se
         return naive_expand(policy, image, prompt_text, partials, caps, settings, expand_stats)
 
     def score(texts: list[str]) -> list[float]:
-        return [clip.score(clip.encode_image(image), [text])[0] for text in texts]
+        return [clip.raw_scores(clip.encode_image(image), [text])[0] for text in texts]
 
     result = run_sentence_search(policy, config, expand, score)
     result.stats.forward_passes = expand_stats.forward_passes
@@ -904,4 +1020,4 @@ def response_text(records: Sequence[CandidateRecord], leaf: int) -> str:
     while node is not None:
         parts.append(records[node].text)
         node = records[node].parent_node
-    return "".join(reversed(parts)).strip()
+    return "".join(reversed(parts))

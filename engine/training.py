@@ -6,6 +6,12 @@ decoder's linear layers and the multimodal projector in full, with the
 reference being the same base with the adapter switched off; the adapter is
 then merged and the model saved as safetensors with its processor.
 
+DPO trains on token ids, never on re-tokenised text: each example carries the
+response token ids the search generated, and the prompt is encoded exactly
+as generation encodes it (`loading.encode_prompts`). The reference log-probs
+can come from the tree (`reference="tree"`): the search stored log pi_{N-1}
+of every token, so the reference forward pass is not run at all.
+
 Pure engine code: plain objects in, a directory and a `TrainResult` out; the
 caller owns the store. Everything that decides the outcome (config, seed, data
 order) is explicit so that the same inputs give the same weights on CPU.
@@ -37,16 +43,13 @@ DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 LANGUAGE_MODEL_NAMES = ("language_model",)
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
 
-# As in generation (engine/loading.py): prompt sets carry their own "<image>"
-# markers, which the chat template places itself; LLaVA-1.5's format otherwise.
-IMAGE_PLACEHOLDER = "<image>"
-FALLBACK_PROMPT = "USER: <image>\n{prompt} ASSISTANT:"
-
 # PEFT and TRL read transformers' deprecated `is_gradient_checkpointing`;
 # the warning names nothing a csr user could change.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+TOO_LONG = ("skip", "refuse")
+REFERENCES = ("tree", "recompute")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 FINGERPRINT_FILE = "csr_run.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -79,7 +82,15 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     seed: int = 42
-    max_length: int = 1024
+    # The longest response DPO trains on, in response tokens; the image and the
+    # prompt come on top, whatever the processor expands them to. A pair with a
+    # longer response is never cut: it is skipped and counted, or refused.
+    max_response_tokens: int = 1024
+    too_long: str = "skip"
+    # Where log pi_{N-1} of chosen and rejected comes from: the search's stored
+    # token log-probs ("tree", no reference forward pass) or a forward pass of
+    # the adapter-free model ("recompute").
+    reference: str = "tree"
     logging_steps: int = 1
     save_steps: int = 50
     # Two, not one: a crash while writing the newest checkpoint leaves the one
@@ -94,7 +105,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.default)
-        positive = ("lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "max_length",
+        positive = ("lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "max_response_tokens",
                     "logging_steps", "save_steps", "save_total_limit", "beta")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -116,6 +127,12 @@ class TrainConfig:
         if self.save_dtype not in SAVE_DTYPES:
             raise TrainConfigError(
                 f"training option save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}"
+            )
+        if self.too_long not in TOO_LONG:
+            raise TrainConfigError(f"training option too_long must be one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
+        if self.reference not in REFERENCES:
+            raise TrainConfigError(
+                f"training option reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}"
             )
         if not _lora_leaf_names(self.lora_target):
             raise TrainConfigError("training option lora_target is empty")
@@ -156,10 +173,24 @@ def _check_type(name: str, value: Any, default: Any) -> None:
 
 @dataclass
 class PreferenceExample:
+    """One pair as DPO sees it: the user prompt (encoded as generation encodes
+    it), and the response token ids exactly as generated (EOS included where
+    the model ended the response). The reference log-probs are the sums of the
+    search's stored token log-probs under pi_{N-1}, when known."""
+
     image_path: str
     prompt: str
-    chosen: str
-    rejected: str
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_ref_logp: float | None = None
+    rejected_ref_logp: float | None = None
+
+
+def completion_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids for a response known only as text (pairs rebuilt from stores
+    made before token ids were kept, hand-made pairs): the text, then EOS."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return [*ids, tokenizer.eos_token_id]
 
 
 @dataclass
@@ -172,44 +203,6 @@ class TrainResult:
     global_step: int
     resumed_from_step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def build_prompt(processor: Any, text: str) -> str:
-    """The prompt string generation feeds the model: one user turn (image, then
-    text) and the generation prompt, through the processor's chat template.
-    Mirrors `loading.Policy.build_prompt` (placeholder stripping, fallback
-    format) so that DPO trains on the context the search generated in.
-
-    Special tokens the tokenizer would add on its own (LLaVA-1.5's BOS) are
-    written into the string, because TRL's collator tokenizes with
-    `add_special_tokens=False` while `processor(text=prompt)` at generation
-    time adds them: without this the trained context would lack the BOS."""
-    text = text.replace(IMAGE_PLACEHOLDER, "").strip()
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        prompt = FALLBACK_PROMPT.format(prompt=text)
-    prefix = _implicit_prefix(processor.tokenizer)
-    return prompt if prompt.startswith(prefix) else prefix + prompt
-
-
-def _implicit_prefix(tokenizer: Any) -> str:
-    with_special = tokenizer("a").input_ids
-    plain = tokenizer("a", add_special_tokens=False).input_ids
-    if len(with_special) <= len(plain) or with_special[len(with_special) - len(plain):] != plain:
-        return ""
-    return "".join(tokenizer.convert_ids_to_tokens(with_special[: len(with_special) - len(plain)]))
-
-
-def build_completion(tokenizer: Any, text: str) -> str:
-    """The assistant continuation as trained: the response, ended by EOS like
-    the chat template's assistant turn, so the model learns where to stop."""
-    eos = tokenizer.eos_token or ""
-    return text if text.endswith(eos) else text + eos
 
 
 # ------------------------------------------------------------------- model surgery
@@ -285,9 +278,13 @@ def _make_trainer_class():
         """DPOTrainer with the released script's two learning rates (LoRA vs
         projector) as optimizer parameter groups; the scheduler scales both."""
 
-        def __init__(self, *args: Any, projector_learning_rate: float, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, projector_learning_rate: float, tree_reference: bool, **kwargs: Any) -> None:
             self._projector_lr = projector_learning_rate
             super().__init__(*args, **kwargs)
+            # The batches carry ref_chosen_logps/ref_rejected_logps from the
+            # tree: TRL then skips the reference forward pass. (TRL refuses its
+            # own precomputation for vision data, which is not what happens here.)
+            self.precompute_ref_logps = tree_reference
 
         def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
             if self.optimizer is None:
@@ -310,29 +307,69 @@ def _make_trainer_class():
     return CSRDPOTrainer
 
 
-def _preference_dataset(examples: Sequence[PreferenceExample], processor: Any):
-    """TRL's standard (already templated) vision preference format: `images`
-    (a list of one image, decoded lazily from its path), `prompt`, `chosen`,
-    `rejected`. TRL skips its own preprocessing for vision datasets and
-    tokenizes in the collator, so the strings below are exactly what it sees."""
-    from datasets import Dataset, Features, Image, List, Value
+@dataclass
+class TokenPreferenceCollator:
+    """Batches of pre-tokenised pairs: chosen rows then rejected rows, each the
+    prompt (image expanded by the processor, left-padded) followed by the
+    response ids (right-padded), then flushed left as TRL's own collators do.
+    Nothing is truncated: over-long pairs are filtered before training."""
 
-    tokenizer = processor.tokenizer
-    features = Features({
-        "images": List(Image()),
-        "prompt": Value("string"),
-        "chosen": Value("string"),
-        "rejected": Value("string"),
-    })
-    return Dataset.from_dict(
-        {
-            "images": [[str(e.image_path)] for e in examples],
-            "prompt": [build_prompt(processor, e.prompt) for e in examples],
-            "chosen": [build_completion(tokenizer, e.chosen) for e in examples],
-            "rejected": [build_completion(tokenizer, e.rejected) for e in examples],
-        },
-        features=features,
+    processor: Any
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from PIL import Image
+        from trl.trainer.utils import flush_left
+
+        from csr.engine.loading import encode_prompts
+
+        images = []
+        for e in examples:
+            with Image.open(e["images"][0]) as image:
+                images.append(image.convert("RGB"))
+        encoded = encode_prompts(self.processor, images * 2, [e["prompt"] for e in examples] * 2)
+        responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        width = max(len(r) for r in responses)
+        response_ids = torch.full((len(responses), width), self.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+        for row, ids in enumerate(responses):
+            response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            response_mask[row, : len(ids)] = 1
+        prompt_mask = encoded["attention_mask"]
+        input_ids = torch.cat([encoded["input_ids"], response_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        completion_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
+        attention_mask, input_ids, completion_mask = flush_left(attention_mask, input_ids, completion_mask)
+        batch = dict(encoded)
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])
+            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])
+        return batch
+
+
+def uses_tree_reference(examples: Sequence[PreferenceExample], config: TrainConfig) -> bool:
+    """The tree's log-probs serve as the reference only when every pair has them."""
+    return config.reference == "tree" and all(
+        e.chosen_ref_logp is not None and e.rejected_ref_logp is not None for e in examples
     )
+
+
+def _preference_dataset(examples: Sequence[PreferenceExample], tree_reference: bool):
+    """The pairs as a dataset of ids. The `images` column (paths, loaded by the
+    collator) makes TRL treat it as vision data and leave it untouched."""
+    from datasets import Dataset
+
+    columns: dict[str, list] = {
+        "images": [[str(e.image_path)] for e in examples],
+        "prompt": [e.prompt for e in examples],
+        "chosen_ids": [list(e.chosen_ids) for e in examples],
+        "rejected_ids": [list(e.rejected_ids) for e in examples],
+    }
+    if tree_reference:
+        columns["ref_chosen_logps"] = [float(e.chosen_ref_logp) for e in examples]
+        columns["ref_rejected_logps"] = [float(e.rejected_ref_logp) for e in examples]
+    return Dataset.from_dict(columns)
 
 
 # Options that change how often things are written, not what is trained:
@@ -474,7 +511,8 @@ def _dpo_args(config: TrainConfig, checkpoint_dir: Path, bf16: bool, device: str
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         weight_decay=0.0,
-        max_length=config.max_length,
+        max_length=None,  # pairs that do not fit are filtered, never cut (TrainConfig.max_response_tokens)
+        remove_unused_columns=False,  # the collator reads the id columns
         seed=config.seed,
         data_seed=config.seed,
         bf16=bf16,
@@ -538,15 +576,26 @@ def train_dpo(
     # generate like its base.
     use_cache = model.config.get_text_config().use_cache
     lora, lora_record = _lora_setup(model, config)
+    too_long = [e for e in examples if max(len(e.chosen_ids), len(e.rejected_ids)) > config.max_response_tokens]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} pair(s) have a response longer than max_response_tokens "
+            f"({config.max_response_tokens}); filter them first (training never cuts a response)"
+        )
+    tree_reference = uses_tree_reference(examples, config)
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     trainer = _make_trainer_class()(
         model=model,
         args=_dpo_args(config, checkpoint_dir, bf16, device),
-        train_dataset=_preference_dataset(examples, processor),
+        train_dataset=_preference_dataset(examples, tree_reference),
+        data_collator=TokenPreferenceCollator(processor, pad_id),
         processing_class=processor,
         peft_config=lora,
         callbacks=list(callbacks),
         projector_learning_rate=config.projector_learning_rate,
+        tree_reference=tree_reference,
     )
     # The engine is silent; the caller adds progress through `callbacks`.
     trainer.remove_callback(PrinterCallback)
@@ -582,7 +631,7 @@ def train_dpo(
         train_seconds=train_seconds,
         global_step=int(trainer.state.global_step),
         resumed_from_step=_step_of(resume) if resume else None,
-        extra={"bf16": bf16, "num_pairs": len(examples)},
+        extra={"bf16": bf16, "num_pairs": len(examples), "reference": "tree" if tree_reference else "recompute"},
     )
 
 
@@ -604,24 +653,21 @@ def _save_atomically(model: Any, processor: Any, output_dir: Path) -> None:
 
 
 @torch.no_grad()
-def completion_logprob(model: Any, processor: Any, image: Any, prompt: str, completion: str) -> float:
-    """Summed log-probability of `completion` after image + prompt, tokenized the
-    way training sees it (templated prompt, continuation + EOS)."""
+def completion_logprob(model: Any, processor: Any, image: Any, prompt: str, response_ids: Sequence[int]) -> float:
+    """Summed log-probability of the response ids after image + prompt, the
+    prompt encoded as generation and training encode it."""
+    from csr.engine.loading import encode_prompts
+
     device = next(model.parameters()).device
-    prompt_inputs = processor(
-        images=[image], text=[build_prompt(processor, prompt)],
-        add_special_tokens=False, return_tensors="pt",
-    )
-    completion_ids = processor.tokenizer(
-        build_completion(processor.tokenizer, completion), add_special_tokens=False, return_tensors="pt",
-    ).input_ids
-    input_ids = torch.cat([prompt_inputs["input_ids"], completion_ids], dim=1).to(device)
+    encoded = encode_prompts(processor, [image], [prompt])
+    response = torch.tensor([list(response_ids)], dtype=torch.long)
+    input_ids = torch.cat([encoded["input_ids"], response], dim=1).to(device)
     logits = model(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        pixel_values=prompt_inputs["pixel_values"].to(device, model.dtype),
+        pixel_values=encoded["pixel_values"].to(device, model.dtype),
     ).logits.float()
-    start = prompt_inputs["input_ids"].shape[1]
+    start = encoded["input_ids"].shape[1]
     # Position i predicts token i + 1.
     logprobs = torch.log_softmax(logits[0, start - 1 : -1], dim=-1)
     targets = input_ids[0, start:]
@@ -650,7 +696,7 @@ def implicit_reward_margins(
     for ex in examples:
         image = Image.open(ex.image_path).convert("RGB")
         (pol_w, pol_l), (ref_w, ref_l) = (
-            [completion_logprob(m, processor, image, ex.prompt, y) for y in (ex.chosen, ex.rejected)]
+            [completion_logprob(m, processor, image, ex.prompt, y) for y in (ex.chosen_ids, ex.rejected_ids)]
             for m in models
         )
         margins.append(beta * ((pol_w - ref_w) - (pol_l - ref_l)))

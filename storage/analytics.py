@@ -10,7 +10,9 @@ next to three convenience views:
 
 - `response_sentences`: one row per sentence of every final response
   (a recursive CTE from each leaf up through node/parent_node);
-- `responses`: one row per final response, its full text and reward sums;
+- `response_paths`: one row per final candidate, its path's text and reward
+  sums, computed from the candidates (the store's own `responses` table holds
+  the kept final responses as the search wrote them);
 - `pair_stats`: pair figures per iteration and pair set.
 """
 
@@ -86,7 +88,7 @@ FROM path JOIN nodes AS n ON n.id = path.candidate_id
 # group-by or join back is needed; about twice as fast as aggregating
 # response_sentences. A final candidate's prefix is its whole response.
 RESPONSES_VIEW = """
-CREATE VIEW responses AS
+CREATE VIEW response_paths AS
 WITH RECURSIVE
   nodes AS MATERIALIZED (
     SELECT id, iteration, prompt_id, node, parent_node, depth, text, words(text) AS words, r_t, r_i,
@@ -101,7 +103,7 @@ WITH RECURSIVE
     WHERE parent_node IS NULL
     UNION ALL
     SELECT n.id, n.iteration, n.prompt_id, n.node, n.depth, n.is_final,
-           prefix.text || ' ' || n.text, prefix.words + n.words, prefix.sentences + 1,
+           prefix.text || n.text, prefix.words + n.words, prefix.sentences + 1,
            prefix.sum_r_t + n.r_t, prefix.sum_r_i + n.r_i, prefix.sum_reward + n.reward,
            n.cumulative_reward, n.exclusion_reason, n.finish_reason
     FROM prefix
@@ -177,7 +179,7 @@ GROUP BY s.iteration, s.id, s.name, s.is_default, s.preset
 CONVENIENCE_DDL = {
     "words": WORDS_MACRO,
     "response_sentences": RESPONSE_SENTENCES_VIEW,
-    "responses": RESPONSES_VIEW,
+    "response_paths": RESPONSES_VIEW,
     "pair_responses": PAIR_RESPONSES_VIEW,
     "pair_stats": PAIR_STATS_VIEW,
 }

@@ -1,11 +1,12 @@
 """Curation: per prompt, the best and worst final responses become a pair.
 
-A candidate with empty text is the end-of-response step of the search (EOS
-right after a sentence): it ends the path but is no sentence, so it adds no
-reward and no text. Everything is one SQL selection over the candidates table, recomputed from
-the raw scores stored with every candidate (R_T as probability with its
-log-prob sum and token count, R_I as the raw CLIP score), so a pair set under
-another preset or lambda is a re-curation, never a re-generation.
+One flat SQL selection over the `responses` table: the search stores, per
+final response, its exact text and the sums of its sentences' raw scores and
+sibling ranks, and the response score is a linear formula of those sums
+(engine/rewards.py: response_score, which this SQL restates and a test checks
+it against). A pair set under another preset or lambda is therefore a
+re-curation, never a re-generation; the pair set records when it re-curates
+a tree that was grown under other settings.
 """
 
 from __future__ import annotations
@@ -23,59 +24,35 @@ from csr.storage.work import get_iteration
 
 PRESETS = ("paper", "reference-code")
 
-# Sentence reward R(s) = lambda * image score + (1 - lambda) * text score.
-_PAPER_SENTENCE = ":lam * c.r_i + (1 - :lam) * c.r_t"
-# Released code: both scores become ranks among the siblings of one parent
-# (best 1/n ... worst 1); stored as 1 - rank so that larger is better as in the
-# paper preset (engine/rewards.py). Ties keep sibling order.
-_RANK = "(1 - ROW_NUMBER() OVER (sib ORDER BY {score} DESC, c.sibling_index) * 1.0 / COUNT(*) OVER sib)"
-_REFERENCE_SENTENCE = (
-    f":lam * {_RANK.format(score='c.r_i')} + (1 - :lam) * {_RANK.format(score='d.path_norm')}"
-)
+# engine/rewards.py response_score: paper = sum of R(s) = lam * sum R_I + (1 - lam) * sum R_T;
+# reference-code = minus the released key, (lam * image ranks + (1 - lam) * text ranks - n) / (n + 1).
+_RESPONSE_SCORE = {
+    "paper": ":lam * r.r_i_sum + (1 - :lam) * r.r_t_sum",
+    "reference-code": (
+        "(:lam * r.image_rank_sum + (1 - :lam) * r.text_rank_sum - r.sentence_count) * 1.0"
+        " / (r.sentence_count + 1)"
+    ),
+}
 
 _SELECTION = """
-WITH RECURSIVE
-down(id, prompt_id, node, path_norm) AS (
-    SELECT id, prompt_id, node, logprob_sum / CASE WHEN token_count > 0 THEN token_count ELSE 1 END
-    FROM candidates
-    WHERE iteration = :iteration AND parent_node IS NULL AND exclusion_reason IS NULL
-    UNION ALL
-    SELECT c.id, c.prompt_id, c.node,
-           d.path_norm + c.logprob_sum / CASE WHEN c.token_count > 0 THEN c.token_count ELSE 1 END
-    FROM candidates c JOIN down d ON c.prompt_id = d.prompt_id AND c.parent_node = d.node
-    WHERE c.iteration = :iteration AND c.exclusion_reason IS NULL
-),
-scored AS (
-    SELECT c.id, c.prompt_id, c.node, c.parent_node, c.sibling_index, c.text, c.is_final,
-           CASE WHEN TRIM(c.text) = '' THEN 0 ELSE {sentence_reward} END AS rs,
-           CASE WHEN TRIM(c.text) = '' THEN 0 ELSE 1 END AS sentences
-    FROM candidates c JOIN down d ON d.id = c.id
-    WINDOW sib AS (PARTITION BY c.prompt_id, c.parent_node)
-),
-up(leaf_id, prompt_id, parent_node, total, n, response) AS (
-    SELECT id, prompt_id, parent_node, rs, sentences, TRIM(text) FROM scored WHERE is_final
-    UNION ALL
-    SELECT up.leaf_id, up.prompt_id, s.parent_node, up.total + s.rs, up.n + s.sentences,
-           CASE WHEN up.response = '' THEN TRIM(s.text) ELSE TRIM(s.text) || ' ' || up.response END
-    FROM up JOIN scored s ON s.prompt_id = up.prompt_id AND s.node = up.parent_node
-),
-responses AS (
-    SELECT leaf_id, prompt_id, {response_score} AS score, response
-    FROM up WHERE parent_node IS NULL
+WITH scored AS (
+    SELECT r.prompt_id, r.leaf_candidate_id, r.text, {response_score} AS score
+    FROM responses r
+    WHERE r.iteration = :iteration
 ),
 best AS (
-    SELECT leaf_id, prompt_id, score, response,
-           ROW_NUMBER() OVER (PARTITION BY prompt_id ORDER BY score DESC, leaf_id) AS position
-    FROM responses
+    SELECT prompt_id, leaf_candidate_id, text, score,
+           ROW_NUMBER() OVER (PARTITION BY prompt_id ORDER BY score DESC, leaf_candidate_id) AS position
+    FROM scored
 ),
 worst AS (
-    SELECT r.leaf_id, r.prompt_id, r.score, r.response,
-           ROW_NUMBER() OVER (PARTITION BY r.prompt_id ORDER BY r.score, r.leaf_id) AS position
-    FROM responses r JOIN best b ON b.prompt_id = r.prompt_id AND b.position = 1
-    WHERE r.response <> b.response
+    SELECT s.prompt_id, s.leaf_candidate_id, s.text, s.score,
+           ROW_NUMBER() OVER (PARTITION BY s.prompt_id ORDER BY s.score, s.leaf_candidate_id) AS position
+    FROM scored s JOIN best b ON b.prompt_id = s.prompt_id AND b.position = 1
+    WHERE s.text <> b.text
 )
-SELECT b.prompt_id, b.leaf_id AS chosen_candidate_id, w.leaf_id AS rejected_candidate_id,
-       b.response AS chosen_text, w.response AS rejected_text,
+SELECT b.prompt_id, b.leaf_candidate_id AS chosen_candidate_id, w.leaf_candidate_id AS rejected_candidate_id,
+       b.text AS chosen_text, w.text AS rejected_text,
        b.score AS chosen_reward, w.score AS rejected_reward, b.score - w.score AS margin
 FROM best b JOIN worst w ON w.prompt_id = b.prompt_id AND w.position = 1
 WHERE b.position = 1 AND b.score - w.score >= :min_margin
@@ -103,9 +80,7 @@ class CurationPolicy:
 
 
 def selection_sql(preset: str) -> str:
-    sentence = _PAPER_SENTENCE if preset == "paper" else _REFERENCE_SENTENCE
-    response = "total" if preset == "paper" else "total * 1.0 / CASE WHEN n > 0 THEN n ELSE 1 END"
-    return _SELECTION.format(sentence_reward=sentence, response_score=response).strip()
+    return _SELECTION.format(response_score=_RESPONSE_SCORE[preset]).strip()
 
 
 def select_pairs(conn: Connection, iteration: int, policy: CurationPolicy) -> list[dict]:
@@ -145,6 +120,7 @@ class CurationResult:
     result_hash: str
     created: bool
     is_default: bool
+    note: str | None = None
 
 
 def curate(
@@ -159,13 +135,14 @@ def curate(
     if it is None:
         raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
     name = name or policy.default_name()
+    params = {**policy.params(), **_provenance(it, policy)}
     existing = conn.execute(
         select(PairSet).where(PairSet.iteration == iteration, PairSet.name == name)
     ).first()
     rows = select_pairs(conn, iteration, policy)
     digest = pairs_hash(rows)
     if existing is not None:
-        if existing.params != policy.params():
+        if existing.params != params:
             raise StoreError(
                 f"pair set {name!r} of iteration {iteration} exists with other parameters "
                 f"({existing.params}); choose another --name"
@@ -177,7 +154,9 @@ def curate(
             )
         if make_default and not existing.is_default:
             _set_default(conn, iteration, existing.id)
-        return CurationResult(existing.id, name, len(rows), digest, False, make_default or existing.is_default)
+        return CurationResult(
+            existing.id, name, len(rows), digest, False, make_default or existing.is_default, recuration_note(params)
+        )
     has_default = conn.execute(
         select(func.count()).select_from(PairSet).where(PairSet.iteration == iteration, PairSet.is_default)
     ).scalar_one()
@@ -187,7 +166,7 @@ def curate(
             iteration=iteration,
             name=name,
             preset=policy.preset,
-            params=policy.params(),
+            params=params,
             selection_sql=selection_sql(policy.preset),
             result_hash=digest,
             is_default=False,
@@ -200,7 +179,28 @@ def curate(
     is_default = make_default or not has_default
     if is_default:
         _set_default(conn, iteration, pair_set_id)
-    return CurationResult(pair_set_id, name, len(rows), digest, True, is_default)
+    return CurationResult(pair_set_id, name, len(rows), digest, True, is_default, recuration_note(params))
+
+
+def _provenance(it, policy: CurationPolicy) -> dict:
+    """Whether the pair set re-curates a tree grown under other settings: the
+    active set of every search step was chosen by the iteration's own preset
+    and lambda, so another lambda here is not the paper's table 2 ablation
+    (that needs a regeneration, as `csr demo`'s ablation does)."""
+    grown = {"preset": it.preset, "lambda": float(it.config.get("search", {}).get("lam", 0.9))}
+    same = grown["preset"] == policy.preset and grown["lambda"] == policy.lam
+    return {"grown_under": grown, "recurated": not same}
+
+
+def recuration_note(params: dict) -> str | None:
+    """A line for the user when a pair set re-curates another setting's tree."""
+    if not params.get("recurated"):
+        return None
+    grown = params.get("grown_under", {})
+    return (
+        f"re-curated, not regenerated: the tree was grown under preset {grown.get('preset')} "
+        f"with lambda {grown.get('lambda'):g}"
+    )
 
 
 def _set_default(conn: Connection, iteration: int, pair_set_id: int) -> None:
@@ -218,14 +218,34 @@ def pair_set(conn: Connection, iteration: int, name: str | None = None):
 TRAINING_SELECTION = """
 SELECT p.prompt_id, pr.external_id, pr.text AS prompt, i.root AS image_root, i.rel_path AS image_path,
        p.chosen_text, p.rejected_text, p.chosen_reward, p.rejected_reward,
-       p.chosen_candidate_id, p.rejected_candidate_id
+       p.chosen_candidate_id, p.rejected_candidate_id,
+       rc.token_ids AS chosen_token_ids, rr.token_ids AS rejected_token_ids,
+       rc.token_count AS chosen_token_count, rr.token_count AS rejected_token_count,
+       rc.logprob_sum AS chosen_logprob_sum, rr.logprob_sum AS rejected_logprob_sum,
+       rc.sentence_count AS chosen_sentences, rr.sentence_count AS rejected_sentences,
+       rc.r_t_sum AS chosen_r_t_sum, rr.r_t_sum AS rejected_r_t_sum,
+       rc.r_i_sum AS chosen_r_i_sum, rr.r_i_sum AS rejected_r_i_sum,
+       rc.is_truncated AS chosen_truncated, rr.is_truncated AS rejected_truncated
 FROM pairs p
 JOIN prompts pr ON pr.id = p.prompt_id
 JOIN images i ON i.id = pr.image_id
+JOIN responses rc ON rc.leaf_candidate_id = p.chosen_candidate_id
+JOIN responses rr ON rr.leaf_candidate_id = p.rejected_candidate_id
 WHERE p.pair_set_id = :pair_set_id
 ORDER BY p.prompt_id
 """.strip()
 
 
 def training_rows(conn: Connection, pair_set_id: int) -> list[dict]:
-    return [dict(r) for r in conn.execute(text(TRAINING_SELECTION), {"pair_set_id": pair_set_id}).mappings()]
+    """The pairs of a pair set with their prompt, image and both responses'
+    token ids (JSON decoded; None for rows rebuilt from pre-0003 stores)."""
+    rows = []
+    for r in conn.execute(text(TRAINING_SELECTION), {"pair_set_id": pair_set_id}).mappings():
+        row = dict(r)
+        for key in ("chosen_token_ids", "rejected_token_ids"):
+            if isinstance(row[key], str):  # a JSON column read through text() is not decoded
+                row[key] = json.loads(row[key])
+        for key in ("chosen_truncated", "rejected_truncated"):
+            row[key] = bool(row[key])
+        rows.append(row)
+    return rows

@@ -151,6 +151,49 @@ class Candidate(Base):
     exclusion_reason: Mapped[str | None] = mapped_column(String(64))
     # Why the token search ended the sentence: sentence_end | eos | max_new_tokens | max_length.
     finish_reason: Mapped[str | None] = mapped_column(String(16))
+    # The generated token ids of this sentence (the truth; `text` is their
+    # portable decode, csr.engine.text). NULL in rows made before revision 0003.
+    token_ids: Mapped[list | None] = mapped_column(JSON)
+    # The diversity-penalised, length-normalised beam score the token search ranked it by.
+    beam_score: Mapped[float | None] = mapped_column(Float)
+    # 1 - rank among the scored siblings (NULL for end markers and excluded candidates).
+    text_rank: Mapped[float | None] = mapped_column(Float)
+    image_rank: Mapped[float | None] = mapped_column(Float)
+
+
+class Response(Base):
+    """One final response of a search tree: the whole path from the root to a
+    kept final candidate, with the sums every curation formula needs
+    (engine/rewards.py: response_score), so curation is one flat query."""
+
+    __tablename__ = "responses"
+    __table_args__ = (
+        UniqueConstraint("iteration", "prompt_id", "leaf_node", name="uq_responses_leaf"),
+        Index("ix_responses_prompt", "iteration", "prompt_id"),
+        # pairs name their responses by leaf candidate
+        Index("ix_responses_leaf_candidate", "leaf_candidate_id", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    iteration: Mapped[int] = mapped_column(ForeignKey("iterations.number"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    leaf_node: Mapped[int] = mapped_column(Integer)
+    leaf_candidate_id: Mapped[int] = mapped_column(BigId, ForeignKey("candidates.id"))
+    # The concatenation of the path's candidate texts: the portable decode of token_ids.
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[list | None] = mapped_column(JSON)
+    # False for rows the 0003 migration rebuilt from an older store's texts.
+    has_token_ids: Mapped[bool] = mapped_column(Boolean)
+    token_count: Mapped[int] = mapped_column(Integer)
+    sentence_count: Mapped[int] = mapped_column(Integer)
+    # log pi_{N-1} of the whole response: the DPO reference log-prob.
+    logprob_sum: Mapped[float] = mapped_column(Float)
+    r_t_sum: Mapped[float] = mapped_column(Float)
+    r_i_sum: Mapped[float] = mapped_column(Float)
+    text_rank_sum: Mapped[float] = mapped_column(Float)
+    image_rank_sum: Mapped[float] = mapped_column(Float)
+    # The response hit the search's max_length: it was cut, not ended by the model.
+    is_truncated: Mapped[bool] = mapped_column(Boolean)
 
 
 class PairSet(Base):

@@ -1,13 +1,16 @@
-"""Store API for search trees: one prompt's candidates are written together."""
+"""Store API for search trees: one prompt's candidates and final responses are
+written together."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cache
 
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, insert, select
 
-from csr.storage.models import Candidate
+from csr.storage.models import Candidate, Response
 
 # The columns a caller supplies for each candidate, in this order.
 CANDIDATE_COLUMNS = (
@@ -26,7 +29,35 @@ CANDIDATE_COLUMNS = (
     "is_kept",
     "exclusion_reason",
     "finish_reason",
+    "token_ids",
+    "beam_score",
+    "text_rank",
+    "image_rank",
 )
+
+# The columns a caller supplies for each final response.
+RESPONSE_COLUMNS = (
+    "leaf_node",
+    "text",
+    "token_ids",
+    "token_count",
+    "sentence_count",
+    "logprob_sum",
+    "r_t_sum",
+    "r_i_sum",
+    "text_rank_sum",
+    "image_rank_sum",
+    "is_truncated",
+)
+
+
+@dataclass
+class Tree:
+    """One (iteration, prompt) search tree as plain rows: CANDIDATE_COLUMNS
+    dicts in node order and RESPONSE_COLUMNS dicts, one per final response."""
+
+    candidates: list[dict]
+    responses: list[dict] = field(default_factory=list)
 
 # Positional placeholder of each DB-API paramstyle the fast path knows.
 _MARKERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
@@ -44,14 +75,16 @@ def _insert_sql(marker: str) -> str:
 def insert_candidates(conn: Connection, iteration: int, prompt_id: int, rows: Sequence[dict]) -> int:
     """Insert every candidate of one (iteration, prompt) tree; returns how many.
 
-    Rows are dicts with CANDIDATE_COLUMNS (finish_reason may be absent). The
-    caller owns the transaction, so a tree lands whole or not at all.
+    Rows are dicts with CANDIDATE_COLUMNS (finish_reason and the columns after
+    it may be absent). The caller owns the transaction, so a tree lands whole
+    or not at all.
     """
     if not rows:
         return 0
     marker = _MARKERS.get(conn.dialect.paramstyle)
     if marker is None:  # a driver with named or numeric placeholders: the general path
-        values = [{"iteration": iteration, "prompt_id": prompt_id, "finish_reason": None, **row} for row in rows]
+        optional = dict.fromkeys(CANDIDATE_COLUMNS[CANDIDATE_COLUMNS.index("finish_reason") :])
+        values = [{"iteration": iteration, "prompt_id": prompt_id, **optional, **row} for row in rows]
         conn.execute(insert(Candidate), values)
         return len(values)
     # Workers write a tree of a few hundred rows per prompt, millions per
@@ -77,8 +110,45 @@ def insert_candidates(conn: Connection, iteration: int, prompt_id: int, rows: Se
             row["is_kept"],
             row["exclusion_reason"],
             row.get("finish_reason"),
+            _json(row.get("token_ids")),
+            row.get("beam_score"),
+            row.get("text_rank"),
+            row.get("image_rank"),
         )
         for row in rows
     ]
     conn.exec_driver_sql(_insert_sql(marker), params)
     return len(params)
+
+
+def _json(value) -> str | None:
+    # The driver sees a JSON column as text: serialise as SQLAlchemy's JSON type does.
+    return None if value is None else json.dumps(value)
+
+
+def insert_tree(conn: Connection, iteration: int, prompt_id: int, tree: Tree) -> int:
+    """Insert a whole tree, candidates then responses; returns the candidate count.
+    The caller owns the transaction."""
+    written = insert_candidates(conn, iteration, prompt_id, tree.candidates)
+    if tree.responses:
+        ids = dict(
+            conn.execute(
+                select(Candidate.node, Candidate.id).where(
+                    Candidate.iteration == iteration, Candidate.prompt_id == prompt_id
+                )
+            ).all()
+        )
+        conn.execute(
+            insert(Response),
+            [
+                {
+                    "iteration": iteration,
+                    "prompt_id": prompt_id,
+                    "leaf_candidate_id": ids[row["leaf_node"]],
+                    "has_token_ids": row["token_ids"] is not None,
+                    **{column: row[column] for column in RESPONSE_COLUMNS},
+                }
+                for row in tree.responses
+            ],
+        )
+    return written

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from csr.storage.clock import utcnow
 from csr.storage.errors import OrderError
 from csr.storage.models import Image, Iteration, ModelVersion, Prompt, Worker, WorkItem
-from csr.storage.trees import insert_candidates
+from csr.storage.trees import Tree, insert_tree
 
 PENDING, CLAIMED, DONE, FAILED = "pending", "claimed", "done", "failed"
 
@@ -201,7 +201,7 @@ def heartbeat(engine: Engine, worker_id: int, lease: timedelta) -> None:
         )
 
 
-def complete(engine: Engine, claim_: Claim, worker_id: int, iteration: int, rows: list[dict]) -> bool:
+def complete(engine: Engine, claim_: Claim, worker_id: int, iteration: int, tree: Tree) -> bool:
     """Write a prompt's whole tree and mark its item done, atomically.
 
     Returns False (and writes nothing) when this worker no longer holds the
@@ -220,7 +220,7 @@ def complete(engine: Engine, claim_: Claim, worker_id: int, iteration: int, rows
         if held != 1:
             conn.rollback()
             return False
-        insert_candidates(conn, iteration, claim_.prompt_id, rows)
+        insert_tree(conn, iteration, claim_.prompt_id, tree)
     return True
 
 

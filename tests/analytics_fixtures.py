@@ -44,7 +44,7 @@ class Tree:
         return out[::-1]
 
     def text(self, node: int) -> str:
-        return " ".join(row["text"] for row in self.path(node))
+        return "".join(row["text"] for row in self.path(node))
 
     def finals(self) -> list[dict]:
         return [row for row in self.rows if row["is_final"]]
@@ -86,7 +86,8 @@ def random_tree(rng: random.Random, width: int = 3, max_depth: int = 4) -> list[
         for parent in frontier:
             for sibling in range(width):
                 words = rng.randint(2, 7)
-                text = " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+                # as generated: a sentence after the first carries its leading space
+                text = (" " if depth else "") + " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
                 token_count = words + 1
                 logprob_sum = -rng.uniform(0.5, 6.0)
                 r_t = 2.718281828 ** logprob_sum

@@ -83,7 +83,7 @@ def test_every_table_and_view_is_exposed(store: Store):
     for table in ("images", "prompts", "iterations", "model_versions", "work_items", "workers", "candidates",
                   "pair_sets", "pairs", "training_runs", "evaluations", "alembic_version"):
         assert table in names
-    assert {"responses", "response_sentences", "pair_responses", "pair_stats"} <= names
+    assert {"responses", "response_paths", "response_sentences", "pair_responses", "pair_stats"} <= names
     # Booleans read as booleans on both backends.
     kinds = sql_json(store.url, "SELECT typeof(is_final) AS t FROM candidates LIMIT 1")
     assert kinds == [{"t": "BOOLEAN"}]
@@ -202,7 +202,7 @@ def test_sql_needs_a_store(tmp_path: Path):
 
 
 def test_responses_view_matches_the_trees(store: Store):
-    rows = sql_json(store.url, "SELECT * FROM responses ORDER BY leaf_id")
+    rows = sql_json(store.url, "SELECT * FROM response_paths ORDER BY leaf_id")
     expected = {}
     for tree in store.study.trees:
         for final in tree.finals():

@@ -240,3 +240,48 @@ def test_cascade_rows_keep_prompt_of_each_row(trained_policy, colour_images):
     rows.step(torch.tensor([3, 3]), torch.tensor([5, 6]))
     assert rows.row_prompt.tolist() == [1, 1]
     assert rows.cache.length == 2 and rows.cache.rows == 2
+
+
+# --------------------------------------------------------------------------- several prompts per batch
+
+
+def test_search_prompts_equals_sentence_beam_search_prompt_by_prompt(trained_policy, clip_scorer, colour_images):
+    from csr.engine.batch_search import PromptJob, search_prompts
+    from csr.engine.search import SearchConfig, sentence_beam_search
+
+    config = SearchConfig(max_new_tokens=8, max_length=24)
+    jobs = [PromptJob(colour_images[c], PROMPT) for c in ("red", "green", "blue")]
+    jobs.append(PromptJob(colour_images["yellow"], "What is in the picture?"))
+    stats = ExpandStats()
+    together = search_prompts(trained_policy, clip_scorer, jobs, config, kv_budget=2**40, stats=stats)
+    alone_passes = 0
+    for job, got in zip(jobs, together, strict=True):
+        want = sentence_beam_search(trained_policy, clip_scorer, job.image, job.prompt_text, config)
+        alone_passes += want.stats.forward_passes - 1
+        assert len(got.records) == len(want.records) > 0
+        for g, w in zip(got.records, want.records, strict=True):
+            assert (g.parent_node, g.text, g.token_ids, g.finish_reason, g.is_final, g.is_kept, g.exclusion_reason) == (
+                w.parent_node, w.text, w.token_ids, w.finish_reason, w.is_final, w.is_kept, w.exclusion_reason
+            )
+            assert g.logprob_sum == pytest.approx(w.logprob_sum, abs=1e-5)
+            assert g.beam_score == pytest.approx(w.beam_score, abs=1e-5)
+            assert g.cumulative_reward == pytest.approx(w.cumulative_reward, abs=1e-4)
+        assert [r.text for r in got.responses] == [r.text for r in want.responses]
+    # Pooled: the prompts' expansions share forward passes.
+    assert stats.forward_passes < alone_passes
+
+
+def test_batch_size_follows_the_kv_budget(trained_policy):
+    from csr.engine.batch_search import kv_bytes_per_prompt, prompts_for_budget
+    from csr.engine.search import SearchConfig
+
+    config = SearchConfig(max_new_tokens=10, max_length=50)
+    per_prompt = kv_bytes_per_prompt(trained_policy.model, config, 40)
+    # layers x K,V x heads x dim x 4 bytes per token; prefix once, 2k x beams rows of 60 tokens
+    layers, kv_heads, head_dim = ca.text_shapes(trained_policy.model)
+    assert per_prompt == 2 * layers * kv_heads * head_dim * 4 * (40 + 2 * 5 * 5 * 60)
+    assert kv_bytes_per_prompt(trained_policy.model, config, 40, shared=False) == (
+        2 * layers * kv_heads * head_dim * 4 * 2 * 5 * 5 * (40 + 60)
+    )
+    assert prompts_for_budget(trained_policy.model, config, 40, 3 * per_prompt - 1) == 2
+    assert prompts_for_budget(trained_policy.model, config, 40, 0) == 1

@@ -158,7 +158,24 @@ def _fill_0001(url: str) -> None:
     engine.dispose()
 
 
-FILLERS = {"0001": _fill_0001}
+def _fill_0002(url: str) -> None:
+    """0001's rows, the finish reasons 0002 added, and evaluations."""
+    _fill_0001(url)
+    engine = make_engine(url)
+    metadata = MetaData()
+    metadata.reflect(engine)
+    t = metadata.tables
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE candidates SET finish_reason = 'eos' WHERE is_final"))
+        conn.execute(text("UPDATE candidates SET finish_reason = 'sentence_end' WHERE NOT is_final"))
+        conn.execute(insert(t["evaluations"]), [
+            {"id": 1, "model_version": 1, "benchmark": "chair-coco-val2014-500", "n_responses": 500,
+             "chair_s": 0.482, "chair_i": 0.131, "mean_words": 97.5, "details": {"seed": 1}, "created_at": T0},
+        ])
+    engine.dispose()
+
+
+FILLERS = {"0001": _fill_0001, "0002": _fill_0002}
 OLDER_FROZEN = [rev for rev in frozen_revisions() if rev != HEAD]
 
 
@@ -205,6 +222,7 @@ def _check_upgrade_keeps_every_row(url: str, revision: str) -> None:
     finally:
         engine.dispose()
 
+    _check_responses_rebuilt_from_the_trees(url)
     shown = run_csr("status", "--json", db=url)
     assert shown.returncode == 0, shown.stderr
     summary = json.loads(shown.stdout)
@@ -213,6 +231,32 @@ def _check_upgrade_keeps_every_row(url: str, revision: str) -> None:
     assert [v["version"] for v in summary["model_versions"]] == [0, 1]
     second = summary["iterations"][1]
     assert (second["claimed"], second["failed"], second["pending"], second["done"]) == (1, 1, 2, 0)
+
+
+def _check_responses_rebuilt_from_the_trees(url: str) -> None:
+    """Revision 0003 rebuilds one response per kept final candidate from the
+    stored texts, flagged as having no token ids, with the sibling ranks."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            kept = conn.execute(text(
+                "SELECT id, prompt_id FROM candidates WHERE is_final AND exclusion_reason IS NULL ORDER BY id"
+            )).all()
+            responses = conn.execute(text(
+                "SELECT leaf_candidate_id, prompt_id, text, has_token_ids, token_ids, sentence_count, token_count, "
+                "text_rank_sum, image_rank_sum FROM responses ORDER BY leaf_candidate_id"
+            )).all()
+            assert [(r.leaf_candidate_id, r.prompt_id) for r in responses] == [tuple(k) for k in kept]
+            for r in responses:
+                assert not r.has_token_ids and r.token_ids is None
+                # the fixture's leaf node 2 hangs under node 0: two sentences, both ranked first of their siblings
+                assert r.text == "The plate holds 0 slices of pizza.The plate holds 2 slices of pizza."
+                assert (r.sentence_count, r.token_count) == (2, 9 + 11)
+                # nodes 0 and 2 are each the only scored one among their siblings (the
+                # others are excluded): rank 1 of 1, stored as 1 - 1/1
+                assert (r.text_rank_sum, r.image_rank_sum) == (0.0, 0.0)
+    finally:
+        engine.dispose()
 
 
 # -- tests ---------------------------------------------------------------------------------

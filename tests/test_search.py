@@ -450,6 +450,7 @@ def test_r_i_equals_open_clip_directly(tree, clip_scorer, colour_images):
 def test_batched_search_equals_the_naive_released_code_way(trained_policy, clip_scorer, colour_images, tree):
     naive = naive_sentence_beam_search(trained_policy, clip_scorer, colour_images["red"], PROMPT, SMALL)
     assert len(naive.records) == len(tree.records)
+    assert [r.text for r in naive.responses] == [r.text for r in tree.responses]
     for a, b in zip(tree.records, naive.records, strict=True):
         assert (a.node, a.parent_node, a.text, a.is_final, a.is_kept, a.exclusion_reason) == (
             b.node,
@@ -466,33 +467,89 @@ def test_batched_search_equals_the_naive_released_code_way(trained_policy, clip_
     assert tree.stats.forward_passes < naive.stats.forward_passes
 
 
-def test_reference_code_preset_and_text_selection(trained_policy, clip_scorer, colour_images):
-    config = SearchConfig(
-        max_new_tokens=12, max_length=30, preset="reference-code", select_by="text", keep_rule="reference-code"
-    )
+def _path_of(records, node):
+    path = []
+    while node is not None:
+        path.append(records[node])
+        node = records[node].parent_node
+    return path[::-1]
+
+
+def test_reference_code_preset_is_the_released_search(trained_policy, clip_scorer, colour_images):
+    config = SearchConfig(max_new_tokens=12, max_length=30, preset="reference-code")
+    # one switch: the released selection, slicing, length and degenerate rules
+    assert (config.select_by, config.keep_rule, config.degenerate_rules) == ("text", "reference-code", "reference-code")
+    assert SearchConfig(preset="reference-code").max_new_tokens == 70
+    assert SearchConfig().max_new_tokens == 74
+    assert SearchConfig(preset="reference-code", max_new_tokens=9).max_new_tokens == 9
     result = sentence_beam_search(trained_policy, clip_scorer, colour_images["blue"], PROMPT, config)
     records = result.records
-    sentences = {None: 0}
+    lam = config.lam
     for r in records:
-        parent = r.parent_node
         end_marker = r.finish_reason == EOS and not r.text.strip()
-        n_parent = sentences[parent]
-        sentences[r.node] = n_parent + (0 if end_marker else 1)
-        parent_cum = 0.0 if parent is None else records[parent].cumulative_reward
-        if end_marker:
-            assert r.cumulative_reward == pytest.approx(parent_cum)
-        else:
-            assert 0.0 <= r.reward < 1.0
-            assert r.cumulative_reward == pytest.approx((parent_cum * n_parent + r.reward) / (n_parent + 1))
-    # released-code slicing of the active set: top k//2 - 1 and bottom k//2 by text score
+        if end_marker or r.exclusion_reason:
+            assert r.text_rank is None and r.image_rank is None
+            continue
+        assert r.reward == pytest.approx(lam * r.image_rank + (1 - lam) * r.text_rank)
+        scored = [p for p in _path_of(records, r.node) if p.text_rank is not None]
+        n = len(scored)
+        released_key = sum(lam * (1 - p.image_rank) + (1 - lam) * (1 - p.text_rank) for p in scored) / (n + 1)
+        assert r.cumulative_reward == pytest.approx(-released_key)
+    # ranks among each parent's scored siblings: text on the penalised beam score
+    siblings = defaultdict(list)
+    for r in records:
+        if r.text_rank is not None:
+            siblings[r.parent_node].append(r)
+    for group in siblings.values():
+        by_score = sorted(group, key=lambda r: -r.beam_score)
+        assert [r.text_rank for r in by_score] == pytest.approx([1 - (i + 1) / len(group) for i in range(len(group))])
+    # released-code slicing of the active set: top k//2 - 1 and bottom k//2 by the path's beam score
     by_depth = defaultdict(list)
     for r in records:
         by_depth[r.depth].append(r)
     k = config.num_beams
     for level in by_depth.values():
-        pool = [r for r in level if not r.is_final and r.exclusion_reason is None]
+        pool = [r for r in level if not r.is_final and r.exclusion_reason is None and r.text.strip()]
         kept = [r for r in pool if r.is_kept]
         assert len(kept) == (len(pool) if len(pool) < k else k // 2 - 1 + k // 2)
+        if len(pool) >= k:
+            beam_path = {r.node: sum(p.beam_score for p in _path_of(records, r.node)) for r in pool}
+            order = sorted(pool, key=lambda r: -beam_path[r.node])
+            assert {r.node for r in kept} == {r.node for r in order[: k // 2 - 1] + order[-(k // 2) :]}
+
+
+def test_paper_capacity_is_num_beams_in_all(trained_policy, clip_scorer, colour_images):
+    config = SearchConfig(max_new_tokens=6, max_length=40)
+    result = sentence_beam_search(trained_policy, clip_scorer, colour_images["green"], PROMPT, config)
+    assert result.stats.max_active <= config.num_beams
+    by_depth = defaultdict(list)
+    for r in result.records:
+        by_depth[r.depth].append(r)
+    saw_full_pool = False
+    for level in by_depth.values():
+        pool = [r for r in level if not r.is_final and r.exclusion_reason is None and r.text.strip()]
+        kept = sorted((r for r in pool if r.is_kept), key=lambda r: -r.cumulative_reward)
+        assert len(kept) == min(len(pool), config.num_beams)
+        if len(pool) > config.num_beams:
+            saw_full_pool = True
+            order = sorted(pool, key=lambda r: -r.cumulative_reward)
+            assert {r.node for r in kept} == {r.node for r in order[:3] + order[-2:]}
+    assert saw_full_pool
+
+
+def test_responses_are_the_exact_paths(tree):
+    records = tree.records
+    assert tree.responses and len(tree.responses) == sum(r.is_final and r.is_kept for r in records)
+    for resp in tree.responses:
+        path = _path_of(records, resp.leaf_node)
+        assert resp.text == "".join(p.text for p in path)
+        assert resp.token_ids == [t for p in path for t in p.token_ids]
+        assert resp.logprob_sum == pytest.approx(sum(p.logprob_sum for p in path))
+        scored = [p for p in path if p.text_rank is not None]
+        assert resp.sentence_count == len(scored)
+        assert resp.r_t_sum == pytest.approx(sum(p.r_t for p in scored))
+        assert resp.r_i_sum == pytest.approx(sum(p.r_i for p in scored))
+        assert resp.score("paper", 0.9) == pytest.approx(records[resp.leaf_node].cumulative_reward)
 
 
 def test_search_is_deterministic(trained_policy, clip_scorer, colour_images, tree):

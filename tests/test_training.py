@@ -16,9 +16,9 @@ from transformers.utils import logging as hf_logging
 
 from csr.engine import tiny
 from csr.engine.training import (
+    TokenPreferenceCollator,
     TrainConfig,
     TrainConfigError,
-    build_prompt,
     completion_logprob,
     implicit_reward_margins,
     resolve_lora_targets,
@@ -101,6 +101,28 @@ def test_config_bad_values_are_refused(key, value, message):
         TrainConfig.from_dict({key: value})
 
 
+def test_response_length_options_are_checked():
+    assert TrainConfig().max_response_tokens == 1024 and TrainConfig().too_long == "skip"
+    with pytest.raises(TrainConfigError, match="too_long must be one of"):
+        TrainConfig(too_long="cut")
+    with pytest.raises(TrainConfigError, match="reference must be one of"):
+        TrainConfig(reference="model")
+
+
+def test_a_response_over_the_limit_is_refused_not_cut(world, tmp_path):
+    base, examples = world
+    config = dataclasses.replace(FAST_CONFIG, max_response_tokens=2)
+    with pytest.raises(ValueError, match="longer than max_response_tokens"):
+        train_dpo(str(base), examples, tmp_path / "m", tmp_path / "c", config, device="cpu")
+    assert not (tmp_path / "m").exists()
+
+
+def policy_prompt(processor) -> str:
+    from csr.engine.loading import chat_prompt
+
+    return chat_prompt(processor, PROMPT)
+
+
 # ---------------------------------------------------------- model plumbing
 
 
@@ -119,34 +141,32 @@ def test_lora_targets_are_the_text_decoder_projections_only():
         resolve_lora_targets(model, "qkv")
 
 
-def test_prompt_carries_the_bos_generation_would_add():
+def test_dpo_batch_is_the_generation_prompt_then_the_stored_ids(world):
+    """The collator encodes the prompt exactly as the search's Policy.encode
+    does (BOS, chat template, expanded image tokens) and appends the stored
+    response ids untouched; nothing is truncated."""
     from tokenizers.processors import TemplateProcessing
 
-    tokenizer = tiny.train_word_tokenizer(["describe the image ."])
+    from csr.engine.loading import Policy
+
+    tokenizer = tiny.train_word_tokenizer(["describe the image .", "there is a red square ."])
     bos = tokenizer.bos_token_id
-    tokenizer._tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos)]
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    model, processor = tiny.build_tiny_llava(tokenizer)
+    policy = Policy("tiny", model, processor, tokenizer, "cpu", (tokenizer.convert_tokens_to_ids("."),),
+                    tokenizer.eos_token_id)
+    _, examples = world
+    image = Image.open(examples[0].image_path).convert("RGB")
+    generation_ids = policy.encode(image, "<image>\n" + PROMPT)["input_ids"][0].tolist()
+    assert generation_ids[0] == bos
+    chosen, rejected = [5, 6, 7, tokenizer.eos_token_id], [8, 9]
+    batch = TokenPreferenceCollator(processor, tokenizer.pad_token_id)(
+        [{"images": [examples[0].image_path], "prompt": PROMPT, "chosen_ids": chosen, "rejected_ids": rejected}]
     )
-    _, processor = tiny.build_tiny_llava(tokenizer)
-    template_only = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    prompt = build_prompt(processor, PROMPT)
-    assert prompt == "<s>" + template_only
-    # TRL tokenizes without special tokens; generation tokenizes with them.
-    trained_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    generation_ids = tokenizer(template_only).input_ids
-    assert trained_ids == generation_ids and trained_ids[0] == bos
-
-
-def test_prompt_drops_the_prompt_sets_own_image_marker():
-    tokenizer = tiny.train_word_tokenizer(["describe the image ."])
-    _, processor = tiny.build_tiny_llava(tokenizer)
-    # LLaVA prompt files write "<image>\n" into the text; the template places the image.
-    assert build_prompt(processor, "<image>\n" + PROMPT) == build_prompt(processor, PROMPT)
-    assert build_prompt(processor, PROMPT).count("<image>") == 1
+    for row, response in enumerate((chosen, rejected)):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert ids == generation_ids + response
+        assert batch["input_ids"][row][batch["completion_mask"][row].bool()].tolist() == response
 
 
 def test_weights_hash_ignores_sharding_and_sees_every_weight(tmp_path):
@@ -206,7 +226,7 @@ def test_trained_model_differs_where_it_should_and_generates(world, trained):
     processor = AutoProcessor.from_pretrained(trained.model_dir)
     inputs = processor(
         images=[Image.open(examples[0].image_path)],
-        text=[build_prompt(processor, PROMPT)],
+        text=[policy_prompt(processor)],
         return_tensors="pt",
     )
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -237,11 +257,33 @@ def test_trl_scores_the_tokens_the_independent_check_scores(world, trained):
     model = AutoModelForImageTextToText.from_pretrained(base).eval()
     processor = AutoProcessor.from_pretrained(base)
     ours = [
-        completion_logprob(model, processor, Image.open(e.image_path).convert("RGB"), e.prompt, e.chosen)
+        completion_logprob(model, processor, Image.open(e.image_path).convert("RGB"), e.prompt, e.chosen_ids)
         for e in examples
     ]
     logged = trained.metrics[0]["logps/chosen"]
     assert min(abs(logged - x) for x in ours) < 1e-3, (logged, ours)
+
+
+@pytest.mark.slow
+def test_reference_from_the_tree_gives_the_recomputed_loss(world, trained, tmp_path):
+    """With each pair's reference log-probs given (as the search stores them),
+    TRL runs no reference forward; step 1 sees the same loss and log-probs."""
+    base, examples = world
+    model = AutoModelForImageTextToText.from_pretrained(base).eval()
+    processor = AutoProcessor.from_pretrained(base)
+
+    def logp(e, ids):
+        return completion_logprob(model, processor, Image.open(e.image_path).convert("RGB"), e.prompt, ids)
+
+    with_tree = [dataclasses.replace(e, chosen_ref_logp=logp(e, e.chosen_ids), rejected_ref_logp=logp(e, e.rejected_ids))
+                 for e in examples]
+    config = dataclasses.replace(FAST_CONFIG, epochs=1, save_steps=100)
+    result = train_dpo(str(base), with_tree, tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
+    assert result.extra["reference"] == "tree" and trained.extra["reference"] == "recompute"
+    first, recomputed = result.metrics[0], trained.metrics[0]
+    assert first["loss"] == pytest.approx(recomputed["loss"], abs=1e-4)
+    assert first["logps/chosen"] == pytest.approx(recomputed["logps/chosen"], abs=1e-4)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
 
 
 @pytest.mark.slow
@@ -264,7 +306,8 @@ def test_sft_weight_holds_up_the_chosen_likelihood(world, trained, tmp_path):
     def chosen_logprob(model_dir) -> float:
         model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
         processor = AutoProcessor.from_pretrained(model_dir)
-        return sum(completion_logprob(model, processor, Image.open(e.image_path).convert("RGB"), e.prompt, e.chosen)
+        return sum(completion_logprob(model, processor, Image.open(e.image_path).convert("RGB"), e.prompt,
+                                      e.chosen_ids)
                    for e in examples)
 
     assert chosen_logprob(with_sft.model_dir) > chosen_logprob(trained.model_dir)

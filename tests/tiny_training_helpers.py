@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from csr.engine import tiny
-from csr.engine.training import PreferenceExample, TrainConfig
+from csr.engine.training import PreferenceExample, TrainConfig, completion_ids
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 PROMPT = "Describe the image."
@@ -43,8 +43,8 @@ def make_world(root: Path) -> tuple[Path, list[PreferenceExample]]:
             PreferenceExample(
                 image_path=str(path),
                 prompt=PROMPT,
-                chosen=f"There is a {name} square.",
-                rejected=f"There is a {wrong} square.",
+                chosen_ids=completion_ids(tokenizer, f"There is a {name} square."),
+                rejected_ids=completion_ids(tokenizer, f"There is a {wrong} square."),
             )
         )
     return model_dir, examples
