@@ -144,7 +144,9 @@ def search_prompts(
     while start < len(jobs):
         first = _prefix_or_error(policy, jobs[start])
         length = first.length if isinstance(first, PromptPrefix) else 0
-        size = 1 if attention == "plain" else prompts_for_budget(policy.model, config, length, budget)
+        pooled = attention == "cascade" and isinstance(first, PromptPrefix) and first.shares_prefix
+        # The per-row path (or a model the shared prefix does not apply to) holds one prompt a batch.
+        size = prompts_for_budget(policy.model, config, length, budget) if pooled else 1
         batch = jobs[start : start + size]
         prefixes = [first] + [_prefix_or_error(policy, job) for job in batch[1:]]
         out.extend(_search_batch(policy, clip, batch, prefixes, config, settings, attention, stats))

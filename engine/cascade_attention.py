@@ -263,11 +263,17 @@ def _attention_configs(model) -> list:
         seen: dict[int, object] = {}
         for module in model.modules():
             config = getattr(module, "config", None)
-            if hasattr(module, "layer_idx") and config is not None and hasattr(module, "q_proj"):
+            # Decoder self-attention: causal, indexed by layer (the vision tower's is neither).
+            if hasattr(module, "layer_idx") and config is not None and getattr(module, "is_causal", False):
                 seen[id(config)] = config
         cached = list(seen.values())
         model._csr_attention_configs = cached
     return cached
+
+
+def supports_cascade(model) -> bool:
+    """Whether the model's decoder attention can be switched to the cascade function."""
+    return bool(_attention_configs(model))
 
 
 @contextmanager

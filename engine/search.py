@@ -88,7 +88,7 @@ from transformers.cache_utils import DynamicCache
 
 from csr.engine import degenerate, rewards
 from csr.engine import text as stored_text
-from csr.engine.cascade_attention import PrefixKV
+from csr.engine.cascade_attention import PrefixKV, supports_cascade
 from csr.engine.kv_cache import (  # noqa: F401  (re-exported: tests and the bench use them from here)
     CascadeRows,
     _assign_slots,
@@ -427,8 +427,9 @@ class PromptPrefix:
 
     @property
     def shares_prefix(self) -> bool:
-        """Whether the shared-prefix attention applies: full-attention layers only."""
-        return _is_plain_cache(self.cache)
+        """Whether the shared-prefix attention applies: full-attention layers
+        only, in a decoder whose attention goes through transformers' interface."""
+        return _is_plain_cache(self.cache) and supports_cascade(self.policy.model)
 
     @property
     def kv(self) -> PrefixKV:
