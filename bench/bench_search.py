@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("same candidates from all (texts exact, log-probs within 1e-3, R_I/cumulative within 1e-2)")
 
-    rows = 2 * config.num_beams * config.num_token_beams
+    rows = config.num_beams * config.num_token_beams  # the capacity of a search layer x token beams
     print(
         f"\nKV peak of one batch, measured: per-row {stats['per-row'].peak_kv_bytes / mib:.1f} MiB (one prompt), "
         f"shared {stats['shared'].peak_kv_bytes / mib:.1f} MiB ({len(jobs)} prompts)"

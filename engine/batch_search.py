@@ -58,12 +58,13 @@ def default_kv_budget(device: str) -> int:
 
 
 def kv_bytes_per_prompt(model, config: SearchConfig, prefix_length: int, shared: bool = True) -> int:
-    """The most KV bytes one prompt's search can hold: at most 2k active
-    partial responses x num_token_beams rows, each with room for the longest
-    response plus one sentence; the prefix once (shared) or in every row."""
+    """The most KV bytes one prompt's search can hold: at most num_beams
+    active partial responses (the capacity of a search layer) x
+    num_token_beams rows, each with room for the longest response plus one
+    sentence; the prefix once (shared) or in every row."""
     layers, kv_heads, head_dim = text_shapes(model)
     per_token = kv_bytes_per_token(layers, kv_heads, head_dim, torch.finfo(model.dtype).bits // 8)
-    rows = 2 * config.num_beams * config.num_token_beams
+    rows = config.num_beams * config.num_token_beams
     suffix = config.max_length + config.max_new_tokens
     if shared:
         return per_token * (prefix_length + rows * suffix)

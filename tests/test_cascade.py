@@ -277,11 +277,11 @@ def test_batch_size_follows_the_kv_budget(trained_policy):
 
     config = SearchConfig(max_new_tokens=10, max_length=50)
     per_prompt = kv_bytes_per_prompt(trained_policy.model, config, 40)
-    # layers x K,V x heads x dim x 4 bytes per token; prefix once, 2k x beams rows of 60 tokens
+    # layers x K,V x heads x dim x 4 bytes per token; prefix once, k x beams rows of 60 tokens
     layers, kv_heads, head_dim = ca.text_shapes(trained_policy.model)
-    assert per_prompt == 2 * layers * kv_heads * head_dim * 4 * (40 + 2 * 5 * 5 * 60)
+    assert per_prompt == 2 * layers * kv_heads * head_dim * 4 * (40 + 5 * 5 * 60)
     assert kv_bytes_per_prompt(trained_policy.model, config, 40, shared=False) == (
-        2 * layers * kv_heads * head_dim * 4 * 2 * 5 * 5 * (40 + 60)
+        2 * layers * kv_heads * head_dim * 4 * 5 * 5 * (40 + 60)
     )
     assert prompts_for_budget(trained_policy.model, config, 40, 3 * per_prompt - 1) == 2
     assert prompts_for_budget(trained_policy.model, config, 40, 0) == 1
