@@ -229,8 +229,10 @@ def stats_cmd(
 ) -> None:
     """The paper's figures per iteration: rewards of chosen and rejected (table 10), R_T and R_I,
     length (table 7), pair margins, exclusions; CHAIR per model version."""
-    with analytics.connect(state(ctx).url, cache=cache) as con:
-        summary = analytics.stats(con, iteration)
+    st = state(ctx)
+    limit = st.settings.train.get("max_response_tokens", 1024)
+    with analytics.connect(st.url, cache=cache) as con:
+        summary = analytics.stats(con, iteration, max_response_tokens=limit)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -245,6 +247,7 @@ _STAT_ROWS = (
     ("final responses", "final_responses", "d"),
     ("excluded candidates", "excluded", "d"),
     ("mean words, final responses", "final_mean_words", ".1f"),
+    ("responses cut at max_length", "truncated_responses", "d"),
     ("default pair set", "pair_set", "s"),
     ("pairs", "pairs", "d"),
     ("chosen mean reward R(y)", "chosen_mean_reward", ".3f"),
@@ -274,6 +277,8 @@ def _print_stats(summary: dict) -> None:
             table.add_row(label, *(_fmt(it[key], spec) for it in iterations))
         for quantile in ("min", "p25", "median", "p75", "max"):
             table.add_row(f"margin {quantile}", *(_fmt(it["margin"][quantile], ".3f") for it in iterations))
+        table.add_row("pairs over max_response_tokens", *(
+            f"{it['pairs_over_training_limit']} (> {it['max_response_tokens']})" for it in iterations))
         reasons = sorted({reason for it in iterations for reason in it["exclusions"]})
         for reason in reasons:
             table.add_row(f"excluded: {reason}", *(str(it["exclusions"].get(reason, 0)) for it in iterations))

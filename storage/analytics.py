@@ -561,6 +561,19 @@ WHERE is_default {and_where}
 GROUP BY iteration, pair_set
 """
 
+# Responses the search cut at max_length, and default-set pairs that training
+# would leave out (a response longer than its max_response_tokens).
+_LENGTH_LIMITS = """
+SELECT r.iteration,
+       count(*) FILTER (WHERE r.is_truncated) AS truncated_responses,
+       count(DISTINCT p.id) FILTER (WHERE r.token_count > ?) AS pairs_over_training_limit
+FROM responses AS r
+LEFT JOIN pairs AS p ON r.leaf_candidate_id IN (p.chosen_candidate_id, p.rejected_candidate_id)
+     AND p.pair_set_id IN (SELECT id FROM pair_sets WHERE is_default)
+{where}
+GROUP BY r.iteration
+"""
+
 _EVALUATIONS = """
 SELECT e.model_version, m.iteration AS trained_on_iteration, e.benchmark, e.n_responses,
        e.chair_s, e.chair_i, e.mean_words
@@ -576,8 +589,9 @@ PAIR_FIELDS = (
 MARGIN_FIELDS = ("margin_min", "margin_p25", "margin_median", "margin_p75", "margin_max")
 
 
-def stats(con: duckdb.DuckDBPyConnection, iteration: int | None = None) -> dict:
-    """The paper's figures per iteration (tables 7 and 10, figure 5 inputs) and CHAIR per model."""
+def stats(con: duckdb.DuckDBPyConnection, iteration: int | None = None, max_response_tokens: int = 1024) -> dict:
+    """The paper's figures per iteration (tables 7 and 10, figure 5 inputs) and CHAIR per model.
+    `max_response_tokens` is the training limit whose over-long pairs are counted."""
     params: list = [] if iteration is None else [iteration]
     iterations = records(fetch(
         con,
@@ -593,6 +607,7 @@ def stats(con: duckdb.DuckDBPyConnection, iteration: int | None = None) -> dict:
                    final_mean_words=None, **dict.fromkeys(PAIR_FIELDS),
                    margin={key.removeprefix("margin_"): None for key in MARGIN_FIELDS})
         row["pairs"] = 0
+        row.update(truncated_responses=0, pairs_over_training_limit=0, max_response_tokens=max_response_tokens)
     where = _filter("iteration", iteration)
     and_where = _filter("iteration", iteration, "AND")
     for row in records(fetch(con, _CANDIDATE_STATS.format(where=where), params)):
@@ -606,6 +621,9 @@ def stats(con: duckdb.DuckDBPyConnection, iteration: int | None = None) -> dict:
         target = by_number[row.pop("iteration")]
         target["margin"] = {key.removeprefix("margin_"): row.pop(key) for key in MARGIN_FIELDS}
         target.update(row)
+    limits = _LENGTH_LIMITS.format(where=_filter("r.iteration", iteration))
+    for row in records(fetch(con, limits, [max_response_tokens, *params])):
+        by_number[row.pop("iteration")].update(row)
     evaluations = records(fetch(con, _EVALUATIONS))
     return _clean({"iterations": list(by_number.values()), "evaluations": evaluations})
 

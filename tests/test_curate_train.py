@@ -203,3 +203,54 @@ def test_curation_is_identical_on_sqlite_and_postgresql(tmp_path, postgres_url, 
             assert done.returncode == 0, done.stderr
         hashes.append(study.query("SELECT name, result_hash FROM pair_sets ORDER BY name"))
     assert hashes[0] == hashes[1]
+
+
+def _set_train_option(study: Study, key: str, value) -> None:
+    toml = study.directory / "csr.toml"
+    toml.write_text(toml.read_text().replace("[train]\n", f"[train]\n{key} = {json.dumps(value)}\n"))
+
+
+def test_over_long_responses_are_counted_and_refused_never_cut(generated):
+    assert generated.csr("curate", "--iter", "1").returncode == 0
+    lengths = generated.query(
+        "SELECT rc.token_count, rr.token_count FROM pairs p "
+        "JOIN responses rc ON rc.leaf_candidate_id = p.chosen_candidate_id "
+        "JOIN responses rr ON rr.leaf_candidate_id = p.rejected_candidate_id"
+    )
+    limit = min(max(pair) for pair in lengths) - 1  # no pair fits
+    _set_train_option(generated, "max_response_tokens", limit)
+
+    stats = generated.csr("stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    [it] = json.loads(stats.stdout)["iterations"]
+    assert (it["pairs_over_training_limit"], it["max_response_tokens"]) == (len(lengths), limit)
+
+    before = fingerprint(generated.url)
+    skipped_all = generated.csr("train", "--iter", "1", "--device", "cpu")
+    assert skipped_all.returncode != 0 and "nothing to train on" in skipped_all.stderr
+    _set_train_option(generated, "too_long", "refuse")
+    refused = generated.csr("train", "--iter", "1", "--device", "cpu")
+    assert refused.returncode != 0, refused.stdout
+    assert f"{len(lengths)} pair(s)" in refused.stderr and "max_response_tokens" in refused.stderr
+    for done in (skipped_all, refused):
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert fingerprint(generated.url) == before
+
+
+def test_training_leaves_out_only_the_pairs_that_do_not_fit():
+    from csr.engine.iterations import split_too_long
+
+    rows = [{"chosen_token_count": c, "rejected_token_count": r} for c, r in ((10, 12), (30, 5), (8, 8), (5, 31))]
+    fits, too_long = split_too_long(rows, 30)
+    assert fits == rows[:3] and too_long == rows[3:]
+
+
+def test_recuration_under_another_lambda_says_so(generated):
+    same = generated.csr("curate", "--iter", "1")
+    assert same.returncode == 0 and "re-curated" not in same.stdout
+    other = generated.csr("curate", "--iter", "1", "--lambda", "0.5")
+    assert other.returncode == 0, other.stderr
+    assert "re-curated, not regenerated" in other.stdout and "lambda 0.9" in other.stdout
+    [(params,)] = generated.query("SELECT params FROM pair_sets WHERE name = 'paper-lambda0.5-margin0'")
+    params = json.loads(params)
+    assert params["recurated"] is True and params["grown_under"] == {"preset": "paper", "lambda": 0.9}
