@@ -143,7 +143,9 @@ def make_images(count: int, seed: int = 0) -> list[Image.Image]:
     return images
 
 
-def build_models(root: Path, size: tiny.TinyLlavaSize) -> tuple[Path, Path]:
+def build_models(root: Path, size: tiny.TinyLlavaSize = SIZES["384x4"]) -> tuple[Path, Path]:
+    """The random policy (default: the size this bench used before --size, which
+    bench_capacity.py keeps) and the reward CLIP, saved under `root`."""
     tokenizer = tiny.train_word_tokenizer([" ".join(WORDS), *PROMPTS])
     model, processor = tiny.build_tiny_llava(tokenizer, size, seed=0)
     policy_dir = tiny.save_pretrained(model, processor, root / "policy")
