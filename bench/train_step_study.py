@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:
             print(done.stdout[-2000:], done.stderr[-4000:], sep="\n")
             return done.returncode
+        if step[0] == "generate":  # the dtype the trees were searched in is part of the iteration
+            with sqlite3.connect(root / "store.db") as conn:
+                (config,) = conn.execute("SELECT config FROM iterations WHERE number = 1").fetchone()
+            print(f"iteration 1 recorded dtype: {json.loads(config).get('dtype')}")
     return 0
 
 

@@ -24,5 +24,6 @@ def test_device_check_dry_run_on_cpu():
     assert out.count("speed-up shared/per-row") == 2
     assert "speed-up shared/naive" in out and "peak matmul" in out and "MFU" in out
     assert "before (prefix in every row)" in out
+    assert "iteration 1 recorded dtype: bfloat16" in out
     assert "csr train --iter 1: exit 0" in out
     assert "device check done" in out
