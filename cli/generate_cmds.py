@@ -30,6 +30,7 @@ from csr.storage.store import open_store
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 console = Console(stderr=True)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def generate(
@@ -49,6 +50,8 @@ def generate(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Put the iteration's failed prompts back to pending first."),
     store_retry_seconds: float = typer.Option(300.0, "--store-retry-seconds", min=0.0, help="How long to retry a lost store connection before giving up."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    dtype: str = typer.Option(None, "--dtype", help="Policy dtype for the search: float32 | bfloat16 | float16 (recorded with the iteration; default float32 on CPU, the checkpoint's on GPU)."),
+    kv_budget: float = typer.Option(None, "--kv-budget", min=0.0, help="GiB of KV cache a batch of prompts may hold (default: half the device's free memory)."),
 ) -> None:
     """Run the calibrated sentence-level beam search over every prompt; resumable, many workers may share a store."""
     st = state(ctx)
@@ -60,6 +63,10 @@ def generate(
     engine = open_store(st.url)
     try:
         preset_name, config = iteration_config(engine, iteration, settings)
+        if dtype is not None:
+            if dtype not in DTYPES:
+                raise CsrError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            config["dtype"] = dtype
         _, created = work.start_iteration(engine, iteration, preset_name, config)
         if created and not quiet:
             console.print(f"iteration {iteration} started (preset {preset_name}, policy version {iteration - 1})")
@@ -74,6 +81,8 @@ def generate(
             max_attempts=max_attempts,
             wait=not no_wait,
             store_retry_seconds=store_retry_seconds,
+            dtype=dtype,
+            kv_budget=None if kv_budget is None else int(kv_budget * 2**30),
         )
         if workers == 1:
             _run_here(engine, iteration, config, options, quiet)
@@ -203,6 +212,10 @@ def _run_processes(ctx, engine, iteration, settings, options: WorkerOptions, dev
                 cmd += [flag, str(settings[key])]
         if per_worker_limit is not None:
             cmd += ["--limit", str(per_worker_limit)]
+        if options.dtype is not None:
+            cmd += ["--dtype", options.dtype]
+        if options.kv_budget is not None:
+            cmd += ["--kv-budget", str(options.kv_budget / 2**30)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CSR_TORCH_THREADS": str(threads)}
         # Own session: a terminal's Ctrl-C reaches only this process, which passes
         # each signal on once (a second one then aborts the children too).

@@ -51,6 +51,8 @@ class WorkerOptions:
     wait: bool = True
     # How long a lost store connection is retried before the worker gives up.
     store_retry_seconds: float = 300.0
+    dtype: str | None = None  # the policy's dtype for the search (None: float32 on CPU, the checkpoint's on GPU)
+    kv_budget: int | None = None  # bytes of KV cache a batch of prompts may hold (None: from free memory)
 
 
 class StoreUnavailable(CsrError):
@@ -182,7 +184,8 @@ def run_worker(
     if config["policy_path"] is None:
         raise CsrError(f"iteration {iteration} has no policy model")
     _limit_threads()
-    policy = load_policy(config["policy_path"], device=options.device)
+    # An iteration started with a dtype keeps it: the trees depend on it.
+    policy = load_policy(config["policy_path"], device=options.device, dtype=config.get("dtype", options.dtype))
     clip = load_clip(config["clip"], config["clip_pretrained"], device=options.device)
     search_config = SearchConfig.from_dict(config["search"])
     lease = timedelta(seconds=options.lease_seconds)
@@ -225,22 +228,21 @@ def run_worker(
                 continue
             waiting_for = None
             inputs = store(_prompt_inputs, [c.prompt_id for c in held])
-            while held and not stop.is_set():
+            # The prompts of a claim are searched together (one forward pass
+            # serves all their rows), then each tree is written on its own.
+            t0 = time.perf_counter()
+            outcomes = _search_claims(policy, clip, held, inputs, search_config, embeddings, options)
+            share = (time.perf_counter() - t0) / max(len(held), 1)
+            for outcome in outcomes:
                 claim = held[0]
-                text, image_path, image_id = inputs[claim.prompt_id]
-                t0 = time.perf_counter()
-                try:
-                    image = _load_image(image_path)
-                    embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
-                    result = _search(policy, clip, image, text, search_config, embedding)
-                except Exception as exc:  # one bad prompt must not stop the run
+                if isinstance(outcome, BaseException):  # one bad prompt must not stop the run
                     held.pop(0)
-                    if not isinstance(exc, (OSError, CsrError, ValueError)) and debug():
-                        traceback.print_exc()
-                    _fail(store, claim, worker_id, first_line(exc), options, stats)
+                    if not isinstance(outcome, (OSError, CsrError, ValueError)) and debug():
+                        traceback.print_exception(outcome)
+                    _fail(store, claim, worker_id, first_line(outcome), options, stats)
                     continue
                 t1 = time.perf_counter()
-                tree = tree_rows(result)
+                tree = tree_rows(outcome)
                 try:
                     # One transaction: the whole tree, or (rolled back) nothing. After an
                     # outage it is written again whole; if the lost commit had landed, the
@@ -254,7 +256,7 @@ def run_worker(
                     continue
                 t2 = time.perf_counter()
                 held.pop(0)
-                stats.search_seconds += t1 - t0
+                stats.search_seconds += share
                 stats.store_seconds += t2 - t1
                 if written:
                     stats.prompts_done += 1
@@ -321,10 +323,25 @@ def _prompt_inputs(engine: Engine, prompt_ids: list[int]):
         return work.prompt_inputs(conn, prompt_ids)
 
 
-def _search(policy, clip, image, text, search_config, embedding):
-    from csr.engine.search import sentence_beam_search
+def _search_claims(policy, clip, held, inputs, search_config, embeddings, options) -> list:
+    """Per claim, its SearchResult or the exception that stopped it."""
+    from csr.engine.batch_search import PromptJob, search_prompts
 
-    return sentence_beam_search(policy, clip, image, text, search_config, image_embedding=embedding)
+    outcomes: list = [None] * len(held)
+    jobs, where = [], []
+    for i, claim in enumerate(held):
+        text, image_path, image_id = inputs[claim.prompt_id]
+        try:
+            image = _load_image(image_path)
+            embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
+        except Exception as exc:
+            outcomes[i] = exc
+            continue
+        jobs.append(PromptJob(image, text, embedding))
+        where.append(i)
+    for i, result in zip(where, search_prompts(policy, clip, jobs, search_config, options.kv_budget), strict=True):
+        outcomes[i] = result
+    return outcomes
 
 
 def _load_image(path: str) -> Image.Image:

@@ -84,10 +84,19 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from csr.engine import degenerate, rewards
 from csr.engine import text as stored_text
+from csr.engine.cascade_attention import PrefixKV, supports_cascade
+from csr.engine.kv_cache import (  # noqa: F401  (re-exported: tests and the bench use them from here)
+    CascadeRows,
+    _assign_slots,
+    _buffer_cache,
+    _BufferLayer,
+    _CachedRows,
+    _is_plain_cache,
+)
 
 SENTENCE_END = "sentence_end"
 EOS = "eos"
@@ -391,95 +400,6 @@ def _collect(fin_tokens, fin_lps, fin_len, fin_scores, fin_valid, settings) -> l
 # --------------------------------------------------------------------------- model side
 
 
-class _BufferLayer(DynamicLayer):
-    """A KV-cache layer that writes new tokens into a preallocated buffer.
-
-    transformers' DynamicLayer concatenates on every token, copying the whole
-    cache each step; with tens of beams over a long image prefix that copy
-    was three quarters of the search's time. Reordering copies only the
-    filled part.
-    """
-
-    is_sliding = False
-    is_compileable = False
-    is_initialized = True
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
-        # No super().__init__(): it would assign the `keys`/`values` properties.
-        rows, heads, length, dim = keys.shape
-        self._k = keys.new_empty(rows, heads, max(capacity, length), dim)
-        self._v = values.new_empty(rows, values.shape[1], max(capacity, length), values.shape[-1])
-        self._k[:, :, :length] = keys
-        self._v[:, :, :length] = values
-        self._len = length
-        self.dtype, self.device = keys.dtype, keys.device
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._k[:, :, : self._len]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._v[:, :, : self._len]
-
-    def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self._k.shape[2])
-        for name in ("_k", "_v"):
-            old = getattr(self, name)
-            new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
-            new[:, :, : self._len] = old[:, :, : self._len]
-            setattr(self, name, new)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        if self._len + n > self._k.shape[2]:
-            self._grow(self._len + n)
-        self._k[:, :, self._len : self._len + n] = key_states
-        self._v[:, :, self._len : self._len + n] = value_states
-        self._len += n
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self._len
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._len + query_length, 0
-
-    def move_rows(self, dest: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy rows `src` onto rows `dest` (disjoint), filled part only."""
-        for buf in (self._k, self._v):
-            buf[dest, :, : self._len] = buf[src, :, : self._len]
-
-    def truncate_rows(self, rows: int) -> None:
-        self._k, self._v = self._k[:rows], self._v[:rows]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        beam_idx = beam_idx.to(self._k.device)
-        for name in ("_k", "_v"):
-            old = getattr(self, name)
-            new = old.new_empty(beam_idx.numel(), old.shape[1], old.shape[2], old.shape[3])
-            new[:, :, : self._len] = old[:, :, : self._len].index_select(0, beam_idx)
-            setattr(self, name, new)
-
-    batch_select_indices = reorder_cache
-
-
-def _buffer_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> DynamicCache:
-    cache = DynamicCache()
-    cache.layers = [_BufferLayer(k, v, capacity) for k, v in layers]
-    return cache
-
-
-def _is_plain_cache(cache) -> bool:
-    """Full-attention layers only: what `_BufferLayer` can stand in for."""
-    return not any(getattr(cache, "is_sliding", [False])) and all(
-        type(layer) in (DynamicLayer, _BufferLayer) for layer in getattr(cache, "layers", [None])
-    )
-
-
 class PromptPrefix:
     """One prompt run once through the model: its KV cache and last logits.
 
@@ -496,6 +416,7 @@ class PromptPrefix:
         self.cache = out.past_key_values
         self.last_logits = out.logits[0, -1].float()
         self.forward_passes = 1
+        self._kv: PrefixKV | None = None
 
     def copy_cache(self, rows: int, capacity: int):
         """The prompt cache repeated for `rows` rows, with room for `capacity` tokens."""
@@ -504,90 +425,18 @@ class PromptPrefix:
             return _buffer_cache(data, capacity)
         return DynamicCache(ddp_cache_data=data, config=self.policy.model.config)
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether the shared-prefix attention applies: full-attention layers
+        only, in a decoder whose attention goes through transformers' interface."""
+        return _is_plain_cache(self.cache) and supports_cascade(self.policy.model)
 
-def _assign_slots(wanted: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """Where each new row goes in a batch of len(wanted) rows, moving as few as possible.
-
-    `wanted[i]` is the current row that new row i continues. A current row
-    below len(wanted) keeps its place for its first continuation; the others
-    (rows past the end, second continuations of one beam) are copied into
-    the free places. Returns (slot of each new row, destinations, sources).
-    """
-    n = len(wanted)
-    slot: list[int | None] = [None] * n
-    kept = set()
-    for i, row in enumerate(wanted):
-        if row < n and row not in kept:
-            slot[i] = row
-            kept.add(row)
-    free = iter(r for r in range(n) if r not in kept)
-    dest, src = [], []
-    for i, row in enumerate(wanted):
-        if slot[i] is None:
-            slot[i] = next(free)
-            dest.append(slot[i])
-            src.append(row)
-    return slot, dest, src  # type: ignore[return-value]
-
-
-class _CachedRows:
-    """Model state for a batch of rows that share the prompt prefix: the KV
-    cache, the 2-D attention mask and each row's next position id.
-
-    Beam search keeps, drops and duplicates rows at every token. Rather than
-    gathering the whole cache into a new order each step (a copy of every
-    row, the prompt prefix included), rows stay where they are and only the
-    rows that must move are copied; `slot` maps the search's row order to
-    the cache's.
-    """
-
-    def __init__(self, model, cache, mask: torch.Tensor, next_pos: torch.Tensor):
-        self.model, self.cache, self.mask, self.next_pos = model, cache, mask, next_pos
-        self.slot = torch.arange(mask.shape[0], device=mask.device)
-        self.in_place = all(isinstance(layer, _BufferLayer) for layer in getattr(cache, "layers", [None]))
-        self.forward_passes = 0
-        self.rows_forwarded = 0
-
-    def _rearrange(self, wanted: torch.Tensor) -> None:
-        if not self.in_place or wanted.numel() > self.mask.shape[0]:
-            # More rows than now (the first step fans each parent out into its
-            # beams), or a cache we cannot edit in place: gather a new batch.
-            self.cache.reorder_cache(wanted)
-            self.mask, self.next_pos = self.mask[wanted], self.next_pos[wanted]
-            self.slot = torch.arange(wanted.numel(), device=wanted.device)
-            return
-        slot, dest, src = _assign_slots(wanted.tolist())
-        n = len(slot)
-        if dest:
-            d = torch.tensor(dest, device=wanted.device)
-            r = torch.tensor(src, device=wanted.device)
-            for layer in self.cache.layers:
-                layer.move_rows(d, r)
-            self.mask[d] = self.mask[r]
-            self.next_pos[d] = self.next_pos[r]
-        for layer in self.cache.layers:
-            layer.truncate_rows(n)
-        self.mask, self.next_pos = self.mask[:n], self.next_pos[:n]
-        self.slot = torch.tensor(slot, device=wanted.device)
-
-    def step(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        self._rearrange(self.slot[rows])
-        feed = torch.empty_like(tokens)
-        feed[self.slot] = tokens
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=feed[:, None],
-                attention_mask=self.mask,
-                position_ids=self.next_pos[:, None],
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        self.next_pos = self.next_pos + 1
-        self.forward_passes += 1
-        self.rows_forwarded += int(feed.numel())
-        return out.logits[self.slot, -1]
+    @property
+    def kv(self) -> PrefixKV:
+        """The prefix KV once, for the shared-prefix path (views of the prompt cache, no copy)."""
+        if self._kv is None:
+            self._kv = PrefixKV.from_cache(self.cache)
+        return self._kv
 
 
 def _extend(
@@ -640,6 +489,97 @@ def _extend(
 class ExpandStats:
     forward_passes: int = 0
     rows_forwarded: int = 0
+    # Shared-prefix path only (for the bench's FLOP count): real query tokens
+    # run, and keys attended summed over them, per layer.
+    tokens: int = 0
+    attended: int = 0
+    logit_rows: int = 0
+    # The most KV-cache bytes one batch held (prefixes and rows).
+    peak_kv_bytes: int = 0
+
+
+ATTENTION = ("cascade", "plain")
+
+
+def _extend_shared(
+    prefixes: Sequence[PromptPrefix], parents: Sequence[tuple[int, Sequence[int]]], max_new: int
+) -> tuple[CascadeRows, torch.Tensor]:
+    """`_extend` with the shared-prefix attention, over the prompts `prefixes`:
+    parent i is (prompt index, partial response). Only the partial responses'
+    own tokens are run and stored per row; the prefixes are shared."""
+    model = prefixes[0].policy.model
+    device = prefixes[0].last_logits.device
+    n = len(parents)
+    lengths = [len(part) for _, part in parents]
+    width = max(lengths)
+    starts = [prefixes[p].length for p, _ in parents]
+    row_prompt = torch.tensor([p for p, _ in parents], device=device)
+    next_pos = torch.tensor([start + m for start, m in zip(starts, lengths, strict=True)], device=device)
+    rows = CascadeRows(model, [pf.kv for pf in prefixes], row_prompt, next_pos, width + max_new)
+    first = torch.stack([prefixes[p].last_logits for p, _ in parents])
+    if width == 0:
+        return rows, first
+    pad = prefixes[0].policy.tokenizer.pad_token_id or 0
+    ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+    valid = torch.zeros(n, width, dtype=torch.bool, device=device)
+    pos = torch.tensor(starts, device=device)[:, None].repeat(1, width)
+    for i, (_, part) in enumerate(parents):
+        m = len(part)
+        if m:
+            ids[i, width - m :] = torch.tensor(list(part), device=device)
+            valid[i, width - m :] = True
+            pos[i, width - m :] = torch.arange(starts[i], starts[i] + m, device=device)
+    logits = rows.forward(ids, valid, pos)
+    has_tokens = torch.tensor(lengths, device=device)[:, None] > 0
+    return rows, torch.where(has_tokens, logits.float(), first)
+
+
+def expand_prompts(
+    jobs: Sequence[tuple[PromptPrefix, Sequence[Sequence[int]], Sequence[int]]],
+    settings: BeamSettings,
+    max_rows: int | None = None,
+    stats: ExpandStats | None = None,
+    attention: str = "cascade",
+) -> list[list[list[TokenBeam]]]:
+    """`expand_partials` for several prompts at once: jobs are (prefix,
+    partials, caps); with the shared-prefix attention the parents of all
+    prompts advance in the same forward passes. `max_rows` bounds the rows
+    of one batch (parents are split into chunks; results do not change).
+    Returns the candidates per job, per partial."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    shared = attention == "cascade" and all(prefix.shares_prefix for prefix, _, _ in jobs)
+    parents = [(j, part, cap) for j, (_, partials, caps) in enumerate(jobs)
+               for part, cap in zip(partials, caps, strict=True)]
+    per_chunk = len(parents) if max_rows is None else max(1, max_rows // settings.num_beams)
+    found: list[list[TokenBeam]] = []
+    for start in range(0, len(parents), per_chunk):
+        chunk = parents[start : start + per_chunk]
+        chunk_caps = [cap for _, _, cap in chunk]
+        if shared:
+            prompts = sorted({j for j, _, _ in chunk})
+            local = {j: i for i, j in enumerate(prompts)}
+            rows, first = _extend_shared(
+                [jobs[j][0] for j in prompts], [(local[j], part) for j, part, _ in chunk], max(chunk_caps)
+            )
+        else:
+            prefixes = {j for j, _, _ in chunk}
+            if len(prefixes) > 1:  # the per-row path holds one prompt per batch
+                raise ValueError("the plain attention path expands one prompt per batch")
+            rows, first = _extend(jobs[chunk[0][0]][0], [part for _, part, _ in chunk], max(chunk_caps))
+        found.extend(group_beam_search(first, rows.step, chunk_caps, settings))
+        if stats is not None:
+            stats.forward_passes += rows.forward_passes
+            stats.rows_forwarded += rows.rows_forwarded
+            stats.peak_kv_bytes = max(stats.peak_kv_bytes, rows.peak_kv_bytes)
+            if shared:
+                stats.tokens += int(rows.tokens)
+                stats.attended += int(rows.attended)
+                stats.logit_rows += rows.logit_rows
+    out: list[list[list[TokenBeam]]] = [[] for _ in jobs]
+    for (j, _, _), beams in zip(parents, found, strict=True):
+        out[j].append(beams)
+    return out
 
 
 def expand_partials(
@@ -649,23 +589,14 @@ def expand_partials(
     settings: BeamSettings,
     max_rows: int | None = None,
     stats: ExpandStats | None = None,
+    attention: str = "cascade",
 ) -> list[list[TokenBeam]]:
     """Next-sentence candidates for each partial response (token ids after the
-    prompt), all partials x beams in one forward pass per token. `max_rows`
-    bounds the batch (parents are split into chunks; results do not change)."""
-    per_chunk = len(partials)
-    if max_rows is not None:
-        per_chunk = max(1, max_rows // settings.num_beams)
-    out: list[list[TokenBeam]] = []
-    for start in range(0, len(partials), per_chunk):
-        chunk = partials[start : start + per_chunk]
-        chunk_caps = caps[start : start + per_chunk]
-        rows, first = _extend(prefix, chunk, max(chunk_caps))
-        out.extend(group_beam_search(first, rows.step, chunk_caps, settings))
-        if stats is not None:
-            stats.forward_passes += rows.forward_passes
-            stats.rows_forwarded += rows.rows_forwarded
-    return out
+    prompt), all partials x beams in one forward pass per token. `attention`:
+    "cascade" holds the prefix once and shares it between rows, "plain"
+    copies it into every row (same results; the reference in the tests).
+    `max_rows` bounds the batch (parents are split into chunks; results do not change)."""
+    return expand_prompts([(prefix, partials, caps)], settings, max_rows, stats, attention)[0]
 
 
 # --------------------------------------------------------------------------- sentence level

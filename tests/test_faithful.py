@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from sqlalchemy import insert, select, text
 
@@ -327,3 +328,71 @@ def test_teacher_forced_logprobs_equal_the_stored_sums(which, llava_dir_of, clip
 def llava_dir_of(tiny_llava_dir, llama_llava_dir):
     return {"word-level": tiny_llava_dir, "llama-style": llama_llava_dir}.get
 
+
+
+# ------------------------------------ text PostgreSQL cannot hold, end to end
+
+
+class SurrogatePolicy(StubPolicy):
+    """A policy whose decode yields a lone surrogate where "~" was generated
+    (a Python str can hold one; UTF-8 and both stores cannot)."""
+
+    def decode(self, ids):
+        return super().decode(ids).replace("~", "\udc80")
+
+
+def test_nul_invalid_bytes_and_a_lone_surrogate_are_stored_alike(store_url, tmp_path, llama_tokenizer,
+                                                                llama_llava_dir):
+    tok = llama_tokenizer
+    eos = tok.eos_token_id
+    chains = [
+        ("Nul \ufffd here.", [(piece_ids(tok, "Nul ") + byte_ids(tok, b"\x00") + piece_ids(tok, " here.") + [eos], EOS)]),
+        ("Bad \ufffd\ufffd\ufffd end.", [(piece_ids(tok, "Bad ") + byte_ids(tok, b"\xe2\x28\xa1") + piece_ids(tok, " end.") + [eos], EOS)]),
+        ("Lone \ufffd mark.", [(piece_ids(tok, "Lone ~ mark.") + [eos], EOS)]),
+    ]
+    config = SearchConfig()
+    engine, [prompt_id] = _store_with_prompts(store_url, tmp_path, llama_llava_dir, 1, config)
+    try:
+        result = run_sentence_search(SurrogatePolicy(tok), config, _scripted_expand(chains, []), _fake_clip)
+        with engine.begin() as conn:
+            insert_tree(conn, 1, prompt_id, tree_rows(result))
+        with engine.connect() as conn:
+            stored = sorted(conn.execute(text("SELECT text FROM responses")).scalars())
+        assert stored == sorted(want for want, _ in chains)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def nul_prone_llava_dir(tmp_path_factory, llama_tokenizer):
+    """The Llama-style random model with the NUL byte token made likely, so
+    that a real search generates it."""
+    model, processor = tiny.build_tiny_llava(llama_tokenizer, seed=5)
+    nul = llama_tokenizer.convert_tokens_to_ids("<0x00>")
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[nul] = head.mean(dim=0) * 40
+    return tiny.save_pretrained(model, processor, tmp_path_factory.mktemp("nul-llava"))
+
+
+def test_generate_with_two_workers_stores_the_same_pairs_on_both_backends(
+    tmp_path, postgres_url, nul_prone_llava_dir, tiny_clip_dir, llama_tokenizer
+):
+    from tests.study import make_study
+
+    nul = llama_tokenizer.convert_tokens_to_ids("<0x00>")
+    pairs = []
+    for name, url in (("lite", f"sqlite:///{tmp_path / 'lite.db'}"), ("pg", postgres_url)):
+        study = make_study(tmp_path / name, url, nul_prone_llava_dir, tiny_clip_dir, prompts=12)
+        done = study.csr("generate", "--iter", "1", "--workers", "2", "--quiet")
+        assert done.returncode == 0, done.stderr
+        assert study.query("SELECT state, COUNT(*) FROM work_items GROUP BY state") == [("done", 12)]
+        ids = [json.loads(r[0]) if isinstance(r[0], str) else r[0]
+               for r in study.query("SELECT token_ids FROM candidates")]
+        assert any(nul in i for i in ids), "the run must generate a NUL byte"
+        assert study.csr("curate", "--iter", "1").returncode == 0
+        pairs.append(study.query(
+            "SELECT pr.external_id, p.chosen_text, p.rejected_text FROM pairs p "
+            "JOIN prompts pr ON pr.id = p.prompt_id ORDER BY pr.external_id"
+        ))
+    assert pairs[0] == pairs[1] and pairs[0]
