@@ -158,7 +158,52 @@ def _fill_0001(url: str) -> None:
     engine.dispose()
 
 
-FILLERS = {"0001": _fill_0001}
+def _fill_0002(url: str) -> None:
+    """0001's rows, a finish reason, and CHAIR evaluations in the 0002 layout
+    (one row per version and benchmark, details optional)."""
+    _fill_0001(url)
+    engine = make_engine(url)
+    metadata = MetaData()
+    metadata.reflect(engine)
+    t = metadata.tables
+    with engine.begin() as conn:
+        conn.execute(t["candidates"].update().where(t["candidates"].c.id == 3).values(finish_reason="eos"))
+        conn.execute(insert(t["evaluations"]), [
+            {"id": 1, "model_version": 0, "benchmark": "demo-world-heldout", "n_responses": 100,
+             "chair_s": 0.41, "chair_i": 0.2125, "mean_words": 17.5,
+             "details": {"recall": 0.8, "examples": ["There is a red circle."]}, "created_at": T0},
+            {"id": 2, "model_version": 1, "benchmark": "demo-world-heldout", "n_responses": 100,
+             "chair_s": 0.3, "chair_i": 0.15, "mean_words": 16.0, "details": None, "created_at": T0},
+            {"id": 3, "model_version": 1, "benchmark": "chair:instances.json", "n_responses": 2,
+             "chair_s": 0.5, "chair_i": 0.25, "mean_words": 40.0, "details": {}, "created_at": T0},
+        ])
+    engine.dispose()
+
+
+def test_0005_gives_old_evaluations_a_fingerprint_and_their_metrics(store_url):
+    engine = make_engine(store_url)
+    migrate.upgrade(engine, "0002")
+    engine.dispose()
+    _fill_0002(store_url)
+    engine = make_engine(store_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT model_version, benchmark, fingerprint, metrics FROM evaluations ORDER BY id"
+            )).all()
+    finally:
+        engine.dispose()
+    fingerprints = [row.fingerprint for row in rows]
+    assert all(len(f) == 64 for f in fingerprints)
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]  # one per benchmark name
+    metrics = [row.metrics if isinstance(row.metrics, dict) else json.loads(row.metrics) for row in rows]
+    assert metrics[0] == {"chair_s": 0.41, "chair_i": 0.2125, "mean_words": 17.5, "n_responses": 100,
+                          "recall": 0.8}
+    assert metrics[1] == {"chair_s": 0.3, "chair_i": 0.15, "mean_words": 16.0, "n_responses": 100}
+
+
+FILLERS = {"0001": _fill_0001, "0002": _fill_0002}
 OLDER_FROZEN = [rev for rev in frozen_revisions() if rev != HEAD]
 
 
