@@ -8,7 +8,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from csr.cli.context import state
 from csr.engine.errors import CsrError
@@ -102,7 +101,7 @@ def eval_chair(
             f"model version {done.version} on CHAIR ({done.dataset}): CHAIR_S {m['chair_s']:.3f} "
             f"{_interval(m['ci']['chair_s'])}, CHAIR_I {m['chair_i']:.3f} {_interval(m['ci']['chair_i'])}, "
             f"recall {m['recall']:.3f} over {m['n_responses']} image(s), {m['mean_words']:.1f} words per response"
-            + (" (already stored)" if done.reused else ""), highlight=False)
+            + (" (already stored)" if done.reused else ""), highlight=False, soft_wrap=True)
 
 
 @eval_app.command("pope")
@@ -147,14 +146,14 @@ def eval_pope(
         outcomes = evaluation.evaluate_versions(engine, chosen, [task], device=device, batch_size=batch_size)
     finally:
         engine.dispose()
-    table = Table("version", "setting", "accuracy", "precision", "recall", "F1", "F1 95% CI", "yes-ratio",
-                  "unparsed", "questions", title=f"POPE on {task.dataset}")
     for done in outcomes:
         for name, m in done.metrics.items():
-            table.add_row(str(done.version), name, f"{m['accuracy']:.3f}", f"{m['precision']:.3f}",
-                          f"{m['recall']:.3f}", f"{m['f1']:.3f}", _interval(m["f1_ci"]), f"{m['yes_ratio']:.3f}",
-                          str(m["unparsed"]), str(m["n"]) + (" (stored)" if done.reused else ""))
-    console.print(table)
+            console.print(
+                f"model version {done.version} on POPE {name} ({task.dataset}): accuracy {m['accuracy']:.3f}, "
+                f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f} "
+                f"{_interval(m['f1_ci'])}, yes-ratio {m['yes_ratio']:.3f} over {m['n']} question(s), "
+                f"{m['unparsed']} neither yes nor no" + (" (already stored)" if done.reused else ""),
+                highlight=False, soft_wrap=True)
 
 
 @eval_app.command("record")

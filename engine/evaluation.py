@@ -304,6 +304,8 @@ def evaluate_versions(
             if generate is None:
                 generate = (generator or (lambda p: policy_generator(p, device, batch_size)))(paths[version])
             metrics, items = _run_task(task, generate, descriptions)
+            # As the store gives them back (tuples become lists), so a rerun returns equal results.
+            metrics, items = json.loads(json.dumps(metrics)), json.loads(json.dumps(items))
             with engine.begin() as conn:
                 record_evaluation(
                     conn, model_version=version, benchmark=task.benchmark, settings=settings,
