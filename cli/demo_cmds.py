@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from csr.engine.pope import SETTINGS as POPE_SETTINGS
+
 console = Console()
 
 
@@ -35,20 +37,26 @@ def demo(
                     device=device, generate={"preset": preset}),
         say=lambda line: console.print(line, highlight=False),
     )
-    table = Table("version", "CHAIR_S [95% CI]", "CHAIR_I [95% CI]", "recall", "words",
-                  "POPE F1 random", "popular", "adversarial", "R_I chosen", "R_I rejected", "pairs",
-                  title=f"demo world, {preset} preset, lambda {lam}, seed {seed}")
+    table = Table("version", "CHAIR_S [95% CI]", "CHAIR_I [95% CI]", "recall", "words", "R_I chosen",
+                  "R_I rejected", "pairs", title=f"demo world, {preset} preset, lambda {lam}, seed {seed}: CHAIR")
+    pope_table = Table("version", *(f"POPE F1 {s} [95% CI]" for s in POPE_SETTINGS), "yes-ratio (random)",
+                       title="POPE (answers read from each version's description)")
     for row in report.rows:
         table.add_row(
             str(row.version), f"{row.chair_s:.3f} {_ci(row.chair_s_ci)}", f"{row.chair_i:.3f} {_ci(row.chair_i_ci)}",
             f"{row.recall:.3f}", f"{row.mean_words:.1f}",
-            *(f"{row.pope[s]['f1']:.3f} {_ci(row.pope[s]['f1_ci'])}" if s in row.pope else ""
-              for s in ("random", "popular", "adversarial")),
             "" if row.chosen_r_i is None else f"{row.chosen_r_i:.2f}",
             "" if row.rejected_r_i is None else f"{row.rejected_r_i:.2f}",
             "" if row.pairs is None else str(row.pairs),
         )
-    console.print(table)
+        pope_table.add_row(
+            str(row.version),
+            *(f"{row.pope[s]['f1']:.3f} {_ci(row.pope[s]['f1_ci'])}" for s in POPE_SETTINGS),
+            f"{row.pope['random']['yes_ratio']:.3f}",
+        )
+    # Wide enough for every figure when the output is a pipe or a log file.
+    console.print(table, width=max(console.width, 120))
+    console.print(pope_table, width=max(console.width, 100))
     if json_out is not None:
         import dataclasses
         import json

@@ -156,7 +156,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         chair_task, pope_task = demo_tasks(heldout, world.object_names, options.seed)
 
         def evaluate_version(version: int) -> VersionRow:
-            outcomes = evaluate_versions(engine, [version], [chair_task, pope_task], device=options.device)
+            outcomes = evaluate_versions(engine, [version], [chair_task, pope_task], device=options.device,
+                                         batch_size=64)
             chair_m, pope_m = outcomes[0].metrics, outcomes[1].metrics
             return VersionRow(version, chair_m["chair_s"], chair_m["chair_i"], chair_m["recall"],
                               chair_m["mean_words"], tuple(chair_m["ci"]["chair_s"]),

@@ -135,7 +135,7 @@ def plot_benchmarks(rows: list[dict]) -> str | None:
     """Each benchmark figure across model versions (the paper's figure 3 view),
     one panel per benchmark and data set, 95 % bootstrap intervals as error bars.
     Word counts are left out: they are not on the 0-1 scale of the rest."""
-    rows = [r for r in rows if r["metric"] != "words" and r["values"]]
+    rows = [r for r in rows if r["metric"] not in ("words", "mean_words") and r["values"]]
     if not rows:
         return None
     plt = _pyplot()

@@ -653,6 +653,8 @@ def benchmark_table(evaluations: list[dict]) -> list[dict]:
     for (benchmark, dataset, variant), by_version in groups.items():
         label = dataset if len(variants[(benchmark, dataset)]) == 1 else f"{dataset} #{variant + 1}"
         headlines = _HEADLINES.get(benchmark)
+        if headlines is None and all("chair_s" in m for m in by_version.values()):
+            headlines = _HEADLINES["chair"]  # CHAIR rows stored before 0005 under other names
         if headlines is None:  # recorded metrics: every number, as stored
             names = sorted({k for m in by_version.values() for k, v in m.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
