@@ -283,14 +283,23 @@ def _print_stats(summary: dict) -> None:
         for reason in reasons:
             table.add_row(f"excluded: {reason}", *(str(it["exclusions"].get(reason, 0)) for it in iterations))
         console.print(table)
-    if summary["evaluations"]:
-        chair = Table("model version", "trained on iter", "benchmark", "responses", "CHAIR_S", "CHAIR_I",
-                      "mean words", title="CHAIR per model version")
-        for row in summary["evaluations"]:
-            chair.add_row(str(row["model_version"]), _fmt(row["trained_on_iteration"], "d"), row["benchmark"],
-                          str(row["n_responses"]), _fmt(row["chair_s"], ".4f"), _fmt(row["chair_i"], ".4f"),
-                          _fmt(row["mean_words"], ".1f"))
-        console.print(chair)
+    if summary["benchmarks"]:
+        console.print(benchmark_by_version(summary["benchmarks"]))
+
+
+def benchmark_by_version(rows: list[dict]) -> Table:
+    """One line per benchmark figure, one column per model version; 95 % bootstrap intervals in brackets."""
+    versions = sorted({int(v) for row in rows for v in row["values"]})
+    table = Table("benchmark", "data set", "metric", *(f"v{v}" for v in versions),
+                  title="benchmarks per model version")
+    for row in rows:
+        cells = []
+        for v in versions:
+            value = row["values"].get(v, row["values"].get(str(v)))
+            ci = row["intervals"].get(v, row["intervals"].get(str(v)))
+            cells.append("" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        table.add_row(row["benchmark"], row["dataset"], row["metric"], *cells)
+    return table
 
 
 def report_cmd(

@@ -1,4 +1,4 @@
-"""`csr demo` (the built-in shapes world) and `csr eval chair` (real data)."""
+"""`csr demo`: the built-in shapes world, CHAIR and POPE per model version."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from csr.cli.context import state
-from csr.storage.store import open_store
+from csr.engine.pope import SETTINGS as POPE_SETTINGS
 
 console = Console()
-eval_app = typer.Typer(help="Evaluate model versions.", no_args_is_help=True)
 
 
 def demo(
     directory: Path = typer.Option(Path("csr-demo"), "--dir", help="Study directory (world, models, store)."),
     iterations: int = typer.Option(3, "--iterations", min=1, help="CSR iterations to run."),
     prompts: int = typer.Option(1000, "--prompts", min=2, help="CSR prompts (images of the world) per iteration."),
-    heldout: int = typer.Option(100, "--heldout", min=1, help="Held-out images for CHAIR."),
+    heldout: int = typer.Option(1000, "--heldout", min=1,
+                                 help="Held-out images for CHAIR and POPE (1000: docs/evaluation.md)."),
     model_scenes: int = typer.Option(2000, "--model-scenes", min=1,
                                      help="Scenes the tiny models learn from (other than the prompts)."),
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
@@ -29,7 +28,7 @@ def demo(
     device: str = typer.Option("cpu", "--device", help="Device for generation and training, e.g. cuda:0."),
     json_out: Path = typer.Option(None, "--json", help="Also write the per-version results to this JSON file."),
 ) -> None:
-    """Run CSR end to end on the built-in world and print CHAIR per model version."""
+    """Run CSR end to end on the built-in world and print CHAIR and POPE per model version."""
     from csr.engine.demo import DemoOptions, run_demo
 
     report = run_demo(
@@ -38,16 +37,26 @@ def demo(
                     device=device, generate={"preset": preset}),
         say=lambda line: console.print(line, highlight=False),
     )
-    table = Table("version", "CHAIR_S", "CHAIR_I", "recall", "words", "R_I chosen", "R_I rejected", "pairs",
-                  title=f"demo world, {preset} preset, lambda {lam}, seed {seed}")
+    table = Table("version", "CHAIR_S [95% CI]", "CHAIR_I [95% CI]", "recall", "words", "R_I chosen",
+                  "R_I rejected", "pairs", title=f"demo world, {preset} preset, lambda {lam}, seed {seed}: CHAIR")
+    pope_table = Table("version", *(f"POPE F1 {s} [95% CI]" for s in POPE_SETTINGS), "yes-ratio (random)",
+                       title="POPE (answers read from each version's description)")
     for row in report.rows:
         table.add_row(
-            str(row.version), f"{row.chair_s:.3f}", f"{row.chair_i:.3f}", f"{row.recall:.3f}", f"{row.mean_words:.1f}",
+            str(row.version), f"{row.chair_s:.3f} {_ci(row.chair_s_ci)}", f"{row.chair_i:.3f} {_ci(row.chair_i_ci)}",
+            f"{row.recall:.3f}", f"{row.mean_words:.1f}",
             "" if row.chosen_r_i is None else f"{row.chosen_r_i:.2f}",
             "" if row.rejected_r_i is None else f"{row.rejected_r_i:.2f}",
             "" if row.pairs is None else str(row.pairs),
         )
-    console.print(table)
+        pope_table.add_row(
+            str(row.version),
+            *(f"{row.pope[s]['f1']:.3f} {_ci(row.pope[s]['f1_ci'])}" for s in POPE_SETTINGS),
+            f"{row.pope['random']['yes_ratio']:.3f}",
+        )
+    # Wide enough for every figure when the output is a pipe or a log file.
+    console.print(table, width=max(console.width, 120))
+    console.print(pope_table, width=max(console.width, 100))
     if json_out is not None:
         import dataclasses
         import json
@@ -60,35 +69,12 @@ def demo(
     console.print(f"wall time: {report.wall_seconds:.1f} s")
 
 
-@eval_app.command("chair")
-def eval_chair(
-    ctx: typer.Context,
-    version: int = typer.Option(..., "--version", help="Model version to evaluate."),
-    annotations: Path = typer.Option(..., "--annotations", help="COCO-style instances JSON (images, annotations, categories)."),
-    synonyms: Path = typer.Option(..., "--synonyms", help="Text file: one category per line, its synonyms comma-separated after it."),
-    images: Path = typer.Option(..., "--images", help="Directory holding the annotations' image files."),
-    prompt: str = typer.Option("Describe the image in detail.", "--prompt"),
-    limit: int = typer.Option(None, "--limit", min=1, help="Evaluate the first N images only."),
-) -> None:
-    """CHAIR_S / CHAIR_I of a model version on COCO-style annotations; stored in the evaluations table."""
-    from csr.engine.errors import CsrError
-    from csr.engine.evaluation import evaluate_coco
-
-    for path in (annotations, synonyms):
-        if not path.is_file():
-            raise CsrError(f"file not found: {path}")
-    if not images.is_dir():
-        raise CsrError(f"images directory not found: {images}")
-    engine = open_store(state(ctx).url)
-    try:
-        done = evaluate_coco(engine, version, annotations, synonyms, images, prompt, limit)
-    finally:
-        engine.dispose()
-    console.print(f"model version {version} on {done.benchmark}: CHAIR_S {done.result.chair_s:.3f}, "
-                  f"CHAIR_I {done.result.chair_i:.3f} over {done.result.n_responses} image(s), "
-                  f"{done.mean_words:.1f} words per response")
+def _ci(interval) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def register(app: typer.Typer) -> None:
+    from csr.cli import eval_cmds
+
     app.command("demo")(demo)
-    app.add_typer(eval_app, name="eval")
+    eval_cmds.register(app)

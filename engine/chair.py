@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -67,17 +68,29 @@ def words(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """Surface phrase (tuple of words) -> canonical object name."""
+    """Surface phrase (tuple of words) -> canonical object name, or None for a
+    compound that names no object of the vocabulary ("train track") and must
+    not be read as the object its words contain."""
 
-    phrases: Mapping[tuple[str, ...], str]
+    phrases: Mapping[tuple[str, ...], str | None]
+    # Surface phrase -> object: mentions through that phrase do not count in a
+    # response that also mentions the object ("seat" beside "toilet").
+    dropped_beside: Mapping[tuple[str, ...], str] = field(default_factory=dict)
 
     @classmethod
-    def from_synonyms(cls, synonyms: Mapping[str, Iterable[str]]) -> Vocabulary:
+    def from_synonyms(
+        cls,
+        synonyms: Mapping[str, Iterable[str]],
+        compounds: Mapping[str, str | None] | None = None,
+        dropped_beside: Mapping[str, str] | None = None,
+    ) -> Vocabulary:
         """`synonyms`: canonical name -> other names. The canonical name is
         always a synonym of itself; every phrase also matches with its last
-        word in a plural form."""
-        phrases: dict[tuple[str, ...], str] = {}
-        bases: list[tuple[tuple[str, ...], str]] = []
+        word in a plural form. `compounds`: extra phrases read as the given
+        object (or as no object) whatever their words are; compounds naming an
+        object outside `synonyms` are left out."""
+        phrases: dict[tuple[str, ...], str | None] = {}
+        bases: list[tuple[tuple[str, ...], str | None]] = []
         for canonical, others in synonyms.items():
             for synonym in [canonical, *others]:
                 base = tuple(words(synonym))
@@ -89,33 +102,50 @@ class Vocabulary:
                         f"{synonym!r} is a synonym of both {owner!r} and {canonical!r}"
                     )
                 bases.append((base, canonical))
+        for compound, target in (compounds or {}).items():
+            if target is not None and target not in synonyms:
+                continue
+            base = tuple(words(compound))
+            phrases[base] = target
+            bases.append((base, target))
         # Generated plurals never override a phrase the user named explicitly
         # ("glasses" may be its own category, not the plural of "glass").
         for base, canonical in bases:
             for plural in plurals(base[-1]):
                 phrases.setdefault(base[:-1] + (plural,), canonical)
-        return cls(phrases)
+        dropped: dict[tuple[str, ...], str] = {}
+        for phrase, beside in (dropped_beside or {}).items():
+            base = tuple(words(phrase))
+            for form in [base, *(base[:-1] + (p,) for p in plurals(base[-1]))]:
+                dropped[form] = beside
+        return cls(phrases, dropped)
 
     @property
     def objects(self) -> frozenset[str]:
-        return frozenset(self.phrases.values())
+        return frozenset(name for name in self.phrases.values() if name is not None)
 
     def find(self, text: str) -> list[str]:
         """Canonical objects mentioned in `text`, in order, one per mention."""
         tokens = words(text)
         longest = max((len(p) for p in self.phrases), default=0)
-        found: list[str] = []
+        found: list[tuple[tuple[str, ...], str | None]] = []
         i = 0
         while i < len(tokens):
             for n in range(min(longest, len(tokens) - i), 0, -1):
-                name = self.phrases.get(tuple(tokens[i : i + n]))
-                if name is not None:
-                    found.append(name)
+                phrase = tuple(tokens[i : i + n])
+                if phrase in self.phrases:
+                    found.append((phrase, self.phrases[phrase]))
                     i += n
                     break
             else:
                 i += 1
-        return found
+        named = {name for _, name in found if name is not None}
+        return [
+            name
+            for phrase, name in found
+            if name is not None
+            and not (phrase in self.dropped_beside and self.dropped_beside[phrase] in named)
+        ]
 
 
 @dataclass(frozen=True)
@@ -190,48 +220,128 @@ def chair(
     )
 
 
-def read_synonyms(path: Path) -> dict[str, list[str]]:
+def read_synonyms(path: Path | None = None) -> dict[str, list[str]]:
     """One line per category: the category name first, then its synonyms,
-    comma-separated. Blank lines and lines starting with '#' are skipped."""
+    comma-separated. Blank lines and lines starting with '#' are skipped.
+    Without a path, the COCO table shipped with csr (data/coco_synonyms.txt)."""
+    if path is None:
+        text = resources.files("csr.engine").joinpath("data", COCO_SYNONYMS).read_text()
+        source = COCO_SYNONYMS
+    else:
+        text = Path(path).read_text()
+        source = str(path)
     table: dict[str, list[str]] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         names = [n.strip() for n in line.split(",") if n.strip()]
         if names[0] in table:
-            raise ValueError(f"{path}:{number}: category {names[0]!r} listed twice")
-        table[names[0]] = names[1:]
+            raise ValueError(f"{source}:{number}: category {names[0]!r} listed twice")
+        table[names[0]] = [n for n in names[1:] if n != names[0]]
     return table
 
 
-def load_coco_ground_truth(
-    instances_json: Path, synonyms_file: Path
-) -> tuple[dict[int, set[str]], Vocabulary]:
-    """Objects per image id from COCO-style instance annotations, and the
-    vocabulary of category names plus the user's synonyms.
+COCO_SYNONYMS = "coco_synonyms.txt"
 
-    Every image listed in `images` gets an entry, possibly empty. A category
-    with no line in the synonyms file is matched by its own name only.
+# The reference CHAIR code's special cases for COCO (utils/chair.py of
+# LisaAnne/Hallucination): a qualifier that is itself a synonym must not fire
+# ("baby bird" is a bird, not a person; "passenger train" is no passenger), and
+# some compounds name no COCO object ("train track" is not a train).
+_COCO_ANIMALS = {
+    "bird": "bird", "cat": "cat", "dog": "dog", "horse": "horse", "sheep": "sheep",
+    "cow": "cow", "elephant": "elephant", "bear": "bear", "zebra": "zebra",
+    "giraffe": "giraffe", "animal": None, "cub": None,
+}
+COCO_COMPOUNDS: dict[str, str | None] = {
+    **{f"{age} {animal}": target for animal, target in _COCO_ANIMALS.items()
+       for age in ("baby", "adult")},
+    "passenger jet": "airplane",
+    "passenger train": "train",
+    "bow tie": "tie",
+    "toilet seat": "toilet",
+    "home plate": None,
+    "train track": None,
+}
+# "the seat of the toilet" is no chair.
+COCO_DROPPED_BESIDE = {"seat": "toilet"}
+
+
+def coco_vocabulary(
+    categories: Iterable[str] | None = None, synonyms: Mapping[str, Iterable[str]] | None = None
+) -> Vocabulary:
+    """The standard CHAIR vocabulary: `synonyms` (default: the shipped COCO
+    table) restricted to `categories` (default: all of it), with the reference
+    code's COCO special cases. A category without synonyms is matched by its
+    own name only."""
+    table = read_synonyms() if synonyms is None else {k: list(v) for k, v in synonyms.items()}
+    if categories is not None:
+        table = {name: table.get(name, []) for name in categories}
+    return Vocabulary.from_synonyms(table, COCO_COMPOUNDS, COCO_DROPPED_BESIDE)
+
+
+@dataclass(frozen=True)
+class CocoGroundTruth:
+    objects: dict[int, set[str]]  # image id -> canonical objects present
+    files: dict[int, str]  # image id -> file name
+    vocabulary: Vocabulary
+
+
+def load_coco_ground_truth(
+    instances_json: Path, synonyms_file: Path | None = None, captions_json: Path | None = None
+) -> CocoGroundTruth:
+    """Objects per image id from COCO-style instance annotations (and, as in
+    the standard CHAIR, the objects its reference captions mention), and the
+    vocabulary of the annotation's categories.
+
+    Every image listed in `images` gets an entry, possibly empty. Raises
+    ValueError, with the file named, on anything malformed.
     """
-    data = json.loads(Path(instances_json).read_text())
-    categories = {c["id"]: c["name"] for c in data.get("categories", [])}
+    data = _read_json_object(instances_json)
+    try:
+        categories = {c["id"]: c["name"] for c in data["categories"]}
+        files = {image["id"]: image.get("file_name", "") for image in data["images"]}
+        annotations = [(a["image_id"], a["category_id"], a.get("id")) for a in data["annotations"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{instances_json}: not COCO instances (missing {exc})") from None
+    if not files:
+        raise ValueError(f"{instances_json}: lists no images")
     # Images without annotations stay in: every mention there is a hallucination.
-    truth: dict[int, set[str]] = {image["id"]: set() for image in data.get("images", [])}
-    for ann in data.get("annotations", []):
-        try:
-            truth.setdefault(ann["image_id"], set()).add(categories[ann["category_id"]])
-        except KeyError:
+    truth: dict[int, set[str]] = {image_id: set() for image_id in files}
+    for image_id, category_id, ann_id in annotations:
+        if category_id not in categories:
             raise ValueError(
-                f"{instances_json}: annotation {ann.get('id')} has unknown category "
-                f"{ann.get('category_id')!r}"
-            ) from None
-    synonyms = read_synonyms(synonyms_file)
-    unknown = sorted(set(synonyms) - set(categories.values()))
-    if unknown:
-        raise ValueError(f"{synonyms_file}: not categories of {instances_json}: {unknown}")
-    table = {name: synonyms.get(name, []) for name in categories.values()}
-    return truth, Vocabulary.from_synonyms(table)
+                f"{instances_json}: annotation {ann_id} has unknown category {category_id!r}"
+            )
+        if image_id not in truth:
+            raise ValueError(f"{instances_json}: annotation {ann_id} has unknown image {image_id!r}")
+        truth[image_id].add(categories[category_id])
+    synonyms = None
+    if synonyms_file is not None:
+        synonyms = read_synonyms(synonyms_file)
+        unknown = sorted(set(synonyms) - set(categories.values()))
+        if unknown:
+            raise ValueError(f"{synonyms_file}: not categories of {instances_json}: {unknown}")
+    vocabulary = coco_vocabulary(categories.values(), synonyms)
+    if captions_json is not None:
+        captions = _read_json_object(captions_json)
+        try:
+            for ann in captions["annotations"]:
+                if ann["image_id"] in truth:
+                    truth[ann["image_id"]].update(vocabulary.find(ann["caption"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{captions_json}: not COCO captions (missing {exc})") from None
+    return CocoGroundTruth(truth, files, vocabulary)
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
 
 
 def world_vocabulary(object_names: Iterable[str]) -> Vocabulary:

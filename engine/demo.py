@@ -2,8 +2,9 @@
 
 Builds the world and its tiny models (cached under the study directory),
 creates a SQLite store, imports the prompts, then runs generate -> curate ->
-train for each iteration and evaluates every model version with CHAIR on
-held-out images. Everything goes through the same code a real study uses.
+train for each iteration and evaluates every model version with CHAIR and
+POPE on held-out images (the scenes' objects are the annotations), with 95 %
+bootstrap intervals. Everything goes through the same code a real study uses.
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from csr.engine import iterations
+from csr.engine import iterations, pope
 from csr.engine.chair import world_vocabulary
 from csr.engine.errors import CsrError
-from csr.engine.evaluation import evaluate
+from csr.engine.evaluation import ChairTask, PopeTask, evaluate_versions
 from csr.engine.generation import PRESETS, WorkerOptions, iteration_config, run_worker
 from csr.engine.importing import import_prompts
 from csr.engine.settings import Settings, load_settings
 from csr.storage import work
 from csr.storage.store import create_store, model_version, register_base_model
 
-BENCHMARK = "demo-world-heldout"
+DATASET = "demo-world-heldout"
+# The world's longest caption is 4 sentences of 6 tokens; 64 new tokens never
+# cut one short (real data: evaluation.CHAIR_MAX_NEW_TOKENS).
+DEMO_EVAL_MAX_NEW_TOKENS = 64
 DEMO_FILE = "demo.json"  # the world options of the run a demo directory holds
 
 # Search and training sized for a 2-core CPU: the world's sentences are ~6
@@ -68,7 +72,7 @@ class DemoOptions:
     directory: Path
     iterations: int = 3
     prompts: int = 1000
-    heldout: int = 100
+    heldout: int = 1000
     seed: int = 0
     lam: float = 0.9
     size: str = "default"  # demo model recipe: default | quick
@@ -88,6 +92,9 @@ class VersionRow:
     chair_i: float
     recall: float
     mean_words: float
+    chair_s_ci: tuple[float, float]
+    chair_i_ci: tuple[float, float]
+    pope: dict[str, dict]  # setting -> accuracy, precision, recall, f1, yes_ratio, f1_ci, ...
     chosen_r_i: float | None = None
     rejected_r_i: float | None = None
     pairs: int | None = None
@@ -146,14 +153,15 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         report = import_prompts(engine, prompt_file, prompt_file.parent / "images")
         say(f"store {settings.store_url}: {report.added} prompt(s) imported, {report.already_present} already there")
 
-        vocabulary = world_vocabulary(world.object_names)
-        images = [s.render() for s in heldout]
-        prompts = [s.prompt for s in heldout]
-        truths = [s.truth for s in heldout]
+        chair_task, pope_task = demo_tasks(heldout, world.object_names, options.seed)
 
         def evaluate_version(version: int) -> VersionRow:
-            done = evaluate(engine, version, BENCHMARK, images, prompts, truths, vocabulary)
-            return VersionRow(version, done.result.chair_s, done.result.chair_i, done.result.recall, done.mean_words)
+            outcomes = evaluate_versions(engine, [version], [chair_task, pope_task], device=options.device,
+                                         batch_size=64)
+            chair_m, pope_m = outcomes[0].metrics, outcomes[1].metrics
+            return VersionRow(version, chair_m["chair_s"], chair_m["chair_i"], chair_m["recall"],
+                              chair_m["mean_words"], tuple(chair_m["ci"]["chair_s"]),
+                              tuple(chair_m["ci"]["chair_i"]), pope_m)
 
         rows = [evaluate_version(0)]
         say(_row_line(rows[-1]))
@@ -201,6 +209,25 @@ WHERE p.pair_set_id = :ps
 """
 
 
+def demo_tasks(heldout, object_names, seed: int) -> tuple[ChairTask, PopeTask]:
+    """CHAIR and POPE on the held-out scenes. POPE asks about the scenes with
+    3 or more objects; the captioner answers through its description."""
+    chair_task = ChairTask(
+        dataset=DATASET, keys=[s.id for s in heldout], images=[s.render() for s in heldout],
+        prompts=[s.prompt for s in heldout], truths=[s.truth for s in heldout],
+        vocabulary=world_vocabulary(object_names), max_new_tokens=DEMO_EVAL_MAX_NEW_TOKENS,
+        bootstrap_seed=seed,
+    )
+    objects = {s.id: s.truth for s in heldout}
+    chosen = pope.sample_images(objects, seed, n_images=len(heldout))
+    questions = [q for setting in pope.SETTINGS for q in pope.build_questions(objects, setting, seed, chosen)]
+    pope_task = PopeTask(
+        dataset=DATASET, questions=questions, images={}, bootstrap_seed=seed,
+        answer_from="description", describe=chair_task, extra_settings={"question_seed": seed},
+    )
+    return chair_task, pope_task
+
+
 def _pair_clip_means(engine, pair_set_id: int, iteration: int) -> tuple[float | None, float | None]:
     """Mean per-sentence R_I of chosen and rejected responses (the paper's figure 5 quantity)."""
     with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
@@ -236,5 +263,8 @@ def _row_line(row: VersionRow) -> str:
     extra = ""
     if row.chosen_r_i is not None:
         extra = f", R_I chosen {row.chosen_r_i:.2f} / rejected {row.rejected_r_i:.2f} over {row.pairs} pair(s)"
-    return (f"model version {row.version}: CHAIR_S {row.chair_s:.3f}, CHAIR_I {row.chair_i:.3f}, "
-            f"recall {row.recall:.3f}, {row.mean_words:.1f} words{extra}")
+    f1 = ", ".join(f"{setting} {row.pope[setting]['f1']:.3f} [{row.pope[setting]['f1_ci'][0]:.3f}, "
+                   f"{row.pope[setting]['f1_ci'][1]:.3f}]" for setting in pope.SETTINGS if setting in row.pope)
+    return (f"model version {row.version}: CHAIR_S {row.chair_s:.3f} [{row.chair_s_ci[0]:.3f}, "
+            f"{row.chair_s_ci[1]:.3f}], CHAIR_I {row.chair_i:.3f} [{row.chair_i_ci[0]:.3f}, {row.chair_i_ci[1]:.3f}], "
+            f"recall {row.recall:.3f}, {row.mean_words:.1f} words; POPE F1 {f1}{extra}")

@@ -131,22 +131,33 @@ def plot_lengths(iterations: list[dict]) -> str | None:
     return _png_data_uri(figure)
 
 
-def plot_chair(evaluations: list[dict]) -> str | None:
-    """CHAIR_S and CHAIR_I per model version (appendix A.2), one panel per benchmark."""
-    if not evaluations:
+def plot_benchmarks(rows: list[dict]) -> str | None:
+    """Each benchmark figure across model versions (the paper's figure 3 view),
+    one panel per benchmark and data set, 95 % bootstrap intervals as error bars.
+    Word counts are left out: they are not on the 0-1 scale of the rest."""
+    rows = [r for r in rows if r["metric"] not in ("words", "mean_words") and r["values"]]
+    if not rows:
         return None
     plt = _pyplot()
-    benchmarks = sorted({row["benchmark"] for row in evaluations})
-    figure, axes = plt.subplots(1, len(benchmarks), figsize=(5.0 * len(benchmarks), 3.2), squeeze=False)
-    for ax, benchmark in zip(axes[0], benchmarks, strict=True):
-        rows = sorted((r for r in evaluations if r["benchmark"] == benchmark), key=lambda r: r["model_version"])
-        xs = range(len(rows))
-        width = 0.38
-        ax.bar([x - width / 2 for x in xs], [r["chair_s"] for r in rows], width, label="CHAIR_S", color="#457b9d")
-        ax.bar([x + width / 2 for x in xs], [r["chair_i"] for r in rows], width, label="CHAIR_I", color="#a8dadc")
-        ax.set_xticks(list(xs), [f"v{r['model_version']}" for r in rows])
-        ax.set_title(benchmark)
-        ax.legend()
+    panels = list(dict.fromkeys((r["benchmark"], r["dataset"]) for r in rows))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.4), squeeze=False)
+    for ax, (benchmark, dataset) in zip(axes[0], panels, strict=True):
+        for row in (r for r in rows if (r["benchmark"], r["dataset"]) == (benchmark, dataset)):
+            if benchmark == "pope" and not row["metric"].endswith("F1"):
+                continue  # F1 carries POPE's panel; accuracy and yes-ratio are in the table
+            points = sorted((int(v), x) for v, x in row["values"].items())
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            intervals = {int(v): ci for v, ci in row["intervals"].items()}
+            if intervals:
+                low = [y - intervals[x][0] if x in intervals else 0.0 for x, y in points]
+                high = [intervals[x][1] - y if x in intervals else 0.0 for x, y in points]
+                ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=row["metric"])
+            else:
+                ax.plot(xs, ys, marker="o", label=row["metric"])
+            ax.set_xticks(xs, [f"v{x}" for x in xs])
+        ax.set_title(f"{benchmark} · {dataset}" if dataset else benchmark)
+        ax.set_xlabel("model version")
+        ax.legend(fontsize="small")
     return _png_data_uri(figure)
 
 
@@ -260,15 +271,23 @@ def _stats_table(iterations: list[dict]) -> str:
     return f'<table class="stats"><tr><th></th>{head}</tr>{"".join(body)}</table>'
 
 
-def _chair_table(evaluations: list[dict]) -> str:
-    body = "".join(
-        f"<tr><td>v{row['model_version']}</td><td>{_e(row['benchmark'])}</td><td>{row['n_responses']}</td>"
-        f"<td>{_num(row['chair_s'], '.4f')}</td><td>{_num(row['chair_i'], '.4f')}</td>"
-        f"<td>{_num(row['mean_words'], '.1f')}</td></tr>"
-        for row in evaluations
-    )
-    return ('<table class="stats"><tr><th>model</th><th>benchmark</th><th>responses</th><th>CHAIR_S</th>'
-            f"<th>CHAIR_I</th><th>mean words</th></tr>{body}</table>")
+def _benchmark_table(rows: list[dict]) -> str:
+    versions = sorted({int(v) for row in rows for v in row["values"]})
+    head = "".join(f"<th>v{v}</th>" for v in versions)
+    body = []
+    for row in rows:
+        values = {int(v): x for v, x in row["values"].items()}
+        intervals = {int(v): ci for v, ci in row["intervals"].items()}
+        cells = "".join(
+            "<td></td>" if v not in values else
+            f"<td>{_num(values[v], '.3f')}"
+            + (f' <span class="muted">[{_num(intervals[v][0], ".3f")}, {_num(intervals[v][1], ".3f")}]</span>'
+               if v in intervals else "") + "</td>"
+            for v in versions)
+        body.append(f"<tr><td>{_e(row['benchmark'])}</td><td>{_e(row['dataset'])}</td>"
+                    f"<td>{_e(row['metric'])}</td>{cells}</tr>")
+    return ('<table class="stats"><tr><th>benchmark</th><th>data set</th><th>metric</th>'
+            f"{head}</tr>{''.join(body)}</table>")
 
 
 def _response_html(kind: str, reward, words, sentences: list[dict]) -> str:
@@ -320,15 +339,15 @@ def render(summary: dict, plots: dict[str, str | None], pairs: list[dict],
         "ri": "R_I of chosen and rejected responses per iteration (paper, figure 5)",
         "rewards": "Mean reward of chosen and rejected responses (paper, table 10)",
         "lengths": "Mean response length in words (paper, table 7)",
-        "chair": "CHAIR per model version",
+        "benchmarks": "Benchmarks per model version, 95 % bootstrap intervals (paper, figure 3)",
     }
     for key, caption in captions.items():
         if plots.get(key):
             parts.append(f'<figure><img class="plot" src="{plots[key]}" alt="{_e(caption)}">'
                          f"<figcaption class=\"muted\">{_e(caption)}</figcaption></figure>")
     parts.append("</div>")
-    if summary["evaluations"]:
-        parts += ["<h2>CHAIR</h2>", _chair_table(summary["evaluations"])]
+    if summary["benchmarks"]:
+        parts += ["<h2>Benchmarks per model version</h2>", _benchmark_table(summary["benchmarks"])]
     parts.append(f"<h2>Pairs ({len(pairs)} shown)</h2>")
     numbers = sorted({p["iteration"] for p in pairs})
     if pairs:
@@ -352,7 +371,7 @@ def write_report(con: duckdb.DuckDBPyConnection, out: Path, *, pairs: int = 50) 
         "ri": plot_ri_distribution(distributions),
         "rewards": plot_reward_means(summary["iterations"]),
         "lengths": plot_lengths(summary["iterations"]),
-        "chair": plot_chair(summary["evaluations"]),
+        "benchmarks": plot_benchmarks(summary["benchmarks"]),
     }
     sample = analytics.pair_sample(con, pairs)
     leaves = [p[key] for p in sample for key in ("chosen_candidate_id", "rejected_candidate_id")]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -576,9 +577,10 @@ GROUP BY r.iteration
 
 _EVALUATIONS = """
 SELECT e.model_version, m.iteration AS trained_on_iteration, e.benchmark, e.n_responses,
-       e.chair_s, e.chair_i, e.mean_words
+       e.chair_s, e.chair_i, e.mean_words,
+       CAST(e.settings AS VARCHAR) AS settings, CAST(e.metrics AS VARCHAR) AS metrics
 FROM evaluations AS e LEFT JOIN model_versions AS m ON m.version = e.model_version
-ORDER BY e.model_version, e.benchmark
+ORDER BY e.model_version, e.benchmark, e.id
 """
 
 PAIR_FIELDS = (
@@ -625,7 +627,67 @@ def stats(con: duckdb.DuckDBPyConnection, iteration: int | None = None, max_resp
     for row in records(fetch(con, limits, [max_response_tokens, *params])):
         by_number[row.pop("iteration")].update(row)
     evaluations = records(fetch(con, _EVALUATIONS))
-    return _clean({"iterations": list(by_number.values()), "evaluations": evaluations})
+    for row in evaluations:
+        for key in ("settings", "metrics"):
+            row[key] = None if row[key] is None else json.loads(row[key])
+    return _clean({"iterations": list(by_number.values()), "evaluations": evaluations,
+                   "benchmarks": benchmark_table(evaluations)})
+
+
+# The figures a benchmark-by-version table shows: (metric key path, label).
+_HEADLINES = {
+    "chair": [(("chair_s",), "CHAIR_S", ("ci", "chair_s")), (("chair_i",), "CHAIR_I", ("ci", "chair_i")),
+              (("recall",), "recall", None), (("mean_words",), "words", None)],
+    "pope": [((setting, name), f"{setting} {label}", (setting, "f1_ci") if name == "f1" else None)
+             for setting in ("random", "popular", "adversarial")
+             for name, label in (("f1", "F1"), ("accuracy", "accuracy"), ("yes_ratio", "yes-ratio"))],
+}
+
+
+def _dig(data, path):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def benchmark_table(evaluations: list[dict]) -> list[dict]:
+    """Benchmark-by-version rows: one per (benchmark, data set, metric), each
+    with {version: value} and {version: [low, high]} where an interval is
+    stored. The same benchmark and data set under other settings (another
+    generation length, say) is a separate group, labelled by its order."""
+    groups: dict[tuple, dict] = {}
+    variants: dict[tuple, list[str]] = {}
+    for row in evaluations:
+        settings = row.get("settings") or {}
+        metrics = row.get("metrics") or {k: row[k] for k in ("chair_s", "chair_i", "mean_words")}
+        dataset = settings.get("dataset", "")
+        signature = json.dumps(settings, sort_keys=True)
+        seen = variants.setdefault((row["benchmark"], dataset), [])
+        if signature not in seen:
+            seen.append(signature)
+        key = (row["benchmark"], dataset, seen.index(signature))
+        groups.setdefault(key, {})[row["model_version"]] = metrics  # later rows win
+    out = []
+    for (benchmark, dataset, variant), by_version in groups.items():
+        label = dataset if len(variants[(benchmark, dataset)]) == 1 else f"{dataset} #{variant + 1}"
+        headlines = _HEADLINES.get(benchmark)
+        if headlines is None and all("chair_s" in m for m in by_version.values()):
+            headlines = _HEADLINES["chair"]  # CHAIR rows stored before 0004 under other names
+        if headlines is None:  # recorded metrics: every number, as stored
+            names = sorted({k for m in by_version.values() for k, v in m.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            headlines = [((name,), name, None) for name in names]
+        for path, metric, ci_path in headlines:
+            values = {v: _dig(m, path) for v, m in by_version.items()}
+            if all(value is None for value in values.values()):
+                continue
+            out.append({"benchmark": benchmark, "dataset": label, "metric": metric,
+                        "values": {v: x for v, x in sorted(values.items()) if x is not None},
+                        "intervals": {v: _dig(m, ci_path) for v, m in sorted(by_version.items())
+                                      if ci_path and _dig(m, ci_path) is not None}})
+    return out
 
 
 def _filter(column: str, iteration: int | None, keyword: str = "WHERE") -> str:

@@ -1,11 +1,34 @@
-"""Store API for hallucination evaluations of model versions."""
+"""Store API for evaluations of model versions (CHAIR, POPE, recorded metrics).
+
+An evaluation is identified by (model version, fingerprint); the fingerprint
+hashes the benchmark, its settings and the data set, so the same evaluation run
+twice finds its row and adds nothing.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, delete, insert, select
+import hashlib
+import json
+
+from sqlalchemy import Connection, insert, select
 
 from csr.storage.clock import utcnow
 from csr.storage.models import Evaluation
+
+
+def evaluation_fingerprint(benchmark: str, settings: dict, dataset_hash: str) -> str:
+    key = json.dumps({"benchmark": benchmark, "settings": settings, "dataset": dataset_hash},
+                     sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def find_evaluation(conn: Connection, model_version: int, fingerprint: str) -> dict | None:
+    row = conn.execute(
+        select(Evaluation.__table__).where(
+            Evaluation.model_version == model_version, Evaluation.fingerprint == fingerprint
+        )
+    ).first()
+    return None if row is None else dict(row._mapping)
 
 
 def record_evaluation(
@@ -13,32 +36,44 @@ def record_evaluation(
     *,
     model_version: int,
     benchmark: str,
+    settings: dict,
+    dataset_hash: str,
+    metrics: dict,
+    items: list | None,
     n_responses: int,
-    chair_s: float,
-    chair_i: float,
-    mean_words: float,
-    details: dict | None = None,
-) -> None:
-    """Store (or replace) the evaluation of one model version on one benchmark."""
-    conn.execute(
-        delete(Evaluation).where(Evaluation.model_version == model_version, Evaluation.benchmark == benchmark)
-    )
+    chair_s: float | None = None,
+    chair_i: float | None = None,
+    mean_words: float | None = None,
+) -> bool:
+    """Store one evaluation; False (and nothing written) when the same
+    evaluation of this version is already stored."""
+    fingerprint = evaluation_fingerprint(benchmark, settings, dataset_hash)
+    if find_evaluation(conn, model_version, fingerprint) is not None:
+        return False
     conn.execute(
         insert(Evaluation).values(
             model_version=model_version,
             benchmark=benchmark,
+            fingerprint=fingerprint,
+            dataset_hash=dataset_hash,
+            settings=settings,
+            metrics=metrics,
+            items=items,
             n_responses=n_responses,
             chair_s=chair_s,
             chair_i=chair_i,
             mean_words=mean_words,
-            details=details,
             created_at=utcnow(),
         )
     )
+    return True
 
 
-def evaluations(conn: Connection, benchmark: str | None = None) -> list[dict]:
-    query = select(Evaluation).order_by(Evaluation.benchmark, Evaluation.model_version)
+def evaluations(conn: Connection, benchmark: str | None = None, with_items: bool = False) -> list[dict]:
+    """Every stored evaluation, by benchmark then version then age; per-item
+    answers only when asked for (they can be large)."""
+    columns = [c for c in Evaluation.__table__.columns if with_items or c.name != "items"]
+    query = select(*columns).order_by(Evaluation.benchmark, Evaluation.model_version, Evaluation.id)
     if benchmark:
         query = query.where(Evaluation.benchmark == benchmark)
     return [dict(row._mapping) for row in conn.execute(query).all()]

@@ -245,17 +245,26 @@ class TrainingRun(Base):
 
 
 class Evaluation(Base):
-    """A hallucination evaluation of one model version on one benchmark."""
+    """One evaluation of one model version: a benchmark run with given settings
+    on a given data set (`fingerprint` hashes all three), its metrics and its
+    per-item answers. CHAIR rows also fill chair_s, chair_i and mean_words."""
 
     __tablename__ = "evaluations"
-    __table_args__ = (UniqueConstraint("model_version", "benchmark"),)
+    __table_args__ = (
+        UniqueConstraint("model_version", "fingerprint", name="uq_evaluations_version_fingerprint"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
     benchmark: Mapped[str] = mapped_column(String(128))
     n_responses: Mapped[int] = mapped_column(Integer)
-    chair_s: Mapped[float] = mapped_column(Float)
-    chair_i: Mapped[float] = mapped_column(Float)
-    mean_words: Mapped[float] = mapped_column(Float)
+    chair_s: Mapped[float | None] = mapped_column(Float)
+    chair_i: Mapped[float | None] = mapped_column(Float)
+    mean_words: Mapped[float | None] = mapped_column(Float)
     details: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    dataset_hash: Mapped[str | None] = mapped_column(String(64))
+    settings: Mapped[dict | None] = mapped_column(JSON)
+    metrics: Mapped[dict | None] = mapped_column(JSON)
+    items: Mapped[list | None] = mapped_column(JSON)

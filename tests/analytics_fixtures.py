@@ -196,7 +196,8 @@ def fill_study(
             for version, (chair_s, chair_i) in enumerate([(0.5, 0.125), (0.25, 0.0625)][: iterations]):
                 row = {"model_version": version, "benchmark": "synthetic-chair", "n_responses": 20,
                        "chair_s": chair_s, "chair_i": chair_i, "mean_words": 30.0 + version}
-                conn.execute(insert(Evaluation).values(**row, details=None, created_at=NOW))
+                conn.execute(insert(Evaluation).values(**row, details=None, created_at=NOW,
+                                                       fingerprint=f"{version:064d}"))
                 study.evaluations.append(row)
     return study
 

@@ -325,7 +325,7 @@ def test_stats_of_an_empty_store(tmp_path: Path):
     engine.dispose()
     result = run_csr("--db", url, "stats", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"iterations": [], "evaluations": []}
+    assert json.loads(result.stdout) == {"iterations": [], "evaluations": [], "benchmarks": []}
 
 
 # ---------------------------------------------------------------- live store

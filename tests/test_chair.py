@@ -5,8 +5,10 @@ import pytest
 from csr.engine.chair import (
     Vocabulary,
     chair,
+    coco_vocabulary,
     load_coco_ground_truth,
     plurals,
+    read_synonyms,
     world_vocabulary,
 )
 
@@ -133,7 +135,8 @@ def _write_coco(tmp_path):
 
 def test_load_coco_ground_truth(tmp_path):
     instances, synonyms = _write_coco(tmp_path)
-    truth, vocab = load_coco_ground_truth(instances, synonyms)
+    loaded = load_coco_ground_truth(instances, synonyms)
+    truth, vocab = loaded.objects, loaded.vocabulary
     assert truth == {1: {"person", "dog"}, 2: {"bus"}, 3: set()}
     # toothbrush has no synonyms line and is still matched by its own name
     assert vocab.objects == {"person", "dog", "bus", "toothbrush"}
@@ -152,3 +155,86 @@ def test_load_coco_rejects_unknown_synonym_category(tmp_path):
     synonyms.write_text("dgo, puppy\n")
     with pytest.raises(ValueError, match="dgo"):
         load_coco_ground_truth(instances, synonyms)
+
+
+# -- standard CHAIR: the shipped COCO table and the reference code's rules ----
+
+
+def test_shipped_table_has_the_80_coco_categories():
+    table = read_synonyms()
+    assert len(table) == 80
+    assert table["dining table"] == ["table", "desk"]
+    assert "motor bike" in table["motorcycle"]  # the reference's " motor bike" typo is repaired
+    assert coco_vocabulary().objects == frozenset(table)
+
+
+# Five hand-made captions. Per caption: the COCO objects it mentions (one per
+# mention) and the truth; hallucinated mentions marked with *.
+CAPTIONS = [
+    # man -> person, dogs -> dog, dining table, hot dogs -> hot dog*
+    ("A man and two dogs sit at a dining table with hot dogs.", {"person", "dog", "dining table"}),
+    # baby elephant -> elephant (not a person); people -> person; train track names no train
+    ("A baby elephant stands next to people on a train track.", {"elephant", "person"}),
+    # motorbikes -> motorcycle, bus, fire hydrant*
+    ("Two motorbikes and a bus are parked near a fire hydrant.", {"motorcycle", "bus"}),
+    # toilet, cell phone*, sink; "seat" beside a toilet is no chair
+    ("The seat of the toilet is up; a cell phone lies on the sink.", {"toilet", "sink"}),
+    # teddy bears -> teddy bear (not a bear), couches -> couch
+    ("Teddy bears sit on the couches.", {"teddy bear", "couch"}),
+]
+
+
+def test_standard_chair_on_hand_made_captions():
+    vocab = coco_vocabulary()
+    result = chair([c for c, _ in CAPTIONS], [t for _, t in CAPTIONS], vocab)
+    assert [r.mentioned for r in result.per_response] == [
+        ["person", "dog", "dining table", "hot dog"],
+        ["elephant", "person"],
+        ["motorcycle", "bus", "fire hydrant"],
+        ["toilet", "cell phone", "sink"],
+        ["teddy bear", "couch"],
+    ]
+    assert [r.hallucinated for r in result.per_response] == [["hot dog"], [], ["fire hydrant"], ["cell phone"], []]
+    assert result.chair_s == pytest.approx(3 / 5)
+    assert result.chair_i == pytest.approx(3 / 14)
+    assert result.recall == pytest.approx(11 / 11)
+
+
+def test_reference_special_cases():
+    vocab = coco_vocabulary()
+    assert vocab.find("a baby") == ["person"]
+    assert vocab.find("adult giraffes and a baby animal") == ["giraffe"]
+    assert vocab.find("a passenger train and a passenger jet") == ["train", "airplane"]
+    assert vocab.find("a man in a bow tie") == ["person", "tie"]
+    assert vocab.find("a seat and a stool") == ["chair", "chair"]
+    assert vocab.find("a toilet seat") == ["toilet"]
+    assert vocab.find("home plate") == []
+
+
+def test_coco_truth_adds_objects_of_reference_captions(tmp_path):
+    instances, _ = _write_coco(tmp_path)
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"annotations": [
+        {"image_id": 2, "caption": "A bus full of people."},
+        {"image_id": 3, "caption": "A puppy with a toothbrush."},
+        {"image_id": 99, "caption": "Not an image of this set: a dog."},
+    ]}))
+    loaded = load_coco_ground_truth(instances, captions_json=captions)
+    # The shipped table supplies the synonyms (puppy -> dog, people -> person).
+    assert loaded.objects == {1: {"person", "dog"}, 2: {"bus", "person"}, 3: {"dog", "toothbrush"}}
+    assert loaded.vocabulary.objects == {"person", "dog", "bus", "toothbrush"}
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("{not json", "not JSON"),
+    ("[]", "not a JSON object"),
+    ('{"images": [{"id": 1}], "categories": []}', "missing 'annotations'"),
+    ('{"images": [], "annotations": [], "categories": []}', "lists no images"),
+    ('{"images": [{"id": 1}], "annotations": [{"id": 5, "image_id": 7, "category_id": 1}],'
+     ' "categories": [{"id": 1, "name": "dog"}]}', "unknown image 7"),
+])
+def test_malformed_annotations_are_named(tmp_path, content, says):
+    path = tmp_path / "instances.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=says):
+        load_coco_ground_truth(path)

@@ -45,7 +45,12 @@ def test_demo_runs_every_iteration_and_reports_chair_per_version(demo):
     for v in versions[1:]:
         assert v["pairs"] > 0
         assert v["chosen_r_i"] is not None and v["rejected_r_i"] is not None
-    assert "wall time:" in stdout and "CHAIR_S" in stdout
+    assert "wall time:" in stdout and "CHAIR_S" in stdout and "POPE F1" in stdout
+    for v in versions:  # CHAIR and POPE F1 with their 95 % intervals
+        assert v["chair_s_ci"][0] <= v["chair_s"] <= v["chair_s_ci"][1]
+        for setting in ("random", "popular", "adversarial"):
+            low, high = v["pope"][setting]["f1_ci"]
+            assert low <= v["pope"][setting]["f1"] <= high
 
     # Everything went through the store: every prompt done in each iteration,
     # a model version per iteration, and the CHAIR printed is the CHAIR stored.
@@ -54,7 +59,8 @@ def test_demo_runs_every_iteration_and_reports_chair_per_version(demo):
     assert _query(study, "SELECT version, parent_version FROM model_versions ORDER BY version") == [
         (0, None), *((n, n - 1) for n in range(1, ITERATIONS + 1))
     ]
-    stored = _query(study, "SELECT model_version, chair_s, chair_i FROM evaluations ORDER BY model_version")
+    stored = _query(study, "SELECT model_version, chair_s, chair_i FROM evaluations WHERE benchmark = 'chair' "
+                           "ORDER BY model_version")
     assert stored == [(v["version"], pytest.approx(v["chair_s"]), pytest.approx(v["chair_i"])) for v in versions]
 
     stats = run_csr("stats", db=f"sqlite:///{study / 'csr.db'}")
@@ -116,7 +122,7 @@ def test_eval_chair_on_coco_style_annotations(demo, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "CHAIR_S" in done.stdout and "over 5 image(s)" in done.stdout
     [(version, n, chair_s)] = _query(study, "SELECT model_version, n_responses, chair_s FROM evaluations "
-                                            "WHERE benchmark = 'chair:instances.json'")
+                                            "WHERE benchmark = 'chair' AND n_responses = 5")
     assert (version, n) == (ITERATIONS, 5) and 0.0 <= chair_s <= 1.0
 
     before = fingerprint(url)

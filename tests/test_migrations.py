@@ -159,7 +159,8 @@ def _fill_0001(url: str) -> None:
 
 
 def _fill_0002(url: str) -> None:
-    """0001's rows, the finish reasons 0002 added, and evaluations."""
+    """0001's rows, the finish reasons 0002 added, and CHAIR evaluations in the
+    0002 layout (one row per version and benchmark, details optional)."""
     _fill_0001(url)
     engine = make_engine(url)
     metadata = MetaData()
@@ -169,13 +170,63 @@ def _fill_0002(url: str) -> None:
         conn.execute(text("UPDATE candidates SET finish_reason = 'eos' WHERE is_final"))
         conn.execute(text("UPDATE candidates SET finish_reason = 'sentence_end' WHERE NOT is_final"))
         conn.execute(insert(t["evaluations"]), [
-            {"id": 1, "model_version": 1, "benchmark": "chair-coco-val2014-500", "n_responses": 500,
-             "chair_s": 0.482, "chair_i": 0.131, "mean_words": 97.5, "details": {"seed": 1}, "created_at": T0},
+            {"id": 1, "model_version": 0, "benchmark": "demo-world-heldout", "n_responses": 100,
+             "chair_s": 0.41, "chair_i": 0.2125, "mean_words": 17.5,
+             "details": {"recall": 0.8, "examples": ["There is a red circle."]}, "created_at": T0},
+            {"id": 2, "model_version": 1, "benchmark": "demo-world-heldout", "n_responses": 100,
+             "chair_s": 0.3, "chair_i": 0.15, "mean_words": 16.0, "details": None, "created_at": T0},
+            {"id": 3, "model_version": 1, "benchmark": "chair:instances.json", "n_responses": 2,
+             "chair_s": 0.5, "chair_i": 0.25, "mean_words": 40.0, "details": {}, "created_at": T0},
         ])
     engine.dispose()
 
 
-FILLERS = {"0001": _fill_0001, "0002": _fill_0002}
+def test_0004_gives_old_evaluations_a_fingerprint_and_their_metrics(store_url):
+    engine = make_engine(store_url)
+    migrate.upgrade(engine, "0002")
+    engine.dispose()
+    _fill_0002(store_url)
+    engine = make_engine(store_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT model_version, benchmark, fingerprint, metrics FROM evaluations ORDER BY id"
+            )).all()
+    finally:
+        engine.dispose()
+    fingerprints = [row.fingerprint for row in rows]
+    assert all(len(f) == 64 for f in fingerprints)
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]  # one per benchmark name
+    metrics = [row.metrics if isinstance(row.metrics, dict) else json.loads(row.metrics) for row in rows]
+    assert metrics[0] == {"chair_s": 0.41, "chair_i": 0.2125, "mean_words": 17.5, "n_responses": 100,
+                          "recall": 0.8}
+    assert metrics[1] == {"chair_s": 0.3, "chair_i": 0.15, "mean_words": 16.0, "n_responses": 100}
+
+
+def _fill_0003(url: str) -> None:
+    """0002's rows, what 0003 added to candidates, and responses as the search writes them."""
+    _fill_0002(url)
+    engine = make_engine(url)
+    metadata = MetaData()
+    metadata.reflect(engine)
+    t = metadata.tables
+    with engine.begin() as conn:
+        for cid in range(1, 11):
+            conn.execute(t["candidates"].update().where(t["candidates"].c.id == cid).values(
+                token_ids=[cid, 13, 2], beam_score=-0.5 * cid, text_rank=0.0, image_rank=0.0))
+        conn.execute(insert(t["responses"]), [
+            {"id": n, "iteration": 1, "prompt_id": prompt_id, "leaf_node": 2, "leaf_candidate_id": leaf,
+             "text": "The plate holds 0 slices of pizza.The plate holds 2 slices of pizza.",
+             "token_ids": [1, 13, 2, 3, 13, 2], "has_token_ids": True, "token_count": 6, "sentence_count": 2,
+             "logprob_sum": -6.5, "r_t_sum": 0.002, "r_i_sum": 0.58, "text_rank_sum": 0.0, "image_rank_sum": 0.0,
+             "is_truncated": False}
+            for n, (prompt_id, leaf) in enumerate(((1, 3), (2, 8)), start=1)
+        ])
+    engine.dispose()
+
+
+FILLERS = {"0001": _fill_0001, "0002": _fill_0002, "0003": _fill_0003}
 OLDER_FROZEN = [rev for rev in frozen_revisions() if rev != HEAD]
 
 
@@ -222,7 +273,8 @@ def _check_upgrade_keeps_every_row(url: str, revision: str) -> None:
     finally:
         engine.dispose()
 
-    _check_responses_rebuilt_from_the_trees(url)
+    if revision < "0003":
+        _check_responses_rebuilt_from_the_trees(url)
     shown = run_csr("status", "--json", db=url)
     assert shown.returncode == 0, shown.stderr
     summary = json.loads(shown.stdout)
