@@ -365,13 +365,18 @@ def test_nul_invalid_bytes_and_a_lone_surrogate_are_stored_alike(store_url, tmp_
 
 @pytest.fixture(scope="module")
 def nul_prone_llava_dir(tmp_path_factory, llama_tokenizer):
-    """The Llama-style random model with the NUL byte token made likely, so
-    that a real search generates it."""
+    """The Llama-style random model with the NUL byte token made the most
+    likely first token of a response, so that a real search generates it."""
+    from csr.engine.loading import encode_prompts
+
     model, processor = tiny.build_tiny_llava(llama_tokenizer, seed=5)
     nul = llama_tokenizer.convert_tokens_to_ids("<0x00>")
+    encoded = encode_prompts(processor, [Image.new("RGB", (40, 36), (200, 30, 30))], ["Describe the image."])
     with torch.no_grad():
-        head = model.lm_head.weight
-        head[nul] = head.mean(dim=0) * 40
+        out = model(**encoded, output_hidden_states=True)
+        state = out.hidden_states[-1][0, -8:].mean(dim=0)
+        target = out.logits[0, -1].max().item() + 0.3
+        model.lm_head.weight[nul] = state * (target / state.dot(state).item())
     return tiny.save_pretrained(model, processor, tmp_path_factory.mktemp("nul-llava"))
 
 
