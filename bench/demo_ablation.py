@@ -35,8 +35,8 @@ def run(seed: int, lam: float, args, root: Path) -> dict:
     out = study / "results.json"
     csr = Path(sys.executable).with_name("csr")
     cmd = [str(csr), "demo", "--dir", str(study), "--seed", str(seed), "--lambda", str(lam),
-           "--iterations", str(args.iterations), "--prompts", str(args.prompts), "--heldout", str(args.heldout),
-           "--preset", args.preset, "--json", str(out)]
+           "--iter", f"1-{args.iterations}", "--prompts", str(args.prompts), "--heldout", str(args.heldout),
+           "--preset", args.preset, "--out", str(out)]
     print(" ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL if args.jobs > 1 else None)
@@ -50,7 +50,7 @@ def run_all(args) -> list[dict]:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         first = list(pool.map(lambda seed: run(seed, LAMBDAS[0], args, args.root), args.seeds))
         rest = list(pool.map(lambda job: run(*job, args, args.root),
-                             [(seed, lam) for seed in args.seeds for lam in LAMBDAS[1:]]))
+                             [(seed, lam) for seed in args.seeds for lam in LAMBDAS[1:] if lam in args.lambdas]))
     return first + rest
 
 
@@ -64,6 +64,8 @@ def table(results: list[dict], iterations: int) -> str:
              "|---|---|---|---|---|---|"]
     for lam in LAMBDAS:
         runs = [r for r in results if r["lambda"] == lam]
+        if not runs:
+            continue
         for version in range(iterations + 1):
             rows = [next(v for v in r["versions"] if v["version"] == version) for r in runs]
             lines.append(f"| {lam:g} | {version} | {_cell(rows, 'chair_s')} | {_cell(rows, 'chair_i')} | "
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=100)
     parser.add_argument("--preset", default="paper", help="reward preset of every run (paper, reference-code)")
     parser.add_argument("--jobs", type=int, default=1, help="demos run at once (one thread each when > 1)")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS),
+                        help="which of 0.9 (always run: it trains each seed's models), 0 and 1 to run")
     parser.add_argument("--root", type=Path, default=Path("bench/out/ablation"))
     parser.add_argument("--out", type=Path, default=None, help="Write the markdown table here.")
     args = parser.parse_args()

@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from csr.cli.context import state
+from csr.cli.vocabulary import SqlFormat
 from csr.engine.errors import CsrError
 from csr.storage import analytics
 from csr.storage.errors import StoreError
 
 console = Console()
-FORMATS = ("table", "csv", "json", "parquet")
 CACHE_HELP = ("DuckDB file keeping a columnar copy of the candidates, synced at each use: much faster "
               "aggregates on large stores (default: none, read the store directly).")
 
@@ -36,8 +36,8 @@ _BATCH = 10_000
 def sql_cmd(
     ctx: typer.Context,
     query: str = typer.Argument(None, help="SQL to run; read from stdin when left out (an interactive prompt on a terminal)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, json or parquet."),
-    out: Path = typer.Option(None, "--out", "-o", help="Write the result to this file (required for parquet)."),
+    fmt: SqlFormat = typer.Option(SqlFormat.table, "--format", "-f", help="Output format."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the result to this file path (required for parquet)."),
     max_rows: int = typer.Option(1000, "--max-rows", help="Rows shown by --format table (0: all)."),
     cache: Path = _cache_option(),
 ) -> None:
@@ -48,8 +48,7 @@ def sql_cmd(
     words(text). Only reads run: SELECT, WITH, FROM, SHOW, DESCRIBE,
     SUMMARIZE, EXPLAIN; anything that would write is refused.
     """
-    if fmt not in FORMATS:
-        raise CsrError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    fmt = fmt.value
     if fmt == "parquet" and out is None:
         raise CsrError("--format parquet writes a file: give --out PATH")
     if query is None and sys.stdin.isatty():
@@ -224,7 +223,7 @@ def _prompt_loop(con: duckdb.DuckDBPyConnection, max_rows: int) -> None:
 def stats_cmd(
     ctx: typer.Context,
     iteration: int = typer.Option(None, "--iter", help="Only this iteration."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
     cache: Path = _cache_option(),
 ) -> None:
     """The paper's figures per iteration: rewards of chosen and rejected (table 10), R_T and R_I,

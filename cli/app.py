@@ -17,6 +17,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: flags shown as flags and choices as [a|b] (rich mode shows "<bool>").
+    rich_markup_mode=None,
 )
 
 

@@ -8,14 +8,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from csr.cli.vocabulary import (
+    DEVICE_HELP,
+    Preset,
+    default_device,
+    deprecated,
+    hidden_option,
+    iteration_range,
+)
+from csr.engine.errors import CsrError
 from csr.engine.pope import SETTINGS as POPE_SETTINGS
 
-console = Console()
+stdout_console = Console()
 
 
 def demo(
     directory: Path = typer.Option(Path("csr-demo"), "--dir", help="Study directory (world, models, store)."),
-    iterations: int = typer.Option(3, "--iterations", min=1, help="CSR iterations to run."),
+    iterations_: str = typer.Option("1-3", "--iter", help="CSR iterations to run, from 1: 1-N."),
     prompts: int = typer.Option(1000, "--prompts", min=2, help="CSR prompts (images of the world) per iteration."),
     heldout: int = typer.Option(1000, "--heldout", min=1,
                                  help="Held-out images for CHAIR and POPE (1000: docs/evaluation.md)."),
@@ -23,18 +32,26 @@ def demo(
                                      help="Scenes the tiny models learn from (other than the prompts)."),
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
-    preset: str = typer.Option("paper", "--preset", help="Reward preset: paper | reference-code (README: Reward presets)."),
+    old_iterations: int = hidden_option(None, "--iterations", min=1),
+    preset: Preset = typer.Option(Preset.paper, "--preset", help="Reward preset (README: Reward presets)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
-    device: str = typer.Option("cpu", "--device", help="Device for generation and training, e.g. cuda:0."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the per-version results to this JSON file."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="The per-version results as JSON on stdout (the tables go to stderr)."),
+    out: Path = typer.Option(None, "--out", help="Also write the per-version results to this JSON file path."),
 ) -> None:
     """Run CSR end to end on the built-in world and print CHAIR and POPE per model version."""
+    import dataclasses
+    import json
+
     from csr.engine.demo import DemoOptions, run_demo
 
+    console = Console(stderr=True) if as_json else stdout_console
+    iterations = _iteration_count(iterations_, old_iterations)
+    preset = preset.value
     report = run_demo(
         DemoOptions(directory=directory, iterations=iterations, prompts=prompts, heldout=heldout, seed=seed,
                     lam=lam, model_scenes=model_scenes, size="quick" if quick else "default",
-                    device=device, generate={"preset": preset}),
+                    device=default_device(device), generate={"preset": preset}),
         say=lambda line: console.print(line, highlight=False),
     )
     table = Table("version", "CHAIR_S [95% CI]", "CHAIR_I [95% CI]", "recall", "words", "R_I chosen",
@@ -57,16 +74,26 @@ def demo(
     # Wide enough for every figure when the output is a pipe or a log file.
     console.print(table, width=max(console.width, 120))
     console.print(pope_table, width=max(console.width, 100))
-    if json_out is not None:
-        import dataclasses
-        import json
-
-        json_out.write_text(json.dumps({
-            "lambda": lam, "preset": preset, "seed": seed, "iterations": iterations, "prompts": prompts, "heldout": heldout,
-            "wall_seconds": report.wall_seconds, "versions": [dataclasses.asdict(r) for r in report.rows],
-        }, indent=2))
+    results = json.dumps({
+        "lambda": lam, "preset": preset, "seed": seed, "iterations": iterations, "prompts": prompts, "heldout": heldout,
+        "wall_seconds": report.wall_seconds, "versions": [dataclasses.asdict(r) for r in report.rows],
+    }, indent=2)
+    if out is not None:
+        out.write_text(results)
     console.print(f"store: {report.store_url}")
     console.print(f"wall time: {report.wall_seconds:.1f} s")
+    if as_json:
+        typer.echo(results)
+
+
+def _iteration_count(text: str, old: int | None) -> int:
+    if old is not None:
+        deprecated("--iterations N", "--iter 1-N")
+        return old
+    numbers = iteration_range(text)
+    if numbers[0] != 1:
+        raise CsrError(f"the demo runs its iterations from 1: --iter 1-{numbers[-1]}, not {text!r}")
+    return numbers[-1]
 
 
 def _ci(interval) -> str:

@@ -10,11 +10,12 @@ import typer
 from rich.console import Console
 
 from csr.cli.context import state
+from csr.cli.vocabulary import DEVICE_HELP, default_device
 from csr.engine.errors import CsrError
 from csr.storage.store import open_store
 
 console = Console()
-eval_app = typer.Typer(help="Evaluate model versions (CHAIR, POPE) or record other benchmarks' results.",
+eval_app = typer.Typer(rich_markup_mode=None, help="Evaluate model versions (CHAIR, POPE) or record other benchmarks' results.",
                        no_args_is_help=True)
 
 VERSIONS_HELP = "Model versions: N, A-B, or a comma-separated list of both (e.g. 0-3)."
@@ -74,8 +75,8 @@ def eval_chair(
     n_images: int = typer.Option(None, "--images-count", min=1, help="Images drawn from the annotations; default 500 (CSR appendix A.2)."),
     all_images: bool = typer.Option(False, "--all-images", help="Every image of the annotations."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image draw and of the bootstrap interval."),
-    device: str = typer.Option("cpu", "--device"),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
 ) -> None:
     """CHAIR_S / CHAIR_I / recall / length per model version, stored in the evaluations table."""
     from csr.engine import evaluation
@@ -92,7 +93,7 @@ def eval_chair(
     )
     engine = open_store(state(ctx).url)
     try:
-        outcomes = evaluation.evaluate_versions(engine, chosen, [task], device=device, batch_size=batch_size)
+        outcomes = evaluation.evaluate_versions(engine, chosen, [task], device=default_device(device), batch_size=batch_size)
     finally:
         engine.dispose()
     for done in outcomes:
@@ -117,8 +118,8 @@ def eval_pope(
     seed: int = typer.Option(0, "--seed", help="Seed of the question sampling and the bootstrap interval."),
     suffix: str = typer.Option(None, "--suffix", help="Appended to each question; default LLaVA-1.5's ' Answer the question using a single word or phrase.'"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Default 128 (LLaVA-1.5's POPE evaluation)."),
-    device: str = typer.Option("cpu", "--device"),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
 ) -> None:
     """POPE accuracy / precision / recall / F1 / yes-ratio per setting and model version, stored."""
     from csr.engine import evaluation, pope
@@ -143,7 +144,7 @@ def eval_pope(
         task = evaluation.pope_file_task(questions, images, **common)
     engine = open_store(state(ctx).url)
     try:
-        outcomes = evaluation.evaluate_versions(engine, chosen, [task], device=device, batch_size=batch_size)
+        outcomes = evaluation.evaluate_versions(engine, chosen, [task], device=default_device(device), batch_size=batch_size)
     finally:
         engine.dispose()
     for done in outcomes:

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy.exc import SQLAlchemyError
 
 from csr.cli.context import state
+from csr.cli.vocabulary import DEVICE_HELP, DType, Preset, SelectBy, default_device, value
 from csr.engine.errors import CsrError
 from csr.engine.generation import WorkerOptions, iteration_config, run_worker
 from csr.storage import work
@@ -30,16 +31,15 @@ from csr.storage.store import open_store
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 console = Console(stderr=True)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def generate(
     ctx: typer.Context,
     iteration: int = typer.Option(..., "--iter", help="Iteration to generate (needs model version N-1)."),
-    preset: str = typer.Option(None, "--preset", help="Reward preset: paper | reference-code (default: csr.toml or paper)."),
+    preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: csr.toml or paper; README: Reward presets)."),
     lam: float = typer.Option(None, "--lambda", help="Weight of R_I in R(s) (default 0.9)."),
-    select_by: str = typer.Option(None, "--select-by", help="Rank the next active set by 'reward' (paper) or 'text' (released code)."),
-    device: str = typer.Option("cpu", "--device", help="torch device of this worker, e.g. cpu or cuda:0."),
+    select_by: SelectBy = typer.Option(None, "--select-by", help="Rank the next active set by the calibrated reward (paper) or the LM score (released code); default: the preset's."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     devices: str = typer.Option(None, "--devices", help="With --workers: one device per worker, comma-separated (cuda:0,cuda:1)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Number of worker processes."),
     batch_prompts: int = typer.Option(4, "--batch-prompts", min=1, help="Prompts claimed per lease."),
@@ -50,22 +50,21 @@ def generate(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Put the iteration's failed prompts back to pending first."),
     store_retry_seconds: float = typer.Option(300.0, "--store-retry-seconds", min=0.0, help="How long to retry a lost store connection before giving up."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    dtype: str = typer.Option(None, "--dtype", help="Policy dtype for the search: float32 | bfloat16 | float16 (recorded with the iteration; default float32 on CPU, the checkpoint's on GPU)."),
+    dtype: DType = typer.Option(None, "--dtype", help="Policy dtype for the search (recorded with the iteration; default float32 on CPU, the checkpoint's on GPU)."),
     kv_budget: float = typer.Option(None, "--kv-budget", min=0.0, help="GiB of KV cache a batch of prompts may hold (default: half the device's free memory)."),
 ) -> None:
     """Run the calibrated sentence-level beam search over every prompt; resumable, many workers may share a store."""
     st = state(ctx)
     settings = dict(st.settings.generate)
-    for key, value in (("preset", preset), ("lam", lam), ("select_by", select_by)):
-        if value is not None:
-            settings[key] = value
-    device_list = _devices(devices, workers, device)
+    dtype = value(dtype)
+    for key, chosen in (("preset", value(preset)), ("lam", lam), ("select_by", value(select_by))):
+        if chosen is not None:
+            settings[key] = chosen
+    device_list = _devices(devices, workers, default_device(device))
     engine = open_store(st.url)
     try:
         preset_name, config = iteration_config(engine, iteration, settings)
         if dtype is not None:
-            if dtype not in DTYPES:
-                raise CsrError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             config["dtype"] = dtype
         _, created = work.start_iteration(engine, iteration, preset_name, config)
         if created and not quiet:

@@ -23,8 +23,8 @@ from csr.storage.store import (
 )
 
 console = Console()
-db_app = typer.Typer(help="Store schema maintenance.", no_args_is_help=True)
-prompts_app = typer.Typer(help="Prompt sets.", no_args_is_help=True)
+db_app = typer.Typer(help="Store schema maintenance.", no_args_is_help=True, rich_markup_mode=None)
+prompts_app = typer.Typer(help="Prompt sets.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def init(

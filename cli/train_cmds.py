@@ -9,6 +9,18 @@ import typer
 from rich.console import Console
 
 from csr.cli.context import state
+from csr.cli.vocabulary import (
+    DEVICE_HELP,
+    DType,
+    ExportFormat,
+    Preset,
+    ReportTo,
+    SelectBy,
+    deprecated,
+    hidden_option,
+    iteration_range,
+    value,
+)
 from csr.engine import iterations
 from csr.engine.errors import CsrError
 from csr.storage.store import model_version, open_store
@@ -19,16 +31,20 @@ console = Console()
 def curate(
     ctx: typer.Context,
     iteration: int = typer.Option(..., "--iter", help="Iteration whose candidates to curate."),
-    preset: str = typer.Option(None, "--preset", help="paper | reference-code (default: the iteration's)."),
-    lam: float = typer.Option(None, "--lambda", help="Weight of R_I (default: the iteration's; 0 and 1 are the paper's ablations)."),
+    preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: the iteration's)."),
+    lam: float = typer.Option(None, "--lambda", help="Weight of R_I (default: the iteration's; on a tree grown under another lambda this re-curates, it does not regenerate)."),
     min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose reward margin is below this."),
-    name: str = typer.Option(None, "--name", help="Pair set name (default derived from the parameters)."),
+    pair_set: str = typer.Option(None, "--pair-set", help="Name of the pair set to create (default derived from the parameters)."),
     make_default: bool = typer.Option(False, "--default", help="Make this the pair set `csr train` uses."),
+    name: str = hidden_option(None, "--name"),
 ) -> None:
-    """Select chosen/rejected pairs by SQL over the stored candidates into a named pair set."""
+    """Select chosen/rejected pairs by SQL over the stored responses into a named pair set."""
+    if name is not None:
+        deprecated("--name", "--pair-set")
+        pair_set = pair_set or name
     engine = open_store(state(ctx).url)
     try:
-        result = iterations.curate(engine, iteration, preset, lam, min_margin, name, make_default)
+        result = iterations.curate(engine, iteration, value(preset), lam, min_margin, pair_set, make_default)
     finally:
         engine.dispose()
     verb = "created" if result.created else "unchanged"
@@ -44,14 +60,18 @@ def train(
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Train although some prompts are not generated yet."),
     force: bool = typer.Option(False, "--force", help="Replace an existing model version N."),
     pair_set: str = typer.Option(None, "--pair-set", help="Pair set name (default: the iteration's default set)."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda:N (default: let the trainer / accelerate decide)."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP + " Under `accelerate launch` leave it unset: accelerate places each process."),
+    report_to: ReportTo = typer.Option(None, "--report-to", help="Where TRL reports training logs besides the store (default: [train] report_to, none)."),
 ) -> None:
     """DPO with LoRA from model version N-1 (policy and reference); merge and register version N."""
     st = state(ctx)
+    settings = st.settings
+    if report_to is not None:
+        settings.train = {**settings.train, "report_to": report_to.value}
     engine = open_store(st.url)
     try:
         outcome = iterations.train(
-            engine, st.settings, iteration,
+            engine, settings, iteration,
             iterations.TrainOptions(allow_partial=allow_partial, force=force, pair_set=pair_set, device=device),
         )
     finally:
@@ -73,9 +93,9 @@ def train(
 
 def export(
     ctx: typer.Context,
-    iteration: int = typer.Option(..., "--iter"),
-    fmt: str = typer.Option("llava-json", "--format", help="llava-json | trl-jsonl | parquet"),
-    out: Path = typer.Option(None, "--out", help="Output file (default derived from the iteration and pair set)."),
+    iteration: int = typer.Option(..., "--iter", help="Iteration whose pairs to export."),
+    fmt: ExportFormat = typer.Option(ExportFormat.llava_json, "--format", help="The reference release's LLaVA JSON, TRL's preference JSONL, or Parquet with every score."),
+    out: Path = typer.Option(None, "--out", help="Output file path (default derived from the iteration and pair set)."),
     pair_set: str = typer.Option(None, "--pair-set", help="Pair set name (default: the iteration's default set)."),
 ) -> None:
     """Write an iteration's pairs in the reference release's LLaVA format, TRL's preference columns, or Parquet."""
@@ -83,7 +103,7 @@ def export(
 
     engine = open_store(state(ctx).url)
     try:
-        path, count = export_pairs(engine, iteration, fmt, out, pair_set)
+        path, count = export_pairs(engine, iteration, fmt.value, out, pair_set)
     finally:
         engine.dispose()
     console.print(f"wrote {count} pair(s) to {path}")
@@ -91,12 +111,18 @@ def export(
 
 def lineage(
     ctx: typer.Context,
-    version: int = typer.Argument(..., help="Model version."),
-    as_json: bool = typer.Option(False, "--json"),
+    version: int = typer.Option(None, "--version", help="Model version to trace."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+    positional: int = typer.Argument(None, hidden=True, metavar=""),
 ) -> None:
     """The provenance chain of a model version back to the base model."""
     from csr.storage.versions import lineage as chain_of
 
+    if positional is not None:
+        deprecated("`csr lineage N`", "`csr lineage --version N`")
+        version = positional if version is None else version
+    if version is None:
+        raise CsrError("name the model version: csr lineage --version N")
     engine = open_store(state(ctx).url)
     try:
         with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
@@ -126,19 +152,37 @@ def lineage(
 
 def iterate(
     ctx: typer.Context,
-    start: int = typer.Option(..., "--from", help="First iteration."),
-    end: int = typer.Option(..., "--to", help="Last iteration."),
-    device: str = typer.Option("cpu", "--device"),
-    batch_prompts: int = typer.Option(4, "--batch-prompts", min=1),
-    quiet: bool = typer.Option(False, "--quiet"),
+    iterations_: str = typer.Option(None, "--iter", help="Iterations to run: N or A-B, e.g. 1-3."),
+    preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: csr.toml or paper)."),
+    lam: float = typer.Option(None, "--lambda", help="Weight of R_I in R(s) (default 0.9)."),
+    select_by: SelectBy = typer.Option(None, "--select-by", help="Selection key of the search (default: the preset's)."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    devices: str = typer.Option(None, "--devices", help="With --workers: one device per generation worker, comma-separated (cuda:0,cuda:1)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Generation worker processes."),
+    batch_prompts: int = typer.Option(4, "--batch-prompts", min=1, help="Prompts claimed per lease."),
+    lease_seconds: float = typer.Option(120.0, "--lease-seconds", min=1.0, help="How long a claim survives without a heartbeat."),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts before a prompt is marked failed."),
+    store_retry_seconds: float = typer.Option(300.0, "--store-retry-seconds", min=0.0, help="How long to retry a lost store connection before giving up."),
+    dtype: DType = typer.Option(None, "--dtype", help="Policy dtype for the search (recorded with each iteration)."),
+    kv_budget: float = typer.Option(None, "--kv-budget", min=0.0, help="GiB of KV cache a batch of prompts may hold."),
+    min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose reward margin is below this."),
+    report_to: ReportTo = typer.Option(None, "--report-to", help="Where TRL reports training logs besides the store."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    start: int = hidden_option(None, "--from"),
+    end: int = hidden_option(None, "--to"),
 ) -> None:
-    """generate -> curate -> train for each iteration; resumable at any step."""
+    """generate -> curate -> train for each iteration, with the options of each step; resumable at any step."""
     from csr.cli.generate_cmds import generate
 
     st = state(ctx)
-    if end < start:
-        raise CsrError(f"--to ({end}) is before --from ({start})")
-    for number in range(start, end + 1):
+    if start is not None or end is not None:
+        deprecated("--from/--to", "--iter A-B")
+        if start is None or end is None:
+            raise CsrError("--from and --to go together; use --iter A-B")
+        iterations_ = iterations_ or f"{start}-{end}"
+    if iterations_ is None:
+        raise CsrError("name the iterations: csr iterate --iter 1-3")
+    for number in iteration_range(iterations_):
         engine = open_store(st.url)
         try:
             with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
@@ -148,14 +192,14 @@ def iterate(
         if trained:
             console.print(f"iteration {number}: model version {number} exists, skipping")
             continue
-        ctx.invoke(generate, ctx=ctx, iteration=number, device=device, batch_prompts=batch_prompts, quiet=quiet,
-                   preset=None, lam=None, select_by=None, devices=None, workers=1, limit=None,
-                   lease_seconds=120.0, max_attempts=3, no_wait=False, retry_failed=False,
-                   store_retry_seconds=300.0)
-        ctx.invoke(curate, ctx=ctx, iteration=number, preset=None, lam=None, min_margin=0.0, name=None,
-                   make_default=False)
+        ctx.invoke(generate, ctx=ctx, iteration=number, preset=preset, lam=lam, select_by=select_by, device=device,
+                   devices=devices, workers=workers, batch_prompts=batch_prompts, limit=None,
+                   lease_seconds=lease_seconds, max_attempts=max_attempts, no_wait=False, retry_failed=False,
+                   store_retry_seconds=store_retry_seconds, quiet=quiet, dtype=dtype, kv_budget=kv_budget)
+        ctx.invoke(curate, ctx=ctx, iteration=number, preset=None, lam=None, min_margin=min_margin, pair_set=None,
+                   make_default=False, name=None)
         ctx.invoke(train, ctx=ctx, iteration=number, allow_partial=False, force=False, pair_set=None,
-                   device=None if device == "cpu" else device)
+                   device=device, report_to=report_to)
 
 
 def register(app: typer.Typer) -> None:

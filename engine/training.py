@@ -49,6 +49,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 TOO_LONG = ("skip", "refuse")
+REPORT_TO = ("none", "tensorboard", "wandb")
 REFERENCES = ("tree", "recompute")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 FINGERPRINT_FILE = "csr_run.json"
@@ -91,6 +92,9 @@ class TrainConfig:
     # token log-probs ("tree", no reference forward pass) or a forward pass of
     # the adapter-free model ("recompute").
     reference: str = "tree"
+    # TRL's own log reporting, next to the metrics csr stores with the run
+    # (tensorboard writes under the run's checkpoint directory, runs/).
+    report_to: str = "none"
     logging_steps: int = 1
     save_steps: int = 50
     # Two, not one: a crash while writing the newest checkpoint leaves the one
@@ -130,6 +134,10 @@ class TrainConfig:
             )
         if self.too_long not in TOO_LONG:
             raise TrainConfigError(f"training option too_long must be one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
+        if self.report_to not in REPORT_TO:
+            raise TrainConfigError(
+                f"training option report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}"
+            )
         if self.reference not in REFERENCES:
             raise TrainConfigError(
                 f"training option reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}"
@@ -374,7 +382,7 @@ def _preference_dataset(examples: Sequence[PreferenceExample], tree_reference: b
 
 # Options that change how often things are written, not what is trained:
 # changing them between a crash and the resume is harmless.
-_BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit")
+_BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit", "report_to")
 
 
 def _run_fingerprint(base_model_path: str, examples: Sequence[PreferenceExample], config: TrainConfig) -> str:
@@ -528,7 +536,7 @@ def _dpo_args(config: TrainConfig, checkpoint_dir: Path, bf16: bool, device: str
         save_total_limit=config.save_total_limit,
         save_only_model=False,  # optimizer, scheduler and RNG states make resuming exact
         dataloader_num_workers=0,
-        report_to="none",
+        report_to=config.report_to,
         disable_tqdm=True,
         push_to_hub=False,
     )

@@ -121,7 +121,7 @@ def test_train_order_rules_change_nothing(tmp_path, trained_llava_dir, tiny_clip
     assert "Traceback" not in partial.stderr
     assert fingerprint(study.url) == before
 
-    empty = study.csr("curate", "--iter", "1", "--min-margin", "1e9", "--name", "none", "--default")
+    empty = study.csr("curate", "--iter", "1", "--min-margin", "1e9", "--pair-set", "none", "--default")
     assert empty.returncode == 0 and "0 pair(s)" in empty.stdout
     before = fingerprint(study.url)
     refused = study.csr("train", "--iter", "1", "--allow-partial")
@@ -150,7 +150,7 @@ def test_train_registers_a_reproducible_version_and_its_lineage(generated, train
     [(digest_again,)] = generated.query("SELECT weights_hash FROM model_versions WHERE version = 1")
     assert digest_again == digest, "same store, same seed: same weights on CPU"
 
-    lineage = generated.csr("lineage", "1", "--json")
+    lineage = generated.csr("lineage", "--version", "1", "--json")
     assert lineage.returncode == 0, lineage.stderr
     chain = json.loads(lineage.stdout)
     assert [entry["version"] for entry in chain] == [1, 0]

@@ -369,7 +369,7 @@ def test_iterate_and_train_killed_resume_where_they_were(study):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     # Killed during generation: the rerun takes the dead worker's prompts back and goes on.
-    first = run("iterate", "--from", "1", "--to", "1", "--quiet")
+    first = run("iterate", "--iter", "1", "--quiet")
     _wait_for(lambda: _mid_run(study), "a prompt done and others claimed", process=first)
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -378,7 +378,7 @@ def test_iterate_and_train_killed_resume_where_they_were(study):
     def checkpointed() -> bool:
         return any((c / "trainer_state.json").is_file() for c in checkpoints.glob("checkpoint-*"))
 
-    second = run("iterate", "--from", "1", "--to", "1", "--quiet")
+    second = run("iterate", "--iter", "1", "--quiet")
     _wait_for(checkpointed, "a training checkpoint", timeout=400, process=second)
     second.send_signal(signal.SIGKILL)
     second.wait()
@@ -390,7 +390,7 @@ def test_iterate_and_train_killed_resume_where_they_were(study):
     assert "resumed from step" in trained.stdout, trained.stdout
     assert study.query("SELECT state FROM training_runs") == [("done",)]
 
-    again = study.csr("iterate", "--from", "1", "--to", "1", "--quiet", timeout=300)
+    again = study.csr("iterate", "--iter", "1", "--quiet", timeout=300)
     assert again.returncode == 0, again.stderr
     assert "model version 1 exists, skipping" in again.stdout
 

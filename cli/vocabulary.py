@@ -1,0 +1,89 @@
+"""The option vocabulary every command shares: one name per concept, choices
+shown as choices, one default device rule, and old spellings that still work
+for one release with a deprecation line (tests/test_cli_vocabulary.py checks
+the rules on every command's --help)."""
+
+from __future__ import annotations
+
+from enum import Enum, StrEnum
+
+import typer
+from rich.console import Console
+
+from csr.engine.errors import CsrError
+
+_console = Console(stderr=True)
+
+
+class Preset(StrEnum):
+    paper = "paper"
+    reference_code = "reference-code"
+
+
+class SelectBy(StrEnum):
+    reward = "reward"
+    text = "text"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class ExportFormat(StrEnum):
+    llava_json = "llava-json"
+    trl_jsonl = "trl-jsonl"
+    parquet = "parquet"
+
+
+class SqlFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+class ReportTo(StrEnum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+def value(choice: Enum | None) -> str | None:
+    return None if choice is None else choice.value
+
+
+DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is present, else cpu)."
+
+
+def default_device(device: str | None) -> str:
+    """The one default rule for commands that run a model: CUDA when present."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def iteration_range(text: str) -> list[int]:
+    """`--iter 2` or `--iter 1-3`."""
+    try:
+        if "-" in text:
+            first, last = (int(part) for part in text.split("-", 1))
+        else:
+            first = last = int(text)
+    except ValueError:
+        raise CsrError(f"--iter takes N or A-B (e.g. 1-3), got {text!r}") from None
+    if first < 1 or last < first:
+        raise CsrError(f"--iter range {text!r} must count up from 1 or more")
+    return list(range(first, last + 1))
+
+
+def deprecated(old: str, new: str) -> None:
+    _console.print(f"csr: warning: {old} is deprecated and goes in the next release; use {new}")
+
+
+def hidden_option(default, *names: str, **kwargs):
+    """An old spelling kept for one release, not shown in --help."""
+    return typer.Option(default, *names, hidden=True, **kwargs)
