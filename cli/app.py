@@ -25,7 +25,7 @@ app = typer.Typer(
 @app.callback()
 def _root(
     ctx: typer.Context,
-    db: str = typer.Option(None, "--db", help="SQLAlchemy URL or SQLite path of the store (default: csr.toml, CSR_DATABASE_URL, sqlite:///csr.db)."),
+    db: str = typer.Option(None, "--db", help="SQLAlchemy URL or SQLite path of the store. Without it: CSR_DATABASE_URL, then [store] url in csr.toml, then sqlite:///csr.db here."),
     config: Path = typer.Option(None, "--config", help="Settings file (default: ./csr.toml)."),
 ) -> None:
     ctx.obj = CliState(db=db, config=config)

@@ -156,7 +156,7 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
                     conn, iteration, pair_set.id, curation.TRAINING_SELECTION, pairs_hash, hyperparams,
                     str(checkpoint_dir),
                 )
-    examples = preference_examples(rows, parent.path)
+    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(engine, iteration, config))
     staging = models_dir / f"v{iteration}.staging"
     try:
         result = train_dpo(parent.path, examples, staging, checkpoint_dir, config, device=options.device)
@@ -213,10 +213,24 @@ def split_too_long(rows: list[dict], max_response_tokens: int) -> tuple[list[dic
     return fits, too_long
 
 
-def preference_examples(rows: list[dict], policy_path: str):
+def _tree_is_exact(engine: Engine, iteration: int, config) -> bool:
+    """Whether the stored log-probs may stand for the reference pass: always
+    under reference = "tree", under "auto" only for trees searched in float32
+    (a GPU search without --dtype runs in the checkpoint's half precision)."""
+    if config.reference != "auto":
+        return config.reference == "tree"
+    import torch
+
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        dtype = work.get_iteration(conn, iteration).config.get("dtype")
+    return dtype == "float32" or (dtype is None and not torch.cuda.is_available())
+
+
+def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool = True):
     """Training examples from `curation.training_rows`: the stored token ids and
-    their stored log-probs. Rows rebuilt from stores made before token ids were
-    kept are tokenised from their text, and have no reference log-probs."""
+    (with `tree_reference`) their stored log-probs. Rows rebuilt from stores made
+    before token ids were kept are tokenised from their text, and have no
+    reference log-probs."""
     from csr.engine.training import PreferenceExample, completion_ids
 
     tokenizer = None
@@ -237,8 +251,8 @@ def preference_examples(rows: list[dict], policy_path: str):
                 prompt=r["prompt"],
                 chosen_ids=list(chosen),
                 rejected_ids=list(rejected),
-                chosen_ref_logp=r["chosen_logprob_sum"] if tree else None,
-                rejected_ref_logp=r["rejected_logprob_sum"] if tree else None,
+                chosen_ref_logp=r["chosen_logprob_sum"] if tree and tree_reference else None,
+                rejected_ref_logp=r["rejected_logprob_sum"] if tree and tree_reference else None,
             )
         )
     return examples

@@ -50,7 +50,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 TOO_LONG = ("skip", "refuse")
 REPORT_TO = ("none", "tensorboard", "wandb")
-REFERENCES = ("tree", "recompute")
+REFERENCES = ("auto", "tree", "recompute")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 FINGERPRINT_FILE = "csr_run.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -90,8 +90,9 @@ class TrainConfig:
     too_long: str = "skip"
     # Where log pi_{N-1} of chosen and rejected comes from: the search's stored
     # token log-probs ("tree", no reference forward pass) or a forward pass of
-    # the adapter-free model ("recompute").
-    reference: str = "tree"
+    # the adapter-free model ("recompute"). "auto": the tree when the iteration
+    # was generated in float32 (where the two agree within 1e-4), else recompute.
+    reference: str = "auto"
     # TRL's own log reporting, next to the metrics csr stores with the run
     # (tensorboard writes under the run's checkpoint directory, runs/).
     report_to: str = "none"
@@ -358,7 +359,7 @@ class TokenPreferenceCollator:
 
 def uses_tree_reference(examples: Sequence[PreferenceExample], config: TrainConfig) -> bool:
     """The tree's log-probs serve as the reference only when every pair has them."""
-    return config.reference == "tree" and all(
+    return config.reference != "recompute" and all(
         e.chosen_ref_logp is not None and e.rejected_ref_logp is not None for e in examples
     )
 
