@@ -87,6 +87,11 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors come through here in non-standalone mode
+        if isinstance(exc, _click_kinds("BadParameter")):
+            # A bad option value is one line, as every other error a user can cause.
+            message = " ".join(exc.format_message().split()).replace("Value error, ", "")
+            print(f"csr: error: {message}", file=sys.stderr)
+            sys.exit(exc.exit_code)
         if isinstance(exc, _click_kinds("ClickException")):
             exc.show()
             sys.exit(exc.exit_code)

@@ -26,7 +26,7 @@ from csr.cli.vocabulary import DEVICE_HELP, DType, Preset, SelectBy, default_dev
 from csr.engine.errors import CsrError
 from csr.engine.generation import WorkerOptions, iteration_config, run_worker
 from csr.storage import work
-from csr.storage.store import open_store
+from csr.storage.store import open_store, reading
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -154,7 +154,7 @@ class _StopSignals:
 
 def _run_here(engine, iteration: int, config: dict, options: WorkerOptions, quiet: bool) -> None:
     stop = threading.Event()
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         counts = work.progress(conn, iteration)
     total = sum(counts.values())
     started = time.perf_counter()
@@ -228,7 +228,7 @@ def _run_processes(ctx, engine, iteration, settings, options: WorkerOptions, dev
     stop = threading.Event()
     started = time.perf_counter()
     with _StopSignals(stop, on_signal=forward) as signals:
-        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        with reading(engine) as conn:
             first = work.progress(conn, iteration)
         with _progress(quiet) as bar:
             task = bar.add_task("generate", total=sum(first.values()), completed=first[work.DONE] + first[work.FAILED],
@@ -236,7 +236,7 @@ def _run_processes(ctx, engine, iteration, settings, options: WorkerOptions, dev
             while any(child.poll() is None for child in children):
                 time.sleep(1.0)  # a signal runs its handler and the sleep goes on
                 try:
-                    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+                    with reading(engine) as conn:
                         now = work.progress(conn, iteration)
                 except SQLAlchemyError:
                     continue  # a store outage: the workers retry on their own; so does the bar

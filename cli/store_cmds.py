@@ -16,6 +16,7 @@ from csr.storage import migrate, work
 from csr.storage.store import (
     create_store,
     open_store,
+    reading,
     register_base_model,
     status,
     store_revision,
@@ -122,7 +123,7 @@ def status_cmd(
     (live, stale or gone); failed prompts with their reason."""
     engine = open_store(state(ctx).url)
     try:
-        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        with reading(engine) as conn:
             summary = status(conn)
             summary["workers"] = work.worker_states(conn)
             summary["failed_prompts"] = work.failed_items(conn)

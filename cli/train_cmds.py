@@ -23,7 +23,7 @@ from csr.cli.vocabulary import (
 )
 from csr.engine import iterations
 from csr.engine.errors import CsrError
-from csr.storage.store import model_version, open_store
+from csr.storage.store import model_version, open_store, reading
 
 console = Console()
 
@@ -125,7 +125,7 @@ def lineage(
         raise CsrError("name the model version: csr lineage --version N")
     engine = open_store(state(ctx).url)
     try:
-        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        with reading(engine) as conn:
             chain = chain_of(conn, version)
     finally:
         engine.dispose()
@@ -185,7 +185,7 @@ def iterate(
     for number in iteration_range(iterations_):
         engine = open_store(st.url)
         try:
-            with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            with reading(engine) as conn:
                 trained = model_version(conn, number) is not None
         finally:
             engine.dispose()

@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import text
-
 from csr.engine import iterations, pope
 from csr.engine.chair import world_vocabulary
 from csr.engine.errors import CsrError
@@ -25,8 +23,8 @@ from csr.engine.evaluation import ChairTask, PopeTask, evaluate_versions
 from csr.engine.generation import PRESETS, WorkerOptions, iteration_config, run_worker
 from csr.engine.importing import import_prompts
 from csr.engine.settings import Settings, load_settings
-from csr.storage import work
-from csr.storage.store import create_store, model_version, register_base_model
+from csr.storage import curation, work
+from csr.storage.store import create_store, model_version, reading, register_base_model
 
 DATASET = "demo-world-heldout"
 # The world's longest caption is 4 sentences of 6 tokens; 64 new tokens never
@@ -191,22 +189,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     return DemoReport(rows=rows, wall_seconds=time.perf_counter() - started, store_url=settings.store_url)
 
 
-_PAIR_CLIP_MEANS = """
-WITH RECURSIVE up(leaf_id, prompt_id, parent_node, r_i, n) AS (
-    SELECT c.id, c.prompt_id, c.parent_node, c.r_i, 1 FROM candidates c
-    WHERE c.id IN (SELECT chosen_candidate_id FROM pairs WHERE pair_set_id = :ps
-                   UNION SELECT rejected_candidate_id FROM pairs WHERE pair_set_id = :ps)
-    UNION ALL
-    SELECT up.leaf_id, up.prompt_id, c.parent_node, up.r_i + c.r_i, up.n + 1
-    FROM up JOIN candidates c ON c.iteration = :it AND c.prompt_id = up.prompt_id AND c.node = up.parent_node
-),
-responses AS (SELECT leaf_id, r_i / n AS mean_r_i FROM up WHERE parent_node IS NULL)
-SELECT AVG(rc.mean_r_i) AS chosen, AVG(rr.mean_r_i) AS rejected
-FROM pairs p
-JOIN responses rc ON rc.leaf_id = p.chosen_candidate_id
-JOIN responses rr ON rr.leaf_id = p.rejected_candidate_id
-WHERE p.pair_set_id = :ps
-"""
+
 
 
 def demo_tasks(heldout, object_names, seed: int) -> tuple[ChairTask, PopeTask]:
@@ -230,9 +213,8 @@ def demo_tasks(heldout, object_names, seed: int) -> tuple[ChairTask, PopeTask]:
 
 def _pair_clip_means(engine, pair_set_id: int, iteration: int) -> tuple[float | None, float | None]:
     """Mean per-sentence R_I of chosen and rejected responses (the paper's figure 5 quantity)."""
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
-        row = conn.execute(text(_PAIR_CLIP_MEANS), {"ps": pair_set_id, "it": iteration}).one()
-    return row.chosen, row.rejected
+    with reading(engine) as conn:
+        return curation.pair_clip_means(conn, pair_set_id)
 
 
 def _refuse_other_settings(root: Path, generate: dict, train: dict, world_options: dict) -> None:
@@ -255,7 +237,7 @@ def _refuse_other_settings(root: Path, generate: dict, train: dict, world_option
 
 
 def _has_version(engine, number: int) -> bool:
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         return model_version(conn, number) is not None
 
 

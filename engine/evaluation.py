@@ -41,7 +41,7 @@ from csr.engine.errors import CsrError
 from csr.engine.intervals import N_RESAMPLES, bootstrap_interval, f1_from_counts, ratio
 from csr.engine.prompt_files import resolve_image
 from csr.storage.evaluations import evaluation_fingerprint, find_evaluation, record_evaluation
-from csr.storage.store import model_version
+from csr.storage.store import model_version, reading
 
 CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_MAX_NEW_TOKENS = 512
@@ -265,7 +265,7 @@ def _has_weights(path: str) -> bool:
 def check_versions(engine: Engine, versions: Sequence[int]) -> dict[int, str]:
     """Model version -> weights path, or CsrError naming the first missing one."""
     paths = {}
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         for version in versions:
             mv = model_version(conn, version)
             if mv is None:
@@ -296,7 +296,7 @@ def evaluate_versions(
         for task, data_hash in zip(tasks, hashes, strict=True):
             settings = task.settings
             fingerprint = evaluation_fingerprint(task.benchmark, settings, data_hash)
-            with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            with reading(engine) as conn:
                 stored = find_evaluation(conn, version, fingerprint)
             if stored is not None:
                 outcomes.append(Outcome(version, task.benchmark, settings["dataset"], stored["metrics"], True))
@@ -421,7 +421,7 @@ def record_external(engine: Engine, version: int, benchmark: str, metrics: dict[
         raise CsrError("--benchmark must not be empty")
     if benchmark.lower() in MEASURED_HERE:
         raise CsrError(f"{benchmark} is measured by `csr eval {benchmark.lower()}`; record it under another name")
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         if model_version(conn, version) is None:
             raise CsrError(f"no model version {version} in the store")
     settings = {"dataset": dataset, "tool": tool, "recorded": True}

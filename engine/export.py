@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 
 from csr.engine.errors import CsrError
 from csr.storage import curation
+from csr.storage.store import reading
 
 FORMATS = ("llava-json", "trl-jsonl", "parquet")
 _SUFFIX = {"llava-json": ".json", "trl-jsonl": ".jsonl", "parquet": ".parquet"}
@@ -16,7 +17,7 @@ _SUFFIX = {"llava-json": ".json", "trl-jsonl": ".jsonl", "parquet": ".parquet"}
 def export_pairs(engine: Engine, iteration: int, fmt: str, out: Path | None, pair_set: str | None = None) -> tuple[Path, int]:
     if fmt not in FORMATS:
         raise CsrError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         ps = curation.pair_set(conn, iteration, pair_set)
         if ps is None:
             which = f"named {pair_set!r}" if pair_set else "(run `csr curate --iter N` first)"

@@ -33,7 +33,7 @@ from csr.engine.errors import CsrError
 from csr.storage import work
 from csr.storage.clock import utcnow
 from csr.storage.outages import first_line, is_outage
-from csr.storage.store import model_version
+from csr.storage.store import model_version, reading
 from csr.storage.trees import CANDIDATE_COLUMNS, RESPONSE_COLUMNS, Tree
 
 PRESETS = ("paper", "reference-code")
@@ -90,7 +90,7 @@ def iteration_config(engine: Engine, iteration: int, generate_settings: dict) ->
         raise CsrError(f"invalid [generate] settings: {exc}") from exc
     if search.preset not in PRESETS:
         raise CsrError(f"unknown preset {search.preset!r}; choose one of {', '.join(PRESETS)}")
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         policy = model_version(conn, iteration - 1)
         base = model_version(conn, 0)
     if base is None:
@@ -297,7 +297,7 @@ def _finish(store: _Store, worker_id: int, iteration: int, held: list[work.Claim
 
 def _outstanding(engine: Engine, iteration: int, worker_id: int) -> tuple[int, list[work.Holder]]:
     """(pending prompts, other workers holding prompts) of the iteration."""
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         pending = work.progress(conn, iteration)[work.PENDING]
         return pending, work.holders(conn, iteration, exclude_worker=worker_id)
 
@@ -319,7 +319,7 @@ def _until_next_look(others: list[work.Holder]) -> float:
 
 
 def _prompt_inputs(engine: Engine, prompt_ids: list[int]):
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         return work.prompt_inputs(conn, prompt_ids)
 
 

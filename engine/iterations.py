@@ -20,12 +20,12 @@ from csr.engine.errors import CsrError
 from csr.engine.settings import Settings
 from csr.storage import curation, versions, work
 from csr.storage.errors import OrderError
-from csr.storage.store import model_version
+from csr.storage.store import model_version, reading
 
 
 def iteration_policy(engine: Engine, iteration: int) -> curation.CurationPolicy:
     """The curation policy matching how the iteration was generated."""
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         it = work.get_iteration(conn, iteration)
     if it is None:
         raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
@@ -34,7 +34,7 @@ def iteration_policy(engine: Engine, iteration: int) -> curation.CurationPolicy:
 
 
 def require_generated(engine: Engine, iteration: int, allow_partial: bool) -> dict[str, int]:
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         if work.get_iteration(conn, iteration) is None:
             raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
         counts = work.progress(conn, iteration)
@@ -98,7 +98,7 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
     except TrainConfigError as exc:
         raise CsrError(f"[train] in {settings.path}: {exc}") from exc
     require_generated(engine, iteration, options.allow_partial)
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         existing = model_version(conn, iteration)
         parent = model_version(conn, iteration - 1)
         next_iteration = work.get_iteration(conn, iteration + 1)
@@ -117,9 +117,9 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
         if options.pair_set:
             raise OrderError(f"iteration {iteration} has no pair set named {options.pair_set!r}")
         curate(engine, iteration)  # train implies curate with the iteration's own policy
-        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        with reading(engine) as conn:
             pair_set = curation.pair_set(conn, iteration)
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         rows = curation.training_rows(conn, pair_set.id)
     if not rows:
         raise OrderError(
@@ -221,7 +221,7 @@ def _tree_is_exact(engine: Engine, iteration: int, config) -> bool:
         return config.reference == "tree"
     import torch
 
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+    with reading(engine) as conn:
         dtype = work.get_iteration(conn, iteration).config.get("dtype")
     return dtype == "float32" or (dtype is None and not torch.cuda.is_available())
 

@@ -19,7 +19,6 @@ order) is explicit so that the same inputs give the same weights on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,13 +34,22 @@ from typing import Any
 
 import torch
 
-# The seven projections of a Llama/Mistral/Vicuna/Qwen decoder layer: what the
-# released script's LoRA targets inside the language model.
-DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Attribute names LLaVA-family models use for their parts (transformers 5 nests
-# them under `model.`; older remote-code checkpoints use `mm_projector`).
-LANGUAGE_MODEL_NAMES = ("language_model",)
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
+from csr.engine.dpo_data import (  # noqa: F401  (re-exported: the training API in one place)
+    PreferenceExample,
+    TokenPreferenceCollator,
+    _preference_dataset,
+    completion_ids,
+    completion_logprob,
+    implicit_reward_margins,
+    uses_tree_reference,
+)
+from csr.engine.lora import (  # noqa: F401
+    DECODER_PROJECTIONS,
+    _lora_leaf_names,
+    _lora_setup,
+    resolve_lora_targets,
+    weights_hash,
+)
 
 # PEFT and TRL read transformers' deprecated `is_gradient_checkpointing`;
 # the warning names nothing a csr user could change.
@@ -181,28 +189,6 @@ def _check_type(name: str, value: Any, default: Any) -> None:
 
 
 @dataclass
-class PreferenceExample:
-    """One pair as DPO sees it: the user prompt (encoded as generation encodes
-    it), and the response token ids exactly as generated (EOS included where
-    the model ended the response). The reference log-probs are the sums of the
-    search's stored token log-probs under pi_{N-1}, when known."""
-
-    image_path: str
-    prompt: str
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    chosen_ref_logp: float | None = None
-    rejected_ref_logp: float | None = None
-
-
-def completion_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids for a response known only as text (pairs rebuilt from stores
-    made before token ids were kept, hand-made pairs): the text, then EOS."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    return [*ids, tokenizer.eos_token_id]
-
-
-@dataclass
 class TrainResult:
     model_dir: Path
     weights_hash: str
@@ -212,68 +198,6 @@ class TrainResult:
     global_step: int
     resumed_from_step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------- model surgery
-
-
-def _find_module(model: torch.nn.Module, names: Sequence[str]) -> str | None:
-    """Full name of the first submodule whose last name component is in `names`
-    (shortest path wins, so a nested copy never shadows the real one)."""
-    found = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in names]
-    return min(found, key=lambda n: n.count(".")) if found else None
-
-
-def _lora_leaf_names(lora_target: str) -> tuple[str, ...]:
-    if lora_target == "language_model":
-        return DECODER_PROJECTIONS
-    return tuple(p.strip() for p in lora_target.split(",") if p.strip())
-
-
-def resolve_lora_targets(model: torch.nn.Module, lora_target: str) -> tuple[str, list[str]]:
-    """A PEFT target regex over the text decoder's linear layers, and the module
-    names it matches. The vision tower shares layer names with the decoder
-    (q_proj...), so the match is anchored at the language model's own path."""
-    lm_name = _find_module(model, LANGUAGE_MODEL_NAMES)
-    if lm_name is None:
-        raise ValueError(
-            f"cannot find the language model in {type(model).__name__}: "
-            f"no submodule named {' or '.join(LANGUAGE_MODEL_NAMES)}"
-        )
-    leaves = _lora_leaf_names(lora_target)
-    pattern = rf"{re.escape(lm_name)}\..*\.({'|'.join(map(re.escape, leaves))})"
-    matched = [
-        n for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, n)
-    ]
-    if not matched:
-        raise ValueError(
-            f"lora_target {lora_target!r} matches no linear layer under {lm_name} "
-            f"of {type(model).__name__}"
-        )
-    return pattern, matched
-
-
-# ------------------------------------------------------------------------ hashing
-
-
-def weights_hash(model_dir: Path | str) -> str:
-    """sha256 over every tensor of the directory's safetensors files, in name
-    order, with dtype and shape: independent of sharding and header layout."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {model_dir}")
-    digest = hashlib.sha256()
-    with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in files]
-        where = {key: handle for handle in handles for key in handle.keys()}
-        for key in sorted(where):
-            tensor = where[key].get_tensor(key).contiguous()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------- training
@@ -314,71 +238,6 @@ def _make_trainer_class():
             pass
 
     return CSRDPOTrainer
-
-
-@dataclass
-class TokenPreferenceCollator:
-    """Batches of pre-tokenised pairs: chosen rows then rejected rows, each the
-    prompt (image expanded by the processor, left-padded) followed by the
-    response ids (right-padded), then flushed left as TRL's own collators do.
-    Nothing is truncated: over-long pairs are filtered before training."""
-
-    processor: Any
-    pad_token_id: int
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        from PIL import Image
-        from trl.trainer.utils import flush_left
-
-        from csr.engine.loading import encode_prompts
-
-        images = []
-        for e in examples:
-            with Image.open(e["images"][0]) as image:
-                images.append(image.convert("RGB"))
-        encoded = encode_prompts(self.processor, images * 2, [e["prompt"] for e in examples] * 2)
-        responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        width = max(len(r) for r in responses)
-        response_ids = torch.full((len(responses), width), self.pad_token_id, dtype=torch.long)
-        response_mask = torch.zeros((len(responses), width), dtype=torch.long)
-        for row, ids in enumerate(responses):
-            response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            response_mask[row, : len(ids)] = 1
-        prompt_mask = encoded["attention_mask"]
-        input_ids = torch.cat([encoded["input_ids"], response_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-        completion_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
-        attention_mask, input_ids, completion_mask = flush_left(attention_mask, input_ids, completion_mask)
-        batch = dict(encoded)
-        batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
-        if "ref_chosen_logps" in examples[0]:
-            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])
-            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])
-        return batch
-
-
-def uses_tree_reference(examples: Sequence[PreferenceExample], config: TrainConfig) -> bool:
-    """The tree's log-probs serve as the reference only when every pair has them."""
-    return config.reference != "recompute" and all(
-        e.chosen_ref_logp is not None and e.rejected_ref_logp is not None for e in examples
-    )
-
-
-def _preference_dataset(examples: Sequence[PreferenceExample], tree_reference: bool):
-    """The pairs as a dataset of ids. The `images` column (paths, loaded by the
-    collator) makes TRL treat it as vision data and leave it untouched."""
-    from datasets import Dataset
-
-    columns: dict[str, list] = {
-        "images": [[str(e.image_path)] for e in examples],
-        "prompt": [e.prompt for e in examples],
-        "chosen_ids": [list(e.chosen_ids) for e in examples],
-        "rejected_ids": [list(e.rejected_ids) for e in examples],
-    }
-    if tree_reference:
-        columns["ref_chosen_logps"] = [float(e.chosen_ref_logp) for e in examples]
-        columns["ref_rejected_logps"] = [float(e.rejected_ref_logp) for e in examples]
-    return Dataset.from_dict(columns)
 
 
 # Options that change how often things are written, not what is trained:
@@ -466,39 +325,6 @@ def _step_metrics(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
             row.update({k: float(entry[k]) for k in METRIC_KEYS if k in entry})
             rows.append(row)
     return rows
-
-
-def _lora_setup(model: torch.nn.Module, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
-    """The PEFT LoraConfig and its record for the model version row."""
-    from peft import LoraConfig
-
-    target_regex, targeted = resolve_lora_targets(model, config.lora_target)
-    modules_to_save: list[str] = []
-    if config.projector_learning_rate > 0:
-        projector = _find_module(model, PROJECTOR_NAMES)
-        if projector is None:
-            raise ValueError(f"cannot find the multimodal projector in {type(model).__name__}")
-        modules_to_save = [projector.rsplit(".", 1)[-1]]
-    record = {
-        "r": config.lora_r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": target_regex,
-        "targeted_module_count": len(targeted),
-        "modules_to_save": modules_to_save,
-        "bias": "none",
-    }
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=target_regex,
-        # A trainable copy of the projector; with the adapter disabled the
-        # original computes the reference, as pi_{t-1} requires.
-        modules_to_save=modules_to_save or None,
-        bias="none",
-    )
-    return lora, record
 
 
 def _dpo_args(config: TrainConfig, checkpoint_dir: Path, bf16: bool, device: str | None) -> Any:
@@ -656,57 +482,3 @@ def _save_atomically(model: Any, processor: Any, output_dir: Path) -> None:
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)
-
-
-# ----------------------------------------------------------------- sanity check
-
-
-@torch.no_grad()
-def completion_logprob(model: Any, processor: Any, image: Any, prompt: str, response_ids: Sequence[int]) -> float:
-    """Summed log-probability of the response ids after image + prompt, the
-    prompt encoded as generation and training encode it."""
-    from csr.engine.loading import encode_prompts
-
-    device = next(model.parameters()).device
-    encoded = encode_prompts(processor, [image], [prompt])
-    response = torch.tensor([list(response_ids)], dtype=torch.long)
-    input_ids = torch.cat([encoded["input_ids"], response], dim=1).to(device)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        pixel_values=encoded["pixel_values"].to(device, model.dtype),
-    ).logits.float()
-    start = encoded["input_ids"].shape[1]
-    # Position i predicts token i + 1.
-    logprobs = torch.log_softmax(logits[0, start - 1 : -1], dim=-1)
-    targets = input_ids[0, start:]
-    return float(logprobs.gather(-1, targets[:, None]).sum().double())
-
-
-def implicit_reward_margins(
-    policy_path: str | Path,
-    reference_path: str | Path,
-    examples: Sequence[PreferenceExample],
-    beta: float,
-    device: str | None = None,
-) -> list[float]:
-    """beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))) per
-    pair, from plain forward passes: an independent check of what DPO did."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    processor = AutoProcessor.from_pretrained(str(policy_path))
-    models = [
-        AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
-        for path in (policy_path, reference_path)
-    ]
-    margins = []
-    for ex in examples:
-        image = Image.open(ex.image_path).convert("RGB")
-        (pol_w, pol_l), (ref_w, ref_l) = (
-            [completion_logprob(m, processor, image, ex.prompt, y) for y in (ex.chosen_ids, ex.rejected_ids)]
-            for m in models
-        )
-        margins.append(beta * ((pol_w - ref_w) - (pol_l - ref_l)))
-    return margins

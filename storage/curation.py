@@ -249,3 +249,19 @@ def training_rows(conn: Connection, pair_set_id: int) -> list[dict]:
             row[key] = bool(row[key])
         rows.append(row)
     return rows
+
+
+_PAIR_CLIP_MEANS = """
+SELECT AVG(rc.r_i_sum / CASE WHEN rc.sentence_count > 0 THEN rc.sentence_count ELSE 1 END) AS chosen,
+       AVG(rr.r_i_sum / CASE WHEN rr.sentence_count > 0 THEN rr.sentence_count ELSE 1 END) AS rejected
+FROM pairs p
+JOIN responses rc ON rc.leaf_candidate_id = p.chosen_candidate_id
+JOIN responses rr ON rr.leaf_candidate_id = p.rejected_candidate_id
+WHERE p.pair_set_id = :ps
+"""
+
+
+def pair_clip_means(conn: Connection, pair_set_id: int) -> tuple[float | None, float | None]:
+    """Mean per-sentence R_I of a pair set's chosen and rejected responses (figure 5's quantity)."""
+    row = conn.execute(text(_PAIR_CLIP_MEANS), {"ps": pair_set_id}).one()
+    return row.chosen, row.rejected

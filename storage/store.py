@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.exc import DBAPIError
 
@@ -10,6 +13,19 @@ from csr.storage.clock import utcnow
 from csr.storage.db import make_engine
 from csr.storage.errors import StoreError
 from csr.storage.models import Iteration, ModelVersion, Prompt, WorkItem
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A read transaction. On SQLite a deferred BEGIN, so that readers never
+    take the write lock that workers need; on PostgreSQL a plain transaction."""
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        yield conn
+
+
+def writing(engine: Engine):
+    """A write transaction (SQLite: BEGIN IMMEDIATE, the engine's default mode)."""
+    return engine.begin()
 
 
 def open_store(url: str) -> Engine:

@@ -182,7 +182,9 @@ def test_sql_output_formats(sqlite_study: Store, tmp_path: Path):
     assert flags.stdout.split()[:3] == ["is_default", "true", "false"]
 
     assert "--out" in one_line_error(run_csr("--db", url, "sql", query, "--format", "parquet"))
-    assert "--format" in one_line_error(run_csr("--db", url, "sql", query, "--format", "xml"))
+    bad_format = run_csr("--db", url, "sql", query, "--format", "xml")
+    assert bad_format.returncode == 2 and bad_format.stderr.count("\n") == 1
+    assert bad_format.stderr.startswith("csr: error: Invalid value for '--format'")
     assert "query failed" in one_line_error(run_csr("--db", url, "sql", "SELECT nope FROM candidates"))
 
 

@@ -71,7 +71,9 @@ def test_demo_runs_every_iteration_and_reports_chair_per_version(demo):
 def test_demo_refuses_an_unknown_preset_before_writing_anything(tmp_path):
     bad = run_csr("demo", "--dir", tmp_path / "study", *DEMO_ARGS, "--preset", "paper-ish")
     assert bad.returncode != 0
-    assert "Invalid value for '--preset'" in bad.stderr and "'paper', 'reference-code'" in bad.stderr
+    assert bad.stderr.strip() == (
+        "csr: error: Invalid value for '--preset': 'paper-ish' is not one of 'paper', 'reference-code'."
+    )
     assert not (tmp_path / "study").exists()
 
 

@@ -1,0 +1,160 @@
+"""DPO's data: pairs as token ids, batched exactly as generation encoded them,
+and the forward passes that check what DPO did.
+
+DPO trains on token ids, never on re-tokenised text: each example carries the
+response token ids the search generated, and the prompt is encoded exactly as
+generation encodes it (`loading.encode_prompts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from csr.engine.training import TrainConfig
+
+
+@dataclass
+class PreferenceExample:
+    """One pair as DPO sees it: the user prompt (encoded as generation encodes
+    it), and the response token ids exactly as generated (EOS included where
+    the model ended the response). The reference log-probs are the sums of the
+    search's stored token log-probs under pi_{N-1}, when known."""
+
+    image_path: str
+    prompt: str
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_ref_logp: float | None = None
+    rejected_ref_logp: float | None = None
+
+
+def completion_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids for a response known only as text (pairs rebuilt from stores
+    made before token ids were kept, hand-made pairs): the text, then EOS."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return [*ids, tokenizer.eos_token_id]
+
+
+@dataclass
+class TokenPreferenceCollator:
+    """Batches of pre-tokenised pairs: chosen rows then rejected rows, each the
+    prompt (image expanded by the processor, left-padded) followed by the
+    response ids (right-padded), then flushed left as TRL's own collators do.
+    Nothing is truncated: over-long pairs are filtered before training."""
+
+    processor: Any
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from PIL import Image
+        from trl.trainer.utils import flush_left
+
+        from csr.engine.loading import encode_prompts
+
+        images = []
+        for e in examples:
+            with Image.open(e["images"][0]) as image:
+                images.append(image.convert("RGB"))
+        encoded = encode_prompts(self.processor, images * 2, [e["prompt"] for e in examples] * 2)
+        responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        width = max(len(r) for r in responses)
+        response_ids = torch.full((len(responses), width), self.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+        for row, ids in enumerate(responses):
+            response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            response_mask[row, : len(ids)] = 1
+        prompt_mask = encoded["attention_mask"]
+        input_ids = torch.cat([encoded["input_ids"], response_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        completion_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
+        attention_mask, input_ids, completion_mask = flush_left(attention_mask, input_ids, completion_mask)
+        batch = dict(encoded)
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])
+            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])
+        return batch
+
+
+def uses_tree_reference(examples: Sequence[PreferenceExample], config: TrainConfig) -> bool:
+    """The tree's log-probs serve as the reference only when every pair has them."""
+    return config.reference != "recompute" and all(
+        e.chosen_ref_logp is not None and e.rejected_ref_logp is not None for e in examples
+    )
+
+
+def _preference_dataset(examples: Sequence[PreferenceExample], tree_reference: bool):
+    """The pairs as a dataset of ids. The `images` column (paths, loaded by the
+    collator) makes TRL treat it as vision data and leave it untouched."""
+    from datasets import Dataset
+
+    columns: dict[str, list] = {
+        "images": [[str(e.image_path)] for e in examples],
+        "prompt": [e.prompt for e in examples],
+        "chosen_ids": [list(e.chosen_ids) for e in examples],
+        "rejected_ids": [list(e.rejected_ids) for e in examples],
+    }
+    if tree_reference:
+        columns["ref_chosen_logps"] = [float(e.chosen_ref_logp) for e in examples]
+        columns["ref_rejected_logps"] = [float(e.rejected_ref_logp) for e in examples]
+    return Dataset.from_dict(columns)
+
+
+# ----------------------------------------------------------------- sanity check
+
+
+@torch.no_grad()
+def completion_logprob(model: Any, processor: Any, image: Any, prompt: str, response_ids: Sequence[int]) -> float:
+    """Summed log-probability of the response ids after image + prompt, the
+    prompt encoded as generation and training encode it."""
+    from csr.engine.loading import encode_prompts
+
+    device = next(model.parameters()).device
+    encoded = encode_prompts(processor, [image], [prompt])
+    response = torch.tensor([list(response_ids)], dtype=torch.long)
+    input_ids = torch.cat([encoded["input_ids"], response], dim=1).to(device)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=encoded["pixel_values"].to(device, model.dtype),
+    ).logits.float()
+    start = encoded["input_ids"].shape[1]
+    # Position i predicts token i + 1.
+    logprobs = torch.log_softmax(logits[0, start - 1 : -1], dim=-1)
+    targets = input_ids[0, start:]
+    return float(logprobs.gather(-1, targets[:, None]).sum().double())
+
+
+def implicit_reward_margins(
+    policy_path: str | Path,
+    reference_path: str | Path,
+    examples: Sequence[PreferenceExample],
+    beta: float,
+    device: str | None = None,
+) -> list[float]:
+    """beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))) per
+    pair, from plain forward passes: an independent check of what DPO did."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    processor = AutoProcessor.from_pretrained(str(policy_path))
+    models = [
+        AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        for path in (policy_path, reference_path)
+    ]
+    margins = []
+    for ex in examples:
+        image = Image.open(ex.image_path).convert("RGB")
+        (pol_w, pol_l), (ref_w, ref_l) = (
+            [completion_logprob(m, processor, image, ex.prompt, y) for y in (ex.chosen_ids, ex.rejected_ids)]
+            for m in models
+        )
+        margins.append(beta * ((pol_w - ref_w) - (pol_l - ref_l)))
+    return margins

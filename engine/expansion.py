@@ -1,0 +1,272 @@
+"""The model side of the search: a prompt's prefix run once, and the next
+sentences of many partial responses expanded in one forward pass per token.
+
+`PromptPrefix` runs the image and the prompt once; `expand_partials` /
+`expand_prompts` give each partial response its token-level diverse beam
+search (engine/beam_search.py), with the prefix KV shared by every row
+(engine/cascade_attention.py) or copied per row (`attention="plain"`).
+`naive_expand` pays for the same results the way the authors' released code
+does: the baseline of bench/bench_search.py and a reference in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from csr.engine.beam_search import BeamSettings, TokenBeam, group_beam_search
+from csr.engine.cascade_attention import PrefixKV, supports_cascade
+from csr.engine.kv_cache import (
+    CascadeRows,
+    _buffer_cache,
+    _CachedRows,
+    _is_plain_cache,
+)
+
+# --------------------------------------------------------------------------- model side
+
+
+class PromptPrefix:
+    """One prompt run once through the model: its KV cache and last logits.
+
+    Every expansion copies this cache (the prompt cache is never mutated), so
+    image features and prompt tokens are computed once per prompt.
+    """
+
+    def __init__(self, policy, image, user_prompt: str):
+        self.policy = policy
+        inputs = policy.encode(image, user_prompt)
+        self.length = int(inputs["input_ids"].shape[1])
+        with torch.inference_mode():
+            out = policy.model(**inputs, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        self.last_logits = out.logits[0, -1].float()
+        self.forward_passes = 1
+        self._kv: PrefixKV | None = None
+
+    def copy_cache(self, rows: int, capacity: int):
+        """The prompt cache repeated for `rows` rows, with room for `capacity` tokens."""
+        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in self.cache]
+        if _is_plain_cache(self.cache):
+            return _buffer_cache(data, capacity)
+        return DynamicCache(ddp_cache_data=data, config=self.policy.model.config)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether the shared-prefix attention applies: full-attention layers
+        only, in a decoder whose attention goes through transformers' interface."""
+        return _is_plain_cache(self.cache) and supports_cascade(self.policy.model)
+
+    @property
+    def kv(self) -> PrefixKV:
+        """The prefix KV once, for the shared-prefix path (views of the prompt cache, no copy)."""
+        if self._kv is None:
+            self._kv = PrefixKV.from_cache(self.cache)
+        return self._kv
+
+
+def _extend(
+    prefix: PromptPrefix, partials: Sequence[Sequence[int]], max_new: int
+) -> tuple[_CachedRows, torch.Tensor]:
+    """Copy the prompt cache for each partial response and run their response
+    tokens in one padded forward pass. Padding sits between the prompt and the
+    response, masked out, with explicit position ids, so each row computes
+    exactly what it would alone."""
+    model = prefix.policy.model
+    device = prefix.last_logits.device
+    n = len(partials)
+    lengths = [len(p) for p in partials]
+    width = max(lengths)
+    cache = prefix.copy_cache(n, prefix.length + width + max_new)
+    mask = torch.ones(n, prefix.length, dtype=torch.long, device=device)
+    next_pos = torch.tensor([prefix.length + m for m in lengths], device=device)
+    pad = prefix.policy.tokenizer.pad_token_id or 0
+    rows = _CachedRows(model, cache, mask, next_pos)
+    first = prefix.last_logits.expand(n, -1).clone()
+    if width == 0:
+        return rows, first
+    ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+    ext_mask = torch.zeros(n, width, dtype=torch.long, device=device)
+    pos = torch.full((n, width), prefix.length, dtype=torch.long, device=device)
+    for i, part in enumerate(partials):
+        m = len(part)
+        if m:
+            ids[i, width - m :] = torch.tensor(list(part), device=device)
+            ext_mask[i, width - m :] = 1
+            pos[i, width - m :] = torch.arange(prefix.length, prefix.length + m, device=device)
+    rows.mask = torch.cat([mask, ext_mask], dim=1)
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids,
+            attention_mask=rows.mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    rows.forward_passes += 1
+    rows.rows_forwarded += n * width
+    has_tokens = torch.tensor(lengths, device=device)[:, None] > 0
+    first = torch.where(has_tokens, out.logits[:, -1].float(), first)
+    return rows, first
+
+
+@dataclass
+class ExpandStats:
+    forward_passes: int = 0
+    rows_forwarded: int = 0
+    # Shared-prefix path only (for the bench's FLOP count): real query tokens
+    # run, and keys attended summed over them, per layer.
+    tokens: int = 0
+    attended: int = 0
+    logit_rows: int = 0
+    # The most KV-cache bytes one batch held (prefixes and rows).
+    peak_kv_bytes: int = 0
+
+
+ATTENTION = ("cascade", "plain")
+
+
+def _extend_shared(
+    prefixes: Sequence[PromptPrefix], parents: Sequence[tuple[int, Sequence[int]]], max_new: int
+) -> tuple[CascadeRows, torch.Tensor]:
+    """`_extend` with the shared-prefix attention, over the prompts `prefixes`:
+    parent i is (prompt index, partial response). Only the partial responses'
+    own tokens are run and stored per row; the prefixes are shared."""
+    model = prefixes[0].policy.model
+    device = prefixes[0].last_logits.device
+    n = len(parents)
+    lengths = [len(part) for _, part in parents]
+    width = max(lengths)
+    starts = [prefixes[p].length for p, _ in parents]
+    row_prompt = torch.tensor([p for p, _ in parents], device=device)
+    next_pos = torch.tensor([start + m for start, m in zip(starts, lengths, strict=True)], device=device)
+    rows = CascadeRows(model, [pf.kv for pf in prefixes], row_prompt, next_pos, width + max_new)
+    first = torch.stack([prefixes[p].last_logits for p, _ in parents])
+    if width == 0:
+        return rows, first
+    pad = prefixes[0].policy.tokenizer.pad_token_id or 0
+    ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+    valid = torch.zeros(n, width, dtype=torch.bool, device=device)
+    pos = torch.tensor(starts, device=device)[:, None].repeat(1, width)
+    for i, (_, part) in enumerate(parents):
+        m = len(part)
+        if m:
+            ids[i, width - m :] = torch.tensor(list(part), device=device)
+            valid[i, width - m :] = True
+            pos[i, width - m :] = torch.arange(starts[i], starts[i] + m, device=device)
+    logits = rows.forward(ids, valid, pos)
+    has_tokens = torch.tensor(lengths, device=device)[:, None] > 0
+    return rows, torch.where(has_tokens, logits.float(), first)
+
+
+def expand_prompts(
+    jobs: Sequence[tuple[PromptPrefix, Sequence[Sequence[int]], Sequence[int]]],
+    settings: BeamSettings,
+    max_rows: int | None = None,
+    stats: ExpandStats | None = None,
+    attention: str = "cascade",
+) -> list[list[list[TokenBeam]]]:
+    """`expand_partials` for several prompts at once: jobs are (prefix,
+    partials, caps); with the shared-prefix attention the parents of all
+    prompts advance in the same forward passes. `max_rows` bounds the rows
+    of one batch (parents are split into chunks; results do not change).
+    Returns the candidates per job, per partial."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    shared = attention == "cascade" and all(prefix.shares_prefix for prefix, _, _ in jobs)
+    parents = [(j, part, cap) for j, (_, partials, caps) in enumerate(jobs)
+               for part, cap in zip(partials, caps, strict=True)]
+    per_chunk = len(parents) if max_rows is None else max(1, max_rows // settings.num_beams)
+    found: list[list[TokenBeam]] = []
+    for start in range(0, len(parents), per_chunk):
+        chunk = parents[start : start + per_chunk]
+        chunk_caps = [cap for _, _, cap in chunk]
+        if shared:
+            prompts = sorted({j for j, _, _ in chunk})
+            local = {j: i for i, j in enumerate(prompts)}
+            rows, first = _extend_shared(
+                [jobs[j][0] for j in prompts], [(local[j], part) for j, part, _ in chunk], max(chunk_caps)
+            )
+        else:
+            prefixes = {j for j, _, _ in chunk}
+            if len(prefixes) > 1:  # the per-row path holds one prompt per batch
+                raise ValueError("the plain attention path expands one prompt per batch")
+            rows, first = _extend(jobs[chunk[0][0]][0], [part for _, part, _ in chunk], max(chunk_caps))
+        found.extend(group_beam_search(first, rows.step, chunk_caps, settings))
+        if stats is not None:
+            stats.forward_passes += rows.forward_passes
+            stats.rows_forwarded += rows.rows_forwarded
+            stats.peak_kv_bytes = max(stats.peak_kv_bytes, rows.peak_kv_bytes)
+            if shared:
+                stats.tokens += int(rows.tokens)
+                stats.attended += int(rows.attended)
+                stats.logit_rows += rows.logit_rows
+    out: list[list[list[TokenBeam]]] = [[] for _ in jobs]
+    for (j, _, _), beams in zip(parents, found, strict=True):
+        out[j].append(beams)
+    return out
+
+
+def expand_partials(
+    prefix: PromptPrefix,
+    partials: Sequence[Sequence[int]],
+    caps: Sequence[int],
+    settings: BeamSettings,
+    max_rows: int | None = None,
+    stats: ExpandStats | None = None,
+    attention: str = "cascade",
+) -> list[list[TokenBeam]]:
+    """Next-sentence candidates for each partial response (token ids after the
+    prompt), all partials x beams in one forward pass per token. `attention`:
+    "cascade" holds the prefix once and shares it between rows, "plain"
+    copies it into every row (same results; the reference in the tests).
+    `max_rows` bounds the batch (parents are split into chunks; results do not change)."""
+    return expand_prompts([(prefix, partials, caps)], settings, max_rows, stats, attention)[0]
+
+
+def naive_expand(
+    policy,
+    image,
+    user_prompt: str,
+    partials: Sequence[Sequence[int]],
+    caps: Sequence[int],
+    settings: BeamSettings,
+    stats: ExpandStats | None = None,
+) -> list[list[TokenBeam]]:
+    """`expand_partials` the way the authors' released code pays for it: one
+    `generate` call per partial response, each re-running the vision tower and
+    the whole prefix (prompt + response so far), on `num_beams` copies of the
+    input as transformers' beam search expands it before the first forward.
+    The token-level search itself is the same, so results are the same."""
+    model = policy.model
+    out: list[list[TokenBeam]] = []
+    for part, cap in zip(partials, caps, strict=True):
+        inputs = policy.encode(image, user_prompt)
+        ids = inputs["input_ids"]
+        if part:
+            ids = torch.cat([ids, torch.tensor([list(part)], device=ids.device)], dim=1)
+        inputs["input_ids"] = ids
+        inputs["attention_mask"] = torch.ones_like(ids)
+        n = settings.num_beams
+        batch = {k: v.repeat_interleave(n, dim=0) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            first = model(**batch, use_cache=True, logits_to_keep=1)
+        length = ids.shape[1]
+        cache = first.past_key_values
+        if _is_plain_cache(cache):  # the same cache implementation as the batched search
+            cache = _buffer_cache([(k, v) for k, v, *_ in cache], length + cap)
+        rows = _CachedRows(
+            model,
+            cache,
+            batch["attention_mask"],
+            torch.full((n,), length, dtype=torch.long, device=ids.device),
+        )
+        out.extend(group_beam_search(first.logits[:1, -1].float(), rows.step, [cap], settings))
+        if stats is not None:
+            stats.forward_passes += rows.forward_passes + 1
+            stats.rows_forwarded += rows.rows_forwarded + n * length
+    return out
