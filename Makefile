@@ -12,7 +12,7 @@ SAMPLE := $(CURDIR)/examples/sample
 # status on the bundled sample prompts instead.
 DEMO = $(BIN)/csr demo
 
-.PHONY: install demo sample-demo test lint bench clean
+.PHONY: install demo sample-demo test check lint bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ sample-demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# The fast lane for a development loop: everything but the end-to-end tests
+# marked slow (console-script runs, kills, demos, training runs).
+check: install
+	$(BIN)/pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

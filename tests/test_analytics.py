@@ -110,12 +110,24 @@ WRITES = [
 
 
 @pytest.mark.parametrize("statement", WRITES)
-def test_writes_are_refused_and_store_unchanged(store: Store, statement: str, tmp_path: Path):
+def test_writes_are_refused_and_store_unchanged(store: Store, statement: str, tmp_path: Path, monkeypatch):
+    # In process (typer's runner): the console script's one-line error is
+    # tested once below; here, that the command refuses and changes nothing.
+    from typer.testing import CliRunner
+
+    from csr.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
     before = store.fingerprint()
-    result = run_csr("--db", store.url, "sql", statement, cwd=tmp_path)
-    assert "read-only" in one_line_error(result)
+    result = CliRunner().invoke(app, ["--db", store.url, "sql", statement])
+    assert isinstance(result.exception, StoreError) and "read-only" in str(result.exception)
     assert store.fingerprint() == before
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_refused_write_is_one_line_from_the_console_script(sqlite_study: Store, tmp_path: Path):
+    result = run_csr("--db", sqlite_study.url, "sql", WRITES[0], cwd=tmp_path)
+    assert "read-only" in one_line_error(result)
 
 
 def test_read_only_even_without_the_guard(store: Store):

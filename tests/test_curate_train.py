@@ -13,6 +13,9 @@ from csr.engine.training import weights_hash
 from tests.db_backends import fingerprint
 from tests.study import Study, make_study
 
+# End to end through the console script: the full suite (make test), not the fast lane (make check).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def generated_template(tmp_path_factory, trained_llava_dir, tiny_clip_dir):

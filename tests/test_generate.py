@@ -14,6 +14,9 @@ import pytest
 from tests.db_backends import CSR_SCRIPT, fingerprint
 from tests.study import make_study
 
+# End to end through the console script: the full suite (make test), not the fast lane (make check).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def study(tmp_path, store_url, trained_llava_dir, tiny_clip_dir):

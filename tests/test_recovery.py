@@ -20,6 +20,9 @@ from tests.db_backends import CSR_SCRIPT, only_on
 from tests.study import Study, make_study
 from tests.tcp_proxy import TcpProxy, free_port
 
+# End to end through the console script: the full suite (make test), not the fast lane (make check).
+pytestmark = pytest.mark.slow
+
 PROMPTS = 6
 LONG_LEASE = "600"  # a rerun that waited for this lease would run past the test's timeout
 MAX_STDERR_LINE = 300
