@@ -63,7 +63,7 @@ def generate(
     device_list = _devices(devices, workers, default_device(device))
     engine = open_store(st.url)
     try:
-        preset_name, config = iteration_config(engine, iteration, settings)
+        preset_name, config = iteration_config(engine, iteration, settings, f"[generate] in {st.settings.path}")
         if dtype is not None:
             config["dtype"] = dtype
         _, created = work.start_iteration(engine, iteration, preset_name, config)

@@ -80,14 +80,16 @@ class WorkerStats:
     errors: list[str] = field(default_factory=list)
 
 
-def iteration_config(engine: Engine, iteration: int, generate_settings: dict) -> tuple[str, dict]:
-    """The settings to freeze into the iteration: search parameters and the models used."""
+def iteration_config(engine: Engine, iteration: int, generate_settings: dict,
+                     source: str = "[generate] settings") -> tuple[str, dict]:
+    """The settings to freeze into the iteration: search parameters and the models used.
+    `source` names where the settings came from, for the error a typo gets."""
     from csr.engine.search import SearchConfig
 
     try:
         search = SearchConfig.from_dict(generate_settings)
     except (TypeError, ValueError) as exc:
-        raise CsrError(f"invalid [generate] settings: {exc}") from exc
+        raise CsrError(f"{source}: {exc}") from exc
     if search.preset not in PRESETS:
         raise CsrError(f"unknown preset {search.preset!r}; choose one of {', '.join(PRESETS)}")
     with reading(engine) as conn:

@@ -68,6 +68,10 @@ class SearchConfig:
                 f"num_token_beams ({self.num_token_beams}) must be a multiple of "
                 f"num_beam_groups ({self.num_beam_groups})"
             )
+        for name in ("diversity_penalty", "lam"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not self.diversity_penalty >= 0:
             raise ValueError(f"diversity_penalty must be >= 0, got {self.diversity_penalty!r}")
         if not 0.0 <= self.lam <= 1.0:

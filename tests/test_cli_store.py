@@ -178,3 +178,20 @@ def test_csr_database_url_points_csr_at_postgresql(postgres_url, tmp_path):
     assert base_model_of(run_csr("status", "--json", cwd=tmp_path, env=env)) == "org/pg-model"
     revision = run_csr("db", "revision", cwd=tmp_path, env=env)
     assert revision.stdout.split() == ["store:", HEAD, "csr:", HEAD]
+
+
+@pytest.mark.parametrize(("section", "line", "message"), [
+    ("generate", "num_beam = 5", "unknown search setting(s): num_beam"),
+    ("generate", 'lam = "high"', "lam must be a number, got 'high'"),
+    ("train", "lr = 1e-5", "unknown training option(s): lr"),
+    ("train", 'epochs = "two"', "epochs must be an integer"),
+])
+def test_a_typo_in_csr_toml_is_one_line_naming_the_key_and_the_file(tmp_path, section, line, message):
+    assert run_csr("init", "--model", "org/model", cwd=tmp_path).returncode == 0
+    toml = tmp_path / "csr.toml"
+    toml.write_text(toml.read_text().replace(f"[{section}]\n", f"[{section}]\n{line}\n"))
+    before = fingerprint(f"sqlite:///{tmp_path / 'csr.db'}")
+    done = run_csr(section, "--iter", "1", cwd=tmp_path)
+    error = one_line_error(done)
+    assert message in error and f"[{section}] in {toml}" in error
+    assert fingerprint(f"sqlite:///{tmp_path / 'csr.db'}") == before
