@@ -193,7 +193,7 @@ def test_export_formats(generated):
         assert row["margin"] == pytest.approx(row["chosen_reward"] - row["rejected_reward"])
         assert math.isfinite(row["chosen_r_i_sum"]) and row["chosen_sentences"] >= 1
     bad = generated.csr("export", "--iter", "1", "--format", "csv")
-    assert bad.returncode != 0 and "unknown format" in bad.stderr
+    assert bad.returncode != 0 and "Invalid value for '--format': 'csv' is not one of" in bad.stderr
 
 
 def test_curation_is_identical_on_sqlite_and_postgresql(tmp_path, postgres_url, trained_llava_dir, tiny_clip_dir):
