@@ -84,8 +84,8 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def in_process_breakdown(prompts: Path, images: Path, url: str) -> dict[str, float]:
-    from csr.engine import importing
-    from csr.engine.prompt_files import parse_prompt_file
+    from csr.engine.io import importing
+    from csr.engine.io.prompt_files import parse_prompt_file
     from csr.storage.store import create_store
 
     engine, _ = create_store(url)

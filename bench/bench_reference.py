@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from csr.engine import tiny  # noqa: E402
-from csr.engine.dpo_data import PreferenceExample, completion_logprob  # noqa: E402
+from csr.engine.demo import tiny  # noqa: E402
 from csr.engine.loading import load_clip, load_policy  # noqa: E402
-from csr.engine.search import SearchConfig, sentence_beam_search  # noqa: E402
-from csr.engine.training import TrainConfig, train_dpo  # noqa: E402
+from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search  # noqa: E402
+from csr.engine.train.dpo import TrainConfig, train_dpo  # noqa: E402
+from csr.engine.train.dpo_data import PreferenceExample, completion_logprob  # noqa: E402
 from tests.conftest import COLOURS, CORPUS  # noqa: E402
 
 PROMPT = "Describe the image."

@@ -15,7 +15,7 @@ images for all three; sentences of up to 20 tokens, responses of up to 80:
     prompt tokens) runs once per prompt and its KV is held once; the rows of
     every prompt of the batch (partials x token beams) advance in one
     forward pass per token, attending the prefix with one product per
-    prompt and their own tokens separately (engine/cascade_attention.py);
+    prompt and their own tokens separately (engine/search/cascade_attention.py);
     the CLIP image embedding is computed once per image;
 (b) per-row: the same, one prompt at a time, the prefix KV copied into every
     row (the engine before shared-prefix attention);
@@ -56,16 +56,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from csr.engine import tiny
-from csr.engine.batch_search import PromptJob, search_prompts
-from csr.engine.cascade_attention import kv_bytes_per_token, text_shapes
+from csr.engine.demo import tiny
 from csr.engine.loading import load_clip, load_policy
-from csr.engine.search import (
-    ExpandStats,
-    SearchConfig,
-    naive_sentence_beam_search,
-    sentence_beam_search,
-)
+from csr.engine.search.batch_search import PromptJob, search_prompts
+from csr.engine.search.cascade_attention import kv_bytes_per_token, text_shapes
+from csr.engine.search.sentence_search import ExpandStats, SearchConfig, sentence_beam_search
+
+# The released-code-style baseline is a test reference; the repository root makes `tests` importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reference_search import naive_sentence_beam_search  # noqa: E402
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -304,7 +303,7 @@ def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prom
     import threading
 
     from csr.engine.generation import WorkerOptions, iteration_config, run_worker
-    from csr.engine.importing import import_prompts
+    from csr.engine.io.importing import import_prompts
     from csr.storage import work
     from csr.storage.store import create_store, register_base_model
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from csr.engine import tiny
+from csr.engine.demo import tiny
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 WORDS = "there is a the background is big small on left right of image picture shows and with".split()

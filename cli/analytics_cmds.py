@@ -309,8 +309,7 @@ def report_cmd(
     cache: Path = _cache_option(),
 ) -> None:
     """A static HTML report: reward and length plots per iteration, CHAIR, a sample of pairs."""
-    from csr.engine import report
-
+    from csr.engine.io import report
     with analytics.connect(state(ctx).url, cache=cache) as con:
         page = report.write_report(con, out, pairs=pairs)
     console.print(f"report written to {page}")

@@ -17,7 +17,7 @@ from csr.cli.vocabulary import (
     iteration_range,
 )
 from csr.engine.errors import CsrError
-from csr.engine.pope import SETTINGS as POPE_SETTINGS
+from csr.engine.evaluate.pope import SETTINGS as POPE_SETTINGS
 
 stdout_console = Console()
 
@@ -43,7 +43,7 @@ def demo(
     import dataclasses
     import json
 
-    from csr.engine.demo import DemoOptions, run_demo
+    from csr.engine.demo.run import DemoOptions, run_demo
 
     console = Console(stderr=True) if as_json else stdout_console
     iterations = _iteration_count(iterations_, old_iterations)

@@ -79,8 +79,7 @@ def eval_chair(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
 ) -> None:
     """CHAIR_S / CHAIR_I / recall / length per model version, stored in the evaluations table."""
-    from csr.engine import evaluation
-
+    from csr.engine.evaluate import benchmarks as evaluation
     chosen = _versions(version, versions)
     for path in (annotations, synonyms, captions):
         _need_file(path)
@@ -122,8 +121,8 @@ def eval_pope(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
 ) -> None:
     """POPE accuracy / precision / recall / F1 / yes-ratio per setting and model version, stored."""
-    from csr.engine import evaluation, pope
-
+    from csr.engine.evaluate import benchmarks as evaluation
+    from csr.engine.evaluate import pope
     chosen = _versions(version, versions)
     if (annotations is None) == (not questions):
         raise CsrError("give either --annotations (questions are built) or --questions (ready-made files)")
@@ -168,7 +167,7 @@ def eval_record(
     tool: str = typer.Option("", "--tool", help="What produced the numbers, e.g. 'lmms-eval 0.3.0'."),
 ) -> None:
     """Store metrics a user measured elsewhere (lmms-eval, VLMEvalKit) for a model version."""
-    from csr.engine.evaluation import record_external
+    from csr.engine.evaluate.benchmarks import record_external
 
     values: dict[str, float] = {}
     for item in metric or []:

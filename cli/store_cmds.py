@@ -100,7 +100,7 @@ def prompts_import(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Import the good records and list the bad ones instead of importing nothing."),
 ) -> None:
     """Import prompts: all or nothing, idempotent."""
-    from csr.engine.importing import import_prompts
+    from csr.engine.io.importing import import_prompts
 
     engine = open_store(state(ctx).url)
     try:

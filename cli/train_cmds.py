@@ -99,7 +99,7 @@ def export(
     pair_set: str = typer.Option(None, "--pair-set", help="Pair set name (default: the iteration's default set)."),
 ) -> None:
     """Write an iteration's pairs in the reference release's LLaVA format, TRL's preference columns, or Parquet."""
-    from csr.engine.export import export_pairs
+    from csr.engine.io.export import export_pairs
 
     engine = open_store(state(ctx).url)
     try:

@@ -84,7 +84,7 @@ def iteration_config(engine: Engine, iteration: int, generate_settings: dict,
                      source: str = "[generate] settings") -> tuple[str, dict]:
     """The settings to freeze into the iteration: search parameters and the models used.
     `source` names where the settings came from, for the error a typo gets."""
-    from csr.engine.search import SearchConfig
+    from csr.engine.search.sentence_search import SearchConfig
 
     try:
         search = SearchConfig.from_dict(generate_settings)
@@ -177,7 +177,7 @@ def run_worker(
     `say` receives one-line notices (waiting for other workers, store outages).
     """
     from csr.engine.loading import load_clip, load_policy
-    from csr.engine.search import SearchConfig
+    from csr.engine.search.sentence_search import SearchConfig
 
     stop = stop or threading.Event()
     say = say or (lambda _line: None)
@@ -327,7 +327,7 @@ def _prompt_inputs(engine: Engine, prompt_ids: list[int]):
 
 def _search_claims(policy, clip, held, inputs, search_config, embeddings, options) -> list:
     """Per claim, its SearchResult or the exception that stopped it."""
-    from csr.engine.batch_search import PromptJob, search_prompts
+    from csr.engine.search.batch_search import PromptJob, search_prompts
 
     outcomes: list = [None] * len(held)
     jobs, where = [], []

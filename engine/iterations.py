@@ -91,7 +91,7 @@ def _is_main_process() -> bool:
 
 
 def train(engine: Engine, settings: Settings, iteration: int, options: TrainOptions) -> TrainOutcome:
-    from csr.engine.training import TrainConfig, TrainConfigError, train_dpo
+    from csr.engine.train.dpo import TrainConfig, TrainConfigError, train_dpo
 
     try:
         config = TrainConfig.from_dict(settings.train)
@@ -231,7 +231,7 @@ def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool
     (with `tree_reference`) their stored log-probs. Rows rebuilt from stores made
     before token ids were kept are tokenised from their text, and have no
     reference log-probs."""
-    from csr.engine.training import PreferenceExample, completion_ids
+    from csr.engine.train.dpo import PreferenceExample, completion_ids
 
     tokenizer = None
     examples = []

@@ -2,7 +2,7 @@
 
 Both load from a hub id or a local directory through the libraries' own
 loaders (`transformers` Auto classes, `open_clip`), so a tiny model saved by
-`csr.engine.tiny` goes through the same path as a user's 7B checkpoint.
+`csr.engine.demo.tiny` goes through the same path as a user's 7B checkpoint.
 """
 
 from __future__ import annotations

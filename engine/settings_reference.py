@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from csr.engine.search import PRESET_SEARCH_DEFAULTS, SearchConfig
-from csr.engine.training import TrainConfig
+from csr.engine.search.sentence_search import PRESET_SEARCH_DEFAULTS, SearchConfig
+from csr.engine.train.dpo import TrainConfig
 
 SAME = "same"
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from csr.engine import tiny
+from csr.engine.demo import tiny
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from csr.engine.tiny import IMAGE_TOKEN
+from csr.engine.demo.tiny import IMAGE_TOKEN
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]

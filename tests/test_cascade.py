@@ -14,10 +14,10 @@ import types
 import pytest
 import torch
 
-from csr.engine import cascade_attention as ca
-from csr.engine import tiny
-from csr.engine.kv_cache import CascadeRows
-from csr.engine.search import (
+from csr.engine.demo import tiny
+from csr.engine.search import cascade_attention as ca
+from csr.engine.search.kv_cache import CascadeRows
+from csr.engine.search.sentence_search import (
     EOS,
     MAX_NEW_TOKENS,
     SENTENCE_END,
@@ -246,8 +246,8 @@ def test_cascade_rows_keep_prompt_of_each_row(trained_policy, colour_images):
 
 
 def test_search_prompts_equals_sentence_beam_search_prompt_by_prompt(trained_policy, clip_scorer, colour_images):
-    from csr.engine.batch_search import PromptJob, search_prompts
-    from csr.engine.search import SearchConfig, sentence_beam_search
+    from csr.engine.search.batch_search import PromptJob, search_prompts
+    from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search
 
     config = SearchConfig(max_new_tokens=8, max_length=24)
     jobs = [PromptJob(colour_images[c], PROMPT) for c in ("red", "green", "blue")]
@@ -272,8 +272,8 @@ def test_search_prompts_equals_sentence_beam_search_prompt_by_prompt(trained_pol
 
 
 def test_batch_size_follows_the_kv_budget(trained_policy):
-    from csr.engine.batch_search import kv_bytes_per_prompt, prompts_for_budget
-    from csr.engine.search import SearchConfig
+    from csr.engine.search.batch_search import kv_bytes_per_prompt, prompts_for_budget
+    from csr.engine.search.sentence_search import SearchConfig
 
     config = SearchConfig(max_new_tokens=10, max_length=50)
     per_prompt = kv_bytes_per_prompt(trained_policy.model, config, 40)

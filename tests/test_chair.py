@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from csr.engine.chair import (
+from csr.engine.evaluate.chair import (
     Vocabulary,
     chair,
     coco_vocabulary,

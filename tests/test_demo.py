@@ -7,7 +7,7 @@ import json
 import pytest
 from sqlalchemy import create_engine, text
 
-from csr.engine.world import WorldConfig, generate_scenes, render
+from csr.engine.demo.world import WorldConfig, generate_scenes, render
 from tests.db_backends import fingerprint, run_csr
 
 pytestmark = pytest.mark.slow

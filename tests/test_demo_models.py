@@ -4,18 +4,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from csr.engine import demo_models
-from csr.engine.chair import chair, world_vocabulary
-from csr.engine.demo_models import (
+from csr.engine.demo import models as demo_models
+from csr.engine.demo.clip import clip_object_scores, presence_auc, train_demo_clip
+from csr.engine.demo.models import (
     caption_batch,
-    clip_object_scores,
     greedy_describe,
     read_manifest,
-    train_demo_clip,
     train_demo_policy,
     user_prompt,
 )
-from csr.engine.world import WorldConfig, caption, generate_scenes
+from csr.engine.demo.world import WorldConfig, caption, generate_scenes
+from csr.engine.evaluate.chair import chair, world_vocabulary
 
 CONFIG = WorldConfig(seed=11)
 
@@ -41,7 +40,7 @@ def clip_dir(tmp_path_factory, scenes):
 
 
 def test_training_target_is_template_then_caption_then_eos(scenes):
-    from csr.engine.tiny import build_tiny_llava
+    from csr.engine.demo.tiny import build_tiny_llava
 
     _, processor = build_tiny_llava(demo_models.policy_tokenizer(CONFIG))
     batch = caption_batch(processor, scenes[:4])
@@ -155,7 +154,7 @@ def test_clip_loads_through_open_clip_and_prefers_present_objects(clip_dir, held
     # the quality measured at training time is recorded with the model
     recorded = read_manifest(clip_dir)["metrics"]["validation_auc"]
     assert recorded > 0.75
-    assert demo_models.presence_auc(scores, present) > 0.75
+    assert presence_auc(scores, present) > 0.75
 
 
 def test_early_stopping_stops_at_the_first_check_that_meets_the_target(scenes):

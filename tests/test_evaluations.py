@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from csr.cli.app import app
 from csr.cli.eval_cmds import parse_versions
-from csr.engine import pope
-from csr.engine.chair import world_vocabulary
 from csr.engine.errors import CsrError
-from csr.engine.evaluation import ChairTask, PopeTask, evaluate_versions, record_external
+from csr.engine.evaluate import pope
+from csr.engine.evaluate.benchmarks import ChairTask, PopeTask, evaluate_versions, record_external
+from csr.engine.evaluate.chair import world_vocabulary
 from csr.storage.clock import utcnow
 from csr.storage.evaluations import evaluations
 from csr.storage.models import ModelVersion

@@ -19,11 +19,11 @@ from PIL import Image
 from sqlalchemy import insert, select, text
 
 from csr.engine import text as stored_text
-from csr.engine import tiny
-from csr.engine.export import export_pairs
+from csr.engine.demo import tiny
 from csr.engine.generation import tree_rows
+from csr.engine.io.export import export_pairs
 from csr.engine.iterations import preference_examples
-from csr.engine.search import (
+from csr.engine.search.sentence_search import (
     EOS,
     MAX_NEW_TOKENS,
     SENTENCE_END,
@@ -31,7 +31,7 @@ from csr.engine.search import (
     TokenBeam,
     run_sentence_search,
 )
-from csr.engine.training import TokenPreferenceCollator
+from csr.engine.train.dpo import TokenPreferenceCollator
 from csr.storage import curation, work
 from csr.storage import prompts as prompt_store
 from csr.storage.models import Image as ImageRow
@@ -309,8 +309,8 @@ def test_curation_sql_equals_the_python_formulas(store_url, tmp_path, llama_toke
 @pytest.mark.parametrize("which", ["word-level", "llama-style"])
 def test_teacher_forced_logprobs_equal_the_stored_sums(which, llava_dir_of, clip_scorer, colour_images):
     from csr.engine.loading import load_policy
-    from csr.engine.search import sentence_beam_search
-    from csr.engine.training import completion_logprob
+    from csr.engine.search.sentence_search import sentence_beam_search
+    from csr.engine.train.dpo import completion_logprob
 
     model_dir = llava_dir_of(which)
     policy = load_policy(str(model_dir))

@@ -12,7 +12,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from csr.engine.errors import CsrError
-from csr.engine.importing import import_prompts
+from csr.engine.io.importing import import_prompts
 from csr.storage.models import Image as ImageRow
 from csr.storage.models import Prompt
 from csr.storage.store import create_store
@@ -409,7 +409,7 @@ def test_in_process_errors_are_user_errors(sqlite_url, images, tmp_path):
 def test_a_concurrent_import_of_the_same_prompts_is_one_clear_error(seeded, images, tmp_path, monkeypatch):
     """Another import commits the same ids after this one looked them up: the unique
     constraint refuses the insert; the user gets an ImportRejected, and nothing is written."""
-    from csr.engine import importing
+    from csr.engine.io import importing
     from csr.storage.errors import ImportRejected
 
     monkeypatch.setattr(importing.prompt_store, "existing_prompts", lambda conn, ids: {})

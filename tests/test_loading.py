@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from csr.engine import tiny
+from csr.engine.demo import tiny
 from csr.engine.errors import CsrError, ModelLoadError
 from csr.engine.loading import (
     FALLBACK_PROMPT,

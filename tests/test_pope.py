@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from csr.engine import pope
-from csr.engine.intervals import bootstrap_interval, f1_from_counts, ratio
+from csr.engine.evaluate import pope
+from csr.engine.evaluate.intervals import bootstrap_interval, f1_from_counts, ratio
 
 # A hand-made COCO-style annotation set. "e" has two objects: POPE asks only
 # about images with three or more.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from csr.engine import report
+from csr.engine.io import report
 from tests.analytics_fixtures import Study, fill_study, sqlite_store
 from tests.db_backends import run_csr
 

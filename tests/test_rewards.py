@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from csr.engine import degenerate, rewards
+from csr.engine import rewards
+from csr.engine.search import degenerate
 
 
 def test_paper_sentence_reward_is_eq4_of_raw_scores():

@@ -14,7 +14,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from csr.engine.search import (
+from csr.engine.search.sentence_search import (
     EOS,
     MAX_LENGTH,
     MAX_NEW_TOKENS,
@@ -26,11 +26,10 @@ from csr.engine.search import (
     _BufferLayer,
     expand_partials,
     group_beam_search,
-    naive_sentence_beam_search,
-    response_text,
     sentence_beam_search,
 )
 from tests.conftest import PROMPT
+from tests.reference_search import naive_sentence_beam_search, response_text
 
 NEG = -1.0e9
 

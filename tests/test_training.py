@@ -1,4 +1,4 @@
-"""DPO + LoRA training on a tiny LLaVA (engine/training.py)."""
+"""DPO + LoRA training on a tiny LLaVA (engine/train/dpo.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from csr.engine import tiny
-from csr.engine.training import (
+from csr.engine.demo import tiny
+from csr.engine.train.dpo import (
     TokenPreferenceCollator,
     TrainConfig,
     TrainConfigError,

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from csr.engine.world import (
+from csr.engine.demo.world import (
     PROMPTS,
     WorldConfig,
     caption,

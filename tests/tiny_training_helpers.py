@@ -6,8 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from csr.engine import tiny
-from csr.engine.training import PreferenceExample, TrainConfig, completion_ids
+from csr.engine.demo import tiny
+from csr.engine.train.dpo import PreferenceExample, TrainConfig, completion_ids
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 PROMPT = "Describe the image."

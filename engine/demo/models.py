@@ -1,4 +1,4 @@
-"""Tiny models trained in-process on the demo world (engine/world.py) and cached on disk.
+"""Tiny models trained in-process on the demo world (engine/demo/world.py) and cached on disk.
 
 - The policy: a tiny LLaVA trained to caption scenes, stopped early on purpose
   so that it still hallucinates objects and CSR has something to fix.
@@ -27,16 +27,16 @@ from types import EllipsisType
 import torch
 from PIL import Image
 
-from csr.engine import tiny
-from csr.engine.chair import chair, world_vocabulary
-from csr.engine.tiny import TinyLlavaSize
-from csr.engine.world import (
+from csr.engine.demo import tiny
+from csr.engine.demo.tiny import TinyLlavaSize
+from csr.engine.demo.world import (
     Scene,
     WorldConfig,
     caption,
     generate_scenes,
     world_corpus,
 )
+from csr.engine.evaluate.chair import chair, world_vocabulary
 
 MANIFEST = "manifest.json"
 # Bump when a change to the training code should invalidate cached models.
@@ -383,13 +383,3 @@ def greedy_describe(
     if len(prompts) != len(pil):
         raise ValueError(f"{len(pil)} images but {len(prompts)} prompts")
     return describe(model, processor, pil, prompts, batch_size, max_new_tokens)
-
-
-# The world's CLIP lives in its own module; callers use it from here.
-from csr.engine.demo_clip import (  # noqa: E402, F401
-    clip_object_scores,
-    clip_sentences,
-    fit_clip,
-    presence_auc,
-    train_demo_clip,
-)

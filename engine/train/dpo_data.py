@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from csr.engine.training import TrainConfig
+    from csr.engine.train.dpo import TrainConfig
 
 
 @dataclass

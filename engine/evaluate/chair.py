@@ -225,7 +225,7 @@ def read_synonyms(path: Path | None = None) -> dict[str, list[str]]:
     comma-separated. Blank lines and lines starting with '#' are skipped.
     Without a path, the COCO table shipped with csr (data/coco_synonyms.txt)."""
     if path is None:
-        text = resources.files("csr.engine").joinpath("data", COCO_SYNONYMS).read_text()
+        text = resources.files("csr.engine.evaluate").joinpath("data", COCO_SYNONYMS).read_text()
         source = COCO_SYNONYMS
     else:
         text = Path(path).read_text()

@@ -4,7 +4,7 @@ Several independent searches ("parents") run side by side; a `step` callback
 runs the model. Semantics follow transformers' beam search (v5
 `_beam_search`, which equals v4 `BeamSearchScorer` for one group) per group,
 and v4 `_group_beam_search` + `HammingDiversityLogitsProcessor` across groups;
-where it departs from v4 is said in engine/search.py's docstring.
+where it departs from v4 is said in engine/search/sentence_search.py's docstring.
 transformers 5 no longer ships group beam search in `generate()`.
 """
 

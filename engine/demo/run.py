@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csr.engine import iterations, pope
-from csr.engine.chair import world_vocabulary
+from csr.engine import iterations
 from csr.engine.errors import CsrError
-from csr.engine.evaluation import ChairTask, PopeTask, evaluate_versions
+from csr.engine.evaluate import pope
+from csr.engine.evaluate.benchmarks import ChairTask, PopeTask, evaluate_versions
+from csr.engine.evaluate.chair import world_vocabulary
 from csr.engine.generation import PRESETS, WorkerOptions, iteration_config, run_worker
-from csr.engine.importing import import_prompts
+from csr.engine.io.importing import import_prompts
 from csr.engine.settings import Settings, load_settings
 from csr.storage import curation, work
 from csr.storage.store import create_store, model_version, reading, register_base_model
@@ -106,8 +107,9 @@ class DemoReport:
 
 
 def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
-    from csr.engine.demo_models import train_demo_clip, train_demo_policy
-    from csr.engine.world import WorldConfig, generate_scenes, write_prompt_set
+    from csr.engine.demo.clip import train_demo_clip
+    from csr.engine.demo.models import train_demo_policy
+    from csr.engine.demo.world import WorldConfig, generate_scenes, write_prompt_set
 
     started = time.perf_counter()
     root = options.directory.resolve()

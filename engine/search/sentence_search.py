@@ -4,12 +4,12 @@ ourselves, batched and with the KV cache.
 
 Layers, bottom up, one module each:
 
-- engine/beam_search.py, `group_beam_search`: the token-level algorithm on
+- engine/search/beam_search.py, `group_beam_search`: the token-level algorithm on
   logits only, several parents side by side, a `step` callback running the model;
-- engine/expansion.py, `PromptPrefix` / `expand_partials` / `expand_prompts`:
+- engine/search/expansion.py, `PromptPrefix` / `expand_partials` / `expand_prompts`:
   the prompt run once, then all partials x beams of one or several prompts
   advanced in one forward pass per token, the prefix KV held once per prompt
-  (engine/cascade_attention.py, engine/kv_cache.py);
+  (engine/search/cascade_attention.py, engine/search/kv_cache.py);
 - here, `run_sentence_search`: the tree of sentences, rewards and selection,
   with the model and CLIP behind two callables (the benchmark plugs the
   released-code-style ones into the very same tree logic), and
@@ -49,7 +49,7 @@ Decisions where the paper is silent (recorded here and in spec/CSR.md terms):
   of penalised beam scores (its `node.score`).
 - The preset picks `max_new_tokens`, `select_by`, `keep_rule` and
   `degenerate_rules` unless they are set (PRESET_SEARCH_DEFAULTS).
-- Degenerate candidates (`csr.engine.degenerate`) are stored with their
+- Degenerate candidates (`csr.engine.search.degenerate`) are stored with their
   reason, never expanded, never final. Under csr's rules, a candidate whose
   stripped text equals an earlier non-excluded sibling's is stored with
   exclusion_reason "duplicate" and not expanded (group beam search can return
@@ -66,14 +66,15 @@ Decisions where the paper is silent (recorded here and in spec/CSR.md terms):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from csr.engine import degenerate, rewards
+from csr.engine import rewards
 from csr.engine import text as stored_text
-from csr.engine.beam_search import (  # noqa: F401  (re-exported: callers import the search's names from here)
+from csr.engine.search import degenerate
+from csr.engine.search.beam_search import (  # noqa: F401  (re-exported: callers import the search's names from here)
     _NEG,
     EOS,
     MAX_LENGTH,
@@ -83,27 +84,26 @@ from csr.engine.beam_search import (  # noqa: F401  (re-exported: callers import
     TokenBeam,
     group_beam_search,
 )
-from csr.engine.expansion import (  # noqa: F401
+from csr.engine.search.config import (  # noqa: F401
+    KEEP_RULES,
+    PRESET_SEARCH_DEFAULTS,
+    SELECT_BY,
+    SearchConfig,
+)
+from csr.engine.search.expansion import (  # noqa: F401
     ATTENTION,
     ExpandStats,
     PromptPrefix,
     expand_partials,
     expand_prompts,
-    naive_expand,
 )
-from csr.engine.kv_cache import (  # noqa: F401
+from csr.engine.search.kv_cache import (  # noqa: F401
     CascadeRows,
     _assign_slots,
     _buffer_cache,
     _BufferLayer,
     _CachedRows,
     _is_plain_cache,
-)
-from csr.engine.search_config import (  # noqa: F401
-    KEEP_RULES,
-    PRESET_SEARCH_DEFAULTS,
-    SELECT_BY,
-    SearchConfig,
 )
 
 EMPTY_RESPONSE = "empty_response"
@@ -453,38 +453,3 @@ def sentence_beam_search(
     result.stats.model_seconds += prefix_seconds
     result.stats.total_seconds += prefix_seconds
     return result
-
-
-def naive_sentence_beam_search(policy, clip, image, prompt_text: str, config: SearchConfig) -> SearchResult:
-    """The same sentence-level search, computed as the released code does:
-    each partial response expanded on its own with the prefix recomputed
-    (`naive_expand`), the image re-encoded by CLIP for every sentence and
-    each sentence scored alone. The baseline of bench/bench_search.py and
-    the reference the batched search is tested against."""
-    settings = BeamSettings(
-        eos_token_id=policy.eos_token_id,
-        sentence_end_ids=tuple(policy.sentence_end_ids),
-        **config.beam_settings_kwargs,
-    )
-    expand_stats = ExpandStats()
-
-    def expand(partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
-        return naive_expand(policy, image, prompt_text, partials, caps, settings, expand_stats)
-
-    def score(texts: list[str]) -> list[float]:
-        return [clip.raw_scores(clip.encode_image(image), [text])[0] for text in texts]
-
-    result = run_sentence_search(policy, config, expand, score)
-    result.stats.forward_passes = expand_stats.forward_passes
-    result.stats.rows_forwarded = expand_stats.rows_forwarded
-    return result
-
-
-def response_text(records: Sequence[CandidateRecord], leaf: int) -> str:
-    """The response ending at candidate `leaf`: its path's texts, concatenated."""
-    parts = []
-    node: int | None = leaf
-    while node is not None:
-        parts.append(records[node].text)
-        node = records[node].parent_node
-    return "".join(reversed(parts))

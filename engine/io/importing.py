@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from csr.engine.errors import CsrError
-from csr.engine.prompt_files import (
+from csr.engine.io.prompt_files import (
     ImageInfo,
     Problem,
     PromptRecord,

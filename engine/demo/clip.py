@@ -1,5 +1,5 @@
 """The demo world's reward CLIP: trained on the world's scenes and sentences,
-cached like the policy (engine/demo_models.py)."""
+cached like the policy (engine/demo/models.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from csr.engine import tiny
-from csr.engine.demo_models import (
+from csr.engine.demo import tiny
+from csr.engine.demo.models import (
     CLIP_RECIPES,
     ClipRecipe,
     _cached_or_train,
@@ -22,7 +22,7 @@ from csr.engine.demo_models import (
     _world_of,
     validation_scenes,
 )
-from csr.engine.world import (
+from csr.engine.demo.world import (
     Scene,
     WorldConfig,
     object_name,

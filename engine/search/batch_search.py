@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from csr.engine.cascade_attention import kv_bytes_per_token, text_shapes
-from csr.engine.search import (
+from csr.engine.search.cascade_attention import kv_bytes_per_token, text_shapes
+from csr.engine.search.sentence_search import (
     BeamSettings,
     ExpandStats,
     PromptPrefix,

@@ -35,11 +35,11 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import Engine
 
-from csr.engine import pope
-from csr.engine.chair import Vocabulary, chair, load_coco_ground_truth
 from csr.engine.errors import CsrError
-from csr.engine.intervals import N_RESAMPLES, bootstrap_interval, f1_from_counts, ratio
-from csr.engine.prompt_files import resolve_image
+from csr.engine.evaluate import pope
+from csr.engine.evaluate.chair import Vocabulary, chair, load_coco_ground_truth
+from csr.engine.evaluate.intervals import N_RESAMPLES, bootstrap_interval, f1_from_counts, ratio
+from csr.engine.io.prompt_files import resolve_image
 from csr.storage.evaluations import evaluation_fingerprint, find_evaluation, record_evaluation
 from csr.storage.store import model_version, reading
 

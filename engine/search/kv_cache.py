@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from csr.engine.cascade_attention import (
+from csr.engine.search.cascade_attention import (
     STATE_KWARG,
     CascadeState,
     PrefixKV,

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from csr.engine import degenerate, rewards
+from csr.engine import rewards
+from csr.engine.search import degenerate
 
 SELECT_BY = ("reward", "text")
 KEEP_RULES = ("paper", "reference-code")

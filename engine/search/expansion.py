@@ -3,10 +3,10 @@ sentences of many partial responses expanded in one forward pass per token.
 
 `PromptPrefix` runs the image and the prompt once; `expand_partials` /
 `expand_prompts` give each partial response its token-level diverse beam
-search (engine/beam_search.py), with the prefix KV shared by every row
-(engine/cascade_attention.py) or copied per row (`attention="plain"`).
-`naive_expand` pays for the same results the way the authors' released code
-does: the baseline of bench/bench_search.py and a reference in tests.
+search (engine/search/beam_search.py), with the prefix KV shared by every row
+(engine/search/cascade_attention.py) or copied per row (`attention="plain"`).
+tests/reference_search.py pays for the same results the way the authors'
+released code does: the baseline of bench/bench_search.py and a reference in tests.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from csr.engine.beam_search import BeamSettings, TokenBeam, group_beam_search
-from csr.engine.cascade_attention import PrefixKV, supports_cascade
-from csr.engine.kv_cache import (
+from csr.engine.search.beam_search import BeamSettings, TokenBeam, group_beam_search
+from csr.engine.search.cascade_attention import PrefixKV, supports_cascade
+from csr.engine.search.kv_cache import (
     CascadeRows,
     _buffer_cache,
     _CachedRows,
@@ -226,47 +226,3 @@ def expand_partials(
     copies it into every row (same results; the reference in the tests).
     `max_rows` bounds the batch (parents are split into chunks; results do not change)."""
     return expand_prompts([(prefix, partials, caps)], settings, max_rows, stats, attention)[0]
-
-
-def naive_expand(
-    policy,
-    image,
-    user_prompt: str,
-    partials: Sequence[Sequence[int]],
-    caps: Sequence[int],
-    settings: BeamSettings,
-    stats: ExpandStats | None = None,
-) -> list[list[TokenBeam]]:
-    """`expand_partials` the way the authors' released code pays for it: one
-    `generate` call per partial response, each re-running the vision tower and
-    the whole prefix (prompt + response so far), on `num_beams` copies of the
-    input as transformers' beam search expands it before the first forward.
-    The token-level search itself is the same, so results are the same."""
-    model = policy.model
-    out: list[list[TokenBeam]] = []
-    for part, cap in zip(partials, caps, strict=True):
-        inputs = policy.encode(image, user_prompt)
-        ids = inputs["input_ids"]
-        if part:
-            ids = torch.cat([ids, torch.tensor([list(part)], device=ids.device)], dim=1)
-        inputs["input_ids"] = ids
-        inputs["attention_mask"] = torch.ones_like(ids)
-        n = settings.num_beams
-        batch = {k: v.repeat_interleave(n, dim=0) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        with torch.inference_mode():
-            first = model(**batch, use_cache=True, logits_to_keep=1)
-        length = ids.shape[1]
-        cache = first.past_key_values
-        if _is_plain_cache(cache):  # the same cache implementation as the batched search
-            cache = _buffer_cache([(k, v) for k, v, *_ in cache], length + cap)
-        rows = _CachedRows(
-            model,
-            cache,
-            batch["attention_mask"],
-            torch.full((n,), length, dtype=torch.long, device=ids.device),
-        )
-        out.extend(group_beam_search(first.logits[:1, -1].float(), rows.step, [cap], settings))
-        if stats is not None:
-            stats.forward_passes += rows.forward_passes + 1
-            stats.rows_forwarded += rows.rows_forwarded + n * length
-    return out

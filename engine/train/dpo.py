@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from csr.engine.dpo_data import (  # noqa: F401  (re-exported: the training API in one place)
+from csr.engine.train.dpo_data import (  # noqa: F401  (re-exported: the training API in one place)
     PreferenceExample,
     TokenPreferenceCollator,
     _preference_dataset,
@@ -43,7 +43,7 @@ from csr.engine.dpo_data import (  # noqa: F401  (re-exported: the training API 
     implicit_reward_margins,
     uses_tree_reference,
 )
-from csr.engine.lora import (  # noqa: F401
+from csr.engine.train.lora import (  # noqa: F401
     DECODER_PROJECTIONS,
     _lora_leaf_names,
     _lora_setup,

@@ -1,0 +1,7 @@
+"""Hallucination benchmarks of model versions.
+
+Owns CHAIR with the COCO synonym table (`chair`, `data/`), POPE's questions
+and answer parsing (`pope`), bootstrap intervals (`intervals`), and running a
+benchmark task against stored model versions, one evaluation row each
+(`benchmarks`).
+"""
