@@ -86,7 +86,7 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
 def in_process_breakdown(prompts: Path, images: Path, url: str) -> dict[str, float]:
     from csr.engine.io import importing
     from csr.engine.io.prompt_files import parse_prompt_file
-    from csr.storage.store import create_store
+    from csr.storage.store import Store, create_store
 
     engine, _ = create_store(url)
     try:
@@ -99,7 +99,7 @@ def in_process_breakdown(prompts: Path, images: Path, url: str) -> dict[str, flo
         images_s = time.perf_counter() - start
         assert not problems and len(records) == len(parsed.records), problems[:3]
         start = time.perf_counter()
-        report = importing.import_prompts(engine, prompts, images, image_prefix="COCO_train2014_")
+        report = importing.import_prompts(Store(engine), prompts, images, image_prefix="COCO_train2014_")
         whole_s = time.perf_counter() - start
     finally:
         engine.dispose()

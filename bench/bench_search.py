@@ -305,7 +305,8 @@ def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prom
     from csr.engine.generation import WorkerOptions, iteration_config, run_worker
     from csr.engine.io.importing import import_prompts
     from csr.storage import work
-    from csr.storage.store import create_store, register_base_model
+    from csr.storage.store import Store, create_store
+    from csr.storage.versions import register_base_model
 
     image_dir = root / "images"
     image_dir.mkdir()
@@ -317,10 +318,10 @@ def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prom
     try:
         with engine.begin() as conn:
             register_base_model(conn, str(policy_dir), f"local-dir:{clip_dir}", None)
-        import_prompts(engine, root / "prompts.jsonl", image_dir)
-        preset, frozen = iteration_config(engine, 1, config.to_dict())
+        import_prompts(Store(engine), root / "prompts.jsonl", image_dir)
+        preset, frozen = iteration_config(Store(engine), 1, config.to_dict())
         work.start_iteration(engine, 1, preset, frozen)
-        return run_worker(engine, 1, frozen, WorkerOptions(device=device, batch_prompts=len(prompts)),
+        return run_worker(Store(engine), 1, frozen, WorkerOptions(device=device, batch_prompts=len(prompts)),
                           stop=threading.Event())
     finally:
         engine.dispose()

@@ -12,7 +12,7 @@ from rich.console import Console
 from csr.cli.context import state
 from csr.cli.vocabulary import DEVICE_HELP, default_device
 from csr.engine.errors import CsrError
-from csr.storage.store import open_store
+from csr.storage.store import Store
 
 console = Console()
 eval_app = typer.Typer(rich_markup_mode=None, help="Evaluate model versions (CHAIR, POPE) or record other benchmarks' results.",
@@ -90,11 +90,8 @@ def eval_chair(
         max_new_tokens=max_new_tokens or evaluation.CHAIR_MAX_NEW_TOKENS,
         n_images=None if all_images else (n_images or evaluation.CHAIR_IMAGES), seed=seed,
     )
-    engine = open_store(state(ctx).url)
-    try:
-        outcomes = evaluation.evaluate_versions(engine, chosen, [task], device=default_device(device), batch_size=batch_size)
-    finally:
-        engine.dispose()
+    with Store.open(state(ctx).url) as store:
+        outcomes = evaluation.evaluate_versions(store, chosen, [task], device=default_device(device), batch_size=batch_size)
     for done in outcomes:
         m = done.metrics
         console.print(
@@ -141,11 +138,8 @@ def eval_pope(
         if setting:
             raise CsrError("--setting applies to --annotations; a question file names its own setting")
         task = evaluation.pope_file_task(questions, images, **common)
-    engine = open_store(state(ctx).url)
-    try:
-        outcomes = evaluation.evaluate_versions(engine, chosen, [task], device=default_device(device), batch_size=batch_size)
-    finally:
-        engine.dispose()
+    with Store.open(state(ctx).url) as store:
+        outcomes = evaluation.evaluate_versions(store, chosen, [task], device=default_device(device), batch_size=batch_size)
     for done in outcomes:
         for name, m in done.metrics.items():
             console.print(
@@ -191,11 +185,8 @@ def eval_record(
         values |= {str(k): float(v) for k, v in data.items()}
     if not values:
         raise CsrError("no metrics given: use --metric NAME=VALUE or --metrics-json FILE")
-    engine = open_store(state(ctx).url)
-    try:
-        added = record_external(engine, version, benchmark.strip(), values, dataset, tool)
-    finally:
-        engine.dispose()
+    with Store.open(state(ctx).url) as store:
+        added = record_external(store, version, benchmark.strip(), values, dataset, tool)
     shown = ", ".join(f"{k} {v:g}" for k, v in values.items())
     console.print(f"model version {version} on {benchmark}: {shown}"
                   + ("" if added else " (already recorded, unchanged)"), highlight=False)

@@ -7,28 +7,24 @@ prompts in hand are released at once; a second signal aborts on the spot).
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy.exc import SQLAlchemyError
 
 from csr.cli.context import state
 from csr.cli.vocabulary import DEVICE_HELP, DType, Preset, SelectBy, default_device, value
 from csr.engine.errors import CsrError
 from csr.engine.generation import WorkerOptions, iteration_config, run_worker
+from csr.engine.workers import StopSignals, WorkerProcesses, worker_commands
 from csr.storage import work
-from csr.storage.store import open_store, reading
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from csr.storage.outages import is_outage
+from csr.storage.store import Store
 
 console = Console(stderr=True)
 
@@ -61,16 +57,15 @@ def generate(
         if chosen is not None:
             settings[key] = chosen
     device_list = _devices(devices, workers, default_device(device))
-    engine = open_store(st.url)
-    try:
-        preset_name, config = iteration_config(engine, iteration, settings, f"[generate] in {st.settings.path}")
+    with Store.open(st.url) as store:
+        preset_name, config = iteration_config(store, iteration, settings, f"[generate] in {st.settings.path}")
         if dtype is not None:
             config["dtype"] = dtype
-        _, created = work.start_iteration(engine, iteration, preset_name, config)
+        _, created = store.start_iteration(iteration, preset_name, config)
         if created and not quiet:
             console.print(f"iteration {iteration} started (preset {preset_name}, policy version {iteration - 1})")
         if retry_failed:
-            again = work.retry_failed(engine, iteration)
+            again = store.retry_failed(iteration)
             console.print(f"{again} failed prompt(s) of iteration {iteration} put back to pending")
         options = WorkerOptions(
             device=device_list[0],
@@ -84,11 +79,9 @@ def generate(
             kv_budget=None if kv_budget is None else int(kv_budget * 2**30),
         )
         if workers == 1:
-            _run_here(engine, iteration, config, options, quiet)
+            _run_here(store, iteration, config, options, quiet)
         else:
-            _run_processes(ctx, engine, iteration, settings, options, device_list, quiet)
-    finally:
-        engine.dispose()
+            _run_processes(ctx, store, iteration, settings, options, device_list, quiet)
 
 
 def _devices(devices: str | None, workers: int, device: str) -> list[str]:
@@ -112,54 +105,20 @@ def _progress(quiet: bool) -> Progress:
     )
 
 
-class _StopSignals:
-    """SIGINT / SIGTERM: the first stops the worker after the prompt in hand, the second aborts."""
-
-    def __init__(self, stop: threading.Event, on_signal: Callable[[int], None] | None = None):
-        # on_signal runs for every signal received (K worker processes: pass it on).
-        self.stop, self.on_signal = stop, on_signal
-        self.received: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopSignals:
-        for signum in STOP_SIGNALS:
-            self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, _frame) -> None:
-        name = signal.Signals(signum).name
-        if self.on_signal is not None:
-            self.on_signal(signum)
-        if self.received is not None:
-            # Abort on the spot, store untouched: the leases expire (or, on this host,
-            # the next worker sees this pid gone) as after SIGKILL.
-            print(f"csr: aborted by a second {name}; the prompts in hand go back when their leases end",
-                  file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.received = signum
-        print(f"csr: {name}: stopping after the current prompt ({name} again to abort at once)",
-              file=sys.stderr, flush=True)
-        self.stop.set()
-
-    def exit_if_stopped(self, what: str) -> None:
-        if self.received is not None:
-            name = signal.Signals(self.received).name
-            print(f"csr: stopped by {name}: {what}", file=sys.stderr, flush=True)
-            raise typer.Exit(128 + self.received)
+def _exit_if_stopped(signals: StopSignals, what: str) -> None:
+    if signals.received is not None:
+        name = signal.Signals(signals.received).name
+        print(f"csr: stopped by {name}: {what}", file=sys.stderr, flush=True)
+        raise typer.Exit(128 + signals.received)
 
 
-def _run_here(engine, iteration: int, config: dict, options: WorkerOptions, quiet: bool) -> None:
+def _run_here(store: Store, iteration: int, config: dict, options: WorkerOptions, quiet: bool) -> None:
     stop = threading.Event()
-    with reading(engine) as conn:
-        counts = work.progress(conn, iteration)
+    counts = store.progress(iteration)
     total = sum(counts.values())
     started = time.perf_counter()
     done = {"prompts": 0, "candidates": 0}
-    with _StopSignals(stop) as signals:
+    with StopSignals(stop) as signals:
         with _progress(quiet) as bar:
             task = bar.add_task("generate", total=total, completed=counts[work.DONE] + counts[work.FAILED],
                                 iteration=iteration, rates="")
@@ -171,11 +130,12 @@ def _run_here(engine, iteration: int, config: dict, options: WorkerOptions, quie
                 bar.update(task, advance=prompts, rates=f"{done['prompts'] / elapsed:.2f} prompts/s "
                                                         f"{done['candidates'] / elapsed:.1f} candidates/s")
 
-            stats = run_worker(engine, iteration, config, options, stop=stop, on_progress=on_progress,
+            stats = run_worker(store, iteration, config, options, stop=stop, on_progress=on_progress,
                                say=lambda line: console.print(line, soft_wrap=True, highlight=False))
     for error in stats.errors:
         console.print(f"failed: {error}", soft_wrap=True, highlight=False, markup=False)
-    signals.exit_if_stopped(
+    _exit_if_stopped(
+        signals,
         f"{stats.prompts_done} prompt(s) done, {stats.released} released for the next run; worker stopped"
     )
     if not quiet:
@@ -186,70 +146,38 @@ def _run_here(engine, iteration: int, config: dict, options: WorkerOptions, quie
         )
 
 
-def _run_processes(ctx, engine, iteration, settings, options: WorkerOptions, device_list, quiet) -> None:
+def _run_processes(ctx, store: Store, iteration, settings, options: WorkerOptions, device_list, quiet) -> None:
     st = state(ctx)
     exe = Path(sys.executable).with_name("csr")
-    base = [str(exe) if exe.exists() else "csr", "--db", st.url]
+    csr = [str(exe) if exe.exists() else "csr", "--db", st.url]
     if st.config is not None:
-        base += ["--config", str(st.config)]
-    per_worker_limit = None
-    if options.limit is not None:
-        per_worker_limit = -(-options.limit // len(device_list))
-    children = []
-    threads = max(1, (os.cpu_count() or 1) // len(device_list))
-    for device in device_list:
-        cmd = base + [
-            "generate", "--iter", str(iteration), "--device", device,
-            "--batch-prompts", str(options.batch_prompts), "--lease-seconds", str(options.lease_seconds),
-            "--max-attempts", str(options.max_attempts), "--quiet",
-            "--store-retry-seconds", str(options.store_retry_seconds),
-        ]
-        if not options.wait:
-            cmd.append("--no-wait")
-        for key, flag in (("preset", "--preset"), ("lam", "--lambda"), ("select_by", "--select-by")):
-            if key in settings:
-                cmd += [flag, str(settings[key])]
-        if per_worker_limit is not None:
-            cmd += ["--limit", str(per_worker_limit)]
-        if options.dtype is not None:
-            cmd += ["--dtype", options.dtype]
-        if options.kv_budget is not None:
-            cmd += ["--kv-budget", str(options.kv_budget / 2**30)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CSR_TORCH_THREADS": str(threads)}
-        # Own session: a terminal's Ctrl-C reaches only this process, which passes
-        # each signal on once (a second one then aborts the children too).
-        children.append(subprocess.Popen(cmd, env=env, start_new_session=True))
-
-    def forward(signum: int) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
+        csr += ["--config", str(st.config)]
+    processes = WorkerProcesses(worker_commands(csr, iteration, settings, options, device_list))
     stop = threading.Event()
     started = time.perf_counter()
-    with _StopSignals(stop, on_signal=forward) as signals:
-        with reading(engine) as conn:
-            first = work.progress(conn, iteration)
+    with StopSignals(stop, on_signal=processes.forward) as signals:
+        first = store.progress(iteration)
         with _progress(quiet) as bar:
             task = bar.add_task("generate", total=sum(first.values()), completed=first[work.DONE] + first[work.FAILED],
                                 iteration=iteration, rates="")
-            while any(child.poll() is None for child in children):
+            while processes.running():
                 time.sleep(1.0)  # a signal runs its handler and the sleep goes on
                 try:
-                    with reading(engine) as conn:
-                        now = work.progress(conn, iteration)
-                except SQLAlchemyError:
+                    now = store.progress(iteration)
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
                     continue  # a store outage: the workers retry on their own; so does the bar
                 finished = now[work.DONE] + now[work.FAILED]
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 rate = (now[work.DONE] - first[work.DONE]) / elapsed
-                bar.update(task, completed=finished, rates=f"{rate:.2f} prompts/s, {len(children)} workers")
-    signals.exit_if_stopped(f"{len(children)} worker process(es) stopped; their prompts were released")
-    failed = [c.returncode for c in children if c.returncode != 0]
+                bar.update(task, completed=finished, rates=f"{rate:.2f} prompts/s, {len(processes.children)} workers")
+    _exit_if_stopped(signals, f"{len(processes.children)} worker process(es) stopped; their prompts were released")
+    failed = processes.failed()
     if failed:
-        raise CsrError(f"{len(failed)} of {len(children)} worker process(es) failed (exit codes {failed}); "
+        raise CsrError(f"{len(failed)} of {len(processes.children)} worker process(es) failed (exit codes {failed}); "
                        f"run `csr generate --iter {iteration}` again to finish the iteration")
-    work.finish_iteration_if_done(engine, iteration)
+    store.finish_iteration_if_done(iteration)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,15 +13,7 @@ from csr.cli.context import state
 from csr.engine.errors import CsrError
 from csr.engine.settings import DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED, DEFAULT_MODEL
 from csr.storage import migrate, work
-from csr.storage.store import (
-    create_store,
-    open_store,
-    reading,
-    register_base_model,
-    status,
-    store_revision,
-    upgrade_store,
-)
+from csr.storage.store import Store
 
 console = Console()
 db_app = typer.Typer(help="Store schema maintenance.", no_args_is_help=True, rich_markup_mode=None)
@@ -52,12 +44,9 @@ def init(
     if settings.clip.startswith("local-dir:"):
         settings.clip = "local-dir:" + str(Path(settings.clip[len("local-dir:"):]).resolve())
     url = st.url
-    engine, what = create_store(url)
-    try:
-        with engine.begin() as conn:
-            registered = register_base_model(conn, settings.model, settings.clip, settings.clip_pretrained)
-    finally:
-        engine.dispose()
+    store, what = Store.create(url)
+    with store, store.write() as tx:
+        registered = tx.register_base_model(settings.model, settings.clip, settings.clip_pretrained)
     if st.db or not settings.path.exists():
         settings.store_url = st.db or settings.store_url
     settings.write()
@@ -78,7 +67,7 @@ def _display(url: str) -> str:
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Migrate the store to the schema this csr needs (back it up first)."""
-    before, after = upgrade_store(state(ctx).url)
+    before, after = Store.upgrade(state(ctx).url)
     if before == after:
         console.print(f"store already at schema {after}")
     else:
@@ -88,7 +77,7 @@ def db_upgrade(ctx: typer.Context) -> None:
 @db_app.command("revision")
 def db_revision(ctx: typer.Context) -> None:
     """Print the store's schema revision and the one this csr needs."""
-    console.print(f"store: {store_revision(state(ctx).url)}  csr: {migrate.head_revision()}")
+    console.print(f"store: {Store.revision(state(ctx).url)}  csr: {migrate.head_revision()}")
 
 
 @prompts_app.command("import")
@@ -102,11 +91,8 @@ def prompts_import(
     """Import prompts: all or nothing, idempotent."""
     from csr.engine.io.importing import import_prompts
 
-    engine = open_store(state(ctx).url)
-    try:
-        report = import_prompts(engine, file, images, image_prefix=image_prefix, skip_bad=skip_bad)
-    finally:
-        engine.dispose()
+    with Store.open(state(ctx).url) as store:
+        report = import_prompts(store, file, images, image_prefix=image_prefix, skip_bad=skip_bad)
     console.print(
         f"imported {report.added} prompt(s) ({report.new_images} new image(s)); "
         f"{report.already_present} already present; {len(report.skipped)} skipped"
@@ -121,14 +107,10 @@ def status_cmd(
 ) -> None:
     """Per iteration: prompts total / pending / claimed / done / failed; model versions; workers
     (live, stale or gone); failed prompts with their reason."""
-    engine = open_store(state(ctx).url)
-    try:
-        with reading(engine) as conn:
-            summary = status(conn)
-            summary["workers"] = work.worker_states(conn)
-            summary["failed_prompts"] = work.failed_items(conn)
-    finally:
-        engine.dispose()
+    with Store.open(state(ctx).url) as store, store.read() as tx:
+        summary = tx.status()
+        summary["workers"] = tx.worker_states()
+        summary["failed_prompts"] = tx.failed_items()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

@@ -23,7 +23,8 @@ from csr.cli.vocabulary import (
 )
 from csr.engine import iterations
 from csr.engine.errors import CsrError
-from csr.storage.store import model_version, open_store, reading
+from csr.engine.pipeline import run_iteration
+from csr.storage.store import Store
 
 console = Console()
 
@@ -42,11 +43,12 @@ def curate(
     if name is not None:
         deprecated("--name", "--pair-set")
         pair_set = pair_set or name
-    engine = open_store(state(ctx).url)
-    try:
-        result = iterations.curate(engine, iteration, value(preset), lam, min_margin, pair_set, make_default)
-    finally:
-        engine.dispose()
+    with Store.open(state(ctx).url) as store:
+        result = iterations.curate(store, iteration, value(preset), lam, min_margin, pair_set, make_default)
+    _say_curated(result)
+
+
+def _say_curated(result) -> None:
     verb = "created" if result.created else "unchanged"
     default = " (default)" if result.is_default else ""
     console.print(f"pair set {result.name!r}{default} {verb}: {result.pairs} pair(s), hash {result.result_hash[:16]}")
@@ -68,14 +70,15 @@ def train(
     settings = st.settings
     if report_to is not None:
         settings.train = {**settings.train, "report_to": report_to.value}
-    engine = open_store(st.url)
-    try:
+    with Store.open(st.url) as store:
         outcome = iterations.train(
-            engine, settings, iteration,
+            store, settings, iteration,
             iterations.TrainOptions(allow_partial=allow_partial, force=force, pair_set=pair_set, device=device),
         )
-    finally:
-        engine.dispose()
+    _say_trained(outcome)
+
+
+def _say_trained(outcome: iterations.TrainOutcome) -> None:
     resumed = f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else ""
     loss = outcome.final_metrics.get("loss")
     console.print(
@@ -101,11 +104,8 @@ def export(
     """Write an iteration's pairs in the reference release's LLaVA format, TRL's preference columns, or Parquet."""
     from csr.engine.io.export import export_pairs
 
-    engine = open_store(state(ctx).url)
-    try:
-        path, count = export_pairs(engine, iteration, fmt.value, out, pair_set)
-    finally:
-        engine.dispose()
+    with Store.open(state(ctx).url) as store:
+        path, count = export_pairs(store, iteration, fmt.value, out, pair_set)
     console.print(f"wrote {count} pair(s) to {path}")
 
 
@@ -116,19 +116,14 @@ def lineage(
     positional: int = typer.Argument(None, hidden=True, metavar=""),
 ) -> None:
     """The provenance chain of a model version back to the base model."""
-    from csr.storage.versions import lineage as chain_of
 
     if positional is not None:
         deprecated("`csr lineage N`", "`csr lineage --version N`")
         version = positional if version is None else version
     if version is None:
         raise CsrError("name the model version: csr lineage --version N")
-    engine = open_store(state(ctx).url)
-    try:
-        with reading(engine) as conn:
-            chain = chain_of(conn, version)
-    finally:
-        engine.dispose()
+    with Store.open(state(ctx).url) as store, store.read() as tx:
+        chain = tx.lineage(version)
     if not chain:
         raise CsrError(f"no model version {version} in the store")
     if as_json:
@@ -182,24 +177,25 @@ def iterate(
         iterations_ = iterations_ or f"{start}-{end}"
     if iterations_ is None:
         raise CsrError("name the iterations: csr iterate --iter 1-3")
-    for number in iteration_range(iterations_):
-        engine = open_store(st.url)
-        try:
-            with reading(engine) as conn:
-                trained = model_version(conn, number) is not None
-        finally:
-            engine.dispose()
-        if trained:
-            console.print(f"iteration {number}: model version {number} exists, skipping")
-            continue
+    settings = st.settings
+    if report_to is not None:
+        settings.train = {**settings.train, "report_to": report_to.value}
+
+    def generate_step(number: int) -> None:
         ctx.invoke(generate, ctx=ctx, iteration=number, preset=preset, lam=lam, select_by=select_by, device=device,
                    devices=devices, workers=workers, batch_prompts=batch_prompts, limit=None,
                    lease_seconds=lease_seconds, max_attempts=max_attempts, no_wait=False, retry_failed=False,
                    store_retry_seconds=store_retry_seconds, quiet=quiet, dtype=dtype, kv_budget=kv_budget)
-        ctx.invoke(curate, ctx=ctx, iteration=number, preset=None, lam=None, min_margin=min_margin, pair_set=None,
-                   make_default=False, name=None)
-        ctx.invoke(train, ctx=ctx, iteration=number, allow_partial=False, force=False, pair_set=None,
-                   device=device, report_to=report_to)
+
+    with Store.open(st.url) as store:
+        for number in iteration_range(iterations_):
+            done = run_iteration(store, settings, number, generate_step,
+                                 iterations.TrainOptions(device=device), min_margin=min_margin)
+            if done.kept:
+                console.print(f"iteration {number}: model version {number} exists, skipping")
+                continue
+            _say_curated(done.curated)
+            _say_trained(done.trained)
 
 
 def register(app: typer.Typer) -> None:

@@ -26,14 +26,13 @@ from datetime import timedelta
 from typing import TypeVar
 
 from PIL import Image
-from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from csr.engine.errors import CsrError
 from csr.storage import work
 from csr.storage.clock import utcnow
 from csr.storage.outages import first_line, is_outage
-from csr.storage.store import model_version, reading
+from csr.storage.store import Store
 from csr.storage.trees import CANDIDATE_COLUMNS, RESPONSE_COLUMNS, Tree
 
 PRESETS = ("paper", "reference-code")
@@ -80,7 +79,7 @@ class WorkerStats:
     errors: list[str] = field(default_factory=list)
 
 
-def iteration_config(engine: Engine, iteration: int, generate_settings: dict,
+def iteration_config(store: Store, iteration: int, generate_settings: dict,
                      source: str = "[generate] settings") -> tuple[str, dict]:
     """The settings to freeze into the iteration: search parameters and the models used.
     `source` names where the settings came from, for the error a typo gets."""
@@ -92,9 +91,9 @@ def iteration_config(engine: Engine, iteration: int, generate_settings: dict,
         raise CsrError(f"{source}: {exc}") from exc
     if search.preset not in PRESETS:
         raise CsrError(f"unknown preset {search.preset!r}; choose one of {', '.join(PRESETS)}")
-    with reading(engine) as conn:
-        policy = model_version(conn, iteration - 1)
-        base = model_version(conn, 0)
+    with store.read() as tx:
+        policy = tx.model_version(iteration - 1)
+        base = tx.model_version(0)
     if base is None:
         raise CsrError("the store has no base model: run `csr init`")
     config = {
@@ -113,32 +112,32 @@ def debug() -> bool:
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, engine: Engine, worker_id: int, lease: timedelta):
+    def __init__(self, store: Store, worker_id: int, lease: timedelta):
         super().__init__(daemon=True, name="csr-heartbeat")
-        self.engine, self.worker_id, self.lease = engine, worker_id, lease
+        self.store, self.worker_id, self.lease = store, worker_id, lease
         self.stopped = threading.Event()
 
     def run(self) -> None:
         interval = max(self.lease.total_seconds() / 3, 0.5)
         while not self.stopped.wait(interval):
             try:
-                work.heartbeat(self.engine, self.worker_id, self.lease)
+                self.store.heartbeat(self.worker_id, self.lease)
             except Exception:  # a missed beat is retried; the lease has slack for two
                 continue
 
 
-class _Store:
+class _Retrying:
     """Store calls of one worker, retried with backoff while the store is unreachable."""
 
-    def __init__(self, engine: Engine, bound_seconds: float, stats: WorkerStats, say: Callable[[str], None]):
-        self.engine, self.bound, self.stats, self.say = engine, bound_seconds, stats, say
+    def __init__(self, store: Store, bound_seconds: float, stats: WorkerStats, say: Callable[[str], None]):
+        self.store, self.bound, self.stats, self.say = store, bound_seconds, stats, say
 
     def __call__(self, call: Callable[..., T], *args) -> T:
         lost_since = None
         delay = 0.25
         while True:
             try:
-                result = call(self.engine, *args)
+                result = call(*args)
             except SQLAlchemyError as exc:
                 if not is_outage(exc):
                     raise
@@ -154,7 +153,7 @@ class _Store:
                     ) from exc
                 self.stats.store_retries += 1
                 # Connections in the pool may all be dead (a restarted server): start afresh.
-                self.engine.dispose()
+                self.store.reconnect()
                 time.sleep(min(delay, max(self.bound - (now - lost_since), 0.05)))
                 delay = min(delay * 2, 5.0)
                 continue
@@ -164,7 +163,7 @@ class _Store:
 
 
 def run_worker(
-    engine: Engine,
+    store: Store,
     iteration: int,
     config: dict,
     options: WorkerOptions,
@@ -191,9 +190,9 @@ def run_worker(
     clip = load_clip(config["clip"], config["clip_pretrained"], device=options.device)
     search_config = SearchConfig.from_dict(config["search"])
     lease = timedelta(seconds=options.lease_seconds)
-    store = _Store(engine, options.store_retry_seconds, stats, say)
-    worker_id = store(work.register_worker, iteration, options.device)
-    beat = _Heartbeat(engine, worker_id, lease)
+    retry = _Retrying(store, options.store_retry_seconds, stats, say)
+    worker_id = retry(store.register_worker, iteration, options.device)
+    beat = _Heartbeat(store, worker_id, lease)
     beat.start()
     embeddings: OrderedDict[int, object] = OrderedDict()
     held: list[work.Claim] = []
@@ -207,10 +206,10 @@ def run_worker(
                 if want <= 0:
                     break
             # Holding nothing here: a claim lost to a dropped connection goes back first.
-            store(work.release_unheld, worker_id)
-            held = store(work.claim, iteration, worker_id, want, lease, options.max_attempts)
+            retry(store.release_unheld, worker_id)
+            held = retry(store.claim, iteration, worker_id, want, lease, options.max_attempts)
             if not held:
-                pending, others = store(_outstanding, iteration, worker_id)
+                pending, others = retry(_outstanding, store, iteration, worker_id)
                 if pending:  # given back (or put back) since our claim looked: claim again
                     stop.wait(0.05)
                     continue
@@ -229,7 +228,7 @@ def run_worker(
                 stop.wait(_until_next_look(others))
                 continue
             waiting_for = None
-            inputs = store(_prompt_inputs, [c.prompt_id for c in held])
+            inputs = retry(_prompt_inputs, store, [c.prompt_id for c in held])
             # The prompts of a claim are searched together (one forward pass
             # serves all their rows), then each tree is written on its own.
             t0 = time.perf_counter()
@@ -241,7 +240,7 @@ def run_worker(
                     held.pop(0)
                     if not isinstance(outcome, (OSError, CsrError, ValueError)) and debug():
                         traceback.print_exception(outcome)
-                    _fail(store, claim, worker_id, first_line(outcome), options, stats)
+                    _fail(retry, claim, worker_id, first_line(outcome), options, stats)
                     continue
                 t1 = time.perf_counter()
                 tree = tree_rows(outcome)
@@ -249,12 +248,12 @@ def run_worker(
                     # One transaction: the whole tree, or (rolled back) nothing. After an
                     # outage it is written again whole; if the lost commit had landed, the
                     # item is no longer ours and nothing is written twice.
-                    written = store(work.complete, claim, worker_id, iteration, tree)
+                    written = retry(store.complete, claim, worker_id, iteration, tree)
                 except SQLAlchemyError as exc:  # the store refused this tree: this prompt's failure
                     held.pop(0)
                     if debug():
                         traceback.print_exc()
-                    _fail(store, claim, worker_id, first_line(exc), options, stats)
+                    _fail(retry, claim, worker_id, first_line(exc), options, stats)
                     continue
                 t2 = time.perf_counter()
                 held.pop(0)
@@ -274,34 +273,33 @@ def run_worker(
         beat.stopped.set()
         stats.released = len(held)
         if not store_lost:  # with the store gone, the leases simply expire
-            _finish(store, worker_id, iteration, held)
+            _finish(retry, worker_id, iteration, held)
         stats.wall_seconds = time.perf_counter() - started
     return stats
 
 
-def _fail(store: _Store, claim: work.Claim, worker_id: int, message: str, options: WorkerOptions,
+def _fail(retry: _Retrying, claim: work.Claim, worker_id: int, message: str, options: WorkerOptions,
           stats: WorkerStats) -> None:
-    state = store(work.fail, claim, worker_id, message, options.max_attempts)
+    state = retry(retry.store.fail, claim, worker_id, message, options.max_attempts)
     if state == work.FAILED:
         stats.prompts_failed += 1
         stats.errors.append(f"prompt {claim.prompt_id}: {message}")
 
 
-def _finish(store: _Store, worker_id: int, iteration: int, held: list[work.Claim]) -> None:
+def _finish(retry: _Retrying, worker_id: int, iteration: int, held: list[work.Claim]) -> None:
     """Give back what this worker still holds, record it as stopped, close the iteration if done."""
     try:
-        store(work.release, worker_id, held)
-        store(work.stop_worker, worker_id)
-        store(work.finish_iteration_if_done, iteration)
+        retry(retry.store.release, worker_id, held)
+        retry(retry.store.stop_worker, worker_id)
+        retry(retry.store.finish_iteration_if_done, iteration)
     except StoreUnavailable:
         pass  # the leases expire instead; a rerun finishes the iteration
 
 
-def _outstanding(engine: Engine, iteration: int, worker_id: int) -> tuple[int, list[work.Holder]]:
+def _outstanding(store: Store, iteration: int, worker_id: int) -> tuple[int, list[work.Holder]]:
     """(pending prompts, other workers holding prompts) of the iteration."""
-    with reading(engine) as conn:
-        pending = work.progress(conn, iteration)[work.PENDING]
-        return pending, work.holders(conn, iteration, exclude_worker=worker_id)
+    with store.read() as tx:
+        return tx.progress(iteration)[work.PENDING], tx.holders(iteration, exclude_worker=worker_id)
 
 
 def _describe(others: list[work.Holder], shown: int = 2) -> str:
@@ -320,9 +318,9 @@ def _until_next_look(others: list[work.Holder]) -> float:
     return min(max(seconds, 0.05), 2.0)
 
 
-def _prompt_inputs(engine: Engine, prompt_ids: list[int]):
-    with reading(engine) as conn:
-        return work.prompt_inputs(conn, prompt_ids)
+def _prompt_inputs(store: Store, prompt_ids: list[int]):
+    with store.read() as tx:
+        return tx.prompt_inputs(prompt_ids)
 
 
 def _search_claims(policy, clip, held, inputs, search_config, embeddings, options) -> list:

@@ -14,30 +14,27 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine
-
 from csr.engine.errors import CsrError
 from csr.engine.settings import Settings
-from csr.storage import curation, versions, work
+from csr.storage import curation, work
 from csr.storage.errors import OrderError
-from csr.storage.store import model_version, reading
+from csr.storage.store import Store
 
 
-def iteration_policy(engine: Engine, iteration: int) -> curation.CurationPolicy:
+def iteration_policy(store: Store, iteration: int) -> curation.CurationPolicy:
     """The curation policy matching how the iteration was generated."""
-    with reading(engine) as conn:
-        it = work.get_iteration(conn, iteration)
+    it = store.iteration(iteration)
     if it is None:
         raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
     search = it.config.get("search", {})
     return curation.CurationPolicy(preset=it.preset, lam=float(search.get("lam", 0.9)))
 
 
-def require_generated(engine: Engine, iteration: int, allow_partial: bool) -> dict[str, int]:
-    with reading(engine) as conn:
-        if work.get_iteration(conn, iteration) is None:
+def require_generated(store: Store, iteration: int, allow_partial: bool) -> dict[str, int]:
+    with store.read() as tx:
+        if tx.iteration(iteration) is None:
             raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
-        counts = work.progress(conn, iteration)
+        counts = tx.progress(iteration)
     unfinished = counts[work.PENDING] + counts[work.CLAIMED]
     if unfinished and not allow_partial:
         raise OrderError(
@@ -48,7 +45,7 @@ def require_generated(engine: Engine, iteration: int, allow_partial: bool) -> di
 
 
 def curate(
-    engine: Engine,
+    store: Store,
     iteration: int,
     preset: str | None = None,
     lam: float | None = None,
@@ -56,12 +53,12 @@ def curate(
     name: str | None = None,
     make_default: bool = False,
 ) -> curation.CurationResult:
-    base = iteration_policy(engine, iteration)
+    base = iteration_policy(store, iteration)
     policy = curation.CurationPolicy(
         preset=preset or base.preset, lam=base.lam if lam is None else lam, min_margin=min_margin
     )
-    with engine.begin() as conn:
-        return curation.curate(conn, iteration, policy, name=name, make_default=make_default)
+    with store.write() as tx:
+        return tx.curate(iteration, policy, name=name, make_default=make_default)
 
 
 @dataclass(frozen=True)
@@ -90,18 +87,18 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def train(engine: Engine, settings: Settings, iteration: int, options: TrainOptions) -> TrainOutcome:
+def train(store: Store, settings: Settings, iteration: int, options: TrainOptions) -> TrainOutcome:
     from csr.engine.train.dpo import TrainConfig, TrainConfigError, train_dpo
 
     try:
         config = TrainConfig.from_dict(settings.train)
     except TrainConfigError as exc:
         raise CsrError(f"[train] in {settings.path}: {exc}") from exc
-    require_generated(engine, iteration, options.allow_partial)
-    with reading(engine) as conn:
-        existing = model_version(conn, iteration)
-        parent = model_version(conn, iteration - 1)
-        next_iteration = work.get_iteration(conn, iteration + 1)
+    require_generated(store, iteration, options.allow_partial)
+    with store.read() as tx:
+        existing = tx.model_version(iteration)
+        parent = tx.model_version(iteration - 1)
+        next_iteration = tx.iteration(iteration + 1)
     if existing is not None and not options.force:
         raise OrderError(f"model version {iteration} exists ({existing.path}); pass --force to train it again")
     if existing is not None and next_iteration is not None:
@@ -111,16 +108,15 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
     if parent is None:
         raise OrderError(f"model version {iteration - 1} does not exist")
 
-    with engine.begin() as conn:
-        pair_set = curation.pair_set(conn, iteration, options.pair_set)
+    with store.read() as tx:
+        pair_set = tx.pair_set(iteration, options.pair_set)
     if pair_set is None:
         if options.pair_set:
             raise OrderError(f"iteration {iteration} has no pair set named {options.pair_set!r}")
-        curate(engine, iteration)  # train implies curate with the iteration's own policy
-        with reading(engine) as conn:
-            pair_set = curation.pair_set(conn, iteration)
-    with reading(engine) as conn:
-        rows = curation.training_rows(conn, pair_set.id)
+        curate(store, iteration)  # train implies curate with the iteration's own policy
+    with store.read() as tx:
+        pair_set = pair_set or tx.pair_set(iteration)
+        rows = tx.training_rows(pair_set.id)
     if not rows:
         raise OrderError(
             f"pair set {pair_set.name!r} of iteration {iteration} is empty: nothing to train on "
@@ -146,34 +142,30 @@ def train(engine: Engine, settings: Settings, iteration: int, options: TrainOpti
     main = _is_main_process()
     run_id = None
     if main:
-        with engine.begin() as conn:
-            run = versions.find_resumable_run(conn, iteration, pairs_hash, hyperparams)
+        with store.write() as tx:
+            run = tx.find_resumable_run(iteration, pairs_hash, hyperparams)
             if run is not None:
                 run_id = run.id
-                versions.mark_run(conn, run_id, "running")
+                tx.mark_run(run_id, "running")
             else:
-                run_id = versions.start_training_run(
-                    conn, iteration, pair_set.id, curation.TRAINING_SELECTION, pairs_hash, hyperparams,
-                    str(checkpoint_dir),
-                )
-    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(engine, iteration, config))
+                run_id = tx.start_training_run(iteration, pair_set.id, pairs_hash, hyperparams, str(checkpoint_dir))
+    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(store, iteration, config))
     staging = models_dir / f"v{iteration}.staging"
     try:
         result = train_dpo(parent.path, examples, staging, checkpoint_dir, config, device=options.device)
     except BaseException:
         if main:
-            with engine.begin() as conn:
-                versions.mark_run(conn, run_id, "failed")
+            with store.write() as tx:
+                tx.mark_run(run_id, "failed")
         raise
     final = result.metrics[-1] if result.metrics else {}
     if main:
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
-        with engine.begin() as conn:
-            versions.mark_run(conn, run_id, "running", metrics=result.metrics)
-            versions.register_version(
-                conn,
+        with store.write() as tx:
+            tx.mark_run(run_id, "running", metrics=result.metrics)
+            tx.register_version(
                 version=iteration,
                 parent=iteration - 1,
                 iteration=iteration,
@@ -213,7 +205,7 @@ def split_too_long(rows: list[dict], max_response_tokens: int) -> tuple[list[dic
     return fits, too_long
 
 
-def _tree_is_exact(engine: Engine, iteration: int, config) -> bool:
+def _tree_is_exact(store: Store, iteration: int, config) -> bool:
     """Whether the stored log-probs may stand for the reference pass: always
     under reference = "tree", under "auto" only for trees searched in float32
     (a GPU search without --dtype runs in the checkpoint's half precision)."""
@@ -221,8 +213,7 @@ def _tree_is_exact(engine: Engine, iteration: int, config) -> bool:
         return config.reference == "tree"
     import torch
 
-    with reading(engine) as conn:
-        dtype = work.get_iteration(conn, iteration).config.get("dtype")
+    dtype = store.iteration(iteration).config.get("dtype")
     return dtype == "float32" or (dtype is None and not torch.cuda.is_available())
 
 

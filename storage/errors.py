@@ -16,3 +16,7 @@ class ImportRejected(StoreError):
 
 class OrderError(StoreError):
     """An iteration step asked for out of order (e.g. generate 2 before model 1 exists)."""
+
+
+class WriteConflict(StoreError):
+    """Another writer committed the same unique rows first; the transaction was rolled back."""

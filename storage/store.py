@@ -1,18 +1,33 @@
-"""Opening, creating and summarising a store."""
+"""The one door to a csr store: `Store`.
+
+Engine and cli code open a `Store` and call its methods; they never see a
+connection, a transaction mode or SQL. The store chooses the transaction: a
+deferred one for reads (SQLite readers never take the lock workers need), an
+immediate one for writes (SQLite `BEGIN IMMEDIATE`; PostgreSQL takes row locks
+where the queue needs them). Work that must happen in one transaction runs in
+`store.read()` / `store.write()`, whose `Transaction` has the same parts.
+
+The parts live in their own modules, each a set of functions over a
+connection: prompts, work (the queue), trees, curation, versions,
+evaluations, summary; analytics reads the live store through DuckDB.
+`open_store` / `create_store` below are the storage-internal openers the
+tests of those modules use.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
-from sqlalchemy import Connection, Engine, func, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from csr.storage import migrate, work
-from csr.storage.clock import utcnow
 from csr.storage.db import make_engine
-from csr.storage.errors import StoreError
-from csr.storage.models import Iteration, ModelVersion, Prompt, WorkItem
+from csr.storage.errors import StoreError, WriteConflict
+from csr.storage.transaction import Transaction
+from csr.storage.trees import Tree
 
 
 @contextmanager
@@ -92,80 +107,103 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def model_version(conn: Connection, version: int):
-    """The model_versions row (a Row with the table's columns) or None."""
-    return conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
+class Store:
+    """An open csr store. Close it (or use it as a context manager) when done."""
 
+    def __init__(self, engine: Engine):
+        self._engine = engine
 
-def register_base_model(conn: Connection, model: str, clip: str, clip_pretrained: str | None) -> str:
-    """Model version 0 is the base model of the study; returns what happened."""
-    existing = model_version(conn, 0)
-    if existing is not None:
-        if (existing.path, existing.clip_model, existing.clip_pretrained) == (model, clip, clip_pretrained):
-            return "unchanged"
-        has_iterations = conn.execute(select(func.count()).select_from(Iteration)).scalar_one()
-        if has_iterations:
-            raise StoreError(
-                f"the store's base model is {existing.path} (CLIP {existing.clip_model}); "
-                "it cannot change once an iteration has started"
-            )
-        conn.execute(
-            update(ModelVersion)
-            .where(ModelVersion.version == 0)
-            .values(path=model, base_model=model, clip_model=clip, clip_pretrained=clip_pretrained)
-        )
-        return "updated"
-    conn.execute(
-        ModelVersion.__table__.insert().values(
-            version=0,
-            parent_version=None,
-            iteration=None,
-            path=model,
-            base_model=model,
-            clip_model=clip,
-            clip_pretrained=clip_pretrained,
-            created_at=utcnow(),
-        )
-    )
-    return "registered"
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """An existing store whose schema revision matches this code."""
+        return cls(open_store(url))
 
+    @classmethod
+    def create(cls, url: str) -> tuple[Store, str]:
+        """A new store at head, or an existing one confirmed; returns (store, "created" | "exists")."""
+        engine, what = create_store(url)
+        return cls(engine), what
 
-def status(conn: Connection) -> dict:
-    total = conn.execute(select(func.count()).select_from(Prompt)).scalar_one()
-    counts = conn.execute(
-        select(WorkItem.iteration, WorkItem.state, func.count()).group_by(WorkItem.iteration, WorkItem.state)
-    ).all()
-    by_iteration: dict[int, dict[str, int]] = {}
-    for number, state, count in counts:
-        by_iteration.setdefault(number, {})[state] = count
-    iterations = []
-    for it in conn.execute(select(Iteration).order_by(Iteration.number)).all():
-        states = by_iteration.get(it.number, {})
-        known = sum(states.values())
-        iterations.append(
-            {
-                "iteration": it.number,
-                "state": it.state,
-                "preset": it.preset,
-                "policy_version": it.policy_version,
-                "prompts": total,
-                "pending": states.get("pending", 0) + max(total - known, 0),
-                "claimed": states.get("claimed", 0),
-                "done": states.get("done", 0),
-                "failed": states.get("failed", 0),
-            }
-        )
-    versions = [
-        {
-            "version": v.version,
-            "parent": v.parent_version,
-            "iteration": v.iteration,
-            "path": v.path,
-            "weights_hash": v.weights_hash,
-            "created_at": v.created_at.isoformat(timespec="seconds"),
-        }
-        for v in conn.execute(select(ModelVersion).order_by(ModelVersion.version)).all()
-    ]
-    # Live by its lease and, on this host, by its process: a stale or dead worker is never live.
-    live = [w for w in work.worker_states(conn) if w["state"] == work.LIVE]
-    return {"prompts": total, "iterations": iterations, "model_versions": versions, "live_workers": live}
+    upgrade = staticmethod(upgrade_store)
+    revision = staticmethod(store_revision)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        return self._engine.url.render_as_string(hide_password=False)
+
+    def reconnect(self) -> None:
+        """Drop every pooled connection: after an outage they may all be dead."""
+        self._engine.dispose()
+
+    @contextmanager
+    def read(self) -> Iterator[Transaction]:
+        with reading(self._engine) as conn:
+            yield Transaction(conn, writable=False)
+
+    @contextmanager
+    def write(self) -> Iterator[Transaction]:
+        """A write transaction: committed on exit, rolled back (and nothing
+        written) on an exception. A unique row another writer committed first
+        (PostgreSQL; SQLite serialises writers) comes out as WriteConflict."""
+        try:
+            with writing(self._engine) as conn:
+                yield Transaction(conn, writable=True)
+        except IntegrityError as exc:
+            raise WriteConflict(_first_line(exc)) from exc
+
+    # -- one-transaction shortcuts ------------------------------------------------------
+    def model_version(self, version: int):
+        with self.read() as tx:
+            return tx.model_version(version)
+
+    def iteration(self, number: int):
+        with self.read() as tx:
+            return tx.iteration(number)
+
+    def progress(self, iteration: int) -> dict[str, int]:
+        with self.read() as tx:
+            return tx.progress(iteration)
+
+    # -- the work queue: each call is its own transaction, with the locks it needs --------
+    def start_iteration(self, number: int, preset: str, config: dict) -> tuple[dict, bool]:
+        return work.start_iteration(self._engine, number, preset, config)
+
+    def retry_failed(self, iteration: int) -> int:
+        return work.retry_failed(self._engine, iteration)
+
+    def register_worker(self, iteration: int, device: str) -> int:
+        return work.register_worker(self._engine, iteration, device)
+
+    def claim(self, iteration: int, worker_id: int, limit: int, lease: timedelta, max_attempts: int) -> list[work.Claim]:
+        return work.claim(self._engine, iteration, worker_id, limit, lease, max_attempts)
+
+    def heartbeat(self, worker_id: int, lease: timedelta) -> None:
+        work.heartbeat(self._engine, worker_id, lease)
+
+    def complete(self, claim: work.Claim, worker_id: int, iteration: int, tree: Tree) -> bool:
+        """Write the claim's whole tree and mark it done, in one transaction."""
+        return work.complete(self._engine, claim, worker_id, iteration, tree)
+
+    def fail(self, claim: work.Claim, worker_id: int, error: str, max_attempts: int) -> str:
+        return work.fail(self._engine, claim, worker_id, error, max_attempts)
+
+    def release(self, worker_id: int, claims: list[work.Claim]) -> None:
+        work.release(self._engine, worker_id, claims)
+
+    def release_unheld(self, worker_id: int) -> int:
+        return work.release_unheld(self._engine, worker_id)
+
+    def stop_worker(self, worker_id: int) -> None:
+        work.stop_worker(self._engine, worker_id)
+
+    def finish_iteration_if_done(self, iteration: int) -> bool:
+        return work.finish_iteration_if_done(self._engine, iteration)

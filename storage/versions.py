@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from csr.storage.clock import utcnow
+from csr.storage.errors import StoreError
 from csr.storage.models import Iteration, ModelVersion, PairSet, TrainingRun
 
 
@@ -145,3 +146,41 @@ def lineage(conn: Connection, version: int) -> list[dict]:
         chain.append(entry)
         current = mv.parent_version
     return chain
+
+
+def model_version(conn: Connection, version: int):
+    """The model_versions row (a Row with the table's columns) or None."""
+    return conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
+
+
+def register_base_model(conn: Connection, model: str, clip: str, clip_pretrained: str | None) -> str:
+    """Model version 0 is the base model of the study; returns what happened."""
+    existing = model_version(conn, 0)
+    if existing is not None:
+        if (existing.path, existing.clip_model, existing.clip_pretrained) == (model, clip, clip_pretrained):
+            return "unchanged"
+        has_iterations = conn.execute(select(func.count()).select_from(Iteration)).scalar_one()
+        if has_iterations:
+            raise StoreError(
+                f"the store's base model is {existing.path} (CLIP {existing.clip_model}); "
+                "it cannot change once an iteration has started"
+            )
+        conn.execute(
+            update(ModelVersion)
+            .where(ModelVersion.version == 0)
+            .values(path=model, base_model=model, clip_model=clip, clip_pretrained=clip_pretrained)
+        )
+        return "updated"
+    conn.execute(
+        ModelVersion.__table__.insert().values(
+            version=0,
+            parent_version=None,
+            iteration=None,
+            path=model,
+            base_model=model,
+            clip_model=clip,
+            clip_pretrained=clip_pretrained,
+            created_at=utcnow(),
+        )
+    )
+    return "registered"

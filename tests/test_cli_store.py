@@ -12,7 +12,8 @@ from sqlalchemy import text
 
 from csr.storage import migrate
 from csr.storage.db import make_engine
-from csr.storage.store import create_store, register_base_model
+from csr.storage.store import create_store
+from csr.storage.versions import register_base_model
 from tests.db_backends import fingerprint, only_on, run_csr
 
 HEAD = migrate.head_revision()

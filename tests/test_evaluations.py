@@ -21,7 +21,7 @@ from csr.engine.evaluate.chair import world_vocabulary
 from csr.storage.clock import utcnow
 from csr.storage.evaluations import evaluations
 from csr.storage.models import ModelVersion
-from csr.storage.store import create_store
+from csr.storage.store import Store, create_store
 from tests.db_backends import fingerprint, run_csr
 
 NAMES = ["red circle", "blue square", "green cross", "yellow diamond", "white triangle"]
@@ -90,7 +90,7 @@ def test_chair_and_pope_per_version_equal_a_hand_computation(store_url, tmp_path
         _versions(engine, tmp_path)
         fake = FakeGenerator()
         chair_task, pope_task = _tasks()
-        outcomes = evaluate_versions(engine, [0, 1], [chair_task, pope_task], generator=fake)
+        outcomes = evaluate_versions(Store(engine), [0, 1], [chair_task, pope_task], generator=fake)
         # One load and one batched description pass per version: POPE reuses the descriptions.
         assert [n for _, n in fake.calls] == [3, 3]
         by = {(o.version, o.benchmark): o.metrics for o in outcomes}
@@ -135,7 +135,7 @@ def test_chair_and_pope_per_version_equal_a_hand_computation(store_url, tmp_path
     engine, _ = create_store(store_url)
     try:
         again = FakeGenerator()
-        rerun = evaluate_versions(engine, [0, 1], list(_tasks()), generator=again)
+        rerun = evaluate_versions(Store(engine), [0, 1], list(_tasks()), generator=again)
     finally:
         engine.dispose()
     assert again.calls == [] and all(o.reused for o in rerun)
@@ -147,9 +147,9 @@ def test_other_settings_are_another_row_and_intervals_follow_the_seed(sqlite_url
     engine, _ = create_store(sqlite_url)
     try:
         _versions(engine, tmp_path)
-        first = evaluate_versions(engine, [0], [_tasks(seed=0)[0]], generator=FakeGenerator())
-        same = evaluate_versions(engine, [0], [_tasks(seed=0)[0]], generator=FakeGenerator())
-        other = evaluate_versions(engine, [0], [_tasks(seed=1)[0]], generator=FakeGenerator())
+        first = evaluate_versions(Store(engine), [0], [_tasks(seed=0)[0]], generator=FakeGenerator())
+        same = evaluate_versions(Store(engine), [0], [_tasks(seed=0)[0]], generator=FakeGenerator())
+        other = evaluate_versions(Store(engine), [0], [_tasks(seed=1)[0]], generator=FakeGenerator())
         with engine.connect() as conn:
             assert len(evaluations(conn)) == 2
     finally:
@@ -167,7 +167,7 @@ def test_a_version_without_weights_stops_everything_before_generation(store_url,
         fake = FakeGenerator()
         says = "has no weights at" if versions[1] == 2 else "no model version 7"
         with pytest.raises(CsrError, match=says):
-            evaluate_versions(engine, versions, list(_tasks()), generator=fake)
+            evaluate_versions(Store(engine), versions, list(_tasks()), generator=fake)
         assert fake.calls == [] and fingerprint(store_url) == before
     finally:
         engine.dispose()
@@ -177,14 +177,14 @@ def test_recorded_metrics(store_url, tmp_path):
     engine, _ = create_store(store_url)
     try:
         _versions(engine, tmp_path)
-        assert record_external(engine, 1, "mme", {"perception": 1510.7, "cognition": 355.7}, "MME", "lmms-eval")
-        assert not record_external(engine, 1, "mme", {"perception": 1510.7, "cognition": 355.7}, "MME", "lmms-eval")
+        assert record_external(Store(engine), 1, "mme", {"perception": 1510.7, "cognition": 355.7}, "MME", "lmms-eval")
+        assert not record_external(Store(engine), 1, "mme", {"perception": 1510.7, "cognition": 355.7}, "MME", "lmms-eval")
         before = fingerprint(store_url)
         for args, says in (((1, "mme", {"perception": 1.0}, "MME", "lmms-eval"), "other values"),
                            ((9, "mme", {"perception": 1.0}), "no model version 9"),
                            ((1, "pope", {"f1": 0.8}), "csr eval pope")):
             with pytest.raises(CsrError, match=says):
-                record_external(engine, *args)
+                record_external(Store(engine), *args)
         assert fingerprint(store_url) == before
         with engine.connect() as conn:
             [row] = evaluations(conn)

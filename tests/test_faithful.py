@@ -36,8 +36,9 @@ from csr.storage import curation, work
 from csr.storage import prompts as prompt_store
 from csr.storage.models import Image as ImageRow
 from csr.storage.models import Prompt
-from csr.storage.store import create_store, register_base_model
+from csr.storage.store import Store, create_store
 from csr.storage.trees import insert_tree
+from csr.storage.versions import register_base_model
 from tests.llama_tokenizer import byte_ids, llama_style_tokenizer, piece_ids
 
 CORPUS = [
@@ -192,15 +193,15 @@ def test_generated_ids_reach_dpo_unchanged(store_url, tmp_path, llama_tokenizer,
             assert r["rejected_token_ids"] == expected[r["prompt_id"]][r["rejected_text"]]
         pair_texts = {(r["external_id"], r["chosen_text"], r["rejected_text"]) for r in rows}
 
-        llava, _ = export_pairs(engine, 1, "llava-json", tmp_path / "pairs.json")
+        llava, _ = export_pairs(Store(engine), 1, "llava-json", tmp_path / "pairs.json")
         exported = {(e["id"], e["conversations"][1]["value"], e["rejected_conversations"][1]["value"])
                     for e in json.loads(llava.read_text())}
         assert exported == pair_texts
-        trl, _ = export_pairs(engine, 1, "trl-jsonl", tmp_path / "pairs.jsonl")
+        trl, _ = export_pairs(Store(engine), 1, "trl-jsonl", tmp_path / "pairs.jsonl")
         lines = [json.loads(line) for line in trl.read_text().splitlines()]
         assert {(e["id"], e["chosen"][0]["content"][0]["text"], e["rejected"][0]["content"][0]["text"])
                 for e in lines} == pair_texts
-        parquet, _ = export_pairs(engine, 1, "parquet", tmp_path / "pairs.parquet")
+        parquet, _ = export_pairs(Store(engine), 1, "parquet", tmp_path / "pairs.parquet")
         table = pq.read_table(parquet).to_pylist()
         assert {(e["external_id"], e["chosen"], e["rejected"]) for e in table} == pair_texts
         assert all(e["chosen_token_ids"] == expected_ids for e, expected_ids in

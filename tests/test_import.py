@@ -15,7 +15,7 @@ from csr.engine.errors import CsrError
 from csr.engine.io.importing import import_prompts
 from csr.storage.models import Image as ImageRow
 from csr.storage.models import Prompt
-from csr.storage.store import create_store
+from csr.storage.store import Store, create_store
 from tests.db_backends import backend_param, fingerprint, only_on, run_csr
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (120, 0, 120)]
@@ -72,7 +72,7 @@ def seeded(store: str, images: Path, tmp_path: Path) -> str:
     first = write_json(tmp_path / "first.json", [llava("p1", "red.png", "<image>\nWhat colour?"),
                                                  llava("p2", "green.png", "Any shapes?\n<image>")])
     engine, _ = create_store(store)
-    import_prompts(engine, first, images)
+    import_prompts(Store(engine), first, images)
     engine.dispose()
     return store
 
@@ -193,7 +193,7 @@ def test_images_are_recorded_by_content(store, images, tmp_path):
     )
     engine, _ = create_store(store)
     try:
-        report = import_prompts(engine, file, images)
+        report = import_prompts(Store(engine), file, images)
     finally:
         engine.dispose()
     assert (report.added, report.new_images, report.already_present, report.skipped) == (7, 2, 0, [])
@@ -395,9 +395,9 @@ def test_in_process_errors_are_user_errors(sqlite_url, images, tmp_path):
     engine, _ = create_store(sqlite_url)
     try:
         with pytest.raises(CsrError, match="prompt file not found"):
-            import_prompts(engine, tmp_path / "missing.json", images)
+            import_prompts(Store(engine), tmp_path / "missing.json", images)
         report = import_prompts(
-            engine, write_json(tmp_path / "p.json", [llava("a", "nothere.png", "?"), llava("b", "red.png", "?")]),
+            Store(engine), write_json(tmp_path / "p.json", [llava("a", "nothere.png", "?"), llava("b", "red.png", "?")]),
             images, skip_bad=True,
         )
         assert report.added == 1 and [p.position for p in report.skipped] == [1]
@@ -409,17 +409,18 @@ def test_in_process_errors_are_user_errors(sqlite_url, images, tmp_path):
 def test_a_concurrent_import_of_the_same_prompts_is_one_clear_error(seeded, images, tmp_path, monkeypatch):
     """Another import commits the same ids after this one looked them up: the unique
     constraint refuses the insert; the user gets an ImportRejected, and nothing is written."""
-    from csr.engine.io import importing
+    from csr.storage import prompts
     from csr.storage.errors import ImportRejected
 
-    monkeypatch.setattr(importing.prompt_store, "existing_prompts", lambda conn, ids: {})
+    # The lookup misses what the other import committed in between.
+    monkeypatch.setattr(prompts, "existing_prompts", lambda conn, ids: {})
     file = write_json(tmp_path / "again.json", [llava("new", "blue.png", "New?"),
                                                 llava("p1", "red.png", "<image>\nWhat colour?")])
     before = fingerprint(seeded)
     engine, _ = create_store(seeded)
     try:
         with pytest.raises(ImportRejected, match="at the same time; nothing imported"):
-            import_prompts(engine, file, images)
+            import_prompts(Store(engine), file, images)
     finally:
         engine.dispose()
     assert fingerprint(seeded) == before

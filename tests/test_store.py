@@ -15,14 +15,9 @@ from csr.storage.clock import utcnow
 from csr.storage.db import SQLITE_BUSY_TIMEOUT_MS, make_engine, normalise_url, sqlite_path
 from csr.storage.errors import SchemaMismatch, StoreError
 from csr.storage.models import Base, Image, Iteration, Prompt, Worker, WorkItem
-from csr.storage.store import (
-    create_store,
-    open_store,
-    register_base_model,
-    status,
-    store_revision,
-    upgrade_store,
-)
+from csr.storage.store import create_store, open_store, store_revision, upgrade_store
+from csr.storage.summary import status
+from csr.storage.versions import register_base_model
 from tests.db_backends import fingerprint
 
 MODEL, CLIP = "llava-hf/llava-1.5-7b-hf", "ViT-L-14-336"

@@ -16,16 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csr.engine import iterations
 from csr.engine.errors import CsrError
 from csr.engine.evaluate import pope
 from csr.engine.evaluate.benchmarks import ChairTask, PopeTask, evaluate_versions
 from csr.engine.evaluate.chair import world_vocabulary
 from csr.engine.generation import PRESETS, WorkerOptions, iteration_config, run_worker
 from csr.engine.io.importing import import_prompts
+from csr.engine.iterations import TrainOptions
+from csr.engine.pipeline import run_iteration
 from csr.engine.settings import Settings, load_settings
-from csr.storage import curation, work
-from csr.storage.store import create_store, model_version, reading, register_base_model
+from csr.storage.store import Store
 
 DATASET = "demo-world-heldout"
 # The world's longest caption is 4 sentences of 6 tokens; 64 new tokens never
@@ -146,48 +146,47 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         train=train,
     )
     settings.write()
-    engine, _ = create_store(settings.store_url)
-    try:
-        with engine.begin() as conn:
-            register_base_model(conn, settings.model, settings.clip, settings.clip_pretrained)
-        report = import_prompts(engine, prompt_file, prompt_file.parent / "images")
+    store, _ = Store.create(settings.store_url)
+    with store:
+        with store.write() as tx:
+            tx.register_base_model(settings.model, settings.clip, settings.clip_pretrained)
+        report = import_prompts(store, prompt_file, prompt_file.parent / "images")
         say(f"store {settings.store_url}: {report.added} prompt(s) imported, {report.already_present} already there")
 
         chair_task, pope_task = demo_tasks(heldout, world.object_names, options.seed)
 
         def evaluate_version(version: int) -> VersionRow:
-            outcomes = evaluate_versions(engine, [version], [chair_task, pope_task], device=options.device,
+            outcomes = evaluate_versions(store, [version], [chair_task, pope_task], device=options.device,
                                          batch_size=64)
             chair_m, pope_m = outcomes[0].metrics, outcomes[1].metrics
             return VersionRow(version, chair_m["chair_s"], chair_m["chair_i"], chair_m["recall"],
                               chair_m["mean_words"], tuple(chair_m["ci"]["chair_s"]),
                               tuple(chair_m["ci"]["chair_i"]), pope_m)
 
-        rows = [evaluate_version(0)]
-        say(_row_line(rows[-1]))
-        for number in range(1, options.iterations + 1):
-            # Every step is idempotent, so a demo stopped midway resumes here.
+        def generate_in_process(number: int) -> None:
             t = time.perf_counter()
-            preset, config = iteration_config(engine, number, settings.generate)
-            work.start_iteration(engine, number, preset, config)
-            stats = run_worker(engine, number, config, WorkerOptions(device=options.device, batch_prompts=8),
+            preset, config = iteration_config(store, number, settings.generate)
+            store.start_iteration(number, preset, config)
+            stats = run_worker(store, number, config, WorkerOptions(device=options.device, batch_prompts=8),
                                stop=threading.Event())
             say(f"iteration {number}: generated {stats.prompts_done} prompt(s), {stats.candidates} candidate(s) "
                 f"in {time.perf_counter() - t:.1f} s")
-            curated = iterations.curate(engine, number)
-            if _has_version(engine, number):
-                say(f"iteration {number}: {curated.pairs} pair(s); model version {number} exists, kept")
+
+        rows = [evaluate_version(0)]
+        say(_row_line(rows[-1]))
+        for number in range(1, options.iterations + 1):
+            done = run_iteration(store, settings, number, generate_in_process, TrainOptions(device=options.device))
+            if done.kept:
+                say(f"iteration {number}: {done.curated.pairs} pair(s); model version {number} exists, kept")
             else:
-                outcome = iterations.train(engine, settings, number, iterations.TrainOptions(device=options.device))
-                say(f"iteration {number}: {curated.pairs} pair(s); trained version {number} "
-                    f"in {outcome.train_seconds:.1f} s")
+                say(f"iteration {number}: {done.curated.pairs} pair(s); trained version {number} "
+                    f"in {done.trained.train_seconds:.1f} s")
             row = evaluate_version(number)
-            row.pairs = curated.pairs
-            row.chosen_r_i, row.rejected_r_i = _pair_clip_means(engine, curated.pair_set_id, number)
+            row.pairs = done.curated.pairs
+            with store.read() as tx:  # the paper's figure 5 quantity
+                row.chosen_r_i, row.rejected_r_i = tx.pair_clip_means(done.curated.pair_set_id)
             rows.append(row)
             say(_row_line(row))
-    finally:
-        engine.dispose()
     return DemoReport(rows=rows, wall_seconds=time.perf_counter() - started, store_url=settings.store_url)
 
 
@@ -213,12 +212,6 @@ def demo_tasks(heldout, object_names, seed: int) -> tuple[ChairTask, PopeTask]:
     return chair_task, pope_task
 
 
-def _pair_clip_means(engine, pair_set_id: int, iteration: int) -> tuple[float | None, float | None]:
-    """Mean per-sentence R_I of chosen and rejected responses (the paper's figure 5 quantity)."""
-    with reading(engine) as conn:
-        return curation.pair_clip_means(conn, pair_set_id)
-
-
 def _refuse_other_settings(root: Path, generate: dict, train: dict, world_options: dict) -> None:
     """A demo directory resumes only the run it holds: checked before anything is written."""
     if not (root / "csr.toml").is_file() or not (root / DEMO_FILE).is_file():
@@ -236,11 +229,6 @@ def _refuse_other_settings(root: Path, generate: dict, train: dict, world_option
     if differing:
         raise CsrError(f"{root} holds a demo run with other settings ({'; '.join(differing)}): "
                        "pass another --dir, or the same settings to resume it")
-
-
-def _has_version(engine, number: int) -> bool:
-    with reading(engine) as conn:
-        return model_version(conn, number) is not None
 
 
 def _row_line(row: VersionRow) -> str:

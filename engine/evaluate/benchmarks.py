@@ -33,15 +33,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import Engine
 
 from csr.engine.errors import CsrError
 from csr.engine.evaluate import pope
 from csr.engine.evaluate.chair import Vocabulary, chair, load_coco_ground_truth
 from csr.engine.evaluate.intervals import N_RESAMPLES, bootstrap_interval, f1_from_counts, ratio
 from csr.engine.io.prompt_files import resolve_image
-from csr.storage.evaluations import evaluation_fingerprint, find_evaluation, record_evaluation
-from csr.storage.store import model_version, reading
+from csr.storage.evaluations import evaluation_fingerprint
+from csr.storage.store import Store
 
 CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_MAX_NEW_TOKENS = 512
@@ -262,12 +261,12 @@ def _has_weights(path: str) -> bool:
     return not looks_local or (Path(path).expanduser() / "config.json").is_file()
 
 
-def check_versions(engine: Engine, versions: Sequence[int]) -> dict[int, str]:
+def check_versions(store: Store, versions: Sequence[int]) -> dict[int, str]:
     """Model version -> weights path, or CsrError naming the first missing one."""
     paths = {}
-    with reading(engine) as conn:
+    with store.read() as tx:
         for version in versions:
-            mv = model_version(conn, version)
+            mv = tx.model_version(version)
             if mv is None:
                 raise CsrError(f"no model version {version} in the store")
             if not _has_weights(mv.path):
@@ -277,7 +276,7 @@ def check_versions(engine: Engine, versions: Sequence[int]) -> dict[int, str]:
 
 
 def evaluate_versions(
-    engine: Engine,
+    store: Store,
     versions: Sequence[int],
     tasks: Sequence[Task],
     device: str = "cpu",
@@ -287,7 +286,7 @@ def evaluate_versions(
     """Run every task against every version (each version's model loaded
     once, its generations batched) and store one row per (version, task).
     Versions are checked before anything runs; stored rows are reused."""
-    paths = check_versions(engine, versions)
+    paths = check_versions(store, versions)
     hashes = [dataset_hash(task) for task in tasks]
     outcomes: list[Outcome] = []
     for version in versions:
@@ -296,8 +295,8 @@ def evaluate_versions(
         for task, data_hash in zip(tasks, hashes, strict=True):
             settings = task.settings
             fingerprint = evaluation_fingerprint(task.benchmark, settings, data_hash)
-            with reading(engine) as conn:
-                stored = find_evaluation(conn, version, fingerprint)
+            with store.read() as tx:
+                stored = tx.find_evaluation(version, fingerprint)
             if stored is not None:
                 outcomes.append(Outcome(version, task.benchmark, settings["dataset"], stored["metrics"], True))
                 continue
@@ -306,9 +305,9 @@ def evaluate_versions(
             metrics, items = _run_task(task, generate, descriptions)
             # As the store gives them back (tuples become lists), so a rerun returns equal results.
             metrics, items = json.loads(json.dumps(metrics)), json.loads(json.dumps(items))
-            with engine.begin() as conn:
-                record_evaluation(
-                    conn, model_version=version, benchmark=task.benchmark, settings=settings,
+            with store.write() as tx:
+                tx.record_evaluation(
+                    model_version=version, benchmark=task.benchmark, settings=settings,
                     dataset_hash=data_hash, metrics=metrics, items=items,
                     n_responses=len(items),
                     chair_s=metrics.get("chair_s"), chair_i=metrics.get("chair_i"),
@@ -413,7 +412,7 @@ def pope_file_task(
 MEASURED_HERE = ("chair", "pope")
 
 
-def record_external(engine: Engine, version: int, benchmark: str, metrics: dict[str, float],
+def record_external(store: Store, version: int, benchmark: str, metrics: dict[str, float],
                     dataset: str = "", tool: str = "") -> bool:
     """Store metrics measured outside csr (lmms-eval, VLMEvalKit) for a model
     version; False when exactly this record is already stored."""
@@ -421,18 +420,17 @@ def record_external(engine: Engine, version: int, benchmark: str, metrics: dict[
         raise CsrError("--benchmark must not be empty")
     if benchmark.lower() in MEASURED_HERE:
         raise CsrError(f"{benchmark} is measured by `csr eval {benchmark.lower()}`; record it under another name")
-    with reading(engine) as conn:
-        if model_version(conn, version) is None:
-            raise CsrError(f"no model version {version} in the store")
+    if store.model_version(version) is None:
+        raise CsrError(f"no model version {version} in the store")
     settings = {"dataset": dataset, "tool": tool, "recorded": True}
     data_hash = hashlib.sha256(f"recorded|{dataset}".encode()).hexdigest()
     fingerprint = evaluation_fingerprint(benchmark, settings, data_hash)
-    with engine.begin() as conn:
-        stored = find_evaluation(conn, version, fingerprint)
+    with store.write() as tx:
+        stored = tx.find_evaluation(version, fingerprint)
         if stored is not None:
             if stored["metrics"] != metrics:
                 raise CsrError(f"model version {version} already has {benchmark} results for this data set "
                                f"and tool, with other values: {stored['metrics']}")
             return False
-        return record_evaluation(conn, model_version=version, benchmark=benchmark, settings=settings,
+        return tx.record_evaluation(model_version=version, benchmark=benchmark, settings=settings,
                                  dataset_hash=data_hash, metrics=metrics, items=None, n_responses=0)

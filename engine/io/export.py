@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sqlalchemy import Engine
-
 from csr.engine.errors import CsrError
-from csr.storage import curation
-from csr.storage.store import reading
+from csr.storage.store import Store
 
 FORMATS = ("llava-json", "trl-jsonl", "parquet")
 _SUFFIX = {"llava-json": ".json", "trl-jsonl": ".jsonl", "parquet": ".parquet"}
 
-def export_pairs(engine: Engine, iteration: int, fmt: str, out: Path | None, pair_set: str | None = None) -> tuple[Path, int]:
+def export_pairs(store: Store, iteration: int, fmt: str, out: Path | None, pair_set: str | None = None) -> tuple[Path, int]:
     if fmt not in FORMATS:
         raise CsrError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    with reading(engine) as conn:
-        ps = curation.pair_set(conn, iteration, pair_set)
+    with store.read() as tx:
+        ps = tx.pair_set(iteration, pair_set)
         if ps is None:
             which = f"named {pair_set!r}" if pair_set else "(run `csr curate --iter N` first)"
             raise CsrError(f"iteration {iteration} has no pair set {which}")
-        rows = curation.training_rows(conn, ps.id)
+        rows = tx.training_rows(ps.id)
     out = out or Path(f"pairs-iter{iteration}-{ps.name}{_SUFFIX[fmt]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "llava-json":

@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
-
 from csr.engine.errors import CsrError
 from csr.engine.io.prompt_files import (
     ImageInfo,
@@ -17,8 +14,8 @@ from csr.engine.io.prompt_files import (
     parse_prompt_file,
     resolve_image,
 )
-from csr.storage import prompts as prompt_store
-from csr.storage.errors import ImportRejected
+from csr.storage.errors import ImportRejected, WriteConflict
+from csr.storage.store import Store
 
 
 @dataclass
@@ -30,7 +27,7 @@ class ImportReport:
 
 
 def import_prompts(
-    engine: Engine,
+    store: Store,
     file: Path,
     images_dir: Path,
     *,
@@ -45,8 +42,8 @@ def import_prompts(
 
     report = ImportReport()
     try:
-        with engine.begin() as conn:
-            existing = prompt_store.existing_prompts(conn, [r.external_id for r in records])
+        with store.write() as tx:
+            existing = tx.existing_prompts([r.external_id for r in records])
             seen: dict[str, tuple[tuple[str, str], int]] = {}  # id -> (content, position) in this file
             to_add: list[tuple[PromptRecord, ImageInfo]] = []
             for record, info in zip(records, infos, strict=True):
@@ -73,7 +70,7 @@ def import_prompts(
                 raise ImportRejected(f"{file}: {problems[0]}{more}; nothing imported (use --skip-bad to import the rest)")
             report.skipped = sorted(problems, key=lambda p: p.position)
 
-            known = prompt_store.image_ids(conn, sorted({info.sha256 for _, info in to_add}))
+            known = tx.image_ids(sorted({info.sha256 for _, info in to_add}))
             new_images: dict[str, dict] = {}
             for _, info in to_add:
                 if info.sha256 not in known and info.sha256 not in new_images:
@@ -85,10 +82,9 @@ def import_prompts(
                         "width": info.width,
                         "height": info.height,
                     }
-            prompt_store.insert_images(conn, list(new_images.values()))
-            known.update(prompt_store.image_ids(conn, list(new_images)))
-            prompt_store.insert_prompts(
-                conn,
+            tx.insert_images(list(new_images.values()))
+            known.update(tx.image_ids(list(new_images)))
+            tx.insert_prompts(
                 [
                     {
                         "external_id": record.external_id,
@@ -101,7 +97,7 @@ def import_prompts(
             )
             report.added = len(to_add)
             report.new_images = len(new_images)
-    except IntegrityError as exc:
+    except WriteConflict as exc:
         # Another import committed the same ids or images between our check and our insert
         # (PostgreSQL; SQLite serialises writers). The transaction is rolled back.
         raise ImportRejected(

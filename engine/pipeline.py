@@ -1,0 +1,46 @@
+"""`run_iteration`: one CSR iteration, generate -> curate -> train, shared by
+`csr iterate` and the demo.
+
+Every step is idempotent, so a run stopped anywhere resumes at the step it
+stopped in: a generated prompt is not generated again, an existing pair set
+is confirmed, and an existing model version is kept (nothing is generated or
+trained again for it). How to generate is the caller's: the CLI runs its
+worker processes with a progress bar, the demo one worker in process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from csr.engine.iterations import TrainOptions, TrainOutcome, curate, train
+from csr.engine.settings import Settings
+from csr.storage.curation import CurationResult
+from csr.storage.store import Store
+
+
+@dataclass(frozen=True)
+class IterationOutcome:
+    number: int
+    curated: CurationResult | None  # None: the version was kept and the iteration never generated here
+    trained: TrainOutcome | None  # None: model version `number` existed and was kept
+
+    @property
+    def kept(self) -> bool:
+        return self.trained is None
+
+
+def run_iteration(
+    store: Store,
+    settings: Settings,
+    number: int,
+    generate: Callable[[int], None],
+    train_options: TrainOptions = TrainOptions(),
+    min_margin: float = 0.0,
+) -> IterationOutcome:
+    if store.model_version(number) is not None:
+        curated = curate(store, number, min_margin=min_margin) if store.iteration(number) is not None else None
+        return IterationOutcome(number, curated, None)
+    generate(number)
+    curated = curate(store, number, min_margin=min_margin)
+    return IterationOutcome(number, curated, train(store, settings, number, train_options))
