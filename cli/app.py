@@ -32,18 +32,11 @@ def _root(
 
 
 def _register() -> None:
-    # Imported here so that `csr --help` stays fast and each module stays small.
-    from csr.cli import store_cmds
+    # Every command module is imported: one that fails to import is an error, never a missing command.
+    from csr.cli import analytics_cmds, demo_cmds, eval_cmds, generate_cmds, store_cmds, train_cmds
 
-    store_cmds.register(app)
-    for module in ("generate_cmds", "train_cmds", "analytics_cmds", "demo_cmds"):
-        try:
-            mod = __import__(f"csr.cli.{module}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"csr.cli.{module}":
-                raise
-            continue
-        mod.register(app)
+    for module in (store_cmds, generate_cmds, train_cmds, analytics_cmds, demo_cmds, eval_cmds):
+        module.register(app)
 
 
 _register()

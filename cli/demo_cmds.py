@@ -101,7 +101,4 @@ def _ci(interval) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from csr.cli import eval_cmds
-
     app.command("demo")(demo)
-    eval_cmds.register(app)

@@ -177,6 +177,7 @@ def iterate(
         iterations_ = iterations_ or f"{start}-{end}"
     if iterations_ is None:
         raise CsrError("name the iterations: csr iterate --iter 1-3")
+    numbers = iteration_range(iterations_)  # a bad range is refused before the store is opened
     settings = st.settings
     if report_to is not None:
         settings.train = {**settings.train, "report_to": report_to.value}
@@ -188,7 +189,7 @@ def iterate(
                    store_retry_seconds=store_retry_seconds, quiet=quiet, dtype=dtype, kv_budget=kv_budget)
 
     with Store.open(st.url) as store:
-        for number in iteration_range(iterations_):
+        for number in numbers:
             done = run_iteration(store, settings, number, generate_step,
                                  iterations.TrainOptions(device=device), min_margin=min_margin)
             if done.kept:

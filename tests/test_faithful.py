@@ -368,7 +368,7 @@ def test_nul_invalid_bytes_and_a_lone_surrogate_are_stored_alike(store_url, tmp_
 def nul_prone_llava_dir(tmp_path_factory, llama_tokenizer):
     """The Llama-style random model with the NUL byte token made the most
     likely first token of a response, so that a real search generates it."""
-    from csr.engine.loading import encode_prompts
+    from csr.engine.prompting import encode_prompts
 
     model, processor = tiny.build_tiny_llava(llama_tokenizer, seed=5)
     nul = llama_tokenizer.convert_tokens_to_ids("<0x00>")

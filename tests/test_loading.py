@@ -10,12 +10,12 @@ import torch
 from csr.engine.demo import tiny
 from csr.engine.errors import CsrError, ModelLoadError
 from csr.engine.loading import (
-    FALLBACK_PROMPT,
     Policy,
     find_sentence_end_ids,
     load_clip,
     load_policy,
 )
+from csr.engine.prompting import FALLBACK_PROMPT
 from tests.conftest import PROMPT
 
 

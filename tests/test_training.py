@@ -118,7 +118,7 @@ def test_a_response_over_the_limit_is_refused_not_cut(world, tmp_path):
 
 
 def policy_prompt(processor) -> str:
-    from csr.engine.loading import chat_prompt
+    from csr.engine.prompting import chat_prompt
 
     return chat_prompt(processor, PROMPT)
 

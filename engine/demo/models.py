@@ -37,6 +37,7 @@ from csr.engine.demo.world import (
     world_corpus,
 )
 from csr.engine.evaluate.chair import chair, world_vocabulary
+from csr.engine.prompting import chat_prompt
 
 MANIFEST = "manifest.json"
 # Bump when a change to the training code should invalidate cached models.
@@ -176,10 +177,9 @@ def policy_tokenizer(config: WorldConfig):
 
 
 def user_prompt(processor, prompt: str) -> str:
-    """The chat-template text the engine generates from: one user turn with
-    the image and the prompt, plus the generation prompt."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    """The text the engine generates from (`prompting.chat_prompt`): the policy
+    learns to caption in the context it is later searched and evaluated in."""
+    return chat_prompt(processor, prompt)
 
 
 def caption_batch(processor, scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:

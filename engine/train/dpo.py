@@ -8,7 +8,7 @@ then merged and the model saved as safetensors with its processor.
 
 DPO trains on token ids, never on re-tokenised text: each example carries the
 response token ids the search generated, and the prompt is encoded exactly
-as generation encodes it (`loading.encode_prompts`). The reference log-probs
+as generation encodes it (`prompting.encode_prompts`). The reference log-probs
 can come from the tree (`reference="tree"`): the search stored log pi_{N-1}
 of every token, so the reference forward pass is not run at all.
 

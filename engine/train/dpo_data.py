@@ -3,7 +3,7 @@ and the forward passes that check what DPO did.
 
 DPO trains on token ids, never on re-tokenised text: each example carries the
 response token ids the search generated, and the prompt is encoded exactly as
-generation encodes it (`loading.encode_prompts`).
+generation encodes it (`prompting.encode_prompts`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class TokenPreferenceCollator:
         from PIL import Image
         from trl.trainer.utils import flush_left
 
-        from csr.engine.loading import encode_prompts
+        from csr.engine.prompting import encode_prompts
 
         images = []
         for e in examples:
@@ -113,7 +113,7 @@ def _preference_dataset(examples: Sequence[PreferenceExample], tree_reference: b
 def completion_logprob(model: Any, processor: Any, image: Any, prompt: str, response_ids: Sequence[int]) -> float:
     """Summed log-probability of the response ids after image + prompt, the
     prompt encoded as generation and training encode it."""
-    from csr.engine.loading import encode_prompts
+    from csr.engine.prompting import encode_prompts
 
     device = next(model.parameters()).device
     encoded = encode_prompts(processor, [image], [prompt])
