@@ -7,8 +7,6 @@ confirmed, an existing model version is kept.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from csr.engine.errors import CsrError
 from csr.engine.settings import Settings
 from csr.storage import curation, work
 from csr.storage.errors import OrderError
+from csr.storage.hashing import json_digest
 from csr.storage.store import Store
 
 
@@ -133,7 +132,7 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
             f"every pair of pair set {pair_set.name!r} has a response longer than max_response_tokens "
             f"({config.max_response_tokens}): nothing to train on"
         )
-    pairs_hash = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    pairs_hash = json_digest(rows, default=str)
     hyperparams = config.to_dict()
 
     models_dir = settings.models_path()

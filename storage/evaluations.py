@@ -7,19 +7,15 @@ twice finds its row and adds nothing.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from sqlalchemy import Connection, insert, select
 
 from csr.storage.clock import utcnow
+from csr.storage.hashing import json_digest
 from csr.storage.models import Evaluation
 
 
 def evaluation_fingerprint(benchmark: str, settings: dict, dataset_hash: str) -> str:
-    key = json.dumps({"benchmark": benchmark, "settings": settings, "dataset": dataset_hash},
-                     sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(key.encode()).hexdigest()
+    return json_digest({"benchmark": benchmark, "settings": settings, "dataset": dataset_hash}, compact=True)
 
 
 def find_evaluation(conn: Connection, model_version: int, fingerprint: str) -> dict | None:

@@ -10,8 +10,6 @@ items are taken back without waiting for the lease.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from csr.storage.clock import utcnow
 from csr.storage.errors import OrderError
+from csr.storage.hashing import json_digest
 from csr.storage.models import Image, Iteration, ModelVersion, Prompt, Worker, WorkItem
 from csr.storage.outages import MAX_MESSAGE
 from csr.storage.processes import is_gone, this_host
@@ -30,7 +29,7 @@ PENDING, CLAIMED, DONE, FAILED = "pending", "claimed", "done", "failed"
 
 
 def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return json_digest(config)
 
 
 def get_iteration(conn: Connection, number: int):

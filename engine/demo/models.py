@@ -38,6 +38,7 @@ from csr.engine.demo.world import (
 )
 from csr.engine.evaluate.chair import chair, world_vocabulary
 from csr.engine.prompting import chat_prompt
+from csr.storage.hashing import json_digest
 
 MANIFEST = "manifest.json"
 # Bump when a change to the training code should invalidate cached models.
@@ -110,7 +111,7 @@ def _manifest(kind: str, config: WorldConfig, scenes: Sequence[Scene], settings:
         "scenes": {"count": len(scenes), "sha256": _scene_fingerprint(scenes)},
         "settings": settings,
     }
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    digest = json_digest(body)
     return {**body, "hash": digest}
 
 

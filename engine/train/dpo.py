@@ -20,7 +20,6 @@ order) is explicit so that the same inputs give the same weights on CPU.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -50,6 +49,7 @@ from csr.engine.train.lora import (  # noqa: F401
     resolve_lora_targets,
     weights_hash,
 )
+from csr.storage.hashing import json_digest
 
 # PEFT and TRL read transformers' deprecated `is_gradient_checkpointing`;
 # the warning names nothing a csr user could change.
@@ -252,7 +252,7 @@ def _run_fingerprint(base_model_path: str, examples: Sequence[PreferenceExample]
         "config": settings,
         "examples": [dataclasses.asdict(e) for e in examples],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_digest(payload)
 
 
 def last_checkpoint(checkpoint_dir: Path) -> Path | None:
