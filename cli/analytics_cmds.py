@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
-import decimal
 import json
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
-import duckdb
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -20,8 +13,7 @@ from rich.table import Table
 from csr.cli.context import state
 from csr.cli.vocabulary import SqlFormat
 from csr.engine.errors import CsrError
-from csr.storage import analytics
-from csr.storage.errors import StoreError
+from csr.storage import analytics, sql_shell
 
 console = Console()
 CACHE_HELP = ("DuckDB file keeping a columnar copy of the candidates, synced at each use: much faster "
@@ -30,7 +22,6 @@ CACHE_HELP = ("DuckDB file keeping a columnar copy of the candidates, synced at 
 
 def _cache_option() -> Path | None:
     return typer.Option(None, "--cache", envvar="CSR_ANALYTICS_CACHE", help=CACHE_HELP)
-_BATCH = 10_000
 
 
 def sql_cmd(
@@ -54,7 +45,8 @@ def sql_cmd(
     if query is None and sys.stdin.isatty():
         if out is not None or fmt != "table":
             raise CsrError("the interactive prompt prints tables: pass the query to use --format or --out")
-        _interactive(state(ctx).url, max_rows, cache)
+        with analytics.connect(state(ctx).url, cache=cache) as con:
+            sql_shell.run_shell(con, max_rows=max_rows)
         return
     if query is None:
         query = sys.stdin.read()
@@ -64,160 +56,7 @@ def sql_cmd(
         raise CsrError(f"--format {fmt} and --out take one statement; this query has {len(statements)}")
     with analytics.connect(state(ctx).url, cache=cache) as con:
         for statement in statements:
-            _run(con, statement, fmt, out, max_rows)
-
-
-def _run(con: duckdb.DuckDBPyConnection, statement: str, fmt: str, out: Path | None, max_rows: int) -> None:
-    try:
-        if fmt == "parquet":
-            con.sql(statement).write_parquet(str(out))
-            return
-        cursor = con.execute(statement)
-        columns = [d[0] for d in cursor.description or []]
-        rows = _batches(cursor)
-        if fmt == "table":
-            _print_table(columns, rows, max_rows, out)
-            return
-        stream: IO[str]
-        with (open(out, "w", newline="") if out else _stdout()) as stream:
-            if fmt == "csv":
-                _write_csv(columns, rows, stream)
-            else:
-                json_columns = {d[0] for d in cursor.description or [] if str(d[1]) == "JSON"}
-                _write_json(columns, rows, stream, json_columns)
-    except duckdb.Error as exc:
-        raise StoreError(f"query failed: {analytics.first_line(exc)}") from exc
-
-
-class _stdout:
-    """sys.stdout as a context manager that is not closed on exit."""
-
-    def __enter__(self) -> IO[str]:
-        return sys.stdout
-
-    def __exit__(self, *exc) -> None:
-        sys.stdout.flush()
-
-
-def _batches(cursor: duckdb.DuckDBPyConnection) -> Iterator[tuple]:
-    # Results can be millions of rows: stream them instead of fetchall().
-    while True:
-        batch = cursor.fetchmany(_BATCH)
-        if not batch:
-            return
-        yield from batch
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _print_table(columns: list[str], rows: Iterator[tuple], max_rows: int, out: Path | None) -> None:
-    table = Table(*columns, show_lines=False)
-    shown = total = 0
-    for row in rows:
-        total += 1
-        if max_rows and shown >= max_rows:
-            continue
-        table.add_row(*(_cell(v) for v in row))
-        shown += 1
-    footer = f"{total} row{'s' if total != 1 else ''}"
-    if shown < total:
-        footer += f" ({shown} shown; --max-rows 0 or --format csv for all)"
-    if out is not None:
-        with open(out, "w") as handle:
-            target = Console(file=handle, width=max(80, 24 * len(columns)), color_system=None)
-            target.print(table)
-            target.print(footer)
-        return
-    if columns:
-        console.print(table)
-    console.print(footer, style="dim")
-
-
-def _write_csv(columns: list[str], rows: Iterator[tuple], stream: IO[str]) -> None:
-    writer = csv.writer(stream)
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if v is None else _csv_cell(v) for v in row])
-
-
-def _csv_cell(value):
-    # SQL spelling, not Python's True/False.
-    return ("true" if value else "false") if isinstance(value, bool) else _plain(value)
-
-
-def _plain(value):
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    if isinstance(value, (uuid.UUID, dt.timedelta)):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, float):
-        return analytics.clean_number(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _write_json(columns: list[str], rows: Iterator[tuple], stream: IO[str], json_columns: set[str]) -> None:
-    # One array of objects, written row by row so that large results stream.
-    # JSON columns (iteration configs, pair-set params) are embedded, not quoted.
-    stream.write("[")
-    for index, row in enumerate(rows):
-        record = {
-            column: json.loads(value) if column in json_columns and isinstance(value, str) else _plain(value)
-            for column, value in zip(columns, row, strict=True)
-        }
-        stream.write(("," if index else "") + "\n  " + json.dumps(record, allow_nan=False))
-    stream.write("\n]\n")
-
-
-def _interactive(url: str, max_rows: int, cache: Path | None) -> None:
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    with analytics.connect(url, cache=cache) as con:
-        _prompt_loop(con, max_rows)
-
-
-def _prompt_loop(con: duckdb.DuckDBPyConnection, max_rows: int) -> None:
-    console.print("csr sql (read-only DuckDB over the store). End a statement with ';'. "
-                  "Tables: SHOW TABLES; quit: .quit or Ctrl-D", style="dim")
-    buffer: list[str] = []
-    while True:
-        try:
-            line = input("csr> " if not buffer else "...> ")
-        except EOFError:
-            console.print()
-            return
-        if not buffer and line.strip() in (".quit", ".exit", "\\q"):
-            return
-        buffer.append(line)
-        text = "\n".join(buffer).strip()
-        if not text:
-            buffer.clear()
-            continue
-        if not text.endswith(";"):
-            continue
-        buffer.clear()
-        try:
-            for statement in analytics.read_statements(text):
-                _run(con, statement, "table", None, max_rows)
-        except StoreError as exc:
-            console.print(f"error: {exc}", style="red", markup=False)
-        except KeyboardInterrupt:
-            console.print("interrupted", style="red")
+            sql_shell.write_result(con, statement, fmt, out=out, max_rows=max_rows)
 
 
 def stats_cmd(

@@ -125,3 +125,21 @@ def test_out_must_be_a_directory(study_store, tmp_path: Path):
     file.write_text("x")
     result = run_csr("--db", url, "report", "--out", file)
     assert result.returncode == 1 and "not a directory" in result.stderr
+
+
+def test_store_text_cannot_inject_markup():
+    """Prompts, sentences and paths come from the store: they render as text, never as markup."""
+    injected = "<script>alert(1)</script>"
+    pair = {"pair_id": 1, "iteration": 1, "image_root": "/images", "image_rel_path": 'a.jpg" onerror="alert(2)',
+            "external_id": "<b>p1</b>", "margin": 0.5, "prompt": f"Describe {injected}",
+            "chosen_candidate_id": 10, "chosen_reward": 1.0, "chosen_words": 3,
+            "rejected_candidate_id": 11, "rejected_reward": 0.5, "rejected_words": 4}
+    sentences = {10: [{"text": f"A cat {injected}", "r_t": -0.1, "r_i": 25.0, "reward": 1.0}], 11: []}
+    thumbnails = {("/images", pair["image_rel_path"]): "data:image/jpeg;base64,AAAA"}
+    page = report.render({"iterations": [], "benchmarks": []}, {}, [pair], sentences, thumbnails)
+    assert page.count("<script>") == 1  # the page's own
+    assert "alert(1)" in page and "<script>alert" not in page
+    assert "Describe &lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "A cat &lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;b&gt;p1&lt;/b&gt;" in page and "<b>" not in page
+    assert 'onerror="' not in page and 'alt="a.jpg&#34; onerror=&#34;alert(2)"' in page

@@ -3,13 +3,14 @@
 The page opens from disk with no server and no network: plots are
 matplotlib PNGs and image thumbnails JPEGs, both embedded as data URIs, and
 the only script is inline (an iteration filter, and a load check that the
-tests read back through headless Chromium).
+tests read back through headless Chromium). The markup is the Jinja2
+template templates/report.html.j2, with its stylesheet and script beside it.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import os
 import shutil
@@ -19,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import duckdb
+import jinja2
 
 from csr.engine.errors import CsrError
 from csr.storage import analytics
@@ -182,181 +184,68 @@ def thumbnail_data_uri(root: str, rel_path: str) -> str | None:
 
 # ---------------------------------------------------------------- HTML
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }
-h1 { margin-bottom: 4px; } .muted { color: #666; font-size: 0.9em; }
-table.stats { border-collapse: collapse; margin: 12px 0; font-size: 0.9em; }
-table.stats td, table.stats th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-table.stats td:first-child, table.stats th:first-child { text-align: left; }
-.plots { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
-.plots figure { margin: 0; } .plots img { max-width: 100%; border: 1px solid #eee; }
-.filter button { margin-right: 6px; padding: 3px 10px; cursor: pointer; }
-.filter button.active { background: #264653; color: white; }
-.pair { border: 1px solid #ddd; border-radius: 6px; padding: 12px; margin: 12px 0; display: grid;
-        grid-template-columns: 240px 1fr 1fr; gap: 14px; }
-.pair.hidden { display: none; }
-.pair .thumb { max-width: 224px; border-radius: 4px; }
-.pair .noimage { width: 224px; height: 100px; background: #f3f3f3; color: #999; display: flex;
-                 align-items: center; justify-content: center; font-size: 0.8em; text-align: center; }
-.response h4 { margin: 0 0 6px 0; } .chosen h4 { color: #2a9d8f; } .rejected h4 { color: #e76f51; }
-.response table { border-collapse: collapse; font-size: 0.85em; width: 100%; }
-.response td { border-top: 1px solid #eee; padding: 2px 4px; vertical-align: top; }
-.response td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
-"""
-
-# Counts script errors and images that failed to decode into data attributes
-# of <body>, so a headless browser's DOM dump shows whether the page is sound.
-_SCRIPT = """
-(function () {
-  var errors = 0;
-  window.addEventListener('error', function () { errors += 1; document.body.dataset.errors = errors; }, true);
-  function filter(value) {
-    document.querySelectorAll('.filter button').forEach(function (b) {
-      b.classList.toggle('active', b.dataset.iteration === value);
-    });
-    document.querySelectorAll('.pair').forEach(function (p) {
-      p.classList.toggle('hidden', value !== 'all' && p.dataset.iteration !== value);
-    });
-  }
-  document.addEventListener('DOMContentLoaded', function () {
-    document.querySelectorAll('.filter button').forEach(function (b) {
-      b.addEventListener('click', function () { filter(b.dataset.iteration); });
-    });
-  });
-  window.addEventListener('load', function () {
-    var broken = 0;
-    document.querySelectorAll('img').forEach(function (img) {
-      if (!img.complete || img.naturalWidth === 0) { broken += 1; }
-    });
-    document.body.dataset.brokenImages = broken;
-    document.body.dataset.errors = errors;
-    document.body.dataset.pairs = document.querySelectorAll('.pair').length;
-    document.body.dataset.state = 'loaded';
-  });
-})();
-"""
-
-
-def _e(value) -> str:
-    return html.escape("" if value is None else str(value))
+# (label, key, format) rows of the per-iteration table, one column per iteration.
+STAT_ROWS = (
+    ("prompts searched", "prompts", "d"), ("candidates", "candidates", "d"),
+    ("final responses", "final_responses", "d"), ("excluded candidates", "excluded", "d"),
+    ("pairs (default set)", "pairs", "d"),
+    ("chosen mean R(y)", "chosen_mean_reward", ".3f"), ("rejected mean R(y)", "rejected_mean_reward", ".3f"),
+    ("chosen mean R_T", "chosen_mean_r_t", ".4f"), ("rejected mean R_T", "rejected_mean_r_t", ".4f"),
+    ("chosen mean R_I", "chosen_mean_r_i", ".3f"), ("rejected mean R_I", "rejected_mean_r_i", ".3f"),
+    ("mean words, final responses", "final_mean_words", ".1f"),
+    ("chosen mean words", "chosen_mean_words", ".1f"), ("rejected mean words", "rejected_mean_words", ".1f"),
+)
+PLOT_CAPTIONS = {
+    "ri": "R_I of chosen and rejected responses per iteration (paper, figure 5)",
+    "rewards": "Mean reward of chosen and rejected responses (paper, table 10)",
+    "lengths": "Mean response length in words (paper, table 7)",
+    "benchmarks": "Benchmarks per model version, 95 % bootstrap intervals (paper, figure 3)",
+}
 
 
 def _num(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _stats_table(iterations: list[dict]) -> str:
-    rows = (
-        ("prompts searched", "prompts", "d"), ("candidates", "candidates", "d"),
-        ("final responses", "final_responses", "d"), ("excluded candidates", "excluded", "d"),
-        ("pairs (default set)", "pairs", "d"),
-        ("chosen mean R(y)", "chosen_mean_reward", ".3f"), ("rejected mean R(y)", "rejected_mean_reward", ".3f"),
-        ("chosen mean R_T", "chosen_mean_r_t", ".4f"), ("rejected mean R_T", "rejected_mean_r_t", ".4f"),
-        ("chosen mean R_I", "chosen_mean_r_i", ".3f"), ("rejected mean R_I", "rejected_mean_r_i", ".3f"),
-        ("mean words, final responses", "final_mean_words", ".1f"),
-        ("chosen mean words", "chosen_mean_words", ".1f"), ("rejected mean words", "rejected_mean_words", ".1f"),
+@functools.cache
+def _templates() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("csr.engine.io", "templates"),
+        # On for every template but the static stylesheet and script: store text must stay text.
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), disabled_extensions=("css", "js"),
+                                            default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        # A missing value (no data set, no word count) shows as nothing, not "None".
+        finalize=lambda value: "" if value is None else value,
     )
-    head = "".join(f"<th>iter {it['iteration']}</th>" for it in iterations)
-    body = []
-    for label, key, spec in rows:
-        cells = "".join(f"<td>{_num(it[key], spec)}</td>" for it in iterations)
-        body.append(f"<tr><td>{_e(label)}</td>{cells}</tr>")
-    for quantile in ("min", "median", "max"):
-        cells = "".join(f"<td>{_num(it['margin'][quantile])}</td>" for it in iterations)
-        body.append(f"<tr><td>margin {quantile}</td>{cells}</tr>")
-    reasons = sorted({reason for it in iterations for reason in it["exclusions"]})
-    for reason in reasons:
-        cells = "".join(f"<td>{it['exclusions'].get(reason, 0)}</td>" for it in iterations)
-        body.append(f"<tr><td>excluded: {_e(reason)}</td>{cells}</tr>")
-    return f'<table class="stats"><tr><th></th>{head}</tr>{"".join(body)}</table>'
-
-
-def _benchmark_table(rows: list[dict]) -> str:
-    versions = sorted({int(v) for row in rows for v in row["values"]})
-    head = "".join(f"<th>v{v}</th>" for v in versions)
-    body = []
-    for row in rows:
-        values = {int(v): x for v, x in row["values"].items()}
-        intervals = {int(v): ci for v, ci in row["intervals"].items()}
-        cells = "".join(
-            "<td></td>" if v not in values else
-            f"<td>{_num(values[v], '.3f')}"
-            + (f' <span class="muted">[{_num(intervals[v][0], ".3f")}, {_num(intervals[v][1], ".3f")}]</span>'
-               if v in intervals else "") + "</td>"
-            for v in versions)
-        body.append(f"<tr><td>{_e(row['benchmark'])}</td><td>{_e(row['dataset'])}</td>"
-                    f"<td>{_e(row['metric'])}</td>{cells}</tr>")
-    return ('<table class="stats"><tr><th>benchmark</th><th>data set</th><th>metric</th>'
-            f"{head}</tr>{''.join(body)}</table>")
-
-
-def _response_html(kind: str, reward, words, sentences: list[dict]) -> str:
-    rows = "".join(
-        f'<tr class="sentence"><td>{_e(s["text"])}</td><td class="num">{_num(s["r_t"], ".4f")}</td>'
-        f'<td class="num">{_num(s["r_i"], ".2f")}</td><td class="num">{_num(s["reward"], ".3f")}</td></tr>'
-        for s in sentences
-    )
-    return (
-        f'<div class="response {kind}"><h4>{kind} &middot; R(y) {_num(reward)} &middot; {_e(words)} words</h4>'
-        f'<table><tr><td></td><td class="num">R_T</td><td class="num">R_I</td><td class="num">R(s)</td></tr>'
-        f"{rows}</table></div>"
-    )
-
-
-def _pair_html(pair: dict, sentences: dict[int, list[dict]], thumbnails: dict[tuple, str | None]) -> str:
-    thumb = thumbnails[(pair["image_root"], pair["image_rel_path"])]
-    image = (
-        f'<img class="thumb" src="{thumb}" alt="{_e(pair["image_rel_path"])}">' if thumb
-        else f'<div class="noimage">image not found<br>{_e(pair["image_rel_path"])}</div>'
-    )
-    return (
-        f'<section class="pair" id="pair-{pair["pair_id"]}" data-iteration="{pair["iteration"]}">'
-        f'<div>{image}<p class="muted">iteration {pair["iteration"]} &middot; prompt {_e(pair["external_id"])}'
-        f' &middot; margin {_num(pair["margin"])}</p><p class="prompt">{_e(pair["prompt"])}</p></div>'
-        + _response_html("chosen", pair["chosen_reward"], pair["chosen_words"],
-                         sentences.get(pair["chosen_candidate_id"], []))
-        + _response_html("rejected", pair["rejected_reward"], pair["rejected_words"],
-                         sentences.get(pair["rejected_candidate_id"], []))
-        + "</section>"
-    )
+    environment.filters["num"] = _num
+    return environment
 
 
 def render(summary: dict, plots: dict[str, str | None], pairs: list[dict],
            sentences: dict[int, list[dict]], thumbnails: dict[tuple, str | None]) -> str:
     iterations = summary["iterations"]
-    parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-        "<title>csr report</title>",
-        f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>",
-        "<h1>CSR study report</h1>",
-        f'<p class="muted">{len(iterations)} iteration(s); pair figures use each iteration\'s default pair set; '
-        "a response's R_T and R_I are means over its sentences.</p>",
-        "<h2>Per iteration</h2>",
-        _stats_table(iterations) if iterations else "<p>No iteration yet.</p>",
-        '<h2>Plots</h2><div class="plots">',
-    ]
-    captions = {
-        "ri": "R_I of chosen and rejected responses per iteration (paper, figure 5)",
-        "rewards": "Mean reward of chosen and rejected responses (paper, table 10)",
-        "lengths": "Mean response length in words (paper, table 7)",
-        "benchmarks": "Benchmarks per model version, 95 % bootstrap intervals (paper, figure 3)",
-    }
-    for key, caption in captions.items():
-        if plots.get(key):
-            parts.append(f'<figure><img class="plot" src="{plots[key]}" alt="{_e(caption)}">'
-                         f"<figcaption class=\"muted\">{_e(caption)}</figcaption></figure>")
-    parts.append("</div>")
-    if summary["benchmarks"]:
-        parts += ["<h2>Benchmarks per model version</h2>", _benchmark_table(summary["benchmarks"])]
-    parts.append(f"<h2>Pairs ({len(pairs)} shown)</h2>")
-    numbers = sorted({p["iteration"] for p in pairs})
-    if pairs:
-        buttons = ['<button data-iteration="all" class="active">all</button>']
-        buttons += [f'<button data-iteration="{n}">iteration {n}</button>' for n in numbers]
-        parts.append(f'<div class="filter">{"".join(buttons)}</div>')
-    parts += [_pair_html(pair, sentences, thumbnails) for pair in pairs]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    # Versions arrive as ints from the store and as strings through JSON.
+    benchmarks = [{**row, "values": {int(v): x for v, x in row["values"].items()},
+                   "intervals": {int(v): ci for v, ci in row["intervals"].items()}}
+                  for row in summary["benchmarks"]]
+    shown = [{**pair,
+              "thumbnail": thumbnails[(pair["image_root"], pair["image_rel_path"])],
+              "chosen_sentences": sentences.get(pair["chosen_candidate_id"], []),
+              "rejected_sentences": sentences.get(pair["rejected_candidate_id"], [])}
+             for pair in pairs]
+    return _templates().get_template("report.html.j2").render(
+        iterations=iterations,
+        stat_rows=STAT_ROWS,
+        exclusion_reasons=sorted({reason for it in iterations for reason in it["exclusions"]}),
+        plots=[(caption, plots[key]) for key, caption in PLOT_CAPTIONS.items() if plots.get(key)],
+        benchmarks=benchmarks,
+        versions=sorted({v for row in benchmarks for v in row["values"]}),
+        pairs=shown,
+        pair_iterations=sorted({pair["iteration"] for pair in pairs}),
+    )
 
 
 def write_report(con: duckdb.DuckDBPyConnection, out: Path, *, pairs: int = 50) -> Path:
