@@ -87,51 +87,17 @@ def _is_main_process() -> bool:
 
 
 def train(store: Store, settings: Settings, iteration: int, options: TrainOptions) -> TrainOutcome:
+    """Train model version N from N-1 on iteration N's pair set and register it.
+    A run killed midway resumes from its checkpoint when started again with
+    the same pairs and settings."""
     from csr.engine.train.dpo import TrainConfig, TrainConfigError, train_dpo
 
     try:
         config = TrainConfig.from_dict(settings.train)
     except TrainConfigError as exc:
         raise CsrError(f"[train] in {settings.path}: {exc}") from exc
-    require_generated(store, iteration, options.allow_partial)
-    with store.read() as tx:
-        existing = tx.model_version(iteration)
-        parent = tx.model_version(iteration - 1)
-        next_iteration = tx.iteration(iteration + 1)
-    if existing is not None and not options.force:
-        raise OrderError(f"model version {iteration} exists ({existing.path}); pass --force to train it again")
-    if existing is not None and next_iteration is not None:
-        raise OrderError(
-            f"model version {iteration} cannot be replaced: iteration {iteration + 1} was generated from it"
-        )
-    if parent is None:
-        raise OrderError(f"model version {iteration - 1} does not exist")
-
-    with store.read() as tx:
-        pair_set = tx.pair_set(iteration, options.pair_set)
-    if pair_set is None:
-        if options.pair_set:
-            raise OrderError(f"iteration {iteration} has no pair set named {options.pair_set!r}")
-        curate(store, iteration)  # train implies curate with the iteration's own policy
-    with store.read() as tx:
-        pair_set = pair_set or tx.pair_set(iteration)
-        rows = tx.training_rows(pair_set.id)
-    if not rows:
-        raise OrderError(
-            f"pair set {pair_set.name!r} of iteration {iteration} is empty: nothing to train on "
-            "(no prompt had two distinct final responses above the margin)"
-        )
-    rows, too_long = split_too_long(rows, config.max_response_tokens)
-    if too_long and config.too_long == "refuse":
-        raise OrderError(
-            f"{len(too_long)} pair(s) of pair set {pair_set.name!r} have a response longer than "
-            f"max_response_tokens ({config.max_response_tokens}); raise it, or set too_long = \"skip\" in [train]"
-        )
-    if not rows:
-        raise OrderError(
-            f"every pair of pair set {pair_set.name!r} has a response longer than max_response_tokens "
-            f"({config.max_response_tokens}): nothing to train on"
-        )
+    existing, parent = _check_order(store, iteration, options)
+    pair_set, rows, too_long = _pairs_to_train(store, iteration, options.pair_set, config)
     pairs_hash = json_digest(rows, default=str)
     hyperparams = config.to_dict()
 
@@ -158,6 +124,17 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
                 tx.mark_run(run_id, "failed")
         raise
     final = result.metrics[-1] if result.metrics else {}
+    outcome = TrainOutcome(
+        version=iteration,
+        path=output_dir,
+        weights_hash=result.weights_hash,
+        pairs=len(rows),
+        skipped_too_long=len(too_long),
+        reference=result.extra["reference"],
+        resumed_from_step=result.resumed_from_step,
+        train_seconds=result.train_seconds,
+        final_metrics=final,
+    )
     if main:
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -171,28 +148,62 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
                 path=str(output_dir.resolve()),
                 weights_hash=result.weights_hash,
                 lora_config=result.lora_config,
-                metrics={
-                    "final": final,
-                    "train_seconds": result.train_seconds,
-                    "pairs": len(rows),
-                    "pairs_skipped_too_long": len(too_long),
-                    "reference": result.extra["reference"],
-                },
+                metrics={"final": final, "train_seconds": result.train_seconds, "pairs": outcome.pairs,
+                         "pairs_skipped_too_long": outcome.skipped_too_long, "reference": outcome.reference},
                 run_id=run_id,
                 replace=existing is not None,
             )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return TrainOutcome(
-        version=iteration,
-        path=output_dir,
-        weights_hash=result.weights_hash,
-        pairs=len(rows),
-        skipped_too_long=len(too_long),
-        reference=result.extra["reference"],
-        resumed_from_step=result.resumed_from_step,
-        train_seconds=result.train_seconds,
-        final_metrics=final,
-    )
+    return outcome
+
+
+def _check_order(store: Store, iteration: int, options: TrainOptions):
+    """(existing version N or None, version N-1), or OrderError when N cannot be trained now."""
+    require_generated(store, iteration, options.allow_partial)
+    with store.read() as tx:
+        existing = tx.model_version(iteration)
+        parent = tx.model_version(iteration - 1)
+        next_iteration = tx.iteration(iteration + 1)
+    if existing is not None and not options.force:
+        raise OrderError(f"model version {iteration} exists ({existing.path}); pass --force to train it again")
+    if existing is not None and next_iteration is not None:
+        raise OrderError(
+            f"model version {iteration} cannot be replaced: iteration {iteration + 1} was generated from it"
+        )
+    if parent is None:
+        raise OrderError(f"model version {iteration - 1} does not exist")
+    return existing, parent
+
+
+def _pairs_to_train(store: Store, iteration: int, name: str | None, config):
+    """(pair set, rows that fit, rows over max_response_tokens); train implies
+    curate with the iteration's own policy when it has no default pair set."""
+    with store.read() as tx:
+        pair_set = tx.pair_set(iteration, name)
+    if pair_set is None:
+        if name:
+            raise OrderError(f"iteration {iteration} has no pair set named {name!r}")
+        curate(store, iteration)
+    with store.read() as tx:
+        pair_set = pair_set or tx.pair_set(iteration)
+        rows = tx.training_rows(pair_set.id)
+    if not rows:
+        raise OrderError(
+            f"pair set {pair_set.name!r} of iteration {iteration} is empty: nothing to train on "
+            "(no prompt had two distinct final responses above the margin)"
+        )
+    rows, too_long = split_too_long(rows, config.max_response_tokens)
+    if too_long and config.too_long == "refuse":
+        raise OrderError(
+            f"{len(too_long)} pair(s) of pair set {pair_set.name!r} have a response longer than "
+            f"max_response_tokens ({config.max_response_tokens}); raise it, or set too_long = \"skip\" in [train]"
+        )
+    if not rows:
+        raise OrderError(
+            f"every pair of pair set {pair_set.name!r} has a response longer than max_response_tokens "
+            f"({config.max_response_tokens}): nothing to train on"
+        )
+    return pair_set, rows, too_long
 
 
 def split_too_long(rows: list[dict], max_response_tokens: int) -> tuple[list[dict], list[dict]]:
