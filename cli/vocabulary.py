@@ -11,13 +11,9 @@ import typer
 from rich.console import Console
 
 from csr.engine.errors import CsrError
+from csr.engine.rewards import Preset as Preset  # one enum for engine and cli
 
 _console = Console(stderr=True)
-
-
-class Preset(StrEnum):
-    paper = "paper"
-    reference_code = "reference-code"
 
 
 class SelectBy(StrEnum):

@@ -35,8 +35,6 @@ from csr.storage.outages import first_line, is_outage
 from csr.storage.store import Store
 from csr.storage.trees import CANDIDATE_COLUMNS, RESPONSE_COLUMNS, Tree
 
-PRESETS = ("paper", "reference-code")
-
 
 @dataclass(frozen=True)
 class WorkerOptions:
@@ -89,8 +87,6 @@ def iteration_config(store: Store, iteration: int, generate_settings: dict,
         search = SearchConfig.from_dict(generate_settings)
     except (TypeError, ValueError) as exc:
         raise CsrError(f"{source}: {exc}") from exc
-    if search.preset not in PRESETS:
-        raise CsrError(f"unknown preset {search.preset!r}; choose one of {', '.join(PRESETS)}")
     with store.read() as tx:
         policy = tx.model_version(iteration - 1)
         base = tx.model_version(0)

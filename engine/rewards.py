@@ -31,15 +31,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-PAPER = "paper"
-REFERENCE_CODE = "reference-code"
-PRESETS = (PAPER, REFERENCE_CODE)
+from enum import StrEnum
 
 
-def check_preset(preset: str) -> None:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+class Preset(StrEnum):
+    """The reward presets, for engine and cli alike. A StrEnum, so a preset
+    compares equal to, and is stored as, its plain string."""
+
+    paper = "paper"
+    reference_code = "reference-code"
+
+
+def check_preset(preset: str) -> Preset:
+    try:
+        return Preset(preset)
+    except ValueError:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(Preset)}") from None
 
 
 def text_probability(logprob_sum: float) -> float:
@@ -75,7 +82,7 @@ def sibling_rank_scores(values: Sequence[float]) -> list[float]:
 def sentence_reward(preset: str, lam: float, r_t: float, r_i: float, text_rank: float, image_rank: float) -> float:
     """R(s) of one scored sentence under `preset`."""
     check_preset(preset)
-    if preset == PAPER:
+    if preset == Preset.paper:
         return calibrated(lam, r_i, r_t)
     return calibrated(lam, image_rank, text_rank)
 
@@ -96,6 +103,6 @@ def response_score(
     sums: any lambda can be applied after the search, without the tree.
     """
     check_preset(preset)
-    if preset == PAPER:
+    if preset == Preset.paper:
         return calibrated(lam, r_i_sum, r_t_sum)
     return (calibrated(lam, image_rank_sum, text_rank_sum) - sentences) / (sentences + 1)

@@ -20,10 +20,11 @@ from csr.engine.errors import CsrError
 from csr.engine.evaluate import pope
 from csr.engine.evaluate.benchmarks import ChairTask, PopeTask, evaluate_versions
 from csr.engine.evaluate.chair import world_vocabulary
-from csr.engine.generation import PRESETS, WorkerOptions, iteration_config, run_worker
+from csr.engine.generation import WorkerOptions, iteration_config, run_worker
 from csr.engine.io.importing import import_prompts
 from csr.engine.iterations import TrainOptions
 from csr.engine.pipeline import run_iteration
+from csr.engine.rewards import Preset, check_preset
 from csr.engine.settings import Settings, load_settings
 from csr.storage.store import Store
 
@@ -47,7 +48,7 @@ DEMO_GENERATE = {
     "max_new_tokens": 12,
     "max_length": 64,
     "num_beams": 2,
-    "preset": "paper",
+    "preset": Preset.paper,
     "lam": 0.9,
 }
 DEMO_TRAIN = {
@@ -117,8 +118,10 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     train = {**DEMO_TRAIN, "seed": options.seed, **options.train}
     world_options = {"seed": options.seed, "prompts": options.prompts, "model_scenes": options.model_scenes,
                      "heldout": options.heldout, "size": options.size}
-    if generate["preset"] not in PRESETS:
-        raise CsrError(f"unknown preset {generate['preset']!r}; choose one of {', '.join(PRESETS)}")
+    try:
+        check_preset(generate["preset"])
+    except ValueError as exc:
+        raise CsrError(str(exc)) from None
     _refuse_other_settings(root, generate, train, world_options)
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_FILE).write_text(json.dumps(world_options, indent=1, sort_keys=True) + "\n")

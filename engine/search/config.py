@@ -10,24 +10,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from csr.engine import rewards
+from csr.engine.rewards import Preset, check_preset
 from csr.engine.search import degenerate
 
 SELECT_BY = ("reward", "text")
-KEEP_RULES = ("paper", "reference-code")
+# Each preset's rule for the active set is named after it.
+KEEP_RULES: tuple[str, ...] = tuple(Preset)
 
 # What each preset implies for the search; any of these can still be set on its own.
-PRESET_SEARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    rewards.PAPER: {
+PRESET_SEARCH_DEFAULTS: dict[Preset, dict[str, Any]] = {
+    Preset.paper: {
         "max_new_tokens": 74,  # appendix A.1
         "select_by": "reward",  # the calibrated reward guides the selection (section 3.2.1)
-        "keep_rule": "paper",  # num_beams in all: top ceil(k/2) + bottom floor(k/2)
+        "keep_rule": Preset.paper,  # num_beams in all: top ceil(k/2) + bottom floor(k/2)
         "degenerate_rules": "csr",
     },
-    rewards.REFERENCE_CODE: {
+    Preset.reference_code: {
         "max_new_tokens": 70,  # step1.sh
         "select_by": "text",  # node.score: the path's sum of penalised beam scores
-        "keep_rule": "reference-code",  # new_nodes[:int(k/2)-1] + new_nodes[-int(k/2):]
+        "keep_rule": Preset.reference_code,  # new_nodes[:int(k/2)-1] + new_nodes[-int(k/2):]
         "degenerate_rules": "reference-code",  # clean_tree + score.py
     },
 }
@@ -48,15 +49,14 @@ class SearchConfig:
     max_new_tokens: int | None = None
     max_length: int = 1024
     num_beams: int = 5
-    preset: str = rewards.PAPER
+    preset: str = Preset.paper
     lam: float = 0.9
     select_by: str | None = None
     keep_rule: str | None = None
     degenerate_rules: str | None = None
 
     def __post_init__(self) -> None:
-        if self.preset not in rewards.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(rewards.PRESETS)}")
+        object.__setattr__(self, "preset", check_preset(self.preset).value)
         for name, value in PRESET_SEARCH_DEFAULTS[self.preset].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

@@ -365,7 +365,7 @@ def _score_level(config: SearchConfig, level: list[_Candidate]) -> None:
             path.text_rank_sum += text_rank
             path.image_rank_sum += image_rank
         for c in siblings:
-            if not c.eligible and not c.end_marker and config.preset == rewards.PAPER:
+            if not c.eligible and not c.end_marker and config.preset == rewards.Preset.paper:
                 # shown for audit; an excluded candidate never enters a response
                 c.record.reward = rewards.calibrated(config.lam, c.record.r_i, c.record.r_t)
             c.record.cumulative_reward = c.path.score(config)
@@ -382,7 +382,7 @@ def _select(config: SearchConfig, level: list[_Candidate], result: SearchResult)
     else:
         pool.sort(key=lambda c: -c.path.beam_path)
     k = config.num_beams
-    if config.keep_rule == "paper":
+    if config.keep_rule == rewards.Preset.paper:
         # num_beams is "the capacity of input at each search layer" (appendix A.1)
         top, bottom = (k + 1) // 2, k // 2
         kept = pool if len(pool) <= k else pool[:top] + (pool[-bottom:] if bottom else [])
