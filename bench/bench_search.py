@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = replace(CONFIG, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+    config = CONFIG.replace(max_new_tokens=args.max_new_tokens, max_length=args.max_length)
     size = model_size(args)
     budget = None if args.kv_budget is None else int(args.kv_budget * 2**30)
 
@@ -303,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warm-up (the screening above warmed the per-prompt path).
     jobs = [PromptJob(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
-    search_prompts(policy, clip, jobs[:2], replace(config, max_new_tokens=4, max_length=8), budget)
+    search_prompts(policy, clip, jobs[:2], config.replace(max_new_tokens=4, max_length=8), budget)
     if not args.no_naive:
-        naive_sentence_beam_search(policy, clip, images[0], prompts[0], replace(config, max_new_tokens=4, max_length=8))
+        naive_sentence_beam_search(policy, clip, images[0], prompts[0], config.replace(max_new_tokens=4, max_length=8))
 
     variants = ["shared", "per-row"] + ([] if args.no_naive else ["naive"])
     runs, seconds, memory, stats = {}, {}, {}, {}

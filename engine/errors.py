@@ -12,5 +12,11 @@ class ModelLoadError(CsrError):
     pass
 
 
+class SettingsError(ValueError):
+    """A settings table refused a key or a value (engine/settings_table.py).
+    The message names the key; the caller that knows which file or section it
+    came from adds that and raises a CsrError."""
+
+
 # Everything the CLI reports as a one-line message instead of a traceback.
 USER_ERRORS = (CsrError, StoreError)

@@ -28,7 +28,7 @@ from typing import TypeVar
 from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
-from csr.engine.errors import CsrError
+from csr.engine.errors import CsrError, SettingsError
 from csr.storage import work
 from csr.storage.clock import utcnow
 from csr.storage.outages import first_line, is_outage
@@ -85,7 +85,7 @@ def iteration_config(store: Store, iteration: int, generate_settings: dict,
 
     try:
         search = SearchConfig.from_dict(generate_settings)
-    except (TypeError, ValueError) as exc:
+    except SettingsError as exc:
         raise CsrError(f"{source}: {exc}") from exc
     with store.read() as tx:
         policy = tx.model_version(iteration - 1)

@@ -1,7 +1,7 @@
 """docs/settings.md, generated from the settings themselves.
 
-Every key of `[generate]` (engine.search.SearchConfig) and `[train]`
-(engine.training.TrainConfig) with its default, read from the dataclass, and
+Every key of `[generate]` (engine/search/config.py: SearchConfig) and `[train]`
+(engine/train/config.py: TrainConfig) with its default, read from the model, and
 the paper's and the released code's value where they are known. A key
 without an entry here fails tests/test_settings_reference.py, and so does a
 docs/settings.md that differs from `render()`: the page cannot drift.
@@ -11,10 +11,8 @@ docs/settings.md that differs from `render()`: the page cannot drift.
 
 from __future__ import annotations
 
-import dataclasses
-
-from csr.engine.search.sentence_search import PRESET_SEARCH_DEFAULTS, SearchConfig
-from csr.engine.train.dpo import TrainConfig
+from csr.engine.search.config import PRESET_SEARCH_DEFAULTS, SearchConfig
+from csr.engine.train.config import TrainConfig
 
 SAME = "same"
 
@@ -76,20 +74,20 @@ TRAIN = {
 
 def _rows(config_cls, described: dict) -> list[str]:
     rows = ["| key | default | paper | released code | what it does |", "|---|---|---|---|---|"]
-    for field in dataclasses.fields(config_cls):
-        what, paper, released = described[field.name]
+    for name, field in config_cls.model_fields.items():
+        what, paper, released = described[name]
         default = field.default
-        if default is None and field.name in PRESET_SEARCH_DEFAULTS["paper"]:
-            default = " / ".join(f"{p}: {PRESET_SEARCH_DEFAULTS[p][field.name]}" for p in PRESET_SEARCH_DEFAULTS)
+        if default is None and name in PRESET_SEARCH_DEFAULTS["paper"]:
+            default = " / ".join(f"{p}: {PRESET_SEARCH_DEFAULTS[p][name]}" for p in PRESET_SEARCH_DEFAULTS)
         shown = "unset" if default is None else f"`{default}`" if not isinstance(default, str) or " / " not in default \
             else default
-        rows.append(f"| `{field.name}` | {shown} | {paper} | {released} | {what} |")
+        rows.append(f"| `{name}` | {shown} | {paper} | {released} | {what} |")
     return rows
 
 
 def missing_keys() -> list[str]:
-    return [f"[generate] {f.name}" for f in dataclasses.fields(SearchConfig) if f.name not in GENERATE] + [
-        f"[train] {f.name}" for f in dataclasses.fields(TrainConfig) if f.name not in TRAIN
+    return [f"[generate] {name}" for name in SearchConfig.model_fields if name not in GENERATE] + [
+        f"[train] {name}" for name in TrainConfig.model_fields if name not in TRAIN
     ]
 
 

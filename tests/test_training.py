@@ -111,7 +111,7 @@ def test_response_length_options_are_checked():
 
 def test_a_response_over_the_limit_is_refused_not_cut(world, tmp_path):
     base, examples = world
-    config = dataclasses.replace(FAST_CONFIG, max_response_tokens=2)
+    config = FAST_CONFIG.replace(max_response_tokens=2)
     with pytest.raises(ValueError, match="longer than max_response_tokens"):
         train_dpo(str(base), examples, tmp_path / "m", tmp_path / "c", config, device="cpu")
     assert not (tmp_path / "m").exists()
@@ -277,7 +277,7 @@ def test_reference_from_the_tree_gives_the_recomputed_loss(world, trained, tmp_p
 
     with_tree = [dataclasses.replace(e, chosen_ref_logp=logp(e, e.chosen_ids), rejected_ref_logp=logp(e, e.rejected_ids))
                  for e in examples]
-    config = dataclasses.replace(FAST_CONFIG, epochs=1, save_steps=100)
+    config = FAST_CONFIG.replace(epochs=1, save_steps=100)
     result = train_dpo(str(base), with_tree, tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
     assert result.extra["reference"] == "tree" and trained.extra["reference"] == "recompute"
     first, recomputed = result.metrics[0], trained.metrics[0]
@@ -301,7 +301,7 @@ def test_dpo_raises_the_implicit_reward_margin(world, trained):
 def test_sft_weight_holds_up_the_chosen_likelihood(world, trained, tmp_path):
     base, examples = world
     with_sft = train_dpo(str(base), examples, tmp_path / "model", tmp_path / "ckpt",
-                         dataclasses.replace(FAST_CONFIG, sft_weight=1.0), device="cpu")
+                         FAST_CONFIG.replace(sft_weight=1.0), device="cpu")
 
     def chosen_logprob(model_dir) -> float:
         model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
@@ -353,7 +353,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(world, trained, tmp_path):
 def test_checkpoints_of_another_run_are_refused(world, trained):
     base, examples = world
     ckpt = Path(trained.model_dir).parent / "ckpt"
-    other = dataclasses.replace(FAST_CONFIG, beta=0.5)
+    other = FAST_CONFIG.replace(beta=0.5)
     with pytest.raises(ValueError, match="different training run"):
         train_dpo(str(base), examples, ckpt.parent / "other", ckpt, other, device="cpu")
     with pytest.raises(ValueError, match="different training run"):
@@ -366,7 +366,7 @@ def test_a_finished_run_resumes_to_the_same_model(world, trained):
     # Checkpoint frequency is bookkeeping: changing it does not block resuming.
     base, examples = world
     ckpt = Path(trained.model_dir).parent / "ckpt"
-    config = dataclasses.replace(FAST_CONFIG, save_steps=5)
+    config = FAST_CONFIG.replace(save_steps=5)
     again = train_dpo(str(base), examples, ckpt.parent / "again", ckpt, config, device="cpu")
     assert again.resumed_from_step == TOTAL_STEPS and again.global_step == TOTAL_STEPS
     assert again.weights_hash == trained.weights_hash
@@ -375,7 +375,7 @@ def test_a_finished_run_resumes_to_the_same_model(world, trained):
 @pytest.mark.slow
 def test_projector_learning_rate_zero_freezes_the_projector(world, tmp_path):
     base, examples = world
-    config = dataclasses.replace(FAST_CONFIG, projector_learning_rate=0.0, epochs=1, save_steps=100)
+    config = FAST_CONFIG.replace(projector_learning_rate=0.0, epochs=1, save_steps=100)
     result = train_dpo(str(base), examples, tmp_path / "model", tmp_path / "ckpt", config, device="cpu")
     assert result.lora_config["modules_to_save"] == []
     before = load_file(base / "model.safetensors")

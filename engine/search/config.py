@@ -7,13 +7,16 @@ recorded with each iteration, so a tree can always be traced to its settings.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
-from csr.engine.rewards import Preset, check_preset
-from csr.engine.search import degenerate
+from pydantic import Field, model_validator
 
-SELECT_BY = ("reward", "text")
+from csr.engine.rewards import Preset
+from csr.engine.search.degenerate import RuleSet
+from csr.engine.settings_table import Number, SettingsTable
+
+SelectBy = Literal["reward", "text"]
+SELECT_BY: tuple[str, ...] = get_args(SelectBy)
 # Each preset's rule for the active set is named after it.
 KEEP_RULES: tuple[str, ...] = tuple(Preset)
 
@@ -34,8 +37,7 @@ PRESET_SEARCH_DEFAULTS: dict[Preset, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(SettingsTable):
     """Every setting of the sentence-level beam search (appendix A.1 defaults).
 
     `max_new_tokens`, `select_by`, `keep_rule` and `degenerate_rules` left as
@@ -43,60 +45,37 @@ class SearchConfig:
     the resolved values with the iteration.
     """
 
-    num_token_beams: int = 5
-    num_beam_groups: int = 5
-    diversity_penalty: float = 3.0
-    max_new_tokens: int | None = None
-    max_length: int = 1024
-    num_beams: int = 5
-    preset: str = Preset.paper
-    lam: float = 0.9
-    select_by: str | None = None
-    keep_rule: str | None = None
-    degenerate_rules: str | None = None
+    noun: ClassVar[str] = "search setting"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "preset", check_preset(self.preset).value)
-        for name, value in PRESET_SEARCH_DEFAULTS[self.preset].items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        for name in ("num_token_beams", "num_beam_groups", "max_new_tokens", "max_length", "num_beams"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    num_token_beams: int = Field(5, gt=0)
+    num_beam_groups: int = Field(5, gt=0)
+    diversity_penalty: Number = Field(3.0, ge=0)
+    max_new_tokens: int | None = Field(None, gt=0)
+    max_length: int = Field(1024, gt=0)
+    num_beams: int = Field(5, gt=0)
+    preset: Preset = Field(Preset.paper, strict=False)
+    lam: Number = Field(0.9, ge=0, le=1)
+    select_by: SelectBy | None = None
+    keep_rule: Preset | None = Field(None, strict=False)
+    degenerate_rules: RuleSet | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_fills_the_unset(cls, data: Any) -> Any:
+        preset = data.get("preset", Preset.paper) if isinstance(data, dict) else None
+        if not isinstance(preset, str) or preset not in PRESET_SEARCH_DEFAULTS:
+            return data  # not a preset: the field's own check says so
+        implied = PRESET_SEARCH_DEFAULTS[Preset(preset)]
+        return {**data, **{k: v for k, v in implied.items() if data.get(k) is None}}
+
+    @model_validator(mode="after")
+    def _groups_divide_the_beams(self) -> SearchConfig:
         if self.num_token_beams % self.num_beam_groups:
             raise ValueError(
                 f"num_token_beams ({self.num_token_beams}) must be a multiple of "
                 f"num_beam_groups ({self.num_beam_groups})"
             )
-        for name in ("diversity_penalty", "lam"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-        if not self.diversity_penalty >= 0:
-            raise ValueError(f"diversity_penalty must be >= 0, got {self.diversity_penalty!r}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam must lie in [0, 1], got {self.lam!r}")
-        if self.select_by not in SELECT_BY:
-            raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
-        if self.keep_rule not in KEEP_RULES:
-            raise ValueError(f"keep_rule must be one of {', '.join(KEEP_RULES)}, got {self.keep_rule!r}")
-        if self.degenerate_rules not in degenerate.RULE_SETS:
-            raise ValueError(
-                f"degenerate_rules must be one of {', '.join(degenerate.RULE_SETS)}, got {self.degenerate_rules!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
-        """Missing keys take their defaults; unknown keys are an error (a typo must not pass)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown search setting(s): {', '.join(unknown)}")
-        return cls(**data)
+        return self
 
     @property
     def beam_settings_kwargs(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ a whitelist, emoji included, and the checks run on what is left).
 from __future__ import annotations
 
 import re
+from typing import Literal, get_args
 
 # Reason codes stored in candidates.exclusion_reason.
 NON_LATIN = "non_latin_script"
@@ -87,7 +88,8 @@ def exclusion_reason(text: str) -> str | None:
     return None
 
 
-RULE_SETS = ("csr", "reference-code")
+RuleSet = Literal["csr", "reference-code"]
+RULE_SETS: tuple[str, ...] = get_args(RuleSet)
 
 # The released code's `clean_text` whitelist (note its range `"-(`).
 _RELEASED_CLEAN = re.compile(r"[^\w\s.,?!;:\'\"-()/\[\]{}+$€£*=/><==!%°^™©®♫♪π√]+")

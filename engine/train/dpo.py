@@ -26,13 +26,14 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from csr.engine.train.config import TrainConfig, TrainConfigError  # noqa: F401  (re-exported)
 from csr.engine.train.dpo_data import (  # noqa: F401  (re-exported: the training API in one place)
     PreferenceExample,
     TokenPreferenceCollator,
@@ -55,137 +56,8 @@ from csr.storage.hashing import json_digest
 # the warning names nothing a csr user could change.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-TOO_LONG = ("skip", "refuse")
-REPORT_TO = ("none", "tensorboard", "wandb")
-REFERENCES = ("auto", "tree", "recompute")
-SAVE_DTYPES = ("float32", "bfloat16", "float16")
 FINGERPRINT_FILE = "csr_run.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class TrainConfigError(ValueError):
-    """A training option the user got wrong (unknown key, bad value)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    beta: float = 0.1
-    # Weight of an added negative log-likelihood term on the chosen response
-    # (TRL's "sft" loss next to "sigmoid", as in RPO). 0 is the paper's pure DPO.
-    # DPO on pairs that differ in a word or two can lower the chosen response's
-    # likelihood too; the NLL term holds it up (docs/demo-results.md).
-    sft_weight: float = 0.0
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    # "language_model": the seven decoder projections; or a comma-separated list
-    # of layer names inside the language model, e.g. "q_proj,v_proj".
-    lora_target: str = "language_model"
-    learning_rate: float = 1e-7
-    # 0 freezes the projector; otherwise it trains in full at this rate.
-    projector_learning_rate: float = 2e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: int = 1
-    batch_size: int = 1
-    grad_accum: int = 1
-    seed: int = 42
-    # The longest response DPO trains on, in response tokens; the image and the
-    # prompt come on top, whatever the processor expands them to. A pair with a
-    # longer response is never cut: it is skipped and counted, or refused.
-    max_response_tokens: int = 1024
-    too_long: str = "skip"
-    # Where log pi_{N-1} of chosen and rejected comes from: the search's stored
-    # token log-probs ("tree", no reference forward pass) or a forward pass of
-    # the adapter-free model ("recompute"). "auto": the tree when the iteration
-    # was generated in float32 (where the two agree within 1e-4), else recompute.
-    reference: str = "auto"
-    # TRL's own log reporting, next to the metrics csr stores with the run
-    # (tensorboard writes under the run's checkpoint directory, runs/).
-    report_to: str = "none"
-    logging_steps: int = 1
-    save_steps: int = 50
-    # Two, not one: a crash while writing the newest checkpoint leaves the one
-    # before it intact to resume from.
-    save_total_limit: int = 2
-    bf16: bool | None = None  # None: on when CUDA supports bf16, off elsewhere
-    gradient_checkpointing: bool = True
-    # LoRA updates at lr 1e-7 are below 16-bit rounding of many weights, so the
-    # merged model keeps full precision unless asked otherwise.
-    save_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.default)
-        positive = ("lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "max_response_tokens",
-                    "logging_steps", "save_steps", "save_total_limit", "beta")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise TrainConfigError(f"training option {name} must be > 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise TrainConfigError(f"training option learning_rate must be > 0, got {self.learning_rate}")
-        if self.sft_weight < 0:
-            raise TrainConfigError(f"training option sft_weight must be >= 0, got {self.sft_weight}")
-        if self.projector_learning_rate < 0:
-            raise TrainConfigError("training option projector_learning_rate must be >= 0")
-        if not 0 <= self.lora_dropout < 1:
-            raise TrainConfigError(f"training option lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TrainConfigError(f"training option warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise TrainConfigError(
-                f"training option lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"
-            )
-        if self.save_dtype not in SAVE_DTYPES:
-            raise TrainConfigError(
-                f"training option save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}"
-            )
-        if self.too_long not in TOO_LONG:
-            raise TrainConfigError(f"training option too_long must be one of {', '.join(TOO_LONG)}, got {self.too_long!r}")
-        if self.report_to not in REPORT_TO:
-            raise TrainConfigError(
-                f"training option report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}"
-            )
-        if self.reference not in REFERENCES:
-            raise TrainConfigError(
-                f"training option reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}"
-            )
-        if not _lora_leaf_names(self.lora_target):
-            raise TrainConfigError("training option lora_target is empty")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(
-                f"unknown training option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
-        return cls(**dict(data))
-
-
-def _check_type(name: str, value: Any, default: Any) -> None:
-    if default is None:  # bf16: tri-state
-        ok = value is None or isinstance(value, bool)
-        expected = "true, false or unset"
-    elif isinstance(default, bool):
-        ok = isinstance(value, bool)
-        expected = "a boolean"
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        expected = "an integer"
-    elif isinstance(default, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        expected = "a number"
-    else:
-        ok = isinstance(value, str)
-        expected = "a string"
-    if not ok:
-        raise TrainConfigError(f"training option {name} must be {expected}, got {value!r}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from csr.engine.train.dpo import TrainConfig
+    from csr.engine.train.config import TrainConfig
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from csr.engine.train.dpo import TrainConfig
+    from csr.engine.train.config import TrainConfig
 
 # The seven projections of a Llama/Mistral/Vicuna/Qwen decoder layer: what the
 # released script's LoRA targets inside the language model.
