@@ -10,15 +10,47 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from csr.engine.errors import CsrError
+import tomli_w
+
+from csr.engine.errors import CsrError, SettingsError
+from csr.engine.search.config import SearchConfig
+from csr.engine.settings_table import SettingsTable
+from csr.engine.train.config import TrainConfig
 from csr.storage.db import DEFAULT_URL, normalise_url
 
 CONFIG_FILE = "csr.toml"
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_CLIP = "ViT-L-14-336"
 DEFAULT_CLIP_PRETRAINED = "openai"
-SECTIONS = ("store", "model", "generate", "train", "paths")
+DEFAULT_MODELS_DIR = "models"
+HEADER = "# csr study settings (see README: Configuration)\n\n"
+
+
+class StoreTable(SettingsTable):
+    url: str = DEFAULT_URL
+
+
+class ModelTable(SettingsTable):
+    base: str = DEFAULT_MODEL
+    clip: str = DEFAULT_CLIP
+    clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED
+
+
+class PathsTable(SettingsTable):
+    models_dir: str = DEFAULT_MODELS_DIR
+
+
+# Every table csr.toml may hold. [generate] and [train] are checked on their
+# own when the file is read, and again once a command's flags are added.
+TABLES: dict[str, type[SettingsTable]] = {
+    "store": StoreTable,
+    "model": ModelTable,
+    "paths": PathsTable,
+    "generate": SearchConfig,
+    "train": TrainConfig,
+}
 
 
 @dataclass
@@ -28,7 +60,9 @@ class Settings:
     model: str = DEFAULT_MODEL
     clip: str = DEFAULT_CLIP
     clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED
-    models_dir: str = "models"
+    models_dir: str = DEFAULT_MODELS_DIR
+    # As written in the file: the keys left out keep following the defaults
+    # (and, for the search, the preset), flags can still be laid on top.
     generate: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
 
@@ -41,31 +75,27 @@ class Settings:
         return path if path.is_absolute() else self.directory / path
 
     def write(self) -> None:
-        sections = {
+        tables = {
             "store": {"url": self.store_url},
             "model": {"base": self.model, "clip": self.clip, "clip_pretrained": self.clip_pretrained},
             "paths": {"models_dir": self.models_dir},
             "generate": self.generate,
             "train": self.train,
         }
-        lines = ["# csr study settings (see README: Configuration)"]
-        for name, values in sections.items():
-            lines.append(f"\n[{name}]")
-            for key, value in values.items():
-                if value is not None:
-                    lines.append(f"{key} = {_toml_value(value)}")
-        self.path.write_text("\n".join(lines) + "\n")
+        # TOML has no null: an unset value is a key left out.
+        tables = {name: {k: v for k, v in values.items() if v is not None} for name, values in tables.items()}
+        for name, values in tables.items():
+            _check(self.path, name, values)
+        self.path.write_text(HEADER + tomli_w.dumps(tables))
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+def _check(path: Path, name: str, values: Any) -> SettingsTable:
+    if not isinstance(values, dict):
+        raise CsrError(f"{path}: [{name}] must be a table, got {values!r}")
+    try:
+        return TABLES[name].from_dict(values)
+    except SettingsError as exc:
+        raise CsrError(f"[{name}] in {path}: {exc}") from exc
 
 
 def load_settings(config_path: Path | None = None) -> Settings:
@@ -79,16 +109,14 @@ def load_settings(config_path: Path | None = None) -> Settings:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise CsrError(f"{path}: not valid TOML: {exc}") from exc
-    unknown = set(data) - set(SECTIONS)
+    unknown = set(data) - set(TABLES)
     if unknown:
-        raise CsrError(f"{path}: unknown section(s) {sorted(unknown)}; known: {list(SECTIONS)}")
-    store = data.get("store", {})
-    model = data.get("model", {})
-    settings.store_url = store.get("url", settings.store_url)
-    settings.model = model.get("base", settings.model)
-    settings.clip = model.get("clip", settings.clip)
-    settings.clip_pretrained = model.get("clip_pretrained", settings.clip_pretrained)
-    settings.models_dir = data.get("paths", {}).get("models_dir", settings.models_dir)
+        raise CsrError(f"{path}: unknown section(s) {sorted(unknown)}; known: {list(TABLES)}")
+    tables = {name: _check(settings.path, name, data.get(name, {})) for name in TABLES}
+    store, model, paths = tables["store"], tables["model"], tables["paths"]
+    settings.store_url = store.url
+    settings.model, settings.clip, settings.clip_pretrained = model.base, model.clip, model.clip_pretrained
+    settings.models_dir = paths.models_dir
     settings.generate = dict(data.get("generate", {}))
     settings.train = dict(data.get("train", {}))
     return settings

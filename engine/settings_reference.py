@@ -1,10 +1,12 @@
 """docs/settings.md, generated from the settings themselves.
 
-Every key of `[generate]` (engine/search/config.py: SearchConfig) and `[train]`
-(engine/train/config.py: TrainConfig) with its default, read from the model, and
-the paper's and the released code's value where they are known. A key
-without an entry here fails tests/test_settings_reference.py, and so does a
-docs/settings.md that differs from `render()`: the page cannot drift.
+Every key of csr.toml with its default, read from the table's model:
+`[store]`, `[model]`, `[paths]` (engine/settings.py), `[generate]`
+(engine/search/config.py: SearchConfig) and `[train]` (engine/train/config.py:
+TrainConfig); for the last two also the paper's and the released code's
+value where they are known. A key without an entry here fails
+tests/test_settings_reference.py, and so does a docs/settings.md that differs
+from `render()`: the page cannot drift.
 
     python -m csr.engine.settings_reference > docs/settings.md
 """
@@ -12,9 +14,27 @@ docs/settings.md that differs from `render()`: the page cannot drift.
 from __future__ import annotations
 
 from csr.engine.search.config import PRESET_SEARCH_DEFAULTS, SearchConfig
+from csr.engine.settings import TABLES
 from csr.engine.train.config import TrainConfig
 
 SAME = "same"
+
+# [store], [model], [paths]: key -> what it does (the paper and the released code say nothing here).
+LOCATIONS = {
+    "store": {
+        "url": "the store: a SQLAlchemy URL, or a bare path for SQLite; a relative SQLite path is relative "
+               "to csr.toml. `--db` and `CSR_DATABASE_URL` come first",
+    },
+    "model": {
+        "base": "model version 0: a hub id or a local directory (`csr init --model`)",
+        "clip": "the CLIP model of R_I: an open_clip name, `hf-hub:ID` or `local-dir:PATH` (`--clip`)",
+        "clip_pretrained": "open_clip's pretrained tag; `csr init` leaves it out for `hf-hub:` and `local-dir:` "
+                           "(`--clip-pretrained`)",
+    },
+    "paths": {
+        "models_dir": "where `csr train` writes model version N (`vN/`) and its checkpoints; relative to csr.toml",
+    },
+}
 
 # key -> (what it does, the paper's value, the released code's value); "" where neither says.
 GENERATE = {
@@ -85,10 +105,18 @@ def _rows(config_cls, described: dict) -> list[str]:
     return rows
 
 
+def _location_rows() -> list[str]:
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    for section, described in LOCATIONS.items():
+        for name, field in TABLES[section].model_fields.items():
+            rows.append(f"| `[{section}] {name}` | `{field.default}` | {described[name]} |")
+    return rows
+
+
 def missing_keys() -> list[str]:
-    return [f"[generate] {name}" for name in SearchConfig.model_fields if name not in GENERATE] + [
-        f"[train] {name}" for name in TrainConfig.model_fields if name not in TRAIN
-    ]
+    described = {**LOCATIONS, "generate": GENERATE, "train": TRAIN}
+    return [f"[{section}] {name}" for section, table in TABLES.items()
+            for name in table.model_fields if name not in described.get(section, {})]
 
 
 def render() -> str:
@@ -101,6 +129,10 @@ def render() -> str:
         "or a value of the wrong type, is refused with one line naming the key.",
         "Empty cells: the source does not say. \"released code\" is github.com/YiyangZhou/CSR",
         "(`inference_csr/`, `scripts/run_train.sh`).",
+        "",
+        "## `[store]`, `[model]`, `[paths]`: where things are (`csr init` writes them)",
+        "",
+        *_location_rows(),
         "",
         "## `[generate]`: the search (`csr generate`, `csr iterate`)",
         "",

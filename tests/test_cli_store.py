@@ -196,3 +196,20 @@ def test_a_typo_in_csr_toml_is_one_line_naming_the_key_and_the_file(tmp_path, se
     error = one_line_error(done)
     assert message in error and f"[{section}] in {toml}" in error
     assert fingerprint(f"sqlite:///{tmp_path / 'csr.db'}") == before
+
+
+@pytest.mark.parametrize(("section", "written", "edited", "message"), [
+    ("store", "url = ", "ulr = ", "unknown setting(s): ulr (known: url)"),
+    ("model", 'clip = "ViT-L-14-336"', "clip = 14", "setting clip must be a string, got 14"),
+])
+def test_a_typo_in_store_or_model_is_one_line_and_init_keeps_the_file(tmp_path, section, written, edited, message):
+    assert run_csr("init", "--model", "org/model", cwd=tmp_path).returncode == 0
+    toml = tmp_path / "csr.toml"
+    assert written in toml.read_text()
+    toml.write_text(toml.read_text().replace(written, edited))
+    before = toml.read_text()
+    error = one_line_error(run_csr("status", cwd=tmp_path))
+    assert message in error and f"[{section}] in {toml}" in error
+    # init rewrites csr.toml: it must refuse rather than drop the line it cannot read
+    assert message in one_line_error(run_csr("init", cwd=tmp_path))
+    assert toml.read_text() == before
