@@ -496,7 +496,8 @@ def test_cache_refuses_the_store_file_and_a_busy_cache(sqlite_study: Store, tmp_
     cache = tmp_path / "busy.duckdb"
     holder = duckdb.connect(str(cache))  # another process's writer holds the file lock
     try:
-        result = invoke_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", cache)
+        # (csr is a process of its own here: inside this one DuckDB would see its own handle)
+        result = run_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", cache)
         assert "analytics cache" in one_line_error(result)
     finally:
         holder.close()
