@@ -22,7 +22,8 @@ from csr.storage.clock import utcnow
 from csr.storage.evaluations import evaluations
 from csr.storage.models import ModelVersion
 from csr.storage.store import create_store
-from tests.db_backends import fingerprint, run_csr
+from tests.cli_runner import invoke_csr
+from tests.db_backends import fingerprint
 
 NAMES = ["red circle", "blue square", "green cross", "yellow diamond", "white triangle"]
 TRUTHS = [frozenset({"red circle", "blue square", "green cross"}),
@@ -312,8 +313,8 @@ def test_eval_bad_input_is_one_line_and_stores_nothing(tiny_store, tmp_path):
         assert isinstance(done.exception, CsrError) and says in str(done.exception), (args, done.exception)
         assert "\n" not in str(done.exception)
     assert fingerprint(tiny_store) == before
-    # Through the console script: one line on stderr.
-    shown = run_csr("eval", "pope", "--version", "0", "--questions", empty, "--images", images, db=tiny_store)
+    # Through csr's entry point (main, as the console script runs it): one line on stderr.
+    shown = invoke_csr("eval", "pope", "--version", "0", "--questions", empty, "--images", images, db=tiny_store)
     assert shown.returncode == 1 and shown.stderr.strip().count("\n") == 0
     assert shown.stderr.startswith("csr: error: ") and "holds no questions" in shown.stderr
     assert fingerprint(tiny_store) == before
