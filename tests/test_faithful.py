@@ -380,6 +380,7 @@ def nul_prone_llava_dir(tmp_path_factory, llama_tokenizer):
     return tiny.save_pretrained(model, processor, tmp_path_factory.mktemp("nul-llava"))
 
 
+@pytest.mark.slow  # end to end: two worker processes per backend, a minute or more
 def test_generate_with_two_workers_stores_the_same_pairs_on_both_backends(
     tmp_path, postgres_url, nul_prone_llava_dir, tiny_clip_dir, llama_tokenizer
 ):
