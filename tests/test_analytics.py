@@ -454,7 +454,7 @@ def test_cache_gives_the_same_figures_and_follows_the_store(store: Store, tmp_pa
 
     def cached_count() -> int:
         out = invoke_csr("--db", store.url, "sql", "SELECT count(*) AS n FROM candidates", "--format", "json",
-                      "--cache", cache)
+                         "--cache", cache)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)[0]["n"]
 
@@ -482,7 +482,7 @@ def test_cache_gives_the_same_figures_and_follows_the_store(store: Store, tmp_pa
     assert cached_count() == base
     before = store.fingerprint()
     assert "read-only" in one_line_error(invoke_csr("--db", store.url, "sql", "DELETE FROM candidates",
-                                                 "--cache", cache))
+                                                    "--cache", cache))
     assert store.fingerprint() == before
 
 

@@ -112,7 +112,7 @@ def test_screenshot_without_chromium_is_a_clear_error(study_store, tmp_path: Pat
     url, _ = study_store
     out = tmp_path / "report"
     result = invoke_csr("--db", url, "report", "--out", out, "--pairs", "1", "--screenshot",
-                     env={"PATH": str(tmp_path / "empty-bin"), "CSR_CHROMIUM": ""})
+                        env={"PATH": str(tmp_path / "empty-bin"), "CSR_CHROMIUM": ""})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Chromium" in lines[0] and "not found" in lines[0], result.stderr
