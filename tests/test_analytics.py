@@ -35,14 +35,14 @@ class Store:
 
 
 @pytest.fixture
-def store(backend: str, store_url: str, tmp_path: Path) -> Store:
+def store(backend: str, head_store_url: str, tmp_path: Path) -> Store:
     """The synthetic study on each backend (PostgreSQL: a fresh database, dropped afterwards)."""
-    engine, _ = create_store(store_url)
+    engine, _ = create_store(head_store_url)
     try:
         study = fill_study(engine, tmp_path / "images")
     finally:
         engine.dispose()
-    return Store(backend, store_url, study)
+    return Store(backend, head_store_url, study)
 
 
 @pytest.fixture

@@ -85,8 +85,8 @@ class FakeGenerator:
         return generate
 
 
-def test_chair_and_pope_per_version_equal_a_hand_computation(store_url, tmp_path):
-    engine, _ = create_store(store_url)
+def test_chair_and_pope_per_version_equal_a_hand_computation(head_store_url, tmp_path):
+    engine, _ = create_store(head_store_url)
     try:
         _versions(engine, tmp_path)
         fake = FakeGenerator()
@@ -132,8 +132,8 @@ def test_chair_and_pope_per_version_equal_a_hand_computation(store_url, tmp_path
         engine.dispose()
 
     # A rerun generates nothing and stores nothing; the results are those stored.
-    before = fingerprint(store_url)
-    engine, _ = create_store(store_url)
+    before = fingerprint(head_store_url)
+    engine, _ = create_store(head_store_url)
     try:
         again = FakeGenerator()
         rerun = evaluate_versions(engine, [0, 1], list(_tasks()), generator=again)
@@ -141,7 +141,7 @@ def test_chair_and_pope_per_version_equal_a_hand_computation(store_url, tmp_path
         engine.dispose()
     assert again.calls == [] and all(o.reused for o in rerun)
     assert [o.metrics for o in rerun] == [o.metrics for o in outcomes]
-    assert fingerprint(store_url) == before
+    assert fingerprint(head_store_url) == before
 
 
 def test_other_settings_are_another_row_and_intervals_follow_the_seed(sqlite_url, tmp_path):
@@ -160,33 +160,33 @@ def test_other_settings_are_another_row_and_intervals_follow_the_seed(sqlite_url
 
 
 @pytest.mark.parametrize("versions", [[0, 2], [0, 7]])
-def test_a_version_without_weights_stops_everything_before_generation(store_url, tmp_path, versions):
-    engine, _ = create_store(store_url)
+def test_a_version_without_weights_stops_everything_before_generation(head_store_url, tmp_path, versions):
+    engine, _ = create_store(head_store_url)
     try:
         _versions(engine, tmp_path)
-        before = fingerprint(store_url)
+        before = fingerprint(head_store_url)
         fake = FakeGenerator()
         says = "has no weights at" if versions[1] == 2 else "no model version 7"
         with pytest.raises(CsrError, match=says):
             evaluate_versions(engine, versions, list(_tasks()), generator=fake)
-        assert fake.calls == [] and fingerprint(store_url) == before
+        assert fake.calls == [] and fingerprint(head_store_url) == before
     finally:
         engine.dispose()
 
 
-def test_recorded_metrics(store_url, tmp_path):
-    engine, _ = create_store(store_url)
+def test_recorded_metrics(head_store_url, tmp_path):
+    engine, _ = create_store(head_store_url)
     try:
         _versions(engine, tmp_path)
         assert record_external(engine, 1, "mme", {"perception": 1510.7, "cognition": 355.7}, "MME", "lmms-eval")
         assert not record_external(engine, 1, "mme", {"perception": 1510.7, "cognition": 355.7}, "MME", "lmms-eval")
-        before = fingerprint(store_url)
+        before = fingerprint(head_store_url)
         for args, says in (((1, "mme", {"perception": 1.0}, "MME", "lmms-eval"), "other values"),
                            ((9, "mme", {"perception": 1.0}), "no model version 9"),
                            ((1, "pope", {"f1": 0.8}), "csr eval pope")):
             with pytest.raises(CsrError, match=says):
                 record_external(engine, *args)
-        assert fingerprint(store_url) == before
+        assert fingerprint(head_store_url) == before
         with engine.connect() as conn:
             [row] = evaluations(conn)
         assert row["metrics"] == {"perception": 1510.7, "cognition": 355.7} and row["n_responses"] == 0
@@ -229,8 +229,8 @@ def _invoke(url: str, *args):
 
 
 @pytest.fixture
-def tiny_store(store_url, tmp_path, tiny_llava_dir):
-    engine, _ = create_store(store_url)
+def tiny_store(head_store_url, tmp_path, tiny_llava_dir):
+    engine, _ = create_store(head_store_url)
     try:
         with engine.begin() as conn:
             conn.execute(insert(ModelVersion).values(
@@ -241,7 +241,7 @@ def tiny_store(store_url, tmp_path, tiny_llava_dir):
                 clip_model="tiny-clip", clip_pretrained=None, created_at=utcnow()))
     finally:
         engine.dispose()
-    return store_url
+    return head_store_url
 
 
 def test_eval_commands_store_once_and_show_in_stats(tiny_store, tmp_path):

@@ -61,10 +61,10 @@ def images(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(store_url: str) -> str:
-    engine, _ = create_store(store_url)
+def store(head_store_url: str) -> str:
+    engine, _ = create_store(head_store_url)
     engine.dispose()
-    return store_url
+    return head_store_url
 
 
 @pytest.fixture
