@@ -271,17 +271,23 @@ def _driver_url(url: str) -> str:
 
 
 # -- under CSR_REQUIRE_POSTGRES=1 (CI) the run fails unless PostgreSQL tests passed -------
+# Counted from the test reports (which carry the markers), so that the count is
+# right with pytest-xdist too, where the process that reports runs no test.
 
 _postgres_items: set[str] = set()
 _postgres_passed: list[str] = []
 
 
-def pytest_collection_finish(session) -> None:
-    _postgres_items.update(item.nodeid for item in session.items if item.get_closest_marker("postgres"))
+def _is_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 def pytest_runtest_logreport(report) -> None:
-    if report.when == "call" and report.passed and report.nodeid in _postgres_items:
+    if "postgres" not in report.keywords:
+        return
+    if report.when == "setup":
+        _postgres_items.add(report.nodeid)
+    if report.when == "call" and report.passed:
         _postgres_passed.append(report.nodeid)
 
 
@@ -289,7 +295,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     template = _head_templates.pop("postgresql", None)
     if template is not None:
         drop_postgres_database(server_url().set(database=str(template)).render_as_string(hide_password=False))
-    if not postgres_required() or session.config.option.collectonly:
+    if not postgres_required() or session.config.option.collectonly or _is_xdist_worker(session.config):
         return
     if not _postgres_passed:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -305,6 +311,6 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def pytest_terminal_summary(terminalreporter) -> None:
     if _postgres_items:
         terminalreporter.write_line(
-            f"PostgreSQL tests: {len(_postgres_passed)} passed of {len(_postgres_items)} selected "
+            f"PostgreSQL tests: {len(_postgres_passed)} passed of {len(_postgres_items)} run "
             f"(server {server_url().render_as_string(hide_password=True)})"
         )
