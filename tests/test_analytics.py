@@ -346,6 +346,7 @@ def test_stats_of_an_empty_store(tmp_path: Path):
 # ---------------------------------------------------------------- live store
 
 
+@pytest.mark.slow  # csr processes reading beside a writer that keeps a core busy: ~15 s
 def test_sql_while_a_worker_writes(tmp_path: Path):
     """Reads run beside a writer (SQLite WAL) and see whole trees only."""
     url, engine = sqlite_store(tmp_path)

@@ -173,17 +173,19 @@ def test_clip_loads_through_open_clip_and_prefers_present_objects(clip_dir, held
 
 def test_early_stopping_stops_at_the_first_check_that_meets_the_target(scenes):
     quick = demo_models.POLICY_RECIPES["quick"]
-    met = replace(quick, target_chair_s=1.0, min_recall=0.0, check_every=5, validation_scenes=8)
-    scenes = scenes[:40]  # what is checked is when training stops, not what it learns
+    # What is checked is when training stops, not what it learns: few scenes,
+    # few steps of small batches, two validation scenes.
+    met = replace(quick, target_chair_s=1.0, min_recall=0.0, check_every=2, validation_scenes=2, batch_size=4)
+    scenes = scenes[:40]
     _, _, metrics = demo_models.fit_policy(scenes, met, seed=0)
-    assert metrics["steps"] == 5 and metrics["reached_target"]
-    assert [h["step"] for h in metrics["history"]] == [5]
+    assert metrics["steps"] == 2 and metrics["reached_target"]
+    assert [h["step"] for h in metrics["history"]] == [2]
 
     # recall can never exceed 1: the target is unreachable, so all steps run
-    unmet = replace(met, min_recall=1.01, steps=15)
+    unmet = replace(met, min_recall=1.01, steps=6)
     _, _, metrics = demo_models.fit_policy(scenes, unmet, seed=0)
-    assert metrics["steps"] == 15 and not metrics["reached_target"]
-    assert [h["step"] for h in metrics["history"]] == [5, 10, 15]
+    assert metrics["steps"] == 6 and not metrics["reached_target"]
+    assert [h["step"] for h in metrics["history"]] == [2, 4, 6]
 
 
 def test_validation_scenes_are_not_training_scenes(scenes):
