@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
 from typer.testing import CliRunner
 
 
@@ -52,8 +53,13 @@ def invoke_csr(
     overrides.update(env or {})
     code = 0
     saved_argv, saved_cwd = sys.argv, os.getcwd()
+    # A console made while COLUMNS was set keeps that width (pytest-xdist's
+    # workers set COLUMNS=80): for the command, each takes it from COLUMNS.
+    widths = {console: console._width for console in _module_consoles()}
     with CliRunner().isolation(input=input, env=overrides) as (stdout, stderr, _):
         sys.argv = argv
+        for console in widths:
+            console._width = None
         try:
             if cwd is not None:
                 os.chdir(cwd)
@@ -67,9 +73,22 @@ def invoke_csr(
                 print(exc.code, file=sys.stderr)
                 code = 1
         finally:
+            for console, width in widths.items():
+                console._width = width
             sys.argv = saved_argv
             os.chdir(saved_cwd)
             sys.stdout.flush()
             sys.stderr.flush()
             out, err = stdout.getvalue(), stderr.getvalue()
     return Ran(argv, code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+
+def _module_consoles() -> list[Console]:
+    """The rich consoles that csr's command modules keep at module level."""
+    return [
+        value
+        for name, module in list(sys.modules.items())
+        if name.startswith("csr.") and module is not None
+        for value in vars(module).values()
+        if isinstance(value, Console)
+    ]

@@ -13,10 +13,18 @@ session scoped, saved to temp dirs.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from csr.engine.demo import tiny
 from tests import worlds
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` runs N worker processes side by side: one torch thread each
+    # instead of every worker's default of one per core.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
