@@ -2,12 +2,13 @@
 run inside the test process under typer's `CliRunner` isolation.
 
 `invoke_csr` takes the arguments `run_csr` (tests/db_backends.py) takes and
-returns what it returns (`returncode`, `stdout`, `stderr`), without starting
-a Python process, importing torch again and connecting again: a command costs
-milliseconds instead of seconds. Everything `main` does is run: option
+returns what it returns (`returncode`, `stdout`, `stderr`), without starting a
+Python process and importing csr, torch and transformers again (one to three
+seconds a command on two cores). Everything `main` does is run: option
 parsing, settings, the store, the one-line `csr: error: ...` on stderr and the
 exit code. What it cannot show is the installed script itself (the entry
-point, a real stdin, a terminal, signals): a few tests keep `run_csr` for that.
+point, a real stdin, a terminal, signals, processes side by side): a few
+tests keep `run_csr` for that.
 """
 
 from __future__ import annotations
