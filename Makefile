@@ -39,9 +39,11 @@ test: install
 	$(BIN)/pytest -q
 
 # The fast lane for a development loop: everything but the end-to-end tests
-# marked slow (console-script runs, kills, demos, training runs).
+# marked slow (generation and training runs, kills, worker processes, demos),
+# in WORKERS processes side by side (pytest-xdist; WORKERS=0: in this one).
+WORKERS ?= 2
 check: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" -n $(WORKERS)
 
 lint: install
 	$(BIN)/ruff check .

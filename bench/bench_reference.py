@@ -29,7 +29,7 @@ from csr.engine.loading import load_clip, load_policy  # noqa: E402
 from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search  # noqa: E402
 from csr.engine.train.dpo import TrainConfig, train_dpo  # noqa: E402
 from csr.engine.train.dpo_data import PreferenceExample, completion_logprob  # noqa: E402
-from tests.conftest import COLOURS, CORPUS  # noqa: E402
+from tests.worlds import COLOURS, CORPUS  # noqa: E402
 
 PROMPT = "Describe the image."
 SEARCH = SearchConfig(max_new_tokens=8, max_length=32, num_token_beams=3, num_beam_groups=3, num_beams=3)

@@ -19,6 +19,7 @@ from csr.storage.models import Candidate, Evaluation, Image, Iteration, ModelVer
 from csr.storage.prompts import insert_images, insert_prompts
 from csr.storage.store import create_store
 from csr.storage.trees import insert_candidates
+from tests.db_backends import sqlite_head_store
 
 NOW = datetime(2025, 1, 1, 12, tzinfo=UTC).replace(tzinfo=None)  # the store keeps naive UTC
 WORDS = ("cat", "red", "mat", "sits", "on", "a", "the", "blue", "ball", "near", "window", "small")
@@ -232,6 +233,7 @@ def _add_pair_set(conn: Connection, study: Study, iteration: int, name: str, is_
 
 
 def sqlite_store(directory: Path) -> tuple[str, Engine]:
-    url = f"sqlite:///{directory / 'store.db'}"
+    """A store at head in directory/store.db (a copy of the session's template) and its engine."""
+    url = sqlite_head_store(directory / "store.db")
     engine, _ = create_store(url)
     return url, engine

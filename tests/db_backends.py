@@ -11,6 +11,10 @@ Registered as a pytest plugin by the repository's root conftest.py
   with `@pytest.mark.parametrize("backend", only_on("sqlite"))`.
 - `sqlite_url` / `postgres_url`: one backend only.
 - `new_postgres_database`: a factory for more PostgreSQL databases in one test.
+- `head_store_url`: like `store_url`, but holding a store at the head revision
+  already (as `csr init` leaves it, without a model): a copy of one store
+  migrated once per test process, which saves the migrations in every test
+  (`sqlite_head_store` and `postgres_head_database` make such copies).
 
 The PostgreSQL server comes from `CSR_TEST_DATABASE_URL` (a server URL; the
 database part is replaced) or `postgresql://postgres@127.0.0.1:5432/postgres`.
@@ -23,10 +27,13 @@ Also here, because most test modules need it: `run_csr`, which runs the real
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,13 +94,14 @@ def _admin_engine():
     return create_engine(server_url(), isolation_level="AUTOCOMMIT")
 
 
-def create_postgres_database() -> str:
-    """Create an empty database with a random name; returns its URL (postgresql://...)."""
+def create_postgres_database(template: str | None = None) -> str:
+    """Create a database with a random name, empty or a copy of the database
+    `template`; returns its URL (postgresql://...)."""
     name = f"csr_test_{secrets.token_hex(6)}"
     engine = _admin_engine()
     try:
         with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
     finally:
         engine.dispose()
     url = server_url().set(drivername="postgresql", database=name)
@@ -110,14 +118,49 @@ def drop_postgres_database(url: str) -> None:
         engine.dispose()
 
 
+# Stores at head that the tests copy: made once per test process (each xdist
+# worker has its own), removed when it ends.
+_head_templates: dict[str, Path | str] = {}
+
+
+def sqlite_head_store(path: Path) -> str:
+    """An SQLite store at head at `path` (a copy of the template); returns its URL."""
+    template = _head_templates.get("sqlite")
+    if template is None:
+        from csr.storage.store import create_store
+
+        directory = Path(tempfile.mkdtemp(prefix="csr-head-store-"))
+        atexit.register(shutil.rmtree, directory, True)
+        template = directory / "store.db"
+        engine, _ = create_store(f"sqlite:///{template}")
+        engine.dispose()  # the last connection gone: no -wal/-shm beside the file
+        _head_templates["sqlite"] = template
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
+def postgres_head_database() -> str:
+    """A new PostgreSQL database holding a store at head (CREATE DATABASE ... TEMPLATE)."""
+    template = _head_templates.get("postgresql")
+    if template is None:
+        from csr.storage.store import create_store
+
+        url = create_postgres_database()
+        engine, _ = create_store(url)
+        engine.dispose()  # a template must have no connections
+        template = _head_templates["postgresql"] = make_url(url).database
+    return create_postgres_database(template=str(template))
+
+
 @pytest.fixture
-def new_postgres_database() -> Iterator[Callable[[], str]]:
-    """Factory: each call creates one more fresh PostgreSQL database, dropped after the test."""
+def new_postgres_database() -> Iterator[Callable[..., str]]:
+    """Factory: each call creates one more fresh PostgreSQL database, dropped after
+    the test; `make(head=True)` one that holds a store at head already."""
     require_server()
     made: list[str] = []
 
-    def make() -> str:
-        made.append(create_postgres_database())
+    def make(head: bool = False) -> str:
+        made.append(postgres_head_database() if head else create_postgres_database())
         return made[-1]
 
     yield make
@@ -157,6 +200,14 @@ def store_url(request, backend: str) -> str:
     if backend == "sqlite":
         return request.getfixturevalue("sqlite_url")
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def head_store_url(request, backend: str, tmp_path: Path) -> str:
+    """A fresh database on the backend under test, holding a store at head."""
+    if backend == "sqlite":
+        return sqlite_head_store(tmp_path / "store.db")
+    return request.getfixturevalue("new_postgres_database")(head=True)
 
 
 def run_csr(
@@ -220,22 +271,31 @@ def _driver_url(url: str) -> str:
 
 
 # -- under CSR_REQUIRE_POSTGRES=1 (CI) the run fails unless PostgreSQL tests passed -------
+# Counted from the test reports (which carry the markers), so that the count is
+# right with pytest-xdist too, where the process that reports runs no test.
 
 _postgres_items: set[str] = set()
 _postgres_passed: list[str] = []
 
 
-def pytest_collection_finish(session) -> None:
-    _postgres_items.update(item.nodeid for item in session.items if item.get_closest_marker("postgres"))
+def _is_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 def pytest_runtest_logreport(report) -> None:
-    if report.when == "call" and report.passed and report.nodeid in _postgres_items:
+    if "postgres" not in report.keywords:
+        return
+    if report.when == "setup":
+        _postgres_items.add(report.nodeid)
+    if report.when == "call" and report.passed:
         _postgres_passed.append(report.nodeid)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    if not postgres_required() or session.config.option.collectonly:
+    template = _head_templates.pop("postgresql", None)
+    if template is not None:
+        drop_postgres_database(server_url().set(database=str(template)).render_as_string(hide_password=False))
+    if not postgres_required() or session.config.option.collectonly or _is_xdist_worker(session.config):
         return
     if not _postgres_passed:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -251,6 +311,6 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def pytest_terminal_summary(terminalreporter) -> None:
     if _postgres_items:
         terminalreporter.write_line(
-            f"PostgreSQL tests: {len(_postgres_passed)} passed of {len(_postgres_items)} selected "
+            f"PostgreSQL tests: {len(_postgres_passed)} passed of {len(_postgres_items)} run "
             f"(server {server_url().render_as_string(hide_password=True)})"
         )

@@ -1,5 +1,10 @@
-"""A small study on disk for end-to-end tests: tiny models, a few images,
-a store initialised and filled through the real `csr` command."""
+"""A small study on disk for end-to-end tests: tiny models, a few images of
+the toy world (tests/worlds.py), a store initialised and filled by `csr init`
+and `csr prompts import`.
+
+`Study.invoke` runs a csr command in this process (tests/cli_runner.py);
+`Study.csr` runs the real console script, for the tests that kill it, signal
+it or run several at once."""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 from sqlalchemy import create_engine, text
 
-from tests.conftest import COLOURS, PROMPT
+from tests.cli_runner import invoke_csr
 from tests.db_backends import run_csr
+from tests.worlds import write_prompts
 
 # Small enough for seconds per iteration on two cores, big enough for real trees.
 SEARCH = {
@@ -42,7 +47,12 @@ class Study:
     prompts: int
 
     def csr(self, *args, **kwargs):
+        """The real `csr` console script, in a process of its own."""
         return run_csr(*args, cwd=self.directory, db=self.url, **kwargs)
+
+    def invoke(self, *args, **kwargs):
+        """The same command in this process."""
+        return invoke_csr(*args, cwd=self.directory, db=self.url, **kwargs)
 
     def query(self, sql: str, **params) -> list[tuple]:
         engine = create_engine(self.url.replace("postgresql://", "postgresql+psycopg://", 1))
@@ -54,21 +64,13 @@ class Study:
 
 
 def make_study(directory: Path, url: str, llava_dir: Path, clip_dir: Path, prompts: int = 6) -> Study:
-    images = directory / "images"
-    images.mkdir(parents=True)
-    names = list(COLOURS)
-    with (directory / "prompts.jsonl").open("w") as handle:
-        for i in range(prompts):
-            colour = names[i % len(names)]
-            # a pixel of difference per prompt: distinct images, distinct hashes
-            Image.new("RGB", (40, 36), tuple(min(255, c + i) for c in COLOURS[colour])).save(images / f"{i}.png")
-            handle.write(json.dumps({"id": f"p{i}", "image": f"{i}.png", "prompt": PROMPT}) + "\n")
+    write_prompts(directory, prompts)
     toml = ["[generate]"] + [f"{k} = {json.dumps(v)}" for k, v in SEARCH.items()]
     toml += ["", "[train]"] + [f"{k} = {json.dumps(v)}" for k, v in TRAIN.items()]
     (directory / "csr.toml").write_text("\n".join(toml) + "\n")
     study = Study(directory, url, prompts)
-    done = study.csr("init", "--model", str(llava_dir), "--clip", f"local-dir:{clip_dir}")
+    done = study.invoke("init", "--model", str(llava_dir), "--clip", f"local-dir:{clip_dir}")
     assert done.returncode == 0, done.stderr
-    done = study.csr("prompts", "import", "prompts.jsonl", "--images", "images")
+    done = study.invoke("prompts", "import", "prompts.jsonl", "--images", "images")
     assert done.returncode == 0, done.stderr
     return study

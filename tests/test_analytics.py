@@ -20,6 +20,7 @@ from csr.storage.models import Candidate, Iteration
 from csr.storage.store import create_store
 from csr.storage.trees import CANDIDATE_COLUMNS, insert_candidates
 from tests.analytics_fixtures import NOW, Study, fill_study, random_tree, sqlite_store
+from tests.cli_runner import invoke_csr
 from tests.db_backends import CSR_SCRIPT, fingerprint, run_csr
 
 
@@ -34,14 +35,14 @@ class Store:
 
 
 @pytest.fixture
-def store(backend: str, store_url: str, tmp_path: Path) -> Store:
+def store(backend: str, head_store_url: str, tmp_path: Path) -> Store:
     """The synthetic study on each backend (PostgreSQL: a fresh database, dropped afterwards)."""
-    engine, _ = create_store(store_url)
+    engine, _ = create_store(head_store_url)
     try:
         study = fill_study(engine, tmp_path / "images")
     finally:
         engine.dispose()
-    return Store(backend, store_url, study)
+    return Store(backend, head_store_url, study)
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def sqlite_study(tmp_path: Path) -> Store:
 
 
 def sql_json(url: str, query: str) -> list[dict]:
-    result = run_csr("sql", query, "--format", "json", db=url)
+    result = invoke_csr("sql", query, "--format", "json", db=url)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -168,36 +169,36 @@ def test_sql_output_formats(sqlite_study: Store, tmp_path: Path):
     expected = sql_json(url, query)
     assert [row["iteration"] for row in expected] == [1, 2]
 
-    csv_out = run_csr("--db", url, "sql", query, "--format", "csv")
+    csv_out = invoke_csr("--db", url, "sql", query, "--format", "csv")
     assert csv_out.returncode == 0, csv_out.stderr
     lines = csv_out.stdout.strip().splitlines()
     assert lines[0] == "iteration,n,mean" and len(lines) == 3
     assert int(lines[1].split(",")[1]) == expected[0]["n"]
 
-    table = run_csr("--db", url, "sql", query)
+    table = invoke_csr("--db", url, "sql", query)
     assert table.returncode == 0 and "2 rows" in table.stdout
 
     parquet = tmp_path / "out.parquet"
-    result = run_csr("--db", url, "sql", query, "--format", "parquet", "--out", str(parquet))
+    result = invoke_csr("--db", url, "sql", query, "--format", "parquet", "--out", str(parquet))
     assert result.returncode == 0, result.stderr
     back = duckdb.sql(f"SELECT * FROM '{parquet}' ORDER BY iteration").fetchall()
     assert [(r[0], r[1]) for r in back] == [(e["iteration"], e["n"]) for e in expected]
 
     json_file = tmp_path / "out.json"
-    assert run_csr("--db", url, "sql", query, "--format", "json", "--out", str(json_file)).returncode == 0
+    assert invoke_csr("--db", url, "sql", query, "--format", "json", "--out", str(json_file)).returncode == 0
     assert json.loads(json_file.read_text()) == expected
 
     # JSON columns come out as JSON, not as quoted strings; booleans as CSV true/false.
     params = sql_json(url, "SELECT params, is_default FROM pair_sets ORDER BY id")
     assert params[0] == {"params": {"rule": "sum"}, "is_default": True}
-    flags = run_csr("--db", url, "sql", "SELECT is_default FROM pair_sets ORDER BY id", "--format", "csv")
+    flags = invoke_csr("--db", url, "sql", "SELECT is_default FROM pair_sets ORDER BY id", "--format", "csv")
     assert flags.stdout.split()[:3] == ["is_default", "true", "false"]
 
-    assert "--out" in one_line_error(run_csr("--db", url, "sql", query, "--format", "parquet"))
-    bad_format = run_csr("--db", url, "sql", query, "--format", "xml")
+    assert "--out" in one_line_error(invoke_csr("--db", url, "sql", query, "--format", "parquet"))
+    bad_format = invoke_csr("--db", url, "sql", query, "--format", "xml")
     assert bad_format.returncode == 2 and bad_format.stderr.count("\n") == 1
     assert bad_format.stderr.startswith("csr: error: Invalid value for '--format'")
-    assert "query failed" in one_line_error(run_csr("--db", url, "sql", "SELECT nope FROM candidates"))
+    assert "query failed" in one_line_error(invoke_csr("--db", url, "sql", "SELECT nope FROM candidates"))
 
 
 def test_sql_reads_stdin(sqlite_study: Store):
@@ -210,7 +211,7 @@ def test_sql_reads_stdin(sqlite_study: Store):
 
 
 def test_sql_needs_a_store(tmp_path: Path):
-    result = run_csr("--db", str(tmp_path / "missing.db"), "sql", "SELECT 1")
+    result = invoke_csr("--db", str(tmp_path / "missing.db"), "sql", "SELECT 1")
     assert "csr init" in one_line_error(result)
     assert not (tmp_path / "missing.db").exists()
 
@@ -308,7 +309,7 @@ def assert_close(actual, expected, where: str = "") -> None:
 
 
 def test_stats_match_hand_computation(store: Store):
-    result = run_csr("--db", store.url, "stats", "--json")
+    result = invoke_csr("--db", store.url, "stats", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert [it["iteration"] for it in summary["iterations"]] == [1, 2]
@@ -320,24 +321,24 @@ def test_stats_match_hand_computation(store: Store):
 
 
 def test_stats_one_iteration_and_table(sqlite_study: Store):
-    result = run_csr("--db", sqlite_study.url, "stats", "--iter", "2", "--json")
+    result = invoke_csr("--db", sqlite_study.url, "stats", "--iter", "2", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert [it["iteration"] for it in summary["iterations"]] == [2]
     assert_close(summary["iterations"][0], expected_stats(sqlite_study.study, 2))
 
-    table = run_csr("--db", sqlite_study.url, "stats")
+    table = invoke_csr("--db", sqlite_study.url, "stats")
     assert table.returncode == 0, table.stderr
     for label in ("chosen mean reward", "rejected mean R_I", "margin median", "CHAIR_S", "excluded: "):
         assert label in table.stdout
 
-    assert "no iteration 9" in one_line_error(run_csr("--db", sqlite_study.url, "stats", "--iter", "9"))
+    assert "no iteration 9" in one_line_error(invoke_csr("--db", sqlite_study.url, "stats", "--iter", "9"))
 
 
 def test_stats_of_an_empty_store(tmp_path: Path):
     url, engine = sqlite_store(tmp_path)
     engine.dispose()
-    result = run_csr("--db", url, "stats", "--json")
+    result = invoke_csr("--db", url, "stats", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"iterations": [], "evaluations": [], "benchmarks": []}
 
@@ -345,6 +346,7 @@ def test_stats_of_an_empty_store(tmp_path: Path):
 # ---------------------------------------------------------------- live store
 
 
+@pytest.mark.slow  # csr processes reading beside a writer that keeps a core busy: ~15 s
 def test_sql_while_a_worker_writes(tmp_path: Path):
     """Reads run beside a writer (SQLite WAL) and see whole trees only."""
     url, engine = sqlite_store(tmp_path)
@@ -372,8 +374,11 @@ def test_sql_while_a_worker_writes(tmp_path: Path):
     try:
         counts = []
         for _ in range(4):
-            rows = sql_json(url, "SELECT count(*) AS n FROM candidates")
-            counts.append(rows[0]["n"])
+            # A csr process of its own: DuckDB's SQLite and Python's must not share one
+            # process's file locks while both have the store open.
+            rows = run_csr("sql", "SELECT count(*) AS n FROM candidates", "--format", "json", db=url)
+            assert rows.returncode == 0, rows.stderr
+            counts.append(json.loads(rows.stdout)[0]["n"])
     finally:
         stop.set()
         thread.join()
@@ -442,15 +447,15 @@ def test_insert_candidates_is_atomic_with_the_callers_transaction(store: Store):
 
 def test_cache_gives_the_same_figures_and_follows_the_store(store: Store, tmp_path: Path):
     cache = tmp_path / "analytics.duckdb"
-    plain = json.loads(run_csr("--db", store.url, "stats", "--json").stdout)
-    result = run_csr("--db", store.url, "stats", "--json", "--cache", cache)
+    plain = json.loads(invoke_csr("--db", store.url, "stats", "--json").stdout)
+    result = invoke_csr("--db", store.url, "stats", "--json", "--cache", cache)
     assert result.returncode == 0, result.stderr
     assert_close(json.loads(result.stdout), plain)
     assert cache.exists()
 
     def cached_count() -> int:
-        out = run_csr("--db", store.url, "sql", "SELECT count(*) AS n FROM candidates", "--format", "json",
-                      "--cache", cache)
+        out = invoke_csr("--db", store.url, "sql", "SELECT count(*) AS n FROM candidates", "--format", "json",
+                         "--cache", cache)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)[0]["n"]
 
@@ -458,39 +463,46 @@ def test_cache_gives_the_same_figures_and_follows_the_store(store: Store, tmp_pa
     assert cached_count() == base
     # New trees are fetched at the next use...
     tree = random_tree(random.Random(9))
+    # (each write's engine is disposed before csr reads: the command runs in this
+    # process, and DuckDB's SQLite must not read a file Python's SQLite holds open)
     engine = make_engine(store.url)
     try:
         with engine.begin() as conn:
             add_iteration(conn, 5)
             insert_candidates(conn, 5, store.study.prompt_ids[0], tree)
-        assert cached_count() == base + len(tree)
-        # ...and rows that disappear make the copy start again.
+    finally:
+        engine.dispose()
+    assert cached_count() == base + len(tree)
+    # ...and rows that disappear make the copy start again.
+    engine = make_engine(store.url)
+    try:
         with engine.begin() as conn:
             conn.execute(Candidate.__table__.delete().where(Candidate.iteration == 5))
     finally:
         engine.dispose()
     assert cached_count() == base
     before = store.fingerprint()
-    assert "read-only" in one_line_error(run_csr("--db", store.url, "sql", "DELETE FROM candidates",
-                                                 "--cache", cache))
+    assert "read-only" in one_line_error(invoke_csr("--db", store.url, "sql", "DELETE FROM candidates",
+                                                    "--cache", cache))
     assert store.fingerprint() == before
 
 
 def test_cache_refuses_the_store_file_and_a_busy_cache(sqlite_study: Store, tmp_path: Path):
     store_file = Path(sqlite_study.url.removeprefix("sqlite:///"))
     before = sqlite_study.fingerprint()
-    result = run_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", store_file)
+    result = invoke_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", store_file)
     assert "not the store" in one_line_error(result)
     assert sqlite_study.fingerprint() == before
 
     cache = tmp_path / "busy.duckdb"
     holder = duckdb.connect(str(cache))  # another process's writer holds the file lock
     try:
+        # (csr is a process of its own here: inside this one DuckDB would see its own handle)
         result = run_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", cache)
         assert "analytics cache" in one_line_error(result)
     finally:
         holder.close()
-    assert run_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", cache).returncode == 0
+    assert invoke_csr("--db", sqlite_study.url, "sql", "SELECT 1", "--cache", cache).returncode == 0
 
 
 def test_interactive_prompt_on_a_terminal(sqlite_study: Store):

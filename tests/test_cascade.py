@@ -27,7 +27,7 @@ from csr.engine.search.sentence_search import (
     expand_partials,
     expand_prompts,
 )
-from tests.conftest import PROMPT
+from tests.worlds import PROMPT
 
 LLAVA_256x4 = tiny.TinyLlavaSize(
     image_size=192,

@@ -1,6 +1,6 @@
-"""The store commands through the real `csr` console script: init, where the
-store is (--db, CSR_DATABASE_URL, csr.toml, default), status, db upgrade, and
-the one-line refusals."""
+"""The store commands: init, where the store is (--db, CSR_DATABASE_URL,
+csr.toml, default), status, db upgrade, and the one-line refusals; in process
+(tests/cli_runner.py), and init + status through the real `csr` console script."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from csr.storage import migrate
 from csr.storage.db import make_engine
 from csr.storage.store import create_store
 from csr.storage.versions import register_base_model
+from tests.cli_runner import invoke_csr
 from tests.db_backends import fingerprint, only_on, run_csr
 
 HEAD = migrate.head_revision()
@@ -61,7 +62,7 @@ def test_init_creates_the_default_store_and_settings_in_the_working_directory(tm
 def test_status_prints_tables(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     make_store(url, "org/base-model")
-    done = run_csr("status", db=url)
+    done = invoke_csr("status", db=url)
     assert done.returncode == 0, done.stderr
     assert "prompts: 0" in done.stdout
     assert "no iteration started yet" in done.stdout
@@ -78,35 +79,35 @@ def test_store_location_precedence(tmp_path):
         make_store(f"sqlite:///{study / name}.db", f"org/{name}")
     env = {"CSR_DATABASE_URL": f"sqlite:///{study / 'env.db'}"}
 
-    assert base_model_of(run_csr("status", "--json", cwd=study)) == "org/csr"
+    assert base_model_of(invoke_csr("status", "--json", cwd=study)) == "org/csr"
     (study / "csr.toml").write_text('[store]\nurl = "sqlite:///toml.db"\n')
-    assert base_model_of(run_csr("status", "--json", cwd=study)) == "org/toml"
-    assert base_model_of(run_csr("status", "--json", cwd=study, env=env)) == "org/env"
-    assert base_model_of(run_csr("--db", study / "flag.db", "status", "--json", cwd=study, env=env)) == "org/flag"
+    assert base_model_of(invoke_csr("status", "--json", cwd=study)) == "org/toml"
+    assert base_model_of(invoke_csr("status", "--json", cwd=study, env=env)) == "org/env"
+    assert base_model_of(invoke_csr("--db", study / "flag.db", "status", "--json", cwd=study, env=env)) == "org/flag"
     # a relative SQLite path in csr.toml is relative to the file, wherever csr runs
-    assert base_model_of(run_csr("--config", study / "csr.toml", "status", "--json", cwd=elsewhere)) == "org/toml"
+    assert base_model_of(invoke_csr("--config", study / "csr.toml", "status", "--json", cwd=elsewhere)) == "org/toml"
 
 
 def test_init_with_db_records_the_store_in_csr_toml(tmp_path):
-    done = run_csr("--db", "study.db", "init", "--model", "org/my-model", cwd=tmp_path)
+    done = invoke_csr("--db", "study.db", "init", "--model", "org/my-model", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert tomllib.loads((tmp_path / "csr.toml").read_text())["store"]["url"] == "study.db"
-    assert base_model_of(run_csr("status", "--json", cwd=tmp_path)) == "org/my-model"
+    assert base_model_of(invoke_csr("status", "--json", cwd=tmp_path)) == "org/my-model"
     assert not (tmp_path / "csr.db").exists()
 
 
 def test_init_refuses_a_missing_local_model_and_creates_nothing(tmp_path):
-    done = run_csr("init", "--model", "./no-such-model", cwd=tmp_path)
+    done = invoke_csr("init", "--model", "./no-such-model", cwd=tmp_path)
     assert "model directory not found" in one_line_error(done)
     assert not (tmp_path / "csr.db").exists() and not (tmp_path / "csr.toml").exists()
 
 
 def test_bad_settings_file_is_one_line(tmp_path):
     (tmp_path / "csr.toml").write_text("[store\nurl = 1\n")
-    assert "not valid TOML" in one_line_error(run_csr("status", cwd=tmp_path))
+    assert "not valid TOML" in one_line_error(invoke_csr("status", cwd=tmp_path))
     (tmp_path / "csr.toml").write_text('[stor]\nurl = "x.db"\n')
-    assert "unknown section" in one_line_error(run_csr("status", cwd=tmp_path))
-    assert "settings file not found" in one_line_error(run_csr("--config", tmp_path / "nope.toml", "status"))
+    assert "unknown section" in one_line_error(invoke_csr("status", cwd=tmp_path))
+    assert "settings file not found" in one_line_error(invoke_csr("--config", tmp_path / "nope.toml", "status"))
 
 
 def test_older_store_is_refused_until_db_upgrade(store_url, tmp_path):
@@ -114,18 +115,18 @@ def test_older_store_is_refused_until_db_upgrade(store_url, tmp_path):
     migrate.upgrade(engine, "0001")
     engine.dispose()
     before = fingerprint(store_url)
-    message = one_line_error(run_csr("status", db=store_url))
+    message = one_line_error(invoke_csr("status", db=store_url))
     assert "revision 0001" in message and "run `csr db upgrade`" in message
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "image": "a.png", "prompt": "?"}\n')
-    assert "csr db upgrade" in one_line_error(run_csr("prompts", "import", prompts, "--images", tmp_path, db=store_url))
-    assert "csr db upgrade" in one_line_error(run_csr("init", db=store_url, cwd=tmp_path))
+    assert "csr db upgrade" in one_line_error(invoke_csr("prompts", "import", prompts, "--images", tmp_path, db=store_url))
+    assert "csr db upgrade" in one_line_error(invoke_csr("init", db=store_url, cwd=tmp_path))
     assert fingerprint(store_url) == before
 
-    upgraded = run_csr("db", "upgrade", db=store_url)
+    upgraded = invoke_csr("db", "upgrade", db=store_url)
     assert upgraded.returncode == 0, upgraded.stderr
     assert f"upgraded from schema 0001 to {HEAD}" in upgraded.stdout
-    assert run_csr("status", db=store_url).returncode == 0
+    assert invoke_csr("status", db=store_url).returncode == 0
 
 
 def test_newer_store_is_refused_asking_to_upgrade_csr(store_url, tmp_path):
@@ -135,7 +136,7 @@ def test_newer_store_is_refused_asking_to_upgrade_csr(store_url, tmp_path):
     engine.dispose()
     before = fingerprint(store_url)
     for args in (["status"], ["db", "upgrade"], ["init"]):
-        message = one_line_error(run_csr(*args, db=store_url, cwd=tmp_path))
+        message = one_line_error(invoke_csr(*args, db=store_url, cwd=tmp_path))
         assert "revision 0999" in message and "upgrade csr" in message, args
     assert fingerprint(store_url) == before
 
@@ -147,20 +148,20 @@ def test_a_database_that_is_not_a_csr_store(store_url, tmp_path):
         conn.execute(text("CREATE TABLE invoices (id INTEGER PRIMARY KEY)"))
     engine.dispose()
     before = fingerprint(store_url)
-    assert "not a csr store" in one_line_error(run_csr("init", db=store_url, cwd=tmp_path))
-    assert "not a csr store" in one_line_error(run_csr("db", "upgrade", db=store_url))
-    assert "not a csr store" in one_line_error(run_csr("status", db=store_url))
+    assert "not a csr store" in one_line_error(invoke_csr("init", db=store_url, cwd=tmp_path))
+    assert "not a csr store" in one_line_error(invoke_csr("db", "upgrade", db=store_url))
+    assert "not a csr store" in one_line_error(invoke_csr("status", db=store_url))
     assert fingerprint(store_url) == before
 
 
 def test_missing_or_unreachable_store_is_one_line(tmp_path):
-    assert "run `csr init`" in one_line_error(run_csr("status", cwd=tmp_path))
-    assert "run `csr init`" in one_line_error(run_csr("db", "upgrade", cwd=tmp_path))
+    assert "run `csr init`" in one_line_error(invoke_csr("status", cwd=tmp_path))
+    assert "run `csr init`" in one_line_error(invoke_csr("db", "upgrade", cwd=tmp_path))
     assert not (tmp_path / "csr.db").exists()
     for args in (["status"], ["db", "upgrade"], ["db", "revision"], ["init"]):
-        message = one_line_error(run_csr(*args, db=UNREACHABLE, cwd=tmp_path))
+        message = one_line_error(invoke_csr(*args, db=UNREACHABLE, cwd=tmp_path))
         assert "127.0.0.1:1" in message and "Connection refused" in message, args
-    assert "cannot use database URL" in one_line_error(run_csr("status", db="nosuchdialect://x/y"))
+    assert "cannot use database URL" in one_line_error(invoke_csr("status", db="nosuchdialect://x/y"))
 
 
 def test_usage_errors_are_not_tracebacks(tmp_path):
@@ -172,12 +173,12 @@ def test_usage_errors_are_not_tracebacks(tmp_path):
 @pytest.mark.postgres
 def test_csr_database_url_points_csr_at_postgresql(postgres_url, tmp_path):
     env = {"CSR_DATABASE_URL": postgres_url}
-    done = run_csr("init", "--model", "org/pg-model", cwd=tmp_path, env=env)
+    done = invoke_csr("init", "--model", "org/pg-model", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert "store created at postgresql+psycopg://" in done.stdout
     assert not (tmp_path / "csr.db").exists()
-    assert base_model_of(run_csr("status", "--json", cwd=tmp_path, env=env)) == "org/pg-model"
-    revision = run_csr("db", "revision", cwd=tmp_path, env=env)
+    assert base_model_of(invoke_csr("status", "--json", cwd=tmp_path, env=env)) == "org/pg-model"
+    revision = invoke_csr("db", "revision", cwd=tmp_path, env=env)
     assert revision.stdout.split() == ["store:", HEAD, "csr:", HEAD]
 
 
@@ -188,11 +189,11 @@ def test_csr_database_url_points_csr_at_postgresql(postgres_url, tmp_path):
     ("train", 'epochs = "two"', "epochs must be an integer"),
 ])
 def test_a_typo_in_csr_toml_is_one_line_naming_the_key_and_the_file(tmp_path, section, line, message):
-    assert run_csr("init", "--model", "org/model", cwd=tmp_path).returncode == 0
+    assert invoke_csr("init", "--model", "org/model", cwd=tmp_path).returncode == 0
     toml = tmp_path / "csr.toml"
     toml.write_text(toml.read_text().replace(f"[{section}]\n", f"[{section}]\n{line}\n"))
     before = fingerprint(f"sqlite:///{tmp_path / 'csr.db'}")
-    done = run_csr(section, "--iter", "1", cwd=tmp_path)
+    done = invoke_csr(section, "--iter", "1", cwd=tmp_path)
     error = one_line_error(done)
     assert message in error and f"[{section}] in {toml}" in error
     assert fingerprint(f"sqlite:///{tmp_path / 'csr.db'}") == before

@@ -13,7 +13,8 @@ from csr.engine.train.dpo import weights_hash
 from tests.db_backends import fingerprint
 from tests.study import Study, make_study
 
-# End to end through the console script: the full suite (make test), not the fast lane (make check).
+# End to end (generation and training runs, in process): the full suite (make test), not the
+# fast lane (make check).
 pytestmark = pytest.mark.slow
 
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 def generated_template(tmp_path_factory, trained_llava_dir, tiny_clip_dir):
     directory = tmp_path_factory.mktemp("generated")
     study = make_study(directory, f"sqlite:///{directory / 'store.db'}", trained_llava_dir, tiny_clip_dir)
-    done = study.csr("generate", "--iter", "1", "--quiet")
+    done = study.invoke("generate", "--iter", "1", "--quiet")
     assert done.returncode == 0, done.stderr
     return study
 
@@ -79,7 +80,7 @@ def _pair_set(study: Study, name: str) -> dict[int, tuple[int, int]]:
 
 
 def test_curate_selects_best_and_worst_responses_by_sql(generated):
-    done = generated.csr("curate", "--iter", "1")
+    done = generated.invoke("curate", "--iter", "1")
     assert done.returncode == 0, done.stderr
     assert "(default) created" in done.stdout
     default = _pair_set(generated, "paper-lambda0.9-margin0")
@@ -96,12 +97,12 @@ def test_curate_selects_best_and_worst_responses_by_sql(generated):
         assert finals[0][0] == chosen
 
     [(first_hash,)] = generated.query("SELECT result_hash FROM pair_sets")
-    again = generated.csr("curate", "--iter", "1")
+    again = generated.invoke("curate", "--iter", "1")
     assert again.returncode == 0 and "unchanged" in again.stdout
     assert generated.query("SELECT result_hash FROM pair_sets") == [(first_hash,)]
 
     for lam in ("0", "1"):
-        assert generated.csr("curate", "--iter", "1", "--lambda", lam).returncode == 0
+        assert generated.invoke("curate", "--iter", "1", "--lambda", lam).returncode == 0
         assert _pair_set(generated, f"paper-lambda{lam}-margin0") == _expected_pairs(generated, float(lam))
     # R_T alone and R_I alone disagree somewhere, so the ablations select other pairs.
     assert _pair_set(generated, "paper-lambda0-margin0") != _pair_set(generated, "paper-lambda1-margin0")
@@ -113,27 +114,27 @@ def test_curate_selects_best_and_worst_responses_by_sql(generated):
 def test_train_order_rules_change_nothing(tmp_path, trained_llava_dir, tiny_clip_dir):
     study = make_study(tmp_path, f"sqlite:///{tmp_path / 'store.db'}", trained_llava_dir, tiny_clip_dir)
     before = fingerprint(study.url)
-    not_generated = study.csr("train", "--iter", "1")
+    not_generated = study.invoke("train", "--iter", "1")
     assert not_generated.returncode != 0 and "csr generate --iter 1" in not_generated.stderr
     assert fingerprint(study.url) == before
 
-    assert study.csr("generate", "--iter", "1", "--limit", "2", "--quiet").returncode == 0
+    assert study.invoke("generate", "--iter", "1", "--limit", "2", "--quiet").returncode == 0
     before = fingerprint(study.url)
-    partial = study.csr("train", "--iter", "1")
+    partial = study.invoke("train", "--iter", "1")
     assert partial.returncode != 0 and "--allow-partial" in partial.stderr
     assert "Traceback" not in partial.stderr
     assert fingerprint(study.url) == before
 
-    empty = study.csr("curate", "--iter", "1", "--min-margin", "1e9", "--pair-set", "none", "--default")
+    empty = study.invoke("curate", "--iter", "1", "--min-margin", "1e9", "--pair-set", "none", "--default")
     assert empty.returncode == 0 and "0 pair(s)" in empty.stdout
     before = fingerprint(study.url)
-    refused = study.csr("train", "--iter", "1", "--allow-partial")
+    refused = study.invoke("train", "--iter", "1", "--allow-partial")
     assert refused.returncode != 0 and "empty" in refused.stderr
     assert fingerprint(study.url) == before
 
 
 def test_train_registers_a_reproducible_version_and_its_lineage(generated, trained_llava_dir):
-    done = generated.csr("train", "--iter", "1", "--device", "cpu")
+    done = generated.invoke("train", "--iter", "1", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     [(path, parent, digest, iteration)] = generated.query(
         "SELECT path, parent_version, weights_hash, iteration FROM model_versions WHERE version = 1"
@@ -146,14 +147,14 @@ def test_train_registers_a_reproducible_version_and_its_lineage(generated, train
     assert state == "done" and "FROM pairs" in sql and len(pairs_hash) == 64
     assert json.loads(hyper)["learning_rate"] == pytest.approx(1e-3)
 
-    refused = generated.csr("train", "--iter", "1")
+    refused = generated.invoke("train", "--iter", "1")
     assert refused.returncode != 0 and "--force" in refused.stderr
-    forced = generated.csr("train", "--iter", "1", "--force", "--device", "cpu")
+    forced = generated.invoke("train", "--iter", "1", "--force", "--device", "cpu")
     assert forced.returncode == 0, forced.stderr
     [(digest_again,)] = generated.query("SELECT weights_hash FROM model_versions WHERE version = 1")
     assert digest_again == digest, "same store, same seed: same weights on CPU"
 
-    lineage = generated.csr("lineage", "--version", "1", "--json")
+    lineage = generated.invoke("lineage", "--version", "1", "--json")
     assert lineage.returncode == 0, lineage.stderr
     chain = json.loads(lineage.stdout)
     assert [entry["version"] for entry in chain] == [1, 0]
@@ -162,20 +163,20 @@ def test_train_registers_a_reproducible_version_and_its_lineage(generated, train
     assert chain[0]["generation"]["config"]["search"]["num_beams"] == 2
 
     # The new version is the policy of the next iteration, loaded the usual way.
-    nxt = generated.csr("generate", "--iter", "2", "--limit", "2", "--quiet")
+    nxt = generated.invoke("generate", "--iter", "2", "--limit", "2", "--quiet")
     assert nxt.returncode == 0, nxt.stderr
     assert generated.query("SELECT policy_version FROM iterations WHERE number = 2") == [(1,)]
     assert generated.query("SELECT COUNT(DISTINCT prompt_id) FROM candidates WHERE iteration = 2") == [(2,)]
-    blocked = generated.csr("train", "--iter", "1", "--force")
+    blocked = generated.invoke("train", "--iter", "1", "--force")
     assert blocked.returncode != 0 and "iteration 2 was generated from it" in blocked.stderr
 
 
 def test_export_formats(generated):
-    assert generated.csr("curate", "--iter", "1").returncode == 0
+    assert generated.invoke("curate", "--iter", "1").returncode == 0
     pairs = generated.query("SELECT COUNT(*) FROM pairs")[0][0]
     out = generated.directory / "out"
     for fmt, name in (("llava-json", "p.json"), ("trl-jsonl", "p.jsonl"), ("parquet", "p.parquet")):
-        done = generated.csr("export", "--iter", "1", "--format", fmt, "--out", out / name)
+        done = generated.invoke("export", "--iter", "1", "--format", fmt, "--out", out / name)
         assert done.returncode == 0, done.stderr
     llava = json.loads((out / "p.json").read_text())
     assert len(llava) == pairs
@@ -192,7 +193,7 @@ def test_export_formats(generated):
     for row in table:
         assert row["margin"] == pytest.approx(row["chosen_reward"] - row["rejected_reward"])
         assert math.isfinite(row["chosen_r_i_sum"]) and row["chosen_sentences"] >= 1
-    bad = generated.csr("export", "--iter", "1", "--format", "csv")
+    bad = generated.invoke("export", "--iter", "1", "--format", "csv")
     assert bad.returncode != 0 and "Invalid value for '--format': 'csv' is not one of" in bad.stderr
 
 
@@ -200,9 +201,9 @@ def test_curation_is_identical_on_sqlite_and_postgresql(tmp_path, postgres_url, 
     hashes = []
     for name, url in (("lite", f"sqlite:///{tmp_path / 'lite.db'}"), ("pg", postgres_url)):
         study = make_study(tmp_path / name, url, trained_llava_dir, tiny_clip_dir, prompts=3)
-        assert study.csr("generate", "--iter", "1", "--quiet").returncode == 0
+        assert study.invoke("generate", "--iter", "1", "--quiet").returncode == 0
         for preset in ("paper", "reference-code"):
-            done = study.csr("curate", "--iter", "1", "--preset", preset)
+            done = study.invoke("curate", "--iter", "1", "--preset", preset)
             assert done.returncode == 0, done.stderr
         hashes.append(study.query("SELECT name, result_hash FROM pair_sets ORDER BY name"))
     assert hashes[0] == hashes[1]
@@ -214,7 +215,7 @@ def _set_train_option(study: Study, key: str, value) -> None:
 
 
 def test_over_long_responses_are_counted_and_refused_never_cut(generated):
-    assert generated.csr("curate", "--iter", "1").returncode == 0
+    assert generated.invoke("curate", "--iter", "1").returncode == 0
     lengths = generated.query(
         "SELECT rc.token_count, rr.token_count FROM pairs p "
         "JOIN responses rc ON rc.leaf_candidate_id = p.chosen_candidate_id "
@@ -223,16 +224,16 @@ def test_over_long_responses_are_counted_and_refused_never_cut(generated):
     limit = min(max(pair) for pair in lengths) - 1  # no pair fits
     _set_train_option(generated, "max_response_tokens", limit)
 
-    stats = generated.csr("stats", "--json")
+    stats = generated.invoke("stats", "--json")
     assert stats.returncode == 0, stats.stderr
     [it] = json.loads(stats.stdout)["iterations"]
     assert (it["pairs_over_training_limit"], it["max_response_tokens"]) == (len(lengths), limit)
 
     before = fingerprint(generated.url)
-    skipped_all = generated.csr("train", "--iter", "1", "--device", "cpu")
+    skipped_all = generated.invoke("train", "--iter", "1", "--device", "cpu")
     assert skipped_all.returncode != 0 and "nothing to train on" in skipped_all.stderr
     _set_train_option(generated, "too_long", "refuse")
-    refused = generated.csr("train", "--iter", "1", "--device", "cpu")
+    refused = generated.invoke("train", "--iter", "1", "--device", "cpu")
     assert refused.returncode != 0, refused.stdout
     assert f"{len(lengths)} pair(s)" in refused.stderr and "max_response_tokens" in refused.stderr
     for done in (skipped_all, refused):
@@ -249,9 +250,9 @@ def test_training_leaves_out_only_the_pairs_that_do_not_fit():
 
 
 def test_recuration_under_another_lambda_says_so(generated):
-    same = generated.csr("curate", "--iter", "1")
+    same = generated.invoke("curate", "--iter", "1")
     assert same.returncode == 0 and "re-curated" not in same.stdout
-    other = generated.csr("curate", "--iter", "1", "--lambda", "0.5")
+    other = generated.invoke("curate", "--iter", "1", "--lambda", "0.5")
     assert other.returncode == 0, other.stderr
     assert "re-curated, not regenerated" in other.stdout and "lambda 0.9" in other.stdout
     [(params,)] = generated.query("SELECT params FROM pair_sets WHERE name = 'paper-lambda0.5-margin0'")

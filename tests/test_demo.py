@@ -1,6 +1,6 @@
 """End to end: a reduced `csr demo` (quick models, a few prompts, 2 iterations)
-through the real console script, its resume, and `csr eval chair` on
-COCO-style annotations of the demo world's images."""
+through the real console script, then in process its resume and `csr eval
+chair` on COCO-style annotations of the demo world's images."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from csr.engine.demo.world import WorldConfig, generate_scenes, render
+from tests.cli_runner import invoke_csr
 from tests.db_backends import fingerprint, run_csr
 
 pytestmark = pytest.mark.slow
@@ -63,13 +64,13 @@ def test_demo_runs_every_iteration_and_reports_chair_per_version(demo):
                            "ORDER BY model_version")
     assert stored == [(v["version"], pytest.approx(v["chair_s"]), pytest.approx(v["chair_i"])) for v in versions]
 
-    stats = run_csr("stats", db=f"sqlite:///{study / 'csr.db'}")
+    stats = invoke_csr("stats", db=f"sqlite:///{study / 'csr.db'}")
     assert stats.returncode == 0, stats.stderr
     assert "demo-world-heldout" in stats.stdout and "CHAIR_S" in stats.stdout
 
 
 def test_demo_refuses_an_unknown_preset_before_writing_anything(tmp_path):
-    bad = run_csr("demo", "--dir", tmp_path / "study", *DEMO_ARGS, "--preset", "paper-ish")
+    bad = invoke_csr("demo", "--dir", tmp_path / "study", *DEMO_ARGS, "--preset", "paper-ish")
     assert bad.returncode != 0
     assert bad.stderr.strip() == (
         "csr: error: Invalid value for '--preset': 'paper-ish' is not one of 'paper', 'reference-code'."
@@ -80,13 +81,13 @@ def test_demo_refuses_an_unknown_preset_before_writing_anything(tmp_path):
 def test_demo_resumes_in_its_directory_without_training_again(demo):
     study, results, _ = demo
     hashes = _query(study, "SELECT version, weights_hash FROM model_versions ORDER BY version")
-    again = run_csr("demo", "--dir", study, *DEMO_ARGS, timeout=900)
+    again = invoke_csr("demo", "--dir", study, *DEMO_ARGS)
     assert again.returncode == 0, again.stderr
     assert f"model version {ITERATIONS} exists, kept" in again.stdout
     assert _query(study, "SELECT version, weights_hash FROM model_versions ORDER BY version") == hashes
 
     before = fingerprint(f"sqlite:///{study / 'csr.db'}"), (study / "csr.toml").read_text()
-    other = run_csr("demo", "--dir", study, *DEMO_ARGS, "--lambda", "0.5", timeout=900)
+    other = invoke_csr("demo", "--dir", study, *DEMO_ARGS, "--lambda", "0.5")
     assert other.returncode != 0
     assert "pass another --dir" in other.stderr and "lam" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
@@ -119,8 +120,8 @@ def test_eval_chair_on_coco_style_annotations(demo, tmp_path):
     url = f"sqlite:///{study / 'csr.db'}"
     scenes = generate_scenes(WorldConfig(seed=3), 5, "heldout", start=500)
     instances, synonyms, images = _coco_files(tmp_path, scenes)
-    done = run_csr("eval", "chair", "--version", str(ITERATIONS), "--annotations", instances,
-                   "--synonyms", synonyms, "--images", images, "--prompt", "Describe the image.", db=url)
+    done = invoke_csr("eval", "chair", "--version", str(ITERATIONS), "--annotations", instances,
+                      "--synonyms", synonyms, "--images", images, "--prompt", "Describe the image.", db=url)
     assert done.returncode == 0, done.stderr
     assert "CHAIR_S" in done.stdout and "over 5 image(s)" in done.stdout
     [(version, n, chair_s)] = _query(study, "SELECT model_version, n_responses, chair_s FROM evaluations "
@@ -128,18 +129,18 @@ def test_eval_chair_on_coco_style_annotations(demo, tmp_path):
     assert (version, n) == (ITERATIONS, 5) and 0.0 <= chair_s <= 1.0
 
     before = fingerprint(url)
-    missing = run_csr("eval", "chair", "--version", "9", "--annotations", instances,
-                      "--synonyms", synonyms, "--images", images, db=url)
+    missing = invoke_csr("eval", "chair", "--version", "9", "--annotations", instances,
+                         "--synonyms", synonyms, "--images", images, db=url)
     bad_synonyms = tmp_path / "bad.txt"
     bad_synonyms.write_text("unicorn, horse with a horn\n")
-    unknown = run_csr("eval", "chair", "--version", "0", "--annotations", instances,
-                      "--synonyms", bad_synonyms, "--images", images, db=url)
+    unknown = invoke_csr("eval", "chair", "--version", "0", "--annotations", instances,
+                         "--synonyms", bad_synonyms, "--images", images, db=url)
     escaping = tmp_path / "escaping.json"
     data = json.loads(instances.read_text())
     data["images"][0]["file_name"] = "../instances.json"
     escaping.write_text(json.dumps(data))
-    escape = run_csr("eval", "chair", "--version", "0", "--annotations", escaping,
-                     "--synonyms", synonyms, "--images", images, db=url)
+    escape = invoke_csr("eval", "chair", "--version", "0", "--annotations", escaping,
+                        "--synonyms", synonyms, "--images", images, db=url)
     for failed, says in ((missing, "no model version 9"), (unknown, "unicorn"),
                          (escape, "escapes the images directory")):
         assert failed.returncode != 0

@@ -29,9 +29,20 @@ def heldout():
     return generate_scenes(CONFIG, 40, "heldout")
 
 
+# Training to the quick recipe's quality takes a minute on two cores: the tests
+# that need that quality are marked slow (`make test`); the plumbing tests use
+# a policy of a few steps.
+SMALL_STEPS = 3
+
+
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory, scenes):
     return train_demo_policy(scenes, tmp_path_factory.mktemp("m") / "policy", size="quick")
+
+
+@pytest.fixture(scope="module")
+def small_policy_dir(tmp_path_factory, scenes):
+    return train_demo_policy(scenes, tmp_path_factory.mktemp("m") / "small-policy", size="quick", steps=SMALL_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +74,7 @@ def test_training_target_is_template_then_caption_then_eos(scenes):
         assert target.tolist() == ids[len(context) :].tolist()
 
 
+@pytest.mark.slow
 def test_policy_loads_through_auto_classes_and_describes(policy_dir, heldout):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -82,21 +94,22 @@ def test_policy_loads_through_auto_classes_and_describes(policy_dir, heldout):
     assert sum(r.startswith("there is") for r in responses) >= 0.8 * len(heldout)
 
 
-def test_greedy_describe_accepts_paths_and_one_prompt(policy_dir, heldout, tmp_path):
+def test_greedy_describe_accepts_paths_and_one_prompt(small_policy_dir, heldout, tmp_path):
     paths = []
     for scene in heldout[:3]:
         paths.append(tmp_path / f"{scene.id}.png")
         scene.render().save(paths[-1])
-    from_paths = greedy_describe(policy_dir, paths, "Describe the image.")
+    from_paths = greedy_describe(small_policy_dir, paths, "Describe the image.")
     from_images = greedy_describe(
-        policy_dir, [s.render() for s in heldout[:3]], "Describe the image."
+        small_policy_dir, [s.render() for s in heldout[:3]], "Describe the image."
     )
     assert from_paths == from_images
     with pytest.raises(ValueError):
-        greedy_describe(policy_dir, paths, ["one prompt"])
+        greedy_describe(small_policy_dir, paths, ["one prompt"])
 
 
-def test_policy_cache_is_reused_and_invalidated(policy_dir, scenes, monkeypatch):
+def test_policy_cache_is_reused_and_invalidated(small_policy_dir, scenes, monkeypatch):
+    policy_dir = small_policy_dir
     manifest = read_manifest(policy_dir)
     assert manifest["kind"] == "policy" and manifest["metrics"]["train_seconds"] > 0
     weights = policy_dir / "model.safetensors"
@@ -106,14 +119,14 @@ def test_policy_cache_is_reused_and_invalidated(policy_dir, scenes, monkeypatch)
         raise AssertionError("retrained although the cache matches")
 
     monkeypatch.setattr(demo_models, "fit_policy", must_not_train)
-    assert train_demo_policy(scenes, policy_dir, size="quick") == policy_dir
+    assert train_demo_policy(scenes, policy_dir, size="quick", steps=SMALL_STEPS) == policy_dir
     assert weights.stat().st_mtime_ns == stamp
 
     # a different recipe or different scenes must not reuse it
     with pytest.raises(AssertionError, match="retrained"):
-        train_demo_policy(scenes, policy_dir, size="quick", steps=5)
+        train_demo_policy(scenes, policy_dir, size="quick", steps=SMALL_STEPS + 2)
     with pytest.raises(AssertionError, match="retrained"):
-        train_demo_policy(scenes[:-1], policy_dir, size="quick")
+        train_demo_policy(scenes[:-1], policy_dir, size="quick", steps=SMALL_STEPS)
     # a failed training leaves the cached model as it was
     assert read_manifest(policy_dir) == manifest
     assert weights.stat().st_mtime_ns == stamp
@@ -136,6 +149,7 @@ def test_cache_replaces_stale_model_and_refuses_foreign_directory(tmp_path, scen
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_clip_loads_through_open_clip_and_prefers_present_objects(clip_dir, heldout):
     import open_clip
 
@@ -159,16 +173,19 @@ def test_clip_loads_through_open_clip_and_prefers_present_objects(clip_dir, held
 
 def test_early_stopping_stops_at_the_first_check_that_meets_the_target(scenes):
     quick = demo_models.POLICY_RECIPES["quick"]
-    met = replace(quick, target_chair_s=1.0, min_recall=0.0, check_every=5, validation_scenes=8)
+    # What is checked is when training stops, not what it learns: few scenes,
+    # few steps of small batches, two validation scenes.
+    met = replace(quick, target_chair_s=1.0, min_recall=0.0, check_every=2, validation_scenes=2, batch_size=4)
+    scenes = scenes[:40]
     _, _, metrics = demo_models.fit_policy(scenes, met, seed=0)
-    assert metrics["steps"] == 5 and metrics["reached_target"]
-    assert [h["step"] for h in metrics["history"]] == [5]
+    assert metrics["steps"] == 2 and metrics["reached_target"]
+    assert [h["step"] for h in metrics["history"]] == [2]
 
     # recall can never exceed 1: the target is unreachable, so all steps run
-    unmet = replace(met, min_recall=1.01, steps=15)
+    unmet = replace(met, min_recall=1.01, steps=6)
     _, _, metrics = demo_models.fit_policy(scenes, unmet, seed=0)
-    assert metrics["steps"] == 15 and not metrics["reached_target"]
-    assert [h["step"] for h in metrics["history"]] == [5, 10, 15]
+    assert metrics["steps"] == 6 and not metrics["reached_target"]
+    assert [h["step"] for h in metrics["history"]] == [2, 4, 6]
 
 
 def test_validation_scenes_are_not_training_scenes(scenes):

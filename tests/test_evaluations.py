@@ -22,7 +22,8 @@ from csr.storage.clock import utcnow
 from csr.storage.evaluations import evaluations
 from csr.storage.models import ModelVersion
 from csr.storage.store import Store, create_store
-from tests.db_backends import fingerprint, run_csr
+from tests.cli_runner import invoke_csr
+from tests.db_backends import fingerprint
 
 NAMES = ["red circle", "blue square", "green cross", "yellow diamond", "white triangle"]
 TRUTHS = [frozenset({"red circle", "blue square", "green cross"}),
@@ -84,8 +85,8 @@ class FakeGenerator:
         return generate
 
 
-def test_chair_and_pope_per_version_equal_a_hand_computation(store_url, tmp_path):
-    engine, _ = create_store(store_url)
+def test_chair_and_pope_per_version_equal_a_hand_computation(head_store_url, tmp_path):
+    engine, _ = create_store(head_store_url)
     try:
         _versions(engine, tmp_path)
         fake = FakeGenerator()
@@ -131,8 +132,8 @@ def test_chair_and_pope_per_version_equal_a_hand_computation(store_url, tmp_path
         engine.dispose()
 
     # A rerun generates nothing and stores nothing; the results are those stored.
-    before = fingerprint(store_url)
-    engine, _ = create_store(store_url)
+    before = fingerprint(head_store_url)
+    engine, _ = create_store(head_store_url)
     try:
         again = FakeGenerator()
         rerun = evaluate_versions(Store(engine), [0, 1], list(_tasks()), generator=again)
@@ -140,7 +141,7 @@ def test_chair_and_pope_per_version_equal_a_hand_computation(store_url, tmp_path
         engine.dispose()
     assert again.calls == [] and all(o.reused for o in rerun)
     assert [o.metrics for o in rerun] == [o.metrics for o in outcomes]
-    assert fingerprint(store_url) == before
+    assert fingerprint(head_store_url) == before
 
 
 def test_other_settings_are_another_row_and_intervals_follow_the_seed(sqlite_url, tmp_path):
@@ -159,33 +160,33 @@ def test_other_settings_are_another_row_and_intervals_follow_the_seed(sqlite_url
 
 
 @pytest.mark.parametrize("versions", [[0, 2], [0, 7]])
-def test_a_version_without_weights_stops_everything_before_generation(store_url, tmp_path, versions):
-    engine, _ = create_store(store_url)
+def test_a_version_without_weights_stops_everything_before_generation(head_store_url, tmp_path, versions):
+    engine, _ = create_store(head_store_url)
     try:
         _versions(engine, tmp_path)
-        before = fingerprint(store_url)
+        before = fingerprint(head_store_url)
         fake = FakeGenerator()
         says = "has no weights at" if versions[1] == 2 else "no model version 7"
         with pytest.raises(CsrError, match=says):
             evaluate_versions(Store(engine), versions, list(_tasks()), generator=fake)
-        assert fake.calls == [] and fingerprint(store_url) == before
+        assert fake.calls == [] and fingerprint(head_store_url) == before
     finally:
         engine.dispose()
 
 
-def test_recorded_metrics(store_url, tmp_path):
-    engine, _ = create_store(store_url)
+def test_recorded_metrics(head_store_url, tmp_path):
+    engine, _ = create_store(head_store_url)
     try:
         _versions(engine, tmp_path)
         assert record_external(Store(engine), 1, "mme", {"perception": 1510.7, "cognition": 355.7}, "MME", "lmms-eval")
         assert not record_external(Store(engine), 1, "mme", {"perception": 1510.7, "cognition": 355.7}, "MME", "lmms-eval")
-        before = fingerprint(store_url)
+        before = fingerprint(head_store_url)
         for args, says in (((1, "mme", {"perception": 1.0}, "MME", "lmms-eval"), "other values"),
                            ((9, "mme", {"perception": 1.0}), "no model version 9"),
                            ((1, "pope", {"f1": 0.8}), "csr eval pope")):
             with pytest.raises(CsrError, match=says):
                 record_external(Store(engine), *args)
-        assert fingerprint(store_url) == before
+        assert fingerprint(head_store_url) == before
         with engine.connect() as conn:
             [row] = evaluations(conn)
         assert row["metrics"] == {"perception": 1510.7, "cognition": 355.7} and row["n_responses"] == 0
@@ -228,8 +229,8 @@ def _invoke(url: str, *args):
 
 
 @pytest.fixture
-def tiny_store(store_url, tmp_path, tiny_llava_dir):
-    engine, _ = create_store(store_url)
+def tiny_store(head_store_url, tmp_path, tiny_llava_dir):
+    engine, _ = create_store(head_store_url)
     try:
         with engine.begin() as conn:
             conn.execute(insert(ModelVersion).values(
@@ -240,7 +241,7 @@ def tiny_store(store_url, tmp_path, tiny_llava_dir):
                 clip_model="tiny-clip", clip_pretrained=None, created_at=utcnow()))
     finally:
         engine.dispose()
-    return store_url
+    return head_store_url
 
 
 def test_eval_commands_store_once_and_show_in_stats(tiny_store, tmp_path):
@@ -312,8 +313,8 @@ def test_eval_bad_input_is_one_line_and_stores_nothing(tiny_store, tmp_path):
         assert isinstance(done.exception, CsrError) and says in str(done.exception), (args, done.exception)
         assert "\n" not in str(done.exception)
     assert fingerprint(tiny_store) == before
-    # Through the console script: one line on stderr.
-    shown = run_csr("eval", "pope", "--version", "0", "--questions", empty, "--images", images, db=tiny_store)
+    # Through csr's entry point (main, as the console script runs it): one line on stderr.
+    shown = invoke_csr("eval", "pope", "--version", "0", "--questions", empty, "--images", images, db=tiny_store)
     assert shown.returncode == 1 and shown.stderr.strip().count("\n") == 0
     assert shown.stderr.startswith("csr: error: ") and "holds no questions" in shown.stderr
     assert fingerprint(tiny_store) == before

@@ -381,6 +381,7 @@ def nul_prone_llava_dir(tmp_path_factory, llama_tokenizer):
     return tiny.save_pretrained(model, processor, tmp_path_factory.mktemp("nul-llava"))
 
 
+@pytest.mark.slow  # end to end: two worker processes per backend, a minute or more
 def test_generate_with_two_workers_stores_the_same_pairs_on_both_backends(
     tmp_path, postgres_url, nul_prone_llava_dir, tiny_clip_dir, llama_tokenizer
 ):
@@ -390,13 +391,13 @@ def test_generate_with_two_workers_stores_the_same_pairs_on_both_backends(
     pairs = []
     for name, url in (("lite", f"sqlite:///{tmp_path / 'lite.db'}"), ("pg", postgres_url)):
         study = make_study(tmp_path / name, url, nul_prone_llava_dir, tiny_clip_dir, prompts=12)
-        done = study.csr("generate", "--iter", "1", "--workers", "2", "--quiet")
+        done = study.invoke("generate", "--iter", "1", "--workers", "2", "--quiet")
         assert done.returncode == 0, done.stderr
         assert study.query("SELECT state, COUNT(*) FROM work_items GROUP BY state") == [("done", 12)]
         ids = [json.loads(r[0]) if isinstance(r[0], str) else r[0]
                for r in study.query("SELECT token_ids FROM candidates")]
         assert any(nul in i for i in ids), "the run must generate a NUL byte"
-        assert study.csr("curate", "--iter", "1").returncode == 0
+        assert study.invoke("curate", "--iter", "1").returncode == 0
         pairs.append(study.query(
             "SELECT pr.external_id, p.chosen_text, p.rejected_text FROM pairs p "
             "JOIN prompts pr ON pr.id = p.prompt_id ORDER BY pr.external_id"

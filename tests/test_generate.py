@@ -14,7 +14,8 @@ import pytest
 from tests.db_backends import CSR_SCRIPT, fingerprint
 from tests.study import make_study
 
-# End to end through the console script: the full suite (make test), not the fast lane (make check).
+# End to end (generation runs; real processes where they are killed or run side by side):
+# the full suite (make test), not the fast lane (make check).
 pytestmark = pytest.mark.slow
 
 
@@ -48,7 +49,7 @@ def _assert_complete_trees(study, trees):
 
 
 def test_generate_writes_one_whole_tree_per_prompt(study):
-    done = study.csr("generate", "--iter", "1", "--quiet")
+    done = study.invoke("generate", "--iter", "1", "--quiet")
     assert done.returncode == 0, done.stderr
     trees = _trees(study)
     _assert_complete_trees(study, trees)
@@ -62,19 +63,19 @@ def test_generate_writes_one_whole_tree_per_prompt(study):
         assert r_t == pytest.approx(math.exp(lp), rel=1e-6)
         assert reward == pytest.approx(0.9 * r_i + 0.1 * r_t, rel=1e-6)
 
-    again = study.csr("generate", "--iter", "1", "--quiet")
+    again = study.invoke("generate", "--iter", "1", "--quiet")
     assert again.returncode == 0, again.stderr
     assert _trees(study) == trees, "a second run over a finished iteration changes nothing"
 
 
 def test_generate_refuses_other_settings_and_wrong_order(study):
-    assert study.csr("generate", "--iter", "1", "--limit", "1", "--quiet").returncode == 0
+    assert study.invoke("generate", "--iter", "1", "--limit", "1", "--quiet").returncode == 0
     before = fingerprint(study.url)
-    other = study.csr("generate", "--iter", "1", "--lambda", "0.5")
+    other = study.invoke("generate", "--iter", "1", "--lambda", "0.5")
     assert other.returncode != 0
     assert "iteration 1 was started with other settings" in other.stderr
     assert "lam" in other.stderr and "Traceback" not in other.stderr
-    too_early = study.csr("generate", "--iter", "2")
+    too_early = study.invoke("generate", "--iter", "2")
     assert too_early.returncode != 0
     assert "needs model version 1" in too_early.stderr and "csr train --iter 1" in too_early.stderr
     assert fingerprint(study.url) == before
@@ -82,7 +83,7 @@ def test_generate_refuses_other_settings_and_wrong_order(study):
 
 def test_failed_prompt_is_recorded_and_the_run_goes_on(study):
     (study.directory / "images" / "0.png").write_bytes(b"not an image any more")
-    done = study.csr("generate", "--iter", "1", "--quiet", "--max-attempts", "2")
+    done = study.invoke("generate", "--iter", "1", "--quiet", "--max-attempts", "2")
     assert done.returncode == 0, done.stderr
     states = dict(study.query("SELECT state, COUNT(*) FROM work_items GROUP BY state"))
     assert states == {"done": study.prompts - 1, "failed": 1}
@@ -110,7 +111,7 @@ def test_kill_9_then_rerun_leaves_exactly_one_tree_per_prompt(study, tmp_path_fa
     # The search is deterministic: a clean run in a second store is what every tree must equal.
     reference = make_study(reference_dir, f"sqlite:///{reference_dir / 'ref.db'}",
                            *_model_dirs(study))
-    assert reference.csr("generate", "--iter", "1", "--quiet").returncode == 0
+    assert reference.invoke("generate", "--iter", "1", "--quiet").returncode == 0
 
     worker = _start_worker(study, "--batch-prompts", "2", "--lease-seconds", "3")
     deadline = time.time() + 120
@@ -158,7 +159,7 @@ def test_concurrent_workers_share_the_prompts(study, workers):
 
 
 def test_workers_option_runs_processes(study):
-    done = study.csr("generate", "--iter", "1", "--workers", "2", "--quiet")
+    done = study.invoke("generate", "--iter", "1", "--workers", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     assert study.query("SELECT state, COUNT(*) FROM work_items GROUP BY state") == [("done", study.prompts)]
     assert study.query("SELECT COUNT(DISTINCT pid) FROM workers")[0][0] == 2

@@ -16,7 +16,8 @@ from csr.engine.io.importing import import_prompts
 from csr.storage.models import Image as ImageRow
 from csr.storage.models import Prompt
 from csr.storage.store import Store, create_store
-from tests.db_backends import backend_param, fingerprint, only_on, run_csr
+from tests.cli_runner import invoke_csr
+from tests.db_backends import backend_param, fingerprint, only_on
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (120, 0, 120)]
 
@@ -60,10 +61,10 @@ def images(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(store_url: str) -> str:
-    engine, _ = create_store(store_url)
+def store(head_store_url: str) -> str:
+    engine, _ = create_store(head_store_url)
     engine.dispose()
-    return store_url
+    return head_store_url
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_llava_json_with_conversations_and_input(store, images, tmp_path):
              "conversations": [{"from": "gpt", "value": "Hi"}, {"from": "user", "value": "Count the <image> objects."}]},
         ],
     )
-    done = run_csr("prompts", "import", file, "--images", images, db=store)
+    done = invoke_csr("prompts", "import", file, "--images", images, db=store)
     assert done.returncode == 0, done.stderr
     assert "imported 4 prompt(s) (4 new image(s)); 0 already present; 0 skipped" in done.stdout
     assert prompts_in(store) == {
@@ -151,7 +152,7 @@ def test_jsonl_with_prompt(store, images, tmp_path):
             {"id": "102", "image": "./sub/../blue.png", "prompt": "<image>What shape is it?"},
         ],
     )
-    done = run_csr("prompts", "import", file, "--images", images, db=store)
+    done = invoke_csr("prompts", "import", file, "--images", images, db=store)
     assert done.returncode == 0, done.stderr
     assert prompts_in(store) == {
         "101": ("Is the square red?", "red.png", "extra.jsonl"),
@@ -171,14 +172,14 @@ def test_image_prefix(store, tmp_path):
             {"id": "25", "image": "COCO_train2014_000000000025.png", "input": "Already prefixed."},
         ],
     )
-    done = run_csr("prompts", "import", file, "--images", root, "--image-prefix", "COCO_train2014_", db=store)
+    done = invoke_csr("prompts", "import", file, "--images", root, "--image-prefix", "COCO_train2014_", db=store)
     assert done.returncode == 0, done.stderr
     assert {k: v[1] for k, v in prompts_in(store).items()} == {
         "9": "COCO_train2014_000000000009.png",
         "25": "COCO_train2014_000000000025.png",
     }
     # without the prefix the same file names do not exist
-    again = run_csr("prompts", "import", write_json(tmp_path / "q.json", [
+    again = invoke_csr("prompts", "import", write_json(tmp_path / "q.json", [
         {"id": "9b", "image": "000000000009.png", "input": "x"}]), "--images", root, db=store)
     assert_one_line_error(again, "record 1", "image not found")
 
@@ -205,14 +206,14 @@ def test_reimport_adds_nothing(seeded, images, tmp_path):
     before = fingerprint(seeded)
     again = write_json(tmp_path / "first.json", [llava("p1", "red.png", "<image>\nWhat colour?"),
                                                  llava("p2", "green.png", "Any shapes?\n<image>")])
-    done = run_csr("prompts", "import", again, "--images", images, db=seeded)
+    done = invoke_csr("prompts", "import", again, "--images", images, db=seeded)
     assert done.returncode == 0, done.stderr
     assert "imported 0 prompt(s) (0 new image(s)); 2 already present; 0 skipped" in done.stdout
     assert fingerprint(seeded) == before
     # a file that repeats the old prompts and adds one adds exactly that one
     more = write_json(tmp_path / "more.json", [llava("p1", "red.png", "<image>\nWhat colour?"),
                                                llava("p3", "red.png", "New question?")])
-    done = run_csr("prompts", "import", more, "--images", images, db=seeded)
+    done = invoke_csr("prompts", "import", more, "--images", images, db=seeded)
     assert "imported 1 prompt(s) (0 new image(s)); 1 already present; 0 skipped" in done.stdout
     assert sorted(prompts_in(seeded)) == ["p1", "p2", "p3"]
 
@@ -283,7 +284,7 @@ def test_bad_json_record_is_refused_and_changes_nothing(backend, case, seeded, i
     _bad_files(images)
     file = write_json(tmp_path / "bad.json", records)
     before = fingerprint(seeded)
-    done = run_csr("prompts", "import", file, "--images", images, db=seeded)
+    done = invoke_csr("prompts", "import", file, "--images", images, db=seeded)
     assert_one_line_error(done, message, "nothing imported", "--skip-bad")
     assert "Traceback" not in done.stderr
     assert fingerprint(seeded) == before
@@ -309,7 +310,7 @@ def test_bad_json_record_is_refused_and_changes_nothing(backend, case, seeded, i
 def test_bad_jsonl_line_is_refused_with_its_line_number(backend, lines, message, seeded, images, tmp_path):
     file = write_jsonl(tmp_path / "bad.jsonl", lines)
     before = fingerprint(seeded)
-    done = run_csr("prompts", "import", file, "--images", images, db=seeded)
+    done = invoke_csr("prompts", "import", file, "--images", images, db=seeded)
     assert_one_line_error(done, message)
     assert fingerprint(seeded) == before
 
@@ -318,7 +319,7 @@ def test_bad_jsonl_line_is_refused_with_its_line_number(backend, lines, message,
 def test_several_problems_report_the_first_and_count_the_rest(seeded, images, tmp_path):
     file = write_json(tmp_path / "bad.json", [llava("a", "nothere.png", "?"), {"image": "x"}, llava("c", "red.png", "ok")])
     before = fingerprint(seeded)
-    done = run_csr("prompts", "import", file, "--images", images, db=seeded)
+    done = invoke_csr("prompts", "import", file, "--images", images, db=seeded)
     assert_one_line_error(done, "record 1: image not found", "(and 1 more problem(s))")
     assert fingerprint(seeded) == before
 
@@ -337,7 +338,7 @@ def test_unparseable_file_is_refused(content, message, sqlite_url, images, tmp_p
     else:
         file.write_text(content)
     before = fingerprint(sqlite_url)
-    done = run_csr("prompts", "import", file, "--images", images, db=sqlite_url)
+    done = invoke_csr("prompts", "import", file, "--images", images, db=sqlite_url)
     assert_one_line_error(done, message)
     assert fingerprint(sqlite_url) == before
 
@@ -346,10 +347,10 @@ def test_missing_file_or_images_directory(sqlite_url, images, tmp_path):
     engine, _ = create_store(sqlite_url)
     engine.dispose()
     before = fingerprint(sqlite_url)
-    done = run_csr("prompts", "import", tmp_path / "nope.json", "--images", images, db=sqlite_url)
+    done = invoke_csr("prompts", "import", tmp_path / "nope.json", "--images", images, db=sqlite_url)
     assert_one_line_error(done, "prompt file not found")
     file = write_json(tmp_path / "p.json", [llava("a", "red.png", "?")])
-    done = run_csr("prompts", "import", file, "--images", tmp_path / "no-images", db=sqlite_url)
+    done = invoke_csr("prompts", "import", file, "--images", tmp_path / "no-images", db=sqlite_url)
     assert_one_line_error(done, "images directory not found")
     assert fingerprint(sqlite_url) == before
 
@@ -368,7 +369,7 @@ def test_skip_bad_imports_the_rest_and_lists_what_was_skipped(seeded, images, tm
             llava("p2", "green.png", "Any shapes?\n<image>"),  # already present, identical
         ],
     )
-    done = run_csr("prompts", "import", file, "--images", images, "--skip-bad", db=seeded)
+    done = invoke_csr("prompts", "import", file, "--images", images, "--skip-bad", db=seeded)
     assert done.returncode == 0, done.stderr
     assert "imported 2 prompt(s) (2 new image(s)); 1 already present; 4 skipped" in done.stdout
     skipped = done.stderr.strip().splitlines()
@@ -386,7 +387,7 @@ def test_skip_bad_imports_the_rest_and_lists_what_was_skipped(seeded, images, tm
 
 def test_import_needs_an_existing_store(images, tmp_path):
     file = write_json(tmp_path / "p.json", [llava("a", "red.png", "?")])
-    done = run_csr("prompts", "import", file, "--images", images, cwd=tmp_path)
+    done = invoke_csr("prompts", "import", file, "--images", images, cwd=tmp_path)
     assert_one_line_error(done, "run `csr init`")
     assert not (tmp_path / "csr.db").exists()
 

@@ -16,7 +16,7 @@ from csr.engine.loading import (
     load_policy,
 )
 from csr.engine.prompting import FALLBACK_PROMPT
-from tests.conftest import PROMPT
+from tests.worlds import PROMPT
 
 
 def test_policy_loads_from_a_saved_directory(policy, tiny_llava_dir, tiny_tokenizer, colour_images):

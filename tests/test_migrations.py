@@ -20,7 +20,8 @@ from csr.storage.db import make_engine
 from csr.storage.errors import StoreError
 from csr.storage.models import Base
 from tests.assets.freeze_schema import asset_path, frozen_revisions, postgresql_ddl, sqlite_ddl
-from tests.db_backends import fingerprint, run_csr
+from tests.cli_runner import invoke_csr
+from tests.db_backends import fingerprint
 
 HEAD = migrate.head_revision()
 T0 = datetime.fromisoformat("2026-03-01T09:30:15.123456")  # naive UTC, as the store keeps it
@@ -252,7 +253,7 @@ def _check_upgrade_keeps_every_row(url: str, revision: str) -> None:
     before = _rows_by_key(url)
     assert all(before.values()), f"every table must hold rows: {[n for n, r in before.items() if not r]}"
 
-    done = run_csr("db", "upgrade", db=url)
+    done = invoke_csr("db", "upgrade", db=url)
     assert done.returncode == 0, done.stderr
     assert f"upgraded from schema {revision} to {HEAD}" in done.stdout
 
@@ -275,7 +276,7 @@ def _check_upgrade_keeps_every_row(url: str, revision: str) -> None:
 
     if revision < "0003":
         _check_responses_rebuilt_from_the_trees(url)
-    shown = run_csr("status", "--json", db=url)
+    shown = invoke_csr("status", "--json", db=url)
     assert shown.returncode == 0, shown.stderr
     summary = json.loads(shown.stdout)
     assert summary["prompts"] == 4
@@ -333,7 +334,7 @@ def test_migrations_still_produce_the_frozen_postgresql_schema(revision):
 @pytest.mark.parametrize("revision", OLDER_FROZEN)
 def test_sqlite_store_upgrades_from_frozen_schema_with_all_rows(tmp_path, revision):
     url = _sqlite_store_from_asset(tmp_path / "old.db", revision)
-    refused = run_csr("status", db=url)
+    refused = invoke_csr("status", db=url)
     assert refused.returncode != 0 and "csr db upgrade" in refused.stderr
     _check_upgrade_keeps_every_row(url, revision)
 
@@ -342,7 +343,7 @@ def test_sqlite_store_upgrades_from_frozen_schema_with_all_rows(tmp_path, revisi
 @pytest.mark.parametrize("revision", OLDER_FROZEN)
 def test_postgresql_store_upgrades_from_frozen_schema_with_all_rows(postgres_url, revision):
     url = _postgres_store_from_asset(postgres_url, revision)
-    refused = run_csr("status", db=url)
+    refused = invoke_csr("status", db=url)
     assert refused.returncode != 0 and "csr db upgrade" in refused.stderr
     _check_upgrade_keeps_every_row(url, revision)
 
@@ -366,10 +367,10 @@ def test_upgrade_of_a_store_at_head_changes_nothing(store_url):
     engine = make_engine(store_url)
     migrate.upgrade(engine)
     engine.dispose()
-    done = run_csr("db", "upgrade", db=store_url)
+    done = invoke_csr("db", "upgrade", db=store_url)
     assert done.returncode == 0, done.stderr
     assert f"already at schema {HEAD}" in done.stdout
-    revision = run_csr("db", "revision", db=store_url)
+    revision = invoke_csr("db", "revision", db=store_url)
     assert revision.stdout.split() == ["store:", HEAD, "csr:", HEAD]
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import COLOURS
 from tests.study import SEARCH, TRAIN
+from tests.worlds import COLOURS
 
 GUIDE = Path(__file__).parents[1] / "docs" / "real-run.md"
 CATEGORIES = ["dog", "cat", "car", "bus", "person", "chair", "cup", "bowl"]

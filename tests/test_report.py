@@ -11,7 +11,7 @@ from PIL import Image
 
 from csr.engine.io import report
 from tests.analytics_fixtures import Study, fill_study, sqlite_store
-from tests.db_backends import run_csr
+from tests.cli_runner import invoke_csr
 
 needs_chromium = pytest.mark.skipif(
     shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
@@ -42,7 +42,7 @@ def default_pairs(study: Study) -> list:
 def test_report_loads_in_chromium_with_every_pair(study_store, tmp_path: Path):
     url, study = study_store
     out = tmp_path / "report"
-    result = run_csr("--db", url, "report", "--out", out, "--pairs", "100")
+    result = invoke_csr("--db", url, "report", "--out", out, "--pairs", "100")
     assert result.returncode == 0, result.stderr
     page = out / "report.html"
     html = page.read_text()
@@ -71,7 +71,7 @@ def test_report_loads_in_chromium_with_every_pair(study_store, tmp_path: Path):
 def test_report_pair_limit_and_screenshot(study_store, tmp_path: Path):
     url, study = study_store
     out = tmp_path / "report"
-    result = run_csr("--db", url, "report", "--out", out, "--pairs", "3", "--screenshot")
+    result = invoke_csr("--db", url, "report", "--out", out, "--pairs", "3", "--screenshot")
     assert result.returncode == 0, result.stderr
     dom = report.dump_dom(out / "report.html")
     assert body_data(dom)["pairs"] == "3"
@@ -91,7 +91,7 @@ def test_missing_image_shows_a_placeholder(study_store, tmp_path: Path):
     for image in study.image_dir.iterdir():
         image.unlink()
     out = tmp_path / "report"
-    assert run_csr("--db", url, "report", "--out", out, "--pairs", "2").returncode == 0
+    assert invoke_csr("--db", url, "report", "--out", out, "--pairs", "2").returncode == 0
     dom = report.dump_dom(out / "report.html")
     assert body_data(dom)["broken-images"] == "0"
     assert dom.count("image not found") == 2
@@ -102,7 +102,7 @@ def test_report_of_an_empty_store(tmp_path: Path):
     url, engine = sqlite_store(tmp_path)
     engine.dispose()
     out = tmp_path / "report"
-    result = run_csr("--db", url, "report", "--out", out)
+    result = invoke_csr("--db", url, "report", "--out", out)
     assert result.returncode == 0, result.stderr
     data = body_data(report.dump_dom(out / "report.html"))
     assert (data["state"], data["errors"], data["pairs"]) == ("loaded", "0", "0")
@@ -111,8 +111,8 @@ def test_report_of_an_empty_store(tmp_path: Path):
 def test_screenshot_without_chromium_is_a_clear_error(study_store, tmp_path: Path):
     url, _ = study_store
     out = tmp_path / "report"
-    result = run_csr("--db", url, "report", "--out", out, "--pairs", "1", "--screenshot",
-                     env={"PATH": str(tmp_path / "empty-bin"), "CSR_CHROMIUM": ""})
+    result = invoke_csr("--db", url, "report", "--out", out, "--pairs", "1", "--screenshot",
+                        env={"PATH": str(tmp_path / "empty-bin"), "CSR_CHROMIUM": ""})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Chromium" in lines[0] and "not found" in lines[0], result.stderr
@@ -123,7 +123,7 @@ def test_out_must_be_a_directory(study_store, tmp_path: Path):
     url, _ = study_store
     file = tmp_path / "taken"
     file.write_text("x")
-    result = run_csr("--db", url, "report", "--out", file)
+    result = invoke_csr("--db", url, "report", "--out", file)
     assert result.returncode == 1 and "not a directory" in result.stderr
 
 

@@ -28,8 +28,8 @@ from csr.engine.search.sentence_search import (
     group_beam_search,
     sentence_beam_search,
 )
-from tests.conftest import PROMPT
 from tests.reference_search import naive_sentence_beam_search, response_text
+from tests.worlds import PROMPT
 
 NEG = -1.0e9
 

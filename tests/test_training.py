@@ -25,7 +25,7 @@ from csr.engine.train.dpo import (
     train_dpo,
     weights_hash,
 )
-from tests.tiny_training_helpers import FAST_CONFIG, PROMPT, make_world
+from tests.worlds import FAST_CONFIG, PROMPT, preference_world
 
 # transformers/TRL deprecation chatter about their own internals.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -46,7 +46,7 @@ def quiet_transformers():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
+    return preference_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")
