@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from PIL import Image as PILImage
 from sqlalchemy import Connection, Engine, insert, select
 
@@ -19,7 +20,7 @@ from csr.storage.models import Candidate, Evaluation, Image, Iteration, ModelVer
 from csr.storage.prompts import insert_images, insert_prompts
 from csr.storage.store import create_store
 from csr.storage.trees import insert_candidates
-from tests.db_backends import sqlite_head_store
+from tests.db_backends import fingerprint, sqlite_head_store
 
 NOW = datetime(2025, 1, 1, 12, tzinfo=UTC).replace(tzinfo=None)  # the store keeps naive UTC
 WORDS = ("cat", "red", "mat", "sits", "on", "a", "the", "blue", "ball", "near", "window", "small")
@@ -237,3 +238,54 @@ def sqlite_store(directory: Path) -> tuple[str, Engine]:
     url = sqlite_head_store(directory / "store.db")
     engine, _ = create_store(url)
     return url, engine
+
+
+class FilledStore:
+    """A filled store: its URL, the study written into it, and its backend."""
+
+    def __init__(self, backend: str, url: str, study: Study):
+        self.backend, self.url, self.study = backend, url, study
+
+    def fingerprint(self):
+        return fingerprint(self.url)
+
+
+@pytest.fixture
+def store(backend: str, head_store_url: str, tmp_path: Path) -> FilledStore:
+    """The synthetic study on each backend (PostgreSQL: a fresh database, dropped afterwards)."""
+    engine, _ = create_store(head_store_url)
+    try:
+        study = fill_study(engine, tmp_path / "images")
+    finally:
+        engine.dispose()
+    return FilledStore(backend, head_store_url, study)
+
+
+@pytest.fixture
+def sqlite_study(tmp_path: Path) -> FilledStore:
+    url, engine = sqlite_store(tmp_path)
+    study = fill_study(engine, tmp_path / "images")
+    engine.dispose()
+    return FilledStore("sqlite", url, study)
+
+
+def assert_close(actual, expected, where: str = "") -> None:
+    if isinstance(expected, dict):
+        assert set(actual) >= set(expected), where
+        for key, value in expected.items():
+            assert_close(actual[key], value, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(got, want, f"{where}[{index}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-9), where
+    else:
+        assert actual == expected, where
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("csr: error: "), result.stderr
+    return lines[0]

@@ -21,6 +21,9 @@ import torch
 from csr.engine.demo import tiny
 from tests import worlds
 
+# The filled synthetic study (csr sql, csr stats): `store` on each backend, `sqlite_study` on SQLite.
+from tests.analytics_fixtures import sqlite_study, store  # noqa: F401
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n N` runs N worker processes side by side: one torch thread each
     # instead of every worker's default of one per core.

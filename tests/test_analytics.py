@@ -17,53 +17,24 @@ from csr.storage import analytics
 from csr.storage.db import make_engine
 from csr.storage.errors import StoreError
 from csr.storage.models import Candidate, Iteration
-from csr.storage.store import create_store
 from csr.storage.trees import CANDIDATE_COLUMNS, insert_candidates
-from tests.analytics_fixtures import NOW, Study, fill_study, random_tree, sqlite_store
+from tests.analytics_fixtures import (
+    NOW,
+    assert_close,
+    fill_study,
+    one_line_error,
+    random_tree,
+    sqlite_store,
+)
+from tests.analytics_fixtures import FilledStore as Store
 from tests.cli_runner import invoke_csr
-from tests.db_backends import CSR_SCRIPT, fingerprint, run_csr
-
-
-class Store:
-    """A filled store: its URL, the study written into it, and its backend."""
-
-    def __init__(self, backend: str, url: str, study: Study):
-        self.backend, self.url, self.study = backend, url, study
-
-    def fingerprint(self):
-        return fingerprint(self.url)
-
-
-@pytest.fixture
-def store(backend: str, head_store_url: str, tmp_path: Path) -> Store:
-    """The synthetic study on each backend (PostgreSQL: a fresh database, dropped afterwards)."""
-    engine, _ = create_store(head_store_url)
-    try:
-        study = fill_study(engine, tmp_path / "images")
-    finally:
-        engine.dispose()
-    return Store(backend, head_store_url, study)
-
-
-@pytest.fixture
-def sqlite_study(tmp_path: Path) -> Store:
-    url, engine = sqlite_store(tmp_path)
-    study = fill_study(engine, tmp_path / "images")
-    engine.dispose()
-    return Store("sqlite", url, study)
+from tests.db_backends import CSR_SCRIPT, run_csr
 
 
 def sql_json(url: str, query: str) -> list[dict]:
     result = invoke_csr("sql", query, "--format", "json", db=url)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def one_line_error(result) -> str:
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("csr: error: "), result.stderr
-    return lines[0]
 
 
 # ---------------------------------------------------------------- csr sql
@@ -246,101 +217,6 @@ def test_words_macro():
     con.execute(analytics.WORDS_MACRO)
     for value in ("", "one", "two words", "  padded   spaces ", "tab\tand\nnewline", "   "):
         assert con.execute("SELECT words(?)", [value]).fetchone()[0] == len(value.split()), value
-
-
-# ---------------------------------------------------------------- csr stats
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (DuckDB quantile_cont)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def expected_stats(study: Study, number: int) -> dict:
-    trees = [t for t in study.trees if t.iteration == number]
-    rows = [row for t in trees for row in t.rows]
-    finals = [(t, row) for t in trees for row in t.finals()]
-    pairs = [p for p in study.pairs if p.iteration == number and p.is_default]
-    exclusions: dict[str, int] = {}
-    for row in rows:
-        if row["exclusion_reason"]:
-            exclusions[row["exclusion_reason"]] = exclusions.get(row["exclusion_reason"], 0) + 1
-    margins = [p.margin for p in pairs]
-    return {
-        "iteration": number,
-        "prompts": len(trees),
-        "candidates": len(rows),
-        "final_responses": len(finals),
-        "excluded": sum(exclusions.values()),
-        "exclusions": exclusions,
-        "final_mean_words": statistics.fmean(len(t.text(r["node"]).split()) for t, r in finals),
-        "pair_set": "default",
-        "pairs": len(pairs),
-        "chosen_mean_reward": statistics.fmean(p.chosen["cumulative_reward"] for p in pairs),
-        "rejected_mean_reward": statistics.fmean(p.rejected["cumulative_reward"] for p in pairs),
-        "chosen_mean_r_t": statistics.fmean(statistics.fmean(s["r_t"] for s in p.chosen_node_path) for p in pairs),
-        "chosen_mean_r_i": statistics.fmean(statistics.fmean(s["r_i"] for s in p.chosen_node_path) for p in pairs),
-        "rejected_mean_r_t": statistics.fmean(statistics.fmean(s["r_t"] for s in p.rejected_node_path) for p in pairs),
-        "rejected_mean_r_i": statistics.fmean(statistics.fmean(s["r_i"] for s in p.rejected_node_path) for p in pairs),
-        "chosen_mean_words": statistics.fmean(len(p.chosen_text.split()) for p in pairs),
-        "rejected_mean_words": statistics.fmean(len(p.rejected_text.split()) for p in pairs),
-        "margin": {"min": min(margins), "p25": quantile(margins, 0.25), "median": quantile(margins, 0.5),
-                   "p75": quantile(margins, 0.75), "max": max(margins)},
-    }
-
-
-def assert_close(actual, expected, where: str = "") -> None:
-    if isinstance(expected, dict):
-        assert set(actual) >= set(expected), where
-        for key, value in expected.items():
-            assert_close(actual[key], value, f"{where}.{key}")
-    elif isinstance(expected, list):
-        assert len(actual) == len(expected), where
-        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
-            assert_close(got, want, f"{where}[{index}]")
-    elif isinstance(expected, float):
-        assert actual == pytest.approx(expected, rel=1e-9), where
-    else:
-        assert actual == expected, where
-
-
-def test_stats_match_hand_computation(store: Store):
-    result = invoke_csr("--db", store.url, "stats", "--json")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert [it["iteration"] for it in summary["iterations"]] == [1, 2]
-    for it in summary["iterations"]:
-        assert_close(it, expected_stats(store.study, it["iteration"]), f"iter{it['iteration']}")
-    evaluations = [{k: e[k] for k in ("model_version", "benchmark", "n_responses", "chair_s", "chair_i", "mean_words")}
-                   for e in summary["evaluations"]]
-    assert evaluations == store.study.evaluations
-
-
-def test_stats_one_iteration_and_table(sqlite_study: Store):
-    result = invoke_csr("--db", sqlite_study.url, "stats", "--iter", "2", "--json")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert [it["iteration"] for it in summary["iterations"]] == [2]
-    assert_close(summary["iterations"][0], expected_stats(sqlite_study.study, 2))
-
-    table = invoke_csr("--db", sqlite_study.url, "stats")
-    assert table.returncode == 0, table.stderr
-    for label in ("chosen mean reward", "rejected mean R_I", "margin median", "CHAIR_S", "excluded: "):
-        assert label in table.stdout
-
-    assert "no iteration 9" in one_line_error(invoke_csr("--db", sqlite_study.url, "stats", "--iter", "9"))
-
-
-def test_stats_of_an_empty_store(tmp_path: Path):
-    url, engine = sqlite_store(tmp_path)
-    engine.dispose()
-    result = invoke_csr("--db", url, "stats", "--json")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"iterations": [], "evaluations": [], "benchmarks": []}
 
 
 # ---------------------------------------------------------------- live store
