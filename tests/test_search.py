@@ -22,14 +22,8 @@ from csr.engine.search.sentence_search import (
 from tests.reference_search import naive_sentence_beam_search, response_text
 from tests.worlds import PROMPT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one thread beats two on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices: one thread beats two on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = SearchConfig(max_new_tokens=12, max_length=40)
