@@ -136,10 +136,6 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
-    def url(self) -> str:
-        return self._engine.url.render_as_string(hide_password=False)
-
     def reconnect(self) -> None:
         """Drop every pooled connection: after an outage they may all be dead."""
         self._engine.dispose()
