@@ -94,20 +94,9 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 240.0,
 
 
 def _mid_run(study: Study) -> bool:
-    """At least one prompt done and at least one claimed, still so a moment later:
-    a kill now leaves work behind. A claim's trees are written within
-    milliseconds of each other once its search ends, so a state seen once may
-    be gone before the signal lands (on a loaded machine it was); a state that
-    holds for 0.3 s is a batch being searched, which takes seconds."""
-
-    def seen() -> bool:
-        states = _states(study)
-        return states.get("done", 0) >= 1 and states.get("claimed", 0) >= 1
-
-    if not seen():
-        return False
-    time.sleep(0.3)
-    return seen()
+    """At least one prompt done and at least one claimed: a kill now leaves work behind."""
+    states = _states(study)
+    return states.get("done", 0) >= 1 and states.get("claimed", 0) >= 1
 
 
 def _status(study: Study) -> dict:
