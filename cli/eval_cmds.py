@@ -156,7 +156,7 @@ def eval_pope(
                 f"model version {done.version} on POPE {name} ({task.dataset}): accuracy {m['accuracy']:.3f}, "
                 f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f} "
                 f"{_interval(m['f1_ci'])}, yes-ratio {m['yes_ratio']:.3f} over {m['n']} question(s), "
-                f"{m['unparsed']} neither yes nor no" + (" (already stored)" if done.reused else ""),
+                f"{m['unparsed']} with neither yes nor no (read as yes, as the reference does)" + (" (already stored)" if done.reused else ""),
                 highlight=False, soft_wrap=True)
 
 
