@@ -92,13 +92,23 @@ def eval_chair(
     )
     with Store.open(state(ctx).url) as store:
         outcomes = evaluation.evaluate_versions(store, chosen, [task], device=default_device(device), batch_size=batch_size)
+    truth = _chair_truth(captions)
     for done in outcomes:
         m = done.metrics
         console.print(
             f"model version {done.version} on CHAIR ({done.dataset}): CHAIR_S {m['chair_s']:.3f} "
             f"{_interval(m['ci']['chair_s'])}, CHAIR_I {m['chair_i']:.3f} {_interval(m['ci']['chair_i'])}, "
-            f"recall {m['recall']:.3f} over {m['n_responses']} image(s), {m['mean_words']:.1f} words per response"
-            + (" (already stored)" if done.reused else ""), highlight=False, soft_wrap=True)
+            f"recall {m['recall']:.3f} over {m['n_responses']} image(s), {m['mean_words']:.1f} words per response; "
+            f"{truth}" + (" (already stored)" if done.reused else ""), highlight=False, soft_wrap=True)
+
+
+def _chair_truth(captions: Path | None) -> str:
+    if captions is not None:
+        return f"ground truth: instance annotations and the captions of {captions.name}, as the standard CHAIR"
+    # The reference (chair.py, get_annotations) adds the objects the reference captions
+    # name; without them more mentions count as hallucinated than in published figures.
+    return ("ground truth: instance annotations only (no --captions): CHAIR reads higher than "
+            "the standard CHAIR, which adds the objects of the reference captions")
 
 
 @eval_app.command("pope")
@@ -146,7 +156,7 @@ def eval_pope(
                 f"model version {done.version} on POPE {name} ({task.dataset}): accuracy {m['accuracy']:.3f}, "
                 f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f} "
                 f"{_interval(m['f1_ci'])}, yes-ratio {m['yes_ratio']:.3f} over {m['n']} question(s), "
-                f"{m['unparsed']} neither yes nor no" + (" (already stored)" if done.reused else ""),
+                f"{m['unparsed']} with neither yes nor no (read as yes, as the reference does)" + (" (already stored)" if done.reused else ""),
                 highlight=False, soft_wrap=True)
 
 

@@ -14,6 +14,7 @@ from csr.engine.errors import CsrError
 from csr.engine.settings import DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED, DEFAULT_MODEL
 from csr.storage import migrate, work
 from csr.storage.store import Store
+from csr.storage.versions import BaseModelMismatch, describe_base_model
 
 console = Console()
 db_app = typer.Typer(help="Store schema maintenance.", no_args_is_help=True, rich_markup_mode=None)
@@ -45,8 +46,15 @@ def init(
         settings.clip = "local-dir:" + str(Path(settings.clip[len("local-dir:"):]).resolve())
     url = st.url
     store, what = Store.create(url)
-    with store, store.write() as tx:
-        registered = tx.register_base_model(settings.model, settings.clip, settings.clip_pretrained)
+    try:
+        with store, store.write() as tx:
+            registered = tx.register_base_model(settings.model, settings.clip, settings.clip_pretrained)
+    except BaseModelMismatch as exc:
+        asked = describe_base_model(settings.model, settings.clip, settings.clip_pretrained)
+        raise CsrError(
+            f"the store at {_display(url)} already holds a study of {exc.registered}; its base model never "
+            f"changes, so {asked} is a new study: run `csr init` in another directory, or `csr --db NEW_URL init`"
+        ) from exc
     if st.db or not settings.path.exists():
         settings.store_url = st.db or settings.store_url
     settings.write()

@@ -15,6 +15,8 @@ if their leases expire, so one run finishes the iteration.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import threading
 import time
@@ -56,6 +58,10 @@ class StoreUnavailable(CsrError):
     """The store stayed unreachable for longer than the retry bound."""
 
 
+class ImageChanged(CsrError):
+    """A prompt's image file no longer has the content it had at import."""
+
+
 class WorkStillHeld(CsrError):
     """--no-wait: the iteration is unfinished because other workers hold prompts."""
 
@@ -90,8 +96,15 @@ def iteration_config(store: Store, iteration: int, generate_settings: dict,
     with store.read() as tx:
         policy = tx.model_version(iteration - 1)
         base = tx.model_version(0)
+        started = tx.iteration(iteration) is not None
     if base is None:
         raise CsrError("the store has no base model: run `csr init`")
+    if not started and policy is not None:
+        # A model that cannot be found must not leave a started iteration behind.
+        from csr.engine.loading import check_clip, check_policy
+
+        check_policy(policy.path)
+        check_clip(base.clip_model, base.clip_pretrained)
     config = {
         "search": search.to_dict(),
         "policy_version": iteration - 1,
@@ -326,9 +339,9 @@ def _search_claims(policy, clip, held, inputs, search_config, embeddings, option
     outcomes: list = [None] * len(held)
     jobs, where = [], []
     for i, claim in enumerate(held):
-        text, image_path, image_id = inputs[claim.prompt_id]
+        text, image_path, image_id, image_sha256 = inputs[claim.prompt_id]
         try:
-            image = _load_image(image_path)
+            image = _load_image(image_path, image_sha256)
             embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
         except Exception as exc:
             outcomes[i] = exc
@@ -340,8 +353,14 @@ def _search_claims(policy, clip, held, inputs, search_config, embeddings, option
     return outcomes
 
 
-def _load_image(path: str) -> Image.Image:
-    with Image.open(path) as image:
+def _load_image(path: str, sha256: str) -> Image.Image:
+    """The prompt's image, if its bytes are still those imported: the tree must
+    be searched on the image the store names, not on a file replaced since."""
+    with open(path, "rb") as file:
+        data = file.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ImageChanged(f"image changed since import: {path} (sha256 {sha256[:12]}... in the store)")
+    with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
 
 

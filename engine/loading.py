@@ -113,21 +113,13 @@ def load_policy(
     """Load a vision-language model and its processor from a local directory or hub id."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    source = str(name_or_path)
-    if _looks_like_path(source):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise ModelLoadError(f"model directory not found: {path}")
-        source = str(path)
+    source = _policy_source(name_or_path)
     torch_dtype = _resolve_dtype(dtype, device)
     try:
         processor = AutoProcessor.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
     except Exception as exc:
-        raise ModelLoadError(
-            f"could not load a vision-language model from {source!r} "
-            f"(neither a loadable local directory nor a hub id): {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _not_loadable(source, exc) from exc
     model.to(device).eval()
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
@@ -142,6 +134,38 @@ def load_policy(
         sentence_end_ids=ends,
         eos_token_id=_eos_token_id(model, tokenizer),
     )
+
+
+def _policy_source(name_or_path: str) -> str:
+    source = str(name_or_path)
+    if _looks_like_path(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory not found: {path}")
+        source = str(path)
+    return source
+
+
+def _not_loadable(source: str, exc: Exception) -> ModelLoadError:
+    # The libraries' messages run over several lines (advice, URLs): the first says what failed.
+    lines = str(exc).strip().splitlines()
+    return ModelLoadError(
+        f"could not load a vision-language model from {source!r} "
+        f"(neither a loadable local directory nor a hub id): {type(exc).__name__}: {lines[0] if lines else ''}"
+    )
+
+
+def check_policy(name_or_path: str) -> None:
+    """What load_policy fails on first, without loading weights: the directory
+    or hub id and the model's configuration. Cheap enough to run before a
+    command writes anything that depends on the model."""
+    from transformers import AutoConfig
+
+    source = _policy_source(name_or_path)
+    try:
+        AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise _not_loadable(source, exc) from exc
 
 
 @dataclass
@@ -176,9 +200,9 @@ class ClipScorer:
         return [max(s, 0.0) for s in self.raw_scores(image_embedding, texts)]
 
 
-def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> ClipScorer:
-    """Load an open_clip model: `ViT-L-14-336` + pretrained tag, `hf-hub:org/repo`,
-    or `local-dir:PATH` (the schemas ignore `pretrained`)."""
+def check_clip(name: str, pretrained: str | None = None) -> str | None:
+    """What load_clip refuses before loading: a missing directory or an
+    unknown model name; returns the pretrained tag that applies."""
     import open_clip
 
     if name.startswith("local-dir:"):
@@ -195,6 +219,15 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> 
             f"unknown CLIP model {name!r}: use an open_clip model name (e.g. ViT-L-14-336), "
             "hf-hub:ORG/REPO or local-dir:PATH"
         )
+    return pretrained
+
+
+def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> ClipScorer:
+    """Load an open_clip model: `ViT-L-14-336` + pretrained tag, `hf-hub:org/repo`,
+    or `local-dir:PATH` (the schemas ignore `pretrained`)."""
+    import open_clip
+
+    pretrained = check_clip(name, pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device
@@ -202,8 +235,9 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> 
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as exc:
         detail = f" with pretrained={pretrained!r}" if pretrained else ""
+        lines = str(exc).strip().splitlines()
         raise ModelLoadError(
-            f"could not load CLIP model {name!r}{detail}: {type(exc).__name__}: {exc}"
+            f"could not load CLIP model {name!r}{detail}: {type(exc).__name__}: {lines[0] if lines else ''}"
         ) from exc
     model.eval()
     return ClipScorer(name=name, model=model, preprocess=preprocess, tokenizer=tokenizer, device=str(device))

@@ -94,7 +94,7 @@ class Transaction:
     def insert_prompts(self, rows: list[dict]) -> None:
         prompts.insert_prompts(self._for_writing(), rows)
 
-    def prompt_inputs(self, prompt_ids: list[int]) -> dict[int, tuple[str, str, int]]:
+    def prompt_inputs(self, prompt_ids: list[int]) -> dict[int, tuple[str, str, int, str]]:
         return work.prompt_inputs(self._conn, prompt_ids)
 
     # -- iterations and the queue --------------------------------------------------------

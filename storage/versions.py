@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from csr.storage.clock import utcnow
 from csr.storage.errors import StoreError
@@ -153,24 +153,29 @@ def model_version(conn: Connection, version: int):
     return conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
 
 
+class BaseModelMismatch(StoreError):
+    """The store's model version 0 is another model than the one asked for."""
+
+    def __init__(self, registered: str):
+        self.registered = registered  # the store's base model, described
+        super().__init__(f"this store's base model is {registered}; a study's base model never changes")
+
+
+def describe_base_model(model: str, clip: str, clip_pretrained: str | None) -> str:
+    tag = f", pretrained {clip_pretrained}" if clip_pretrained else ""
+    return f"{model} (CLIP {clip}{tag})"
+
+
 def register_base_model(conn: Connection, model: str, clip: str, clip_pretrained: str | None) -> str:
-    """Model version 0 is the base model of the study; returns what happened."""
+    """Model version 0 is the base model of the study; returns what happened.
+
+    Once registered it never changes: every tree, pair and version of the
+    store descends from it, so another model is another study (another store)."""
     existing = model_version(conn, 0)
     if existing is not None:
         if (existing.path, existing.clip_model, existing.clip_pretrained) == (model, clip, clip_pretrained):
             return "unchanged"
-        has_iterations = conn.execute(select(func.count()).select_from(Iteration)).scalar_one()
-        if has_iterations:
-            raise StoreError(
-                f"the store's base model is {existing.path} (CLIP {existing.clip_model}); "
-                "it cannot change once an iteration has started"
-            )
-        conn.execute(
-            update(ModelVersion)
-            .where(ModelVersion.version == 0)
-            .values(path=model, base_model=model, clip_model=clip, clip_pretrained=clip_pretrained)
-        )
-        return "updated"
+        raise BaseModelMismatch(describe_base_model(existing.path, existing.clip_model, existing.clip_pretrained))
     conn.execute(
         ModelVersion.__table__.insert().values(
             version=0,

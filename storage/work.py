@@ -349,14 +349,14 @@ def finish_iteration_if_done(engine: Engine, iteration: int) -> bool:
     return True
 
 
-def prompt_inputs(conn: Connection, prompt_ids: list[int]) -> dict[int, tuple[str, str, int]]:
-    """prompt id -> (prompt text, image file path, image id)."""
+def prompt_inputs(conn: Connection, prompt_ids: list[int]) -> dict[int, tuple[str, str, int, str]]:
+    """prompt id -> (prompt text, image file path, image id, the image's sha256 at import)."""
     rows = conn.execute(
-        select(Prompt.id, Prompt.text, Image.root, Image.rel_path, Image.id.label("image_id"))
+        select(Prompt.id, Prompt.text, Image.root, Image.rel_path, Image.id.label("image_id"), Image.sha256)
         .join(Image, Image.id == Prompt.image_id)
         .where(Prompt.id.in_(prompt_ids))
     ).all()
-    return {r.id: (r.text, os.path.join(r.root, r.rel_path), r.image_id) for r in rows}
+    return {r.id: (r.text, os.path.join(r.root, r.rel_path), r.image_id, r.sha256) for r in rows}
 
 
 

@@ -11,6 +11,7 @@ from csr.engine.evaluate.chair import (
     read_synonyms,
     world_vocabulary,
 )
+from tests.test_evaluations import _coco, _invoke, tiny_store  # noqa: F401
 
 
 @pytest.fixture
@@ -238,3 +239,50 @@ def test_malformed_annotations_are_named(tmp_path, content, says):
     path.write_text(content)
     with pytest.raises(ValueError, match=says):
         load_coco_ground_truth(path)
+
+
+def test_chair_counts_caption_objects_as_present_only_when_captions_are_given(tmp_path):
+    """The reference (chair.py get_annotations) combines segmentation and caption ground
+    truth: a bus the captions name but no annotation marks is no hallucination with them."""
+    from PIL import Image
+
+    from csr.engine.evaluate.benchmarks import chair_metrics, coco_chair_task
+
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.png"}, {"id": 2, "file_name": "2.png"}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 6, "name": "bus"}, {"id": 18, "name": "dog"}],
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 1}, {"id": 11, "image_id": 1, "category_id": 18},
+                        {"id": 12, "image_id": 2, "category_id": 1}],
+    }))
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (4, 4)).save(images / name)
+    captions = tmp_path / "captions_val2014.json"
+    captions.write_text(json.dumps({"annotations": [{"image_id": 2, "caption": "A bus full of people."}]}))
+    responses = ["A person with a dog.", "A bus and a person."]
+
+    alone = coco_chair_task(instances, images, n_images=None)
+    with_captions = coco_chair_task(instances, images, captions=captions, n_images=None)
+    assert alone.extra_settings["captions"] is None
+    assert with_captions.extra_settings["captions"] == "captions_val2014.json"
+    without, _ = chair_metrics(alone, responses)
+    combined, items = chair_metrics(with_captions, responses)
+    assert without["chair_s"] == pytest.approx(1 / 2) and combined["chair_s"] == 0.0
+    assert [i["hallucinated"] for i in items] == [[], []]
+
+
+def test_eval_chair_says_which_ground_truth_it_used(tiny_store, tmp_path):  # noqa: F811 (fixture)
+    instances, images = _coco(tmp_path)
+    args = ("eval", "chair", "--version", "0", "--annotations", instances, "--images", images,
+            "--max-new-tokens", "4")
+    done = _invoke(tiny_store, *args)
+    assert done.exit_code == 0, done.output
+    assert "ground truth: instance annotations only (no --captions)" in done.output
+    captions = tmp_path / "captions_val2014.json"
+    captions.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "A dog and a cup."}]}))
+    done = _invoke(tiny_store, *args, "--captions", captions)
+    assert done.exit_code == 0, done.output
+    assert "ground truth: instance annotations and the captions of captions_val2014.json" in done.output
+    assert "(already stored)" not in done.output  # another ground truth is another evaluation

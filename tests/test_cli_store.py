@@ -15,7 +15,7 @@ from csr.storage.db import make_engine
 from csr.storage.store import create_store
 from csr.storage.versions import register_base_model
 from tests.cli_runner import invoke_csr
-from tests.db_backends import fingerprint, only_on, run_csr
+from tests.db_backends import fingerprint, only_on, run_csr, table_rows
 
 HEAD = migrate.head_revision()
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/csr"
@@ -100,6 +100,33 @@ def test_init_refuses_a_missing_local_model_and_creates_nothing(tmp_path):
     done = invoke_csr("init", "--model", "./no-such-model", cwd=tmp_path)
     assert "model directory not found" in one_line_error(done)
     assert not (tmp_path / "csr.db").exists() and not (tmp_path / "csr.toml").exists()
+
+
+def test_init_never_replaces_the_base_model_of_a_store(store_url, tmp_path):
+    """Another --model (or CLIP) on a store that has a base model is another study:
+    one line naming the model there and how to start a new store; nothing changes."""
+    study = tmp_path / "study"
+    study.mkdir()
+    first = invoke_csr("--db", store_url, "init", "--model", "org/first-model", cwd=study)
+    assert first.returncode == 0, first.stderr
+    settings_before = (study / "csr.toml").read_bytes()
+    rows_before, before = table_rows(store_url), fingerprint(store_url)
+    for args in (["--model", "org/other-model"], ["--clip", "ViT-B-16"], ["--clip-pretrained", "laion2b_s34b_b79k"]):
+        message = one_line_error(invoke_csr("--db", store_url, "init", *args, cwd=study))
+        assert "already holds a study of org/first-model (CLIP ViT-L-14-336" in message, message
+        assert "in another directory" in message and "--db NEW_URL" in message, message
+        assert table_rows(store_url) == rows_before
+        assert fingerprint(store_url) == before
+        assert (study / "csr.toml").read_bytes() == settings_before
+    again = invoke_csr("--db", store_url, "init", cwd=study)
+    assert again.returncode == 0 and "base model unchanged" in again.stdout, again.stderr
+    # The way the refusal names: a new store, here another directory.
+    elsewhere = tmp_path / "new-study"
+    elsewhere.mkdir()
+    fresh = invoke_csr("init", "--model", "org/other-model", cwd=elsewhere)
+    assert fresh.returncode == 0, fresh.stderr
+    assert base_model_of(invoke_csr("status", "--json", cwd=elsewhere)) == "org/other-model"
+    assert base_model_of(invoke_csr("status", "--json", db=store_url)) == "org/first-model"
 
 
 def test_bad_settings_file_is_one_line(tmp_path):

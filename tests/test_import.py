@@ -17,7 +17,7 @@ from csr.storage.models import Image as ImageRow
 from csr.storage.models import Prompt
 from csr.storage.store import Store, create_store
 from tests.cli_runner import invoke_csr
-from tests.db_backends import backend_param, fingerprint, only_on
+from tests.db_backends import backend_param, fingerprint, only_on, table_rows
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (120, 0, 120)]
 
@@ -383,6 +383,25 @@ def test_skip_bad_imports_the_rest_and_lists_what_was_skipped(seeded, images, tm
         "g1": ("Good one?", "blue.png", "mixed.json"),
         "g3": ("Good two?", "sub/yellow.png", "mixed.json"),
     }
+
+
+def test_skip_bad_with_every_record_bad_is_refused(seeded, images, tmp_path):
+    """Before: exit 0 and "imported 0 prompt(s)". Now one line, exit 1, every row as it was."""
+    _bad_files(images)
+    file = write_json(tmp_path / "all-bad.json", [llava("b1", "nothere.png", "Missing?"), {"image": "red.png"},
+                                                  llava("p1", "red.png", "Changed text for an existing id")])
+    before, rows = fingerprint(seeded), table_rows(seeded)
+    done = invoke_csr("prompts", "import", file, "--images", images, "--skip-bad", db=seeded)
+    assert_one_line_error(done, "every record is bad (3 problem(s), the first: record 1: image not found",
+                          "nothing imported")
+    assert fingerprint(seeded) == before and table_rows(seeded) == rows
+    # Records already in the store are not bad: nothing new to add is still a success.
+    again = write_json(tmp_path / "again.json", [llava("p1", "red.png", "<image>\nWhat colour?"),
+                                                 llava("b1", "nothere.png", "Missing?")])
+    done = invoke_csr("prompts", "import", again, "--images", images, "--skip-bad", db=seeded)
+    assert done.returncode == 0, done.stderr
+    assert "imported 0 prompt(s) (0 new image(s)); 1 already present; 1 skipped" in done.stdout
+    assert table_rows(seeded) == rows
 
 
 def test_import_needs_an_existing_store(images, tmp_path):

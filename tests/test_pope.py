@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from csr.engine.evaluate import pope
 from csr.engine.evaluate.intervals import bootstrap_interval, f1_from_counts, ratio
@@ -58,6 +59,52 @@ def test_sampling_is_deterministic_per_seed(setting):
     assert len(variants) > 1  # the present objects (and random negatives) follow the seed
 
 
+# The same images with their objects listed (as COCO's annotations list them).
+LISTED = {
+    "a.jpg": ["bicycle", "car", "person", "dog"],
+    "b.jpg": ["frisbee", "dog", "person"],
+    "c.jpg": ["traffic light", "bus", "person", "car", "bus"],
+    "d.jpg": ["tv", "cat", "couch"],
+}
+
+
+@pytest.mark.parametrize("setting", pope.SETTINGS)
+def test_present_objects_are_the_first_three_listed_whatever_the_seed(setting):
+    """The reference asks about image["objects"][:3]; csr's earlier rule drew 3 at random."""
+    for seed in range(6):
+        questions = pope.build_questions(LISTED, setting, seed)
+        present = {image: [q.object for q in questions if q.image == image and q.label == "yes"] for image in LISTED}
+        assert present == {"a.jpg": ["bicycle", "car", "person"], "b.jpg": ["frisbee", "dog", "person"],
+                           "c.jpg": ["traffic light", "bus", "person"], "d.jpg": ["tv", "cat", "couch"]}
+    # The earlier rule did not: some seed asks a.jpg about its dog.
+    asked_dog = {seed for seed in range(12) if ("a.jpg", "dog") in
+                 {(q.image, q.object) for q in pope.build_questions(OBJECTS, setting, seed) if q.label == "yes"}}
+    assert asked_dog
+
+
+def test_coco_pope_asks_about_objects_in_annotation_order(tmp_path):
+    from csr.engine.evaluate.benchmarks import coco_pope_task
+
+    names = ["person", "dog", "car", "bicycle", "frisbee", "bus", "cat", "tv", "couch"]
+    listed = {1: ["car", "dog", "bicycle", "person"], 2: ["frisbee", "person", "dog"], 3: ["tv", "couch", "cat"]}
+    annotations = [{"id": 10 * image + k, "image_id": image, "category_id": names.index(name) + 1}
+                   for image, objs in listed.items() for k, name in enumerate(objs)]
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i}.png"} for i in listed],
+        "annotations": annotations,
+        "categories": [{"id": n + 1, "name": name} for n, name in enumerate(names)],
+    }))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in listed:
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(images / f"{i}.png")
+    task = coco_pope_task(instances, images, settings=["popular"])
+    present = [(q.image, q.object) for q in task.questions if q.label == "yes"]
+    assert present == [("1", "car"), ("1", "dog"), ("1", "bicycle"), ("2", "frisbee"), ("2", "person"),
+                       ("2", "dog"), ("3", "tv"), ("3", "couch"), ("3", "cat")]
+
+
 def test_popular_asks_about_the_most_frequent_absent_objects():
     # Frequency over a-d: person 3, car 2, dog 2, then 1 each (ties by name):
     # bicycle, bus, cat, couch, frisbee, traffic light, tv.
@@ -101,29 +148,62 @@ def test_too_few_absent_objects_is_a_clear_error():
         pope.build_questions({"x": {"a", "b", "c"}, "y": {"a", "b", "c", "d"}}, "random", 0)
 
 
-@pytest.mark.parametrize(("answer", "parsed"), [
-    ("Yes", "yes"), ("yes", "yes"), ("Yes, there is a dog in the image.", "yes"),
-    ("No", "no"), ("No.", "no"), ("no, there is none", "no"), ("There is not a dog.", "no"),
-    ("Yes. But no, not really.", "yes"),  # only the first sentence counts
-    ("No. Yes!", "no"),
-    ("There is a dog in the image.", None), ("", None), ("Nothing", None), ("yesterday", None),
+@pytest.mark.parametrize(("answer", "parsed", "neither"), [
+    ("Yes", "yes", False), ("yes", "yes", False), ("Yes, there is a dog in the image.", "yes", False),
+    ("No", "no", False), ("No.", "no", False), ("no, there is none", "no", False),
+    ("There is not a dog.", "no", False),
+    ("Yes. But no, not really.", "yes", False),  # only the first sentence counts
+    ("No. Yes!", "no", False),
+    # The reference calls everything without a negative word "yes" (csr's earlier rule: unparsed, "no").
+    ("There is a dog in the image.", "yes", True), ("", "yes", True), ("Nothing", "yes", True),
+    ("yesterday", "yes", True), ("Not really", "yes", True),
+    # It splits on single spaces and strips nothing but commas: "No!" is not the word "No"
+    # (csr's earlier rule stripped the "!" and read "no").
+    ("No!", "yes", True), ("No, not at all!", "no", False), ("No\nthere is none", "yes", True),
 ])
-def test_answers_are_parsed_like_the_reference(answer, parsed):
-    assert pope.parse_answer(answer) == parsed
+def test_answers_are_parsed_like_the_reference(answer, parsed, neither):
+    assert pope.parse_answer(answer) == parsed == reference_evaluate_py(answer)
+    assert pope.says_neither(answer) is neither
+
+
+def reference_evaluate_py(text: str) -> str:
+    """The answer loop of github.com/RUCAIBox/POPE evaluate.py, as written there."""
+    if text.find('.') != -1:
+        text = text.split('.')[0]
+    text = text.replace(',', '')
+    words = text.split(' ')
+    if 'No' in words or 'not' in words or 'no' in words:
+        return 'no'
+    return 'yes'
 
 
 def test_metrics_equal_a_hand_computation():
     labels = ["yes", "no", "yes", "no", "yes", "no", "yes", "no"]
-    answers = ["yes", "yes", "no", "no", None, "no", "yes", None]
-    s = pope.score(labels, answers)
-    assert (s.tp, s.fp, s.tn, s.fn, s.unparsed, s.n) == (2, 1, 3, 2, 2, 8)
+    answers = ["yes", "yes", "no", "no", "yes", "no", "yes", "yes"]
+    s = pope.score(labels, answers, unparsed=2)
+    assert (s.tp, s.fp, s.tn, s.fn, s.unparsed, s.n) == (3, 2, 2, 1, 2, 8)
     assert s.accuracy == pytest.approx(5 / 8)
-    assert s.precision == pytest.approx(2 / 3)
-    assert s.recall == pytest.approx(2 / 4)
-    assert s.f1 == pytest.approx(4 / 7)
-    assert s.yes_ratio == pytest.approx(3 / 8)
-    never_yes = pope.score(["yes", "no"], ["no", None])
+    assert s.precision == pytest.approx(3 / 5)
+    assert s.recall == pytest.approx(3 / 4)
+    assert s.f1 == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    assert s.yes_ratio == pytest.approx(5 / 8)
+    never_yes = pope.score(["yes", "no"], ["no", "no"])
     assert (never_yes.precision, never_yes.f1, never_yes.yes_ratio) == (0.0, 0.0, 0.0)
+
+
+def test_answers_without_yes_or_no_count_as_yes_and_are_reported():
+    from csr.engine.evaluate.benchmarks import PopeTask, pope_metrics
+
+    questions = [pope.Question("random", "i0", "Is there a dog in the image?", "yes", "dog"),
+                 pope.Question("random", "i0", "Is there a cat in the image?", "no", "cat"),
+                 pope.Question("random", "i1", "Is there a bus in the image?", "no", "bus")]
+    task = PopeTask(dataset="hand", questions=questions, images={})
+    answers = ["There is a dog.", "No!", "No"]
+    metrics, items = pope_metrics(task, answers, [pope.parse_answer(a) for a in answers])
+    m = metrics["random"]
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["unparsed"]) == (1, 1, 1, 0, 2)
+    assert [i["parsed"] for i in items] == ["yes", "yes", "no"]
+    assert task.settings["answer_rule"] == "POPE evaluate.py"
 
 
 def test_question_files_in_the_published_layout(tmp_path):

@@ -235,17 +235,18 @@ def test_sqlite_writers_wait_instead_of_failing(sqlite_url):
 # -- base model ----------------------------------------------------------------------------
 
 
-def test_register_base_model(engine):
+def test_register_base_model_once_and_never_replace_it(engine):
     with engine.begin() as conn:
         assert register_base_model(conn, MODEL, CLIP, "openai") == "registered"
     with engine.begin() as conn:
         assert register_base_model(conn, MODEL, CLIP, "openai") == "unchanged"
-    with engine.begin() as conn:
-        assert register_base_model(conn, "/models/other", "hf-hub:x/y", None) == "updated"
+    for other in (("/models/other", CLIP, "openai"), (MODEL, "hf-hub:x/y", None), (MODEL, CLIP, "laion2b")):
+        with pytest.raises(StoreError, match="base model is .* never changes"), engine.begin() as conn:
+            register_base_model(conn, *other)
     with engine.connect() as conn:
         summary = status(conn)
     [v0] = summary["model_versions"]
-    assert (v0["version"], v0["parent"], v0["path"]) == (0, None, "/models/other")
+    assert (v0["version"], v0["parent"], v0["path"]) == (0, None, MODEL)
 
 
 def test_base_model_cannot_change_once_an_iteration_exists(engine):
@@ -257,7 +258,7 @@ def test_base_model_cannot_change_once_an_iteration_exists(engine):
                 state="generating", created_at=utcnow(),
             )
         )
-    with pytest.raises(StoreError, match="cannot change once an iteration has started"), engine.begin() as conn:
+    with pytest.raises(StoreError, match="never changes"), engine.begin() as conn:
         register_base_model(conn, "/models/other", CLIP, "openai")
     with engine.begin() as conn:
         assert register_base_model(conn, MODEL, CLIP, "openai") == "unchanged"

@@ -101,7 +101,7 @@ class PopeTask:
                "bootstrap": {"seed": self.bootstrap_seed, "resamples": N_RESAMPLES},
                "decoding": "greedy", **self.extra_settings}
         if self.answer_from == "question":
-            out |= {"suffix": self.suffix, "max_new_tokens": self.max_new_tokens}
+            out |= {"suffix": self.suffix, "max_new_tokens": self.max_new_tokens, "answer_rule": pope.ANSWER_RULE}
         else:
             assert self.describe is not None
             out |= {"prompt": self.describe.settings["prompt"],
@@ -172,11 +172,12 @@ def chair_metrics(task: ChairTask, responses: Sequence[str]) -> tuple[dict, list
     return metrics, items
 
 
-def pope_metrics(task: PopeTask, answers: Sequence[str], parsed: Sequence[str | None]) -> tuple[dict, list[dict]]:
+def pope_metrics(task: PopeTask, answers: Sequence[str], parsed: Sequence[str]) -> tuple[dict, list[dict]]:
     metrics: dict = {}
     for setting in sorted({q.setting for q in task.questions}):
         idx = [i for i, q in enumerate(task.questions) if q.setting == setting]
-        scores = pope.score([task.questions[i].label for i in idx], [parsed[i] for i in idx])
+        scores = pope.score([task.questions[i].label for i in idx], [parsed[i] for i in idx],
+                            unparsed=sum(pope.says_neither(answers[i]) for i in idx))
         per_image: dict[str, list[float]] = {}
         for i in idx:
             q, yes = task.questions[i], parsed[i] == "yes"
@@ -372,7 +373,7 @@ def coco_pope_task(
     try:
         truth = load_coco_ground_truth(annotations)
         keys = {str(i): i for i in truth.files}
-        objects = {key: truth.objects[i] for key, i in keys.items()}
+        objects = {key: truth.listed[i] for key, i in keys.items()}
         chosen = pope.sample_images(objects, seed, n_images)
         questions = [q for s in settings for q in pope.build_questions(objects, s, seed, chosen)]
     except (OSError, ValueError) as exc:

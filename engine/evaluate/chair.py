@@ -285,6 +285,9 @@ class CocoGroundTruth:
     objects: dict[int, set[str]]  # image id -> canonical objects present
     files: dict[int, str]  # image id -> file name
     vocabulary: Vocabulary
+    # image id -> its annotated objects in the order the annotations list them, each
+    # once (POPE asks about the first three listed); reference captions add none.
+    listed: dict[int, list[str]] = field(default_factory=dict)
 
 
 def load_coco_ground_truth(
@@ -308,6 +311,7 @@ def load_coco_ground_truth(
         raise ValueError(f"{instances_json}: lists no images")
     # Images without annotations stay in: every mention there is a hallucination.
     truth: dict[int, set[str]] = {image_id: set() for image_id in files}
+    listed: dict[int, dict[str, None]] = {image_id: {} for image_id in files}
     for image_id, category_id, ann_id in annotations:
         if category_id not in categories:
             raise ValueError(
@@ -316,6 +320,7 @@ def load_coco_ground_truth(
         if image_id not in truth:
             raise ValueError(f"{instances_json}: annotation {ann_id} has unknown image {image_id!r}")
         truth[image_id].add(categories[category_id])
+        listed[image_id][categories[category_id]] = None
     synonyms = None
     if synonyms_file is not None:
         synonyms = read_synonyms(synonyms_file)
@@ -331,7 +336,7 @@ def load_coco_ground_truth(
                     truth[ann["image_id"]].update(vocabulary.find(ann["caption"]))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{captions_json}: not COCO captions (missing {exc})") from None
-    return CocoGroundTruth(truth, files, vocabulary)
+    return CocoGroundTruth(truth, files, vocabulary, {i: list(objs) for i, objs in listed.items()})
 
 
 def _read_json_object(path: Path) -> dict:

@@ -4,8 +4,9 @@ about objects that are present and objects that are not.
 
 Built as the reference code builds it (github.com/RUCAIBox/POPE, main.py and
 utils.py): only images with at least `n_present` (3) objects qualify, `n_images`
-(500) of them are sampled; for each, `n_present` present objects are asked
-about, each followed by one absent object drawn by the setting:
+(500) of them are sampled; for each, its first `n_present` listed objects are
+asked about (an image given as a set, which lists nothing, has them drawn by
+the seed), each followed by one absent object drawn by the setting:
 
 - random: any object of the sampled images' objects;
 - popular: the most frequent objects over the sampled images first;
@@ -14,6 +15,7 @@ about, each followed by one absent object drawn by the setting:
 An absent object is never one of the image's objects nor one already asked
 about for that image. Object frequency and co-occurrence are counted over the
 sampled images, as in the reference. Everything random comes from one seed.
+Where csr departs from the reference, and why: docs/evaluation.md, "POPE".
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def build_questions(
         raise ValueError(f"unknown POPE setting {setting!r}; choose one of {', '.join(SETTINGS)}")
     if images is None:
         images = sample_images(objects_by_image, seed, n_present=n_present)
-    present = {key: sorted(set(objects_by_image[key])) for key in images}
+    present = {key: _listed(objects_by_image[key]) for key in images}
     frequency = Counter(obj for objs in present.values() for obj in objs)
     pool = sorted(frequency)
     # Most frequent first; ties by name so that the order never depends on hashing.
@@ -90,7 +92,9 @@ def build_questions(
         if len(pool) - len(objs) < n_present:
             raise ValueError(f"image {key}: fewer than {n_present} absent objects to ask about")
         asked: set[str] = set()
-        for obj in rng.sample(objs, n_present):
+        # The reference asks about image["objects"][:3], the first listed.
+        first = objs[:n_present] if _is_listed(objects_by_image[key]) else rng.sample(objs, n_present)
+        for obj in first:
             asked.add(obj)
             questions.append(Question(setting, key, question_text(obj, template), "yes", obj))
             if setting == "random":
@@ -105,6 +109,17 @@ def build_questions(
             asked.add(absent)
             questions.append(Question(setting, key, question_text(absent, template), "no", absent))
     return questions
+
+
+def _is_listed(objects: Iterable[str]) -> bool:
+    return not isinstance(objects, (set, frozenset))
+
+
+def _listed(objects: Iterable[str]) -> list[str]:
+    """An image's objects in the order listed, each once; a set in name order."""
+    if not _is_listed(objects):
+        return sorted(objects)
+    return list(dict.fromkeys(objects))
 
 
 def read_question_file(path: Path, setting: str | None = None) -> list[Question]:
@@ -136,23 +151,30 @@ def read_question_file(path: Path, setting: str | None = None) -> list[Question]
     return questions
 
 
+ANSWER_RULE = "POPE evaluate.py"  # recorded with each evaluation: how answers were read
 _NO_WORDS = {"No", "no", "not"}  # the reference's negative words, case as it checks them
 _YES_WORDS = {"Yes", "yes"}
 
 
-def parse_answer(text: str) -> str | None:
-    """"yes", "no" or None (neither), read as the reference evaluate.py reads
-    an answer: its first sentence, commas removed, split on spaces; any of
-    "No", "no", "not" makes it "no". The reference calls every other answer
-    "yes"; here "yes" needs a "Yes"/"yes" word, and the rest is None, which
-    the metrics count as "no" and report apart (`unparsed`)."""
-    first = text.split(".")[0] if "." in text else text
-    tokens = [w.strip("!?;:\"'") for w in first.replace(",", "").split()]
-    if any(w in _NO_WORDS for w in tokens):
-        return "no"
-    if any(w in _YES_WORDS for w in tokens):
-        return "yes"
-    return None
+def _reference_words(text: str) -> list[str]:
+    # evaluate.py: the first sentence, commas removed, split on single spaces
+    # (so "No!" is one word, and not the word "No").
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    return text.replace(",", "").split(" ")
+
+
+def parse_answer(text: str) -> str:
+    """"yes" or "no", as the reference evaluate.py reads an answer: "no" when
+    its first sentence has the word "No", "no" or "not", else "yes"."""
+    return "no" if any(w in _NO_WORDS for w in _reference_words(text)) else "yes"
+
+
+def says_neither(text: str) -> bool:
+    """An answer with neither a yes nor a no word, in the reference's reading
+    ("There is a dog.", "No!", ""): the reference counts it as "yes"; csr
+    counts it the same way and reports how many there were (`unparsed`)."""
+    return not any(w in _NO_WORDS or w in _YES_WORDS for w in _reference_words(text))
 
 
 @dataclass(frozen=True)
@@ -162,7 +184,7 @@ class PopeScores:
     fp: int
     tn: int
     fn: int
-    unparsed: int  # answers that were neither yes nor no, counted as "no"
+    unparsed: int  # answers with neither a yes nor a no word (counted as "yes", as the reference does)
 
     @property
     def accuracy(self) -> float:
@@ -194,8 +216,9 @@ class PopeScores:
         }
 
 
-def score(labels: Sequence[str], answers: Sequence[str | None]) -> PopeScores:
-    """Confusion counts of parsed answers ("yes"/"no"/None) against labels."""
+def score(labels: Sequence[str], answers: Sequence[str], unparsed: int = 0) -> PopeScores:
+    """Confusion counts of parsed answers ("yes"/"no") against labels;
+    `unparsed` of them said neither (says_neither) and are reported apart."""
     if len(labels) != len(answers):
         raise ValueError(f"{len(labels)} labels but {len(answers)} answers")
     tp = fp = tn = fn = 0
@@ -205,4 +228,4 @@ def score(labels: Sequence[str], answers: Sequence[str | None]) -> PopeScores:
             tp, fn = tp + said_yes, fn + (not said_yes)
         else:
             fp, tn = fp + said_yes, tn + (not said_yes)
-    return PopeScores(len(labels), tp, fp, tn, fn, sum(a is None for a in answers))
+    return PopeScores(len(labels), tp, fp, tn, fn, unparsed)

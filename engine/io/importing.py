@@ -68,6 +68,13 @@ def import_prompts(
                 problems.sort(key=lambda p: p.position)
                 more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
                 raise ImportRejected(f"{file}: {problems[0]}{more}; nothing imported (use --skip-bad to import the rest)")
+            if problems and not to_add and not report.already_present:
+                # --skip-bad with nothing good left is a wrong file, not an import of nothing.
+                problems.sort(key=lambda p: p.position)
+                raise ImportRejected(
+                    f"{file}: every record is bad ({len(problems)} problem(s), the first: {problems[0]}); "
+                    "nothing imported"
+                )
             report.skipped = sorted(problems, key=lambda p: p.position)
 
             known = tx.image_ids(sorted({info.sha256 for _, info in to_add}))
