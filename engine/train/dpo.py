@@ -40,7 +40,9 @@ from csr.engine.train.dpo_data import (  # noqa: F401  (re-exported: the trainin
     _preference_dataset,
     completion_ids,
     completion_logprob,
+    find_unencodable,
     implicit_reward_margins,
+    unencodable_reason,
     uses_tree_reference,
 )
 from csr.engine.train.lora import (  # noqa: F401
