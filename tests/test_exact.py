@@ -116,17 +116,21 @@ def test_a_pair_holding_the_image_id_or_an_unreadable_image_is_found(tiny_llava_
 
 
 @pytest.fixture(scope="module")
-def image_prone_llava_dir(tmp_path_factory, tiny_tokenizer):
-    """A random tiny LLaVA whose likeliest first response token is the image
-    placeholder (as tests/test_faithful.py biases one toward NUL)."""
+def image_prone_llava_dir(tmp_path_factory, trained_llava_dir, tiny_tokenizer):
+    """The trained tiny LLaVA (it writes sentences, so trees give pairs) with
+    the image placeholder made its likeliest first response token, as
+    tests/test_faithful.py biases a model toward NUL."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     from csr.engine.prompting import encode_prompts
 
-    model, processor = tiny.build_tiny_llava(tiny_tokenizer, seed=5)
+    model = AutoModelForImageTextToText.from_pretrained(str(trained_llava_dir), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(trained_llava_dir))
     image_id = tiny_tokenizer.convert_tokens_to_ids(tiny.IMAGE_TOKEN)
     encoded = encode_prompts(processor, [Image.new("RGB", (40, 36), (200, 30, 30))], ["Describe the image."])
     with torch.no_grad():
         out = model(**encoded, output_hidden_states=True)
-        state = out.hidden_states[-1][0, -8:].mean(dim=0)
+        state = out.hidden_states[-1][0, -1]
         target = out.logits[0, -1].max().item() + 2.0
         model.lm_head.weight[image_id] = state * (target / state.dot(state).item())
         assert int(model(**encoded).logits[0, -1].argmax()) == image_id, "the bias must favour the image id"
