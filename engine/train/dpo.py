@@ -116,7 +116,9 @@ def _make_trainer_class():
 
 # Options that change how often things are written, not what is trained:
 # changing them between a crash and the resume is harmless.
-_BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit", "report_to")
+_BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit", "report_to",
+                        # decides which pairs reach train_dpo; the fingerprint covers those pairs
+                        "unencodable")
 
 
 def _run_fingerprint(base_model_path: str, examples: Sequence[PreferenceExample], config: TrainConfig) -> str:
