@@ -92,6 +92,13 @@ def _say_trained(outcome: iterations.TrainOutcome) -> None:
             f"{outcome.skipped_too_long} pair(s) left out: a response is longer than max_response_tokens "
             "(never cut; raise [train] max_response_tokens, or set too_long = \"refuse\")"
         )
+    for external_id, reason in outcome.skipped_unencodable:
+        console.print(f"pair of prompt {external_id} left out: {reason}")
+    if outcome.skipped_unencodable:
+        console.print(
+            f"{len(outcome.skipped_unencodable)} pair(s) left out as unencodable "
+            "(set [train] unencodable = \"refuse\" to stop instead)"
+        )
 
 
 def export(

@@ -79,6 +79,8 @@ class TrainOutcome:
     resumed_from_step: int | None
     train_seconds: float
     final_metrics: dict
+    # (external id of the prompt, why) of each pair left out as unencodable
+    skipped_unencodable: tuple[tuple[str, str], ...] = ()
 
 
 def _is_main_process() -> bool:
@@ -98,6 +100,8 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
         raise CsrError(f"[train] in {settings.path}: {exc}") from exc
     existing, parent = _check_order(store, iteration, options)
     pair_set, rows, too_long = _pairs_to_train(store, iteration, options.pair_set, config)
+    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(store, iteration, config))
+    rows, examples, unencodable = _drop_unencodable(pair_set.name, rows, examples, parent.path, config)
     pairs_hash = json_digest(rows, default=str)
     hyperparams = config.to_dict()
 
@@ -114,7 +118,6 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
                 tx.mark_run(run_id, "running")
             else:
                 run_id = tx.start_training_run(iteration, pair_set.id, pairs_hash, hyperparams, str(checkpoint_dir))
-    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(store, iteration, config))
     staging = models_dir / f"v{iteration}.staging"
     try:
         result = train_dpo(parent.path, examples, staging, checkpoint_dir, config, device=options.device)
@@ -131,6 +134,7 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
         pairs=len(rows),
         skipped_too_long=len(too_long),
         reference=result.extra["reference"],
+        skipped_unencodable=tuple(unencodable),
         resumed_from_step=result.resumed_from_step,
         train_seconds=result.train_seconds,
         final_metrics=final,
@@ -149,7 +153,9 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
                 weights_hash=result.weights_hash,
                 lora_config=result.lora_config,
                 metrics={"final": final, "train_seconds": result.train_seconds, "pairs": outcome.pairs,
-                         "pairs_skipped_too_long": outcome.skipped_too_long, "reference": outcome.reference},
+                         "pairs_skipped_too_long": outcome.skipped_too_long, "reference": outcome.reference,
+                         "pairs_skipped_unencodable": len(unencodable),
+                         "unencodable_pairs": [{"external_id": e, "reason": why} for e, why in unencodable]},
                 run_id=run_id,
                 replace=existing is not None,
             )
@@ -206,6 +212,30 @@ def _pairs_to_train(store: Store, iteration: int, name: str | None, config):
     return pair_set, rows, too_long
 
 
+def _drop_unencodable(pair_set_name: str, rows: list[dict], examples: list, model_path: str, config):
+    """(rows, examples, [(external id, reason)]) without the pairs the model
+    cannot train on; under unencodable = "refuse", an OrderError naming them."""
+    from csr.engine.train.dpo_data import find_unencodable
+
+    bad = find_unencodable(examples, model_path)
+    if not bad:
+        return rows, examples, []
+    named = [(str(rows[i]["external_id"]), why) for i, why in sorted(bad.items())]
+    if config.unencodable == "refuse":
+        first_id, first_why = named[0]
+        raise OrderError(
+            f"{len(named)} pair(s) of pair set {pair_set_name!r} cannot be encoded for training "
+            f"(prompt {first_id}: {first_why}); set unencodable = \"skip\" in [train] to leave them out"
+        )
+    keep = [i for i in range(len(rows)) if i not in bad]
+    if not keep:
+        raise OrderError(
+            f"no pair of pair set {pair_set_name!r} can be encoded for training "
+            f"(prompt {named[0][0]}: {named[0][1]}): nothing to train on"
+        )
+    return [rows[i] for i in keep], [examples[i] for i in keep], named
+
+
 def split_too_long(rows: list[dict], max_response_tokens: int) -> tuple[list[dict], list[dict]]:
     """Pairs whose responses fit, and those with a response over the limit."""
     fits, too_long = [], []
@@ -217,14 +247,14 @@ def split_too_long(rows: list[dict], max_response_tokens: int) -> tuple[list[dic
 
 def _tree_is_exact(store: Store, iteration: int, config) -> bool:
     """Whether the stored log-probs may stand for the reference pass: always
-    under reference = "tree", under "auto" only for trees searched in float32
-    (a GPU search without --dtype runs in the checkpoint's half precision)."""
+    under reference = "tree", under "auto" only for trees the iteration
+    recorded as searched in float32. The training machine says nothing about
+    how the tree was searched, so an iteration without a recorded dtype (a
+    GPU search without --dtype runs in the checkpoint's half precision) is
+    recomputed."""
     if config.reference != "auto":
         return config.reference == "tree"
-    import torch
-
-    dtype = store.iteration(iteration).config.get("dtype")
-    return dtype == "float32" or (dtype is None and not torch.cuda.is_available())
+    return store.iteration(iteration).config.get("dtype") in ("float32", "fp32")
 
 
 def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool = True):

@@ -52,6 +52,8 @@ class Policy:
     device: str
     sentence_end_ids: tuple[int, ...]
     eos_token_id: int
+    # Ids the search never selects (`unreturnable_ids`): none when built by hand.
+    masked_ids: tuple[int, ...] = ()
     stop_ids: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +95,45 @@ def find_sentence_end_ids(tokenizer) -> tuple[int, ...]:
     return found
 
 
+_PLACEHOLDER_ATTRIBUTES = ("image_token_index", "image_token_id", "video_token_index", "video_token_id")
+
+
+def placeholder_ids(model_config, processor) -> tuple[int, ...]:
+    """The image (and video) placeholder ids: where the processor puts an
+    image's features. A response holding one cannot be trained on (the model
+    would look for image features there), so the search never selects one."""
+    found: list[int] = []
+    tokenizer = getattr(processor, "tokenizer", None)
+    for source in (model_config, processor, tokenizer):
+        for name in _PLACEHOLDER_ATTRIBUTES:
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, int) and value >= 0:
+                found.append(value)
+    for name in ("image_token", "video_token"):
+        token = getattr(processor, name, None) or getattr(tokenizer, name, None)
+        if isinstance(token, str) and tokenizer is not None:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
+                found.append(token_id)
+    return tuple(sorted(set(found)))
+
+
+def unreturnable_ids(model, processor, tokenizer, eos_token_id: int) -> tuple[int, ...]:
+    """Ids the search must never select, since the model cannot take them back
+    as text: the image/video placeholders, every special token but EOS (the
+    decode drops them), and output ids past the tokenizer's vocabulary."""
+    ids = set(placeholder_ids(model.config, processor))
+    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", ()) or ())
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(token_id))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        ids.update(range(len(tokenizer), int(head.weight.shape[0])))
+    ids.discard(int(eos_token_id))
+    return tuple(sorted(ids))
+
+
 def _eos_token_id(model, tokenizer) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -125,6 +166,7 @@ def load_policy(
     if tokenizer is None:
         raise ModelLoadError(f"the processor of {source!r} has no tokenizer")
     ends = tuple(sentence_end_ids) if sentence_end_ids else find_sentence_end_ids(tokenizer)
+    eos = _eos_token_id(model, tokenizer)
     return Policy(
         name=str(name_or_path),
         model=model,
@@ -132,7 +174,8 @@ def load_policy(
         tokenizer=tokenizer,
         device=str(device),
         sentence_end_ids=ends,
-        eos_token_id=_eos_token_id(model, tokenizer),
+        eos_token_id=eos,
+        masked_ids=unreturnable_ids(model, processor, tokenizer, eos),
     )
 
 

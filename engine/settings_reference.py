@@ -79,8 +79,12 @@ TRAIN = {
     "max_response_tokens": ("longest response DPO trains on, in response tokens (image and prompt on top); a longer "
                             "pair is never cut", "", "1024 in all (`model_max_length`, prompt included)"),
     "too_long": ("`skip` (leave out and count) or `refuse` a pair over max_response_tokens", "", ""),
+    "unencodable": ("`skip` (leave out, name and count) or `refuse` a pair the model cannot train on: a response "
+                    "holding an image placeholder id or an id outside the vocabulary, or an image the processor "
+                    "cannot encode", "", "(fails the run)"),
     "reference": ("`tree` (the search's stored log-probs of pi_{N-1}, no reference forward pass), `recompute`, "
-                  "or `auto`: the tree when the iteration was searched in float32", "", "recompute"),
+                  "or `auto`: the tree when the iteration recorded float32 (`csr generate --dtype float32`), "
+                  "else recompute", "", "recompute"),
     "report_to": ("TRL's log reporting: none, tensorboard or wandb", "", "wandb"),
     "logging_steps": ("steps between logged metrics", "", "1"),
     "save_steps": ("steps between checkpoints (a killed `csr train` resumes from the last)", "", "100"),

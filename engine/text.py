@@ -15,11 +15,19 @@ safe to store and to split into sentences:
   by `max_new_tokens` between byte-fallback tokens) shows U+FFFD there, which
   the next tokens may turn into the real character; such a trailing run is
   held back from a non-final candidate and appears in its child's text.
+- **Exact responses.** A decode can also rewrite text that had settled: the
+  byte-fallback decoder of Llama's tokenizer shows a byte run that decoded
+  cleanly ("é") as one U+FFFD per byte once the next candidate adds a byte
+  that makes the run invalid. The parent's stored text cannot change then,
+  so the child's increment is only approximate (`Increment.exact` is false,
+  stored as `candidates.text_exact`); a response's text is always the
+  portable decode of its whole token ids, never the concatenation.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 REPLACEMENT = "\ufffd"
 _UNPORTABLE = re.compile("[\x00\ud800-\udfff]")
@@ -35,21 +43,28 @@ def settled(decoded: str) -> str:
     return decoded.rstrip(REPLACEMENT)
 
 
-def increment(parent_text: str, decoded: str, final: bool) -> str:
+class Increment(NamedTuple):
+    text: str
+    # False when the decode rewrote the parent's settled text: the path's
+    # texts then no longer concatenate to its decode.
+    exact: bool
+
+
+def increment(parent_text: str, decoded: str, final: bool) -> Increment:
     """The text a candidate adds to `parent_text` (its parent's settled decode),
     given the decode of its whole path."""
     shown = decoded if final else settled(decoded)
     if shown.startswith(parent_text):
-        return shown[len(parent_text) :]
-    # A tokenizer whose decode of the prefix changes with what follows (not
-    # SentencePiece or byte-level BPE): the path text is still the decode,
-    # only the split between sentences is approximate.
+        return Increment(shown[len(parent_text) :], True)
+    # The decode of the prefix changed with what followed (a byte run turned
+    # invalid, or a tokenizer whose decode is not prefix-stable): the text
+    # after the common prefix, flagged as approximate.
     common = 0
     for a, b in zip(parent_text, shown, strict=False):
         if a != b:
             break
         common += 1
-    return shown[common:]
+    return Increment(shown[common:], False)
 
 
 def is_blank(text: str) -> bool:

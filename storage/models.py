@@ -159,6 +159,11 @@ class Candidate(Base):
     # 1 - rank among the scored siblings (NULL for end markers and excluded candidates).
     text_rank: Mapped[float | None] = mapped_column(Float)
     image_rank: Mapped[float | None] = mapped_column(Float)
+    # Whether `text` is exactly what this sentence's tokens add to its parent's
+    # decode (csr.engine.text): false where the decode rewrote the parent's
+    # text, so the path's texts joined differ from the response's decode.
+    # NULL in rows made before revision 0005.
+    text_exact: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class Response(Base):

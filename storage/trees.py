@@ -33,6 +33,7 @@ CANDIDATE_COLUMNS = (
     "beam_score",
     "text_rank",
     "image_rank",
+    "text_exact",
 )
 
 # The columns a caller supplies for each final response.
@@ -114,6 +115,7 @@ def insert_candidates(conn: Connection, iteration: int, prompt_id: int, rows: Se
             row.get("beam_score"),
             row.get("text_rank"),
             row.get("image_rank"),
+            row.get("text_exact"),
         )
         for row in rows
     ]

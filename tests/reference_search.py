@@ -76,6 +76,7 @@ def naive_sentence_beam_search(policy, clip, image, prompt_text: str, config: Se
     settings = BeamSettings(
         eos_token_id=policy.eos_token_id,
         sentence_end_ids=tuple(policy.sentence_end_ids),
+        masked_ids=tuple(getattr(policy, "masked_ids", ())),
         **config.beam_settings_kwargs,
     )
     expand_stats = ExpandStats()

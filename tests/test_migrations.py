@@ -159,9 +159,10 @@ def _fill_0001(url: str) -> None:
     engine.dispose()
 
 
-def _fill_0002(url: str) -> None:
+def _fill_0002(url: str, fingerprinted: bool = False) -> None:
     """0001's rows, the finish reasons 0002 added, and CHAIR evaluations in the
-    0002 layout (one row per version and benchmark, details optional)."""
+    0002 layout (one row per version and benchmark, details optional); with
+    `fingerprinted`, as 0004 keys them (a fingerprint and metrics each)."""
     _fill_0001(url)
     engine = make_engine(url)
     metadata = MetaData()
@@ -178,6 +179,15 @@ def _fill_0002(url: str) -> None:
              "chair_s": 0.3, "chair_i": 0.15, "mean_words": 16.0, "details": None, "created_at": T0},
             {"id": 3, "model_version": 1, "benchmark": "chair:instances.json", "n_responses": 2,
              "chair_s": 0.5, "chair_i": 0.25, "mean_words": 40.0, "details": {}, "created_at": T0},
+        ] if not fingerprinted else [
+            {"id": 1, "model_version": 0, "benchmark": "demo-world-heldout", "n_responses": 100,
+             "chair_s": 0.41, "chair_i": 0.2125, "mean_words": 17.5, "details": None, "created_at": T0,
+             "fingerprint": "a" * 64, "dataset_hash": "c" * 64, "settings": {"benchmark": "chair"},
+             "metrics": {"chair_s": 0.41}, "items": None},
+            {"id": 2, "model_version": 1, "benchmark": "pope:adversarial", "n_responses": 3,
+             "chair_s": None, "chair_i": None, "mean_words": None, "details": None, "created_at": T0,
+             "fingerprint": "b" * 64, "dataset_hash": None, "settings": None, "metrics": {"accuracy": 0.5},
+             "items": [{"answer": "yes"}]},
         ])
     engine.dispose()
 
@@ -205,9 +215,9 @@ def test_0004_gives_old_evaluations_a_fingerprint_and_their_metrics(store_url):
     assert metrics[1] == {"chair_s": 0.3, "chair_i": 0.15, "mean_words": 16.0, "n_responses": 100}
 
 
-def _fill_0003(url: str) -> None:
+def _fill_0003(url: str, fingerprinted: bool = False) -> None:
     """0002's rows, what 0003 added to candidates, and responses as the search writes them."""
-    _fill_0002(url)
+    _fill_0002(url, fingerprinted)
     engine = make_engine(url)
     metadata = MetaData()
     metadata.reflect(engine)
@@ -227,7 +237,12 @@ def _fill_0003(url: str) -> None:
     engine.dispose()
 
 
-FILLERS = {"0001": _fill_0001, "0002": _fill_0002, "0003": _fill_0003}
+def _fill_0004(url: str) -> None:
+    """0003's rows, with evaluations as 0004 keys them."""
+    _fill_0003(url, fingerprinted=True)
+
+
+FILLERS = {"0001": _fill_0001, "0002": _fill_0002, "0003": _fill_0003, "0004": _fill_0004}
 OLDER_FROZEN = [rev for rev in frozen_revisions() if rev != HEAD]
 
 
@@ -276,6 +291,14 @@ def _check_upgrade_keeps_every_row(url: str, revision: str) -> None:
 
     if revision < "0003":
         _check_responses_rebuilt_from_the_trees(url)
+    if revision < "0005":
+        # whether an old candidate's text is its exact increment is unknown
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT DISTINCT text_exact FROM candidates")).all() == [(None,)]
+        finally:
+            engine.dispose()
     shown = invoke_csr("status", "--json", db=url)
     assert shown.returncode == 0, shown.stderr
     summary = json.loads(shown.stdout)

@@ -81,8 +81,8 @@ def test_the_recorded_form_of_the_settings_is_unchanged():
         '{"beta": 1, "sft_weight": 0.0, "lora_r": 128, "lora_alpha": 256, "lora_dropout": 0.05, '
         '"lora_target": "language_model", "learning_rate": 1e-07, "projector_learning_rate": 2e-05, '
         '"lr_scheduler": "cosine", "warmup_ratio": 0.03, "epochs": 1, "batch_size": 1, "grad_accum": 1, '
-        '"seed": 42, "max_response_tokens": 1024, "too_long": "skip", "reference": "auto", "report_to": "none", '
-        '"logging_steps": 1, "save_steps": 50, "save_total_limit": 2, "bf16": true, '
+        '"seed": 42, "max_response_tokens": 1024, "too_long": "skip", "unencodable": "skip", "reference": "auto", '
+        '"report_to": "none", "logging_steps": 1, "save_steps": 50, "save_total_limit": 2, "bf16": true, '
         '"gradient_checkpointing": true, "save_dtype": "float32"}'
     )
 

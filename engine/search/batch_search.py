@@ -136,6 +136,7 @@ def search_prompts(
     settings = BeamSettings(
         eos_token_id=policy.eos_token_id,
         sentence_end_ids=tuple(policy.sentence_end_ids),
+        masked_ids=tuple(getattr(policy, "masked_ids", ())),
         **config.beam_settings_kwargs,
     )
     stats = stats if stats is not None else ExpandStats()

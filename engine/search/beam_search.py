@@ -34,6 +34,9 @@ class BeamSettings:
     diversity_penalty: float
     eos_token_id: int
     sentence_end_ids: tuple[int, ...]
+    # Ids never selected (the policy's `masked_ids`): -inf before selection, as
+    # transformers' `suppress_tokens`; the stored log-probs stay the model's.
+    masked_ids: tuple[int, ...] = ()
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -78,6 +81,7 @@ def group_beam_search(
     size = settings.num_beams // groups  # beams per group
     device = first_logits.device
     stop = torch.tensor(settings.stop_ids, device=device)
+    masked = torch.tensor([i for i in settings.masked_ids if 0 <= i < vocab], dtype=torch.long, device=device)
     # As transformers: keep enough candidates that `size` non-finished ones remain.
     k_top = min(max(2, 1 + len(settings.stop_ids)) * size, size * vocab)
     caps_t = torch.tensor(list(caps), device=device).view(n_parents, 1)
@@ -115,9 +119,9 @@ def group_beam_search(
             if not bool(live.any()):
                 continue
             lp = lp_all[:, g]  # (P, size, V)
-            scores = lp
+            scores = lp.index_fill(-1, masked, float("-inf")) if masked.numel() else lp
             if g > 0 and settings.diversity_penalty:
-                scores = lp - settings.diversity_penalty * counts[:, None, :]
+                scores = scores - settings.diversity_penalty * counts[:, None, :]
             acc = (scores + run_scores[:, g, :, None]).reshape(n_parents, size * vocab)
             top_v, top_i = acc.topk(k_top, dim=1)
             src = top_i // vocab

@@ -58,9 +58,11 @@ Decisions where the paper is silent (recorded here and in spec/CSR.md terms):
   are taken among the non-excluded, non-end-marker siblings, and stored under
   both presets. R_T uses the raw model log-probs of the sentence tokens (EOS
   included when it ended the sentence).
-- Text of a candidate: the exact increment of the decoded response
+- Text of a candidate: the increment of the decoded response
   (`csr.engine.text`), so that concatenating a path's texts gives the decoded
-  response; CLIP and the degenerate filters see it stripped.
+  response, except where the decode rewrote a parent's text (flagged
+  `text_exact = False`); a response's text is always the decode of its ids.
+  CLIP and the degenerate filters see a candidate's text stripped.
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ class CandidateRecord:
     # 1 - rank among the scored siblings (None for end markers and excluded candidates).
     text_rank: float | None = None
     image_rank: float | None = None
+    # False when `text` is only approximately what the tokens added (csr.engine.text).
+    text_exact: bool = True
 
 
 @dataclass
@@ -202,8 +206,7 @@ class _Path:
 
     node: int | None
     tokens: list[int]
-    settled: str  # raw decode of `tokens` that later tokens cannot change
-    text: str  # the stored (portable) texts of the path, concatenated
+    settled: str  # raw decode of `tokens` that later tokens cannot change (all of it once final)
     sentences: int = 0
     logprob_sum: float = 0.0
     r_t_sum: float = 0.0
@@ -236,7 +239,7 @@ def run_sentence_search(policy, config: SearchConfig, expand: ExpandFn, score: S
     started = time.perf_counter()
     result = SearchResult(records=[])
     stats = result.stats
-    active = [_Path(None, [], "", "")]
+    active = [_Path(None, [], "")]
     depth = 0
     while active:
         stats.max_active = max(stats.max_active, len(active))
@@ -290,7 +293,8 @@ def _make_candidates(policy, config, active, expansions, depth, result) -> list[
                 reason = MAX_LENGTH
             is_final = reason == EOS or at_limit
             decoded = policy.decode(tokens)
-            text = stored_text.portable(stored_text.increment(parent.settled, decoded, is_final))
+            step = stored_text.increment(parent.settled, decoded, is_final)
+            text = stored_text.portable(step.text)
             stripped = text.strip()
             end_marker = reason == EOS and stored_text.is_blank(text)
             if end_marker:
@@ -322,13 +326,13 @@ def _make_candidates(policy, config, active, expansions, depth, result) -> list[
                 finish_reason=reason,
                 token_ids=list(beam.token_ids),
                 beam_score=float(beam.score),
+                text_exact=step.exact,
             )
             result.records.append(record)
             path = _Path(
                 node=record.node,
                 tokens=tokens,
                 settled=decoded if is_final else stored_text.settled(decoded),
-                text=parent.text + text,
                 sentences=parent.sentences,
                 logprob_sum=parent.logprob_sum + logprob_sum,
                 r_t_sum=parent.r_t_sum,
@@ -401,7 +405,9 @@ def _response(c: _Candidate) -> ResponseRecord:
     path = c.path
     return ResponseRecord(
         leaf_node=c.record.node,
-        text=path.text,
+        # The decode of the whole response, not its candidates' texts joined:
+        # those differ where an increment is not exact.
+        text=stored_text.portable(path.settled),
         token_ids=list(path.tokens),
         sentence_count=path.sentences,
         logprob_sum=path.logprob_sum,
@@ -432,6 +438,7 @@ def sentence_beam_search(
     settings = BeamSettings(
         eos_token_id=policy.eos_token_id,
         sentence_end_ids=tuple(policy.sentence_end_ids),
+        masked_ids=tuple(getattr(policy, "masked_ids", ())),
         **config.beam_settings_kwargs,
     )
     t0 = time.perf_counter()

@@ -16,11 +16,13 @@ from csr.engine.settings_table import Number, SettingsTable
 
 LrScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 TooLong = Literal["skip", "refuse"]
+Unencodable = Literal["skip", "refuse"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 Reference = Literal["auto", "tree", "recompute"]
 SaveDtype = Literal["float32", "bfloat16", "float16"]
 LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
 TOO_LONG: tuple[str, ...] = get_args(TooLong)
+UNENCODABLE: tuple[str, ...] = get_args(Unencodable)
 REPORT_TO: tuple[str, ...] = get_args(ReportTo)
 REFERENCES: tuple[str, ...] = get_args(Reference)
 SAVE_DTYPES: tuple[str, ...] = get_args(SaveDtype)
@@ -60,10 +62,15 @@ class TrainConfig(SettingsTable):
     # longer response is never cut: it is skipped and counted, or refused.
     max_response_tokens: int = Field(1024, gt=0)
     too_long: TooLong = "skip"
+    # A pair the model cannot be trained on as stored (a response holding an
+    # image placeholder id, an image the processor cannot encode): skipped,
+    # named and counted, or the whole run refused. One pair never fails a run.
+    unencodable: Unencodable = "skip"
     # Where log pi_{N-1} of chosen and rejected comes from: the search's stored
     # token log-probs ("tree", no reference forward pass) or a forward pass of
     # the adapter-free model ("recompute"). "auto": the tree when the iteration
-    # was generated in float32 (where the two agree within 1e-4), else recompute.
+    # recorded float32 as its dtype (where the two agree within 1e-4), else
+    # recompute (an iteration with no recorded dtype included).
     reference: Reference = "auto"
     # TRL's own log reporting, next to the metrics csr stores with the run
     # (tensorboard writes under the run's checkpoint directory, runs/).

@@ -40,7 +40,9 @@ from csr.engine.train.dpo_data import (  # noqa: F401  (re-exported: the trainin
     _preference_dataset,
     completion_ids,
     completion_logprob,
+    find_unencodable,
     implicit_reward_margins,
+    unencodable_reason,
     uses_tree_reference,
 )
 from csr.engine.train.lora import (  # noqa: F401
@@ -114,7 +116,9 @@ def _make_trainer_class():
 
 # Options that change how often things are written, not what is trained:
 # changing them between a crash and the resume is harmless.
-_BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit", "report_to")
+_BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit", "report_to",
+                        # decides which pairs reach train_dpo; the fingerprint covers those pairs
+                        "unencodable")
 
 
 def _run_fingerprint(base_model_path: str, examples: Sequence[PreferenceExample], config: TrainConfig) -> str:

@@ -82,6 +82,51 @@ class TokenPreferenceCollator:
         return batch
 
 
+def unencodable_reason(example: PreferenceExample, processor: Any, placeholder_ids: Sequence[int],
+                       vocab_size: int) -> str | None:
+    """Why the model cannot train on `example` as stored, or None. A response
+    holding an image placeholder id makes the model look for image features
+    that are not there ("Image features and image tokens do not match"); the
+    search masks those ids, but trees searched before it did, or by another
+    tool, may hold them."""
+    from PIL import Image
+
+    from csr.engine.prompting import encode_prompts
+
+    placeholders = set(placeholder_ids)
+    for side, ids in (("chosen", example.chosen_ids), ("rejected", example.rejected_ids)):
+        held = sorted(placeholders.intersection(ids))
+        if held:
+            return f"the {side} response holds the image placeholder id {held[0]}"
+        outside = [i for i in ids if not 0 <= i < vocab_size]
+        if outside:
+            return f"the {side} response holds id {outside[0]}, outside the vocabulary ({vocab_size} ids)"
+    try:
+        with Image.open(example.image_path) as image:
+            encode_prompts(processor, [image.convert("RGB")], [example.prompt])
+    except Exception as exc:  # noqa: BLE001  (any processor failure makes the pair unusable)
+        return f"the processor cannot encode its image and prompt: {type(exc).__name__}: {exc}"
+    return None
+
+
+def find_unencodable(examples: Sequence[PreferenceExample], model_path: str | Path) -> dict[int, str]:
+    """{index: reason} of each example the model at `model_path` cannot train on."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from csr.engine.loading import placeholder_ids
+
+    processor = AutoProcessor.from_pretrained(str(model_path))
+    model_config = AutoConfig.from_pretrained(str(model_path))
+    vocab_size = int(model_config.get_text_config().vocab_size)
+    placeholders = placeholder_ids(model_config, processor)
+    found = {}
+    for index, example in enumerate(examples):
+        reason = unencodable_reason(example, processor, placeholders, vocab_size)
+        if reason is not None:
+            found[index] = reason
+    return found
+
+
 def uses_tree_reference(examples: Sequence[PreferenceExample], config: TrainConfig) -> bool:
     """The tree's log-probs serve as the reference only when every pair has them."""
     return config.reference != "recompute" and all(
