@@ -114,7 +114,8 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
                 tx.mark_run(run_id, "running")
             else:
                 run_id = tx.start_training_run(iteration, pair_set.id, pairs_hash, hyperparams, str(checkpoint_dir))
-    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(store, iteration, config))
+    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(store, iteration, config),
+                                   prompt_template=_prompt_template(store, iteration))
     staging = models_dir / f"v{iteration}.staging"
     try:
         result = train_dpo(parent.path, examples, staging, checkpoint_dir, config, device=options.device)
@@ -227,7 +228,16 @@ def _tree_is_exact(store: Store, iteration: int, config) -> bool:
     return dtype == "float32" or (dtype is None and not torch.cuda.is_available())
 
 
-def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool = True):
+def _prompt_template(store: Store, iteration: int) -> str:
+    """The template the iteration's trees were searched with: DPO scores each
+    response in the context it was generated in."""
+    from csr.engine.search.config import SearchConfig
+
+    return SearchConfig.from_recorded(store.iteration(iteration).config.get("search", {})).prompt_template
+
+
+def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool = True,
+                        prompt_template: str = "chat"):
     """Training examples from `curation.training_rows`: the stored token ids and
     (with `tree_reference`) their stored log-probs. Rows rebuilt from stores made
     before token ids were kept are tokenised from their text, and have no
@@ -254,6 +264,7 @@ def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool
                 rejected_ids=list(rejected),
                 chosen_ref_logp=r["chosen_logprob_sum"] if tree and tree_reference else None,
                 rejected_ref_logp=r["rejected_logprob_sum"] if tree and tree_reference else None,
+                prompt_template=prompt_template,
             )
         )
     return examples
