@@ -111,10 +111,21 @@ class SearchConfig(SettingsTable):
         implied = PRESET_SEARCH_DEFAULTS[Preset(preset)]
         return {**data, **{k: v for k, v in implied.items() if data.get(k) is None}}
 
+    def to_dict(self) -> dict[str, Any]:
+        """The recorded form. A setting at the value the search had before it
+        existed (RECORDED_BEFORE) is left out, so that the records, and the
+        hashes iterations are compared by, of every study that does not use it
+        stay as they were; `from_recorded` reads it back."""
+        return {k: v for k, v in super().to_dict().items() if k not in RECORDED_BEFORE or v != RECORDED_BEFORE[k]}
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        return type(self)(**{**self.model_dump(), **changes})
+
     @classmethod
     def from_recorded(cls, data: dict[str, Any]) -> SearchConfig:
-        """The config an iteration recorded: a setting it predates keeps the
-        behaviour the search had then, whatever the preset says now."""
+        """The config an iteration recorded (`to_dict`): a setting left out
+        has the value the search had before it existed, whatever the preset
+        says now."""
         return cls.from_dict({**RECORDED_BEFORE, **data})
 
     @model_validator(mode="after")
