@@ -312,3 +312,26 @@ def test_select_by_sentence_reward_or_path_reward(tok, policy):
     # the path's cumulative reward: 90 + 6 = 96 on top; the sentence's own R(s): 60 on top
     assert kept_at_depth_1("reward") == [" It is big.", " It ran."]
     assert kept_at_depth_1("sentence-reward") == [" It ran.", " It sat."]
+
+
+@pytest.mark.parametrize("recorded, template", [
+    (SearchConfig(preset="reference-code").to_dict(), "llava-v1"),
+    (SearchConfig(preset="reference-code", prompt_template="chat").to_dict(), "chat"),
+    # an iteration recorded before the setting existed was searched with "chat"
+    ({k: v for k, v in SearchConfig(preset="reference-code").to_dict().items() if k not in RULES}, "chat"),
+])
+def test_train_reads_the_template_the_iteration_recorded(tmp_path, recorded, template):
+    from csr.engine.iterations import _prompt_template
+    from csr.storage import work
+    from csr.storage.store import Store, create_store
+    from csr.storage.versions import register_base_model
+
+    engine, _ = create_store(f"sqlite:///{tmp_path / 'csr.db'}")
+    try:
+        with engine.begin() as conn:
+            register_base_model(conn, str(tmp_path), "local-dir:none", None)
+        work.start_iteration(engine, 1, "reference-code", {"search": recorded, "policy_version": 0,
+                                                           "policy_path": str(tmp_path)})
+        assert _prompt_template(Store(engine), 1) == template
+    finally:
+        engine.dispose()
