@@ -27,12 +27,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_search import MIN_DEPTHS, PROMPTS, build_models, make_images  # noqa: E402
 
 from csr.engine.loading import load_clip, load_policy  # noqa: E402
+from csr.engine.search.config import RECORDED_BEFORE  # noqa: E402
 from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search  # noqa: E402
 
 ROWS = (
     ("before: top 5 + bottom 5 (10 active)", SearchConfig(max_new_tokens=20, max_length=80, num_beams=10)),
     ("paper: 5 active (top 3 + bottom 2)", SearchConfig(max_new_tokens=20, max_length=80)),
-    ("released code: 1 + 2 (reference-code)", SearchConfig(max_new_tokens=20, max_length=80, preset="reference-code")),
+    # The keep rule alone: the release's other rules (prompt, EOS, characters, ...) as the paper row has them.
+    ("released code: 1 + 2 (reference-code)",
+     SearchConfig(max_new_tokens=20, max_length=80, preset="reference-code", **RECORDED_BEFORE)),
 )
 
 

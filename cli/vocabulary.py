@@ -18,6 +18,7 @@ _console = Console(stderr=True)
 
 class SelectBy(StrEnum):
     reward = "reward"
+    sentence_reward = "sentence-reward"
     text = "text"
 
 

@@ -197,7 +197,7 @@ def run_worker(
     # An iteration started with a dtype keeps it: the trees depend on it.
     policy = load_policy(config["policy_path"], device=options.device, dtype=config.get("dtype", options.dtype))
     clip = load_clip(config["clip"], config["clip_pretrained"], device=options.device)
-    search_config = SearchConfig.from_dict(config["search"])
+    search_config = SearchConfig.from_recorded(config["search"])
     lease = timedelta(seconds=options.lease_seconds)
     retry = _Retrying(store, options.store_retry_seconds, stats, say)
     worker_id = retry(store.register_worker, iteration, options.device)

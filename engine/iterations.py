@@ -100,7 +100,8 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
         raise CsrError(f"[train] in {settings.path}: {exc}") from exc
     existing, parent = _check_order(store, iteration, options)
     pair_set, rows, too_long = _pairs_to_train(store, iteration, options.pair_set, config)
-    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(store, iteration, config))
+    examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(store, iteration, config),
+                                   prompt_template=_prompt_template(store, iteration))
     rows, examples, unencodable = _drop_unencodable(pair_set.name, rows, examples, parent.path, config)
     pairs_hash = json_digest(rows, default=str)
     hyperparams = config.to_dict()
@@ -257,7 +258,16 @@ def _tree_is_exact(store: Store, iteration: int, config) -> bool:
     return store.iteration(iteration).config.get("dtype") in ("float32", "fp32")
 
 
-def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool = True):
+def _prompt_template(store: Store, iteration: int) -> str:
+    """The template the iteration's trees were searched with: DPO scores each
+    response in the context it was generated in."""
+    from csr.engine.search.config import SearchConfig
+
+    return SearchConfig.from_recorded(store.iteration(iteration).config.get("search", {})).prompt_template
+
+
+def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool = True,
+                        prompt_template: str = "chat"):
     """Training examples from `curation.training_rows`: the stored token ids and
     (with `tree_reference`) their stored log-probs. Rows rebuilt from stores made
     before token ids were kept are tokenised from their text, and have no
@@ -284,6 +294,7 @@ def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool
                 rejected_ids=list(rejected),
                 chosen_ref_logp=r["chosen_logprob_sum"] if tree and tree_reference else None,
                 rejected_ref_logp=r["rejected_logprob_sum"] if tree and tree_reference else None,
+                prompt_template=prompt_template,
             )
         )
     return examples

@@ -60,12 +60,12 @@ class Policy:
         # EOS first: when a token is both, it ends the response, not just the sentence.
         self.stop_ids = tuple(dict.fromkeys([self.eos_token_id, *self.sentence_end_ids]))
 
-    def build_prompt(self, user_prompt: str) -> str:
-        return chat_prompt(self.processor, user_prompt)
+    def build_prompt(self, user_prompt: str, template: str = "chat") -> str:
+        return chat_prompt(self.processor, user_prompt, template)
 
-    def encode(self, image, user_prompt: str) -> dict[str, torch.Tensor]:
+    def encode(self, image, user_prompt: str, template: str = "chat") -> dict[str, torch.Tensor]:
         """Processor outputs (input ids with image placeholders expanded, pixel values, ...)."""
-        inputs = encode_prompts(self.processor, [image], [user_prompt])
+        inputs = encode_prompts(self.processor, [image], [user_prompt], template)
         out = {}
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor):
@@ -132,6 +132,19 @@ def unreturnable_ids(model, processor, tokenizer, eos_token_id: int) -> tuple[in
         ids.update(range(len(tokenizer), int(head.weight.shape[0])))
     ids.discard(int(eos_token_id))
     return tuple(sorted(ids))
+
+
+def period_token_id(tokenizer) -> int:
+    """The id of the token "." itself, the one id the released code ends a
+    sentence at (`--period_id 29889`: "." in Llama's vocabulary, where "▁."
+    is 869 and also decodes to "."). A vocabulary without that exact token
+    falls back to the first full-stop id."""
+    special = set(tokenizer.all_special_ids)
+    token = tokenizer.convert_tokens_to_ids(".")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(token, int) and token not in special and token != unk and tokenizer.decode([token]) == ".":
+        return token
+    return find_sentence_end_ids(tokenizer)[0]
 
 
 def _eos_token_id(model, tokenizer) -> int:

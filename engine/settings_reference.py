@@ -43,18 +43,37 @@ GENERATE = {
     "diversity_penalty": ("Hamming diversity penalty between groups", "3.0", "3.0"),
     "max_new_tokens": ("most new tokens of one sentence; a cut sentence is expanded further",
                        "74 (appendix A.1)", "70 (`step1.sh`)"),
-    "max_length": ("most tokens of a whole response (image and prompt not counted)", "1024", "1024"),
+    "max_length": ("most of a whole response, in `max_length_unit`", "1024", "1024"),
+    "max_length_unit": ("what max_length counts: `response-tokens` (image and prompt not counted) or `characters`: "
+                        "`len(decode(prompt ids + response ids))`, the prompt tokenised as text with one image token",
+                        "", "characters (`len(tokenizer.decode(outputs.sequences[j])) >= max_length`)"),
     "num_beams": ("active partial responses per search step: top ceil(k/2) + bottom floor(k/2)",
                   "5, \"the capacity of input at each search layer\"", "5, kept as top 1 + bottom 2"),
     "preset": ("`paper` or `reference-code`: the reward, the response score and the defaults below "
                "(README: Reward presets)", "paper", "reference-code"),
     "lam": ("lambda: weight of R_I in R(s) = lambda R_I + (1 - lambda) R_T", "0.9", "0.9 (`clip_alpha`)"),
-    "select_by": ("selection key of the active set: `reward` (calibrated) or `text` (LM score)",
-                  "reward", "text (`node.score`)"),
+    "select_by": ("selection key of the active set. The paper (algorithm 1) keeps \"the top-k and bottom-k "
+                  "sentences with the highest and lowest reward scores\", which reads two ways: `reward`, the "
+                  "path's cumulative response score (csr's reading), or `sentence-reward`, the candidate's own "
+                  "R(s); `text` is the path's sum of penalised beam scores (LM score only)",
+                  "reward or sentence-reward", "text (`node.score`)"),
     "keep_rule": ("`paper` (top/bottom halves of num_beams) or `reference-code` (`[:k//2-1] + [-(k//2):]`)",
                   "paper", "reference-code"),
-    "degenerate_rules": ("which degenerate-text rules exclude candidates: `csr` or `reference-code`",
+    "degenerate_rules": ("which degenerate-text rules exclude candidates: `csr` or `reference-code` (too short: "
+                         "`len(clean_text(text.strip())) < 4`)",
                          "", "reference-code (`clean_tree`, `score.py`)"),
+    "prune_degenerate": ("`before-select`: a degenerate candidate takes no place in the active set; `after-search`: "
+                         "it takes its place and is expanded, and its subtree is excluded (`degenerate_ancestor`)",
+                         "", "after-search (`clean_tree`, `score.py` run on the searched tree)"),
+    "prompt_template": ("the prompt, in search and in training: `chat` (the processor's chat template; the hub's "
+                        "llava-1.5 one has no system sentence) or `llava-v1` (LLaVA's `conv_vicuna_v1`: \"A chat "
+                        "between a curious user and an artificial intelligence assistant. ...\" then "
+                        "` USER: <image>\\n{prompt} ASSISTANT:`). The paper names none; `chat` serves every "
+                        "architecture", "", "llava-v1 (`conv_templates['v1']`, `--version v1`)"),
+    "eos_rule": ("`stop`: EOS ends the sentence and the response; `contained`: EOS stops nothing and a candidate "
+                 "holding it anywhere is final", "", "contained (`eos_token_id=period_id`)"),
+    "sentence_end": ("`full-stops`: every id that decodes to \".\" alone; `period-token`: the one id of the token "
+                     "\".\"", "", "period-token (`--period_id 29889`)"),
 }
 
 TRAIN = {
@@ -140,10 +159,25 @@ def render() -> str:
         "",
         "## `[generate]`: the search (`csr generate`, `csr iterate`)",
         "",
-        "A preset fills `max_new_tokens`, `select_by`, `keep_rule` and `degenerate_rules` when they are",
-        "left unset; flags: `--preset`, `--lambda`, `--select-by`, `--dtype`, `--kv-budget`.",
+        "A preset fills every key whose default names both presets when it is left unset. The resolved",
+        "values are recorded with the iteration; `prompt_template`, `eos_rule`, `max_length_unit`,",
+        "`prune_degenerate` and `sentence_end` are left out of the record where they have the value the",
+        "search had before they existed (`paper`'s), which is also how a record without them reads back:",
+        "iterations recorded before keep their settings and their hash. Flags: `--preset`, `--lambda`,",
+        "`--select-by`, `--dtype`, `--kv-budget`.",
         "",
         *_rows(SearchConfig, GENERATE),
+        "",
+        "Where `reference-code` still is not the release, and why:",
+        "",
+        "- `characters`: the release decodes `outputs.sequences[j]`, which holds the padding of a beam that",
+        "  ended early and, with a processor that expands the image, 576 image tokens; csr decodes the prompt",
+        "  as text (one image token) and the response's own ids.",
+        "- score.py reads a sentence as `text[len(parent_text) + 3:]` of decoded strings; csr takes the exact",
+        "  increment of the decoded response (`engine/text.py`).",
+        "- construct.py stores the whole search prompt as the human turn, which the training script wraps in",
+        "  the v1 template a second time; csr trains on the prompt the search used, once.",
+        "- ties and equal texts in curation: `csr curate` (storage/curation.py).",
         "",
         "## `[train]`: DPO with LoRA (`csr train`, `csr iterate`)",
         "",

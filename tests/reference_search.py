@@ -20,6 +20,7 @@ from csr.engine.search.sentence_search import (
     SearchConfig,
     SearchResult,
     run_sentence_search,
+    search_beam_settings,
 )
 
 
@@ -31,6 +32,7 @@ def naive_expand(
     caps: Sequence[int],
     settings: BeamSettings,
     stats: ExpandStats | None = None,
+    template: str = "chat",
 ) -> list[list[TokenBeam]]:
     """`expand_partials` the way the authors' released code pays for it: one
     `generate` call per partial response, each re-running the vision tower and
@@ -40,7 +42,7 @@ def naive_expand(
     model = policy.model
     out: list[list[TokenBeam]] = []
     for part, cap in zip(partials, caps, strict=True):
-        inputs = policy.encode(image, user_prompt)
+        inputs = policy.encode(image, user_prompt, template)
         ids = inputs["input_ids"]
         if part:
             ids = torch.cat([ids, torch.tensor([list(part)], device=ids.device)], dim=1)
@@ -73,21 +75,17 @@ def naive_sentence_beam_search(policy, clip, image, prompt_text: str, config: Se
     (`naive_expand`), the image re-encoded by CLIP for every sentence and
     each sentence scored alone. The baseline of bench/bench_search.py and
     the reference the batched search is tested against."""
-    settings = BeamSettings(
-        eos_token_id=policy.eos_token_id,
-        sentence_end_ids=tuple(policy.sentence_end_ids),
-        masked_ids=tuple(getattr(policy, "masked_ids", ())),
-        **config.beam_settings_kwargs,
-    )
+    settings = search_beam_settings(policy, config)
     expand_stats = ExpandStats()
 
     def expand(partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
-        return naive_expand(policy, image, prompt_text, partials, caps, settings, expand_stats)
+        return naive_expand(policy, image, prompt_text, partials, caps, settings, expand_stats,
+                            config.prompt_template)
 
     def score(texts: list[str]) -> list[float]:
         return [clip.raw_scores(clip.encode_image(image), [text])[0] for text in texts]
 
-    result = run_sentence_search(policy, config, expand, score)
+    result = run_sentence_search(policy, config, expand, score, prompt_text)
     result.stats.forward_passes = expand_stats.forward_passes
     result.stats.rows_forwarded = expand_stats.rows_forwarded
     return result

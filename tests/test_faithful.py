@@ -23,6 +23,7 @@ from csr.engine.demo import tiny
 from csr.engine.generation import tree_rows
 from csr.engine.io.export import export_pairs
 from csr.engine.iterations import preference_examples
+from csr.engine.prompting import chat_prompt
 from csr.engine.search.sentence_search import (
     EOS,
     MAX_NEW_TOKENS,
@@ -49,10 +50,15 @@ CORPUS = [
 
 
 class StubPolicy:
-    """What the sentence search needs of a policy: a decode."""
+    """What the sentence search needs of a policy: a decode (and, under the
+    release's rules, the EOS id and the prompt text, whose characters count)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def build_prompt(self, user_prompt, template="chat"):
+        return chat_prompt(None, user_prompt, template)
 
     def decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True)

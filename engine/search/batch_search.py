@@ -26,7 +26,6 @@ import torch
 
 from csr.engine.search.cascade_attention import kv_bytes_per_token, text_shapes
 from csr.engine.search.sentence_search import (
-    BeamSettings,
     ExpandStats,
     PromptPrefix,
     SearchConfig,
@@ -34,6 +33,7 @@ from csr.engine.search.sentence_search import (
     TokenBeam,
     expand_prompts,
     run_sentence_search,
+    search_beam_settings,
 )
 
 # Of the free memory, the share the search's KV cache may take by default:
@@ -133,32 +133,27 @@ def search_prompts(
     raised (one bad prompt does not stop the others). `kv_budget` (bytes)
     sizes the batches; None: from the device's free memory. `stats`, if
     given, collects the token-level counters of every batch."""
-    settings = BeamSettings(
-        eos_token_id=policy.eos_token_id,
-        sentence_end_ids=tuple(policy.sentence_end_ids),
-        masked_ids=tuple(getattr(policy, "masked_ids", ())),
-        **config.beam_settings_kwargs,
-    )
+    settings = search_beam_settings(policy, config)
     stats = stats if stats is not None else ExpandStats()
     budget = default_kv_budget(policy.device) if kv_budget is None else kv_budget
     out: list[SearchResult | BaseException] = []
     start = 0
     while start < len(jobs):
-        first = _prefix_or_error(policy, jobs[start])
+        first = _prefix_or_error(policy, jobs[start], config)
         length = first.length if isinstance(first, PromptPrefix) else 0
         pooled = attention == "cascade" and isinstance(first, PromptPrefix) and first.shares_prefix
         # The per-row path (or a model the shared prefix does not apply to) holds one prompt a batch.
         size = prompts_for_budget(policy.model, config, length, budget) if pooled else 1
         batch = jobs[start : start + size]
-        prefixes = [first] + [_prefix_or_error(policy, job) for job in batch[1:]]
+        prefixes = [first] + [_prefix_or_error(policy, job, config) for job in batch[1:]]
         out.extend(_search_batch(policy, clip, batch, prefixes, config, settings, attention, stats))
         start += len(batch)
     return out
 
 
-def _prefix_or_error(policy, job: PromptJob) -> PromptPrefix | BaseException:
+def _prefix_or_error(policy, job: PromptJob, config: SearchConfig) -> PromptPrefix | BaseException:
     try:
-        return PromptPrefix(policy, job.image, job.prompt_text)
+        return PromptPrefix(policy, job.image, job.prompt_text, config.prompt_template)
     except Exception as exc:
         return exc
 
@@ -196,7 +191,7 @@ def _search_batch(policy, clip, jobs, prefixes, config, settings, attention, sta
             def expand(partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
                 return rendezvous.expand(i, partials, caps)
 
-            result = run_sentence_search(policy, config, expand, score)
+            result = run_sentence_search(policy, config, expand, score, job.prompt_text)
             result.stats.forward_passes = passes[i] + prefix.forward_passes
             result.stats.rows_forwarded = rows[i] + prefix.length
             out[i] = result

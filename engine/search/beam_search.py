@@ -32,7 +32,7 @@ class BeamSettings:
     num_beams: int
     num_beam_groups: int
     diversity_penalty: float
-    eos_token_id: int
+    eos_token_id: int | None  # None: EOS stops nothing (`eos_rule="contained"`)
     sentence_end_ids: tuple[int, ...]
     # Ids never selected (the policy's `masked_ids`): -inf before selection, as
     # transformers' `suppress_tokens`; the stored log-probs stay the model's.
@@ -40,7 +40,8 @@ class BeamSettings:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        return tuple(dict.fromkeys([self.eos_token_id, *self.sentence_end_ids]))
+        eos = [] if self.eos_token_id is None else [self.eos_token_id]
+        return tuple(dict.fromkeys([*eos, *self.sentence_end_ids]))
 
 
 @dataclass

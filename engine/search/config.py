@@ -1,8 +1,10 @@
 """Every setting of the sentence-level beam search, and what each preset implies.
 
-The defaults are appendix A.1's; `PRESET_SEARCH_DEFAULTS` holds the four
+The defaults are appendix A.1's; `PRESET_SEARCH_DEFAULTS` holds the
 settings a preset decides (README: Reward presets). The resolved config is
-recorded with each iteration, so a tree can always be traced to its settings.
+recorded with each iteration, so a tree can always be traced to its settings;
+a config recorded before a setting existed reads back with the behaviour the
+search had then (`SearchConfig.from_recorded`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,28 @@ from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
+from csr.engine.prompting import PromptTemplate
 from csr.engine.rewards import Preset
 from csr.engine.search.degenerate import RuleSet
 from csr.engine.settings_table import Number, SettingsTable
 
-SelectBy = Literal["reward", "text"]
+# reward: the path's cumulative response score; sentence-reward: the candidate's
+# own R(s); text: the path's sum of penalised beam scores (the released node.score).
+SelectBy = Literal["reward", "sentence-reward", "text"]
 SELECT_BY: tuple[str, ...] = get_args(SelectBy)
+# stop: EOS ends the sentence and the response; contained: EOS stops nothing
+# (the release passes the period id as eos_token_id) and a candidate holding
+# it anywhere is final.
+EosRule = Literal["stop", "contained"]
+# response-tokens: max_length bounds the response's tokens; characters: the
+# decoded characters of prompt and response, as the release compares them.
+MaxLengthUnit = Literal["response-tokens", "characters"]
+# before-select: a degenerate candidate takes no place in the active set;
+# after-search: it takes its place and is dropped with its subtree afterwards.
+PruneDegenerate = Literal["before-select", "after-search"]
+# full-stops: every id that decodes to "." alone ("." and "▁."); period-token:
+# the one id of the token "." (29889 in Llama's vocabulary), as the release.
+SentenceEnd = Literal["full-stops", "period-token"]
 # Each preset's rule for the active set is named after it.
 KEEP_RULES: tuple[str, ...] = tuple(Preset)
 
@@ -27,22 +45,42 @@ PRESET_SEARCH_DEFAULTS: dict[Preset, dict[str, Any]] = {
         "select_by": "reward",  # the calibrated reward guides the selection (section 3.2.1)
         "keep_rule": Preset.paper,  # num_beams in all: top ceil(k/2) + bottom floor(k/2)
         "degenerate_rules": "csr",
+        # The paper names no template; the processor's own works for every
+        # architecture (docs/settings.md: prompt_template).
+        "prompt_template": "chat",
+        "eos_rule": "stop",
+        "max_length_unit": "response-tokens",
+        "prune_degenerate": "before-select",
+        "sentence_end": "full-stops",
     },
     Preset.reference_code: {
         "max_new_tokens": 70,  # step1.sh
         "select_by": "text",  # node.score: the path's sum of penalised beam scores
         "keep_rule": Preset.reference_code,  # new_nodes[:int(k/2)-1] + new_nodes[-int(k/2):]
         "degenerate_rules": "reference-code",  # clean_tree + score.py
+        "prompt_template": "llava-v1",  # get_prompts: conv_templates['v1']
+        "eos_rule": "contained",  # eos_token_id=sentence_end_id; is_final: tokenizer.eos_token_id in gen_sequences[j]
+        "max_length_unit": "characters",  # len(tokenizer.decode(outputs.sequences[j])) >= max_length
+        "prune_degenerate": "after-search",  # clean_tree and score.py run on the finished tree
+        "sentence_end": "period-token",  # --period_id 29889
     },
+}
+
+# What the search did before a setting existed, for configs recorded without it.
+RECORDED_BEFORE: dict[str, Any] = {
+    "prompt_template": "chat",
+    "eos_rule": "stop",
+    "max_length_unit": "response-tokens",
+    "prune_degenerate": "before-select",
+    "sentence_end": "full-stops",
 }
 
 
 class SearchConfig(SettingsTable):
     """Every setting of the sentence-level beam search (appendix A.1 defaults).
 
-    `max_new_tokens`, `select_by`, `keep_rule` and `degenerate_rules` left as
-    None take the preset's value (PRESET_SEARCH_DEFAULTS); `to_dict` records
-    the resolved values with the iteration.
+    The preset's settings (PRESET_SEARCH_DEFAULTS) left as None take the
+    preset's value; `to_dict` records the resolved values with the iteration.
     """
 
     noun: ClassVar[str] = "search setting"
@@ -58,6 +96,11 @@ class SearchConfig(SettingsTable):
     select_by: SelectBy | None = None
     keep_rule: Preset | None = Field(None, strict=False)
     degenerate_rules: RuleSet | None = None
+    prompt_template: PromptTemplate | None = None
+    eos_rule: EosRule | None = None
+    max_length_unit: MaxLengthUnit | None = None
+    prune_degenerate: PruneDegenerate | None = None
+    sentence_end: SentenceEnd | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -67,6 +110,23 @@ class SearchConfig(SettingsTable):
             return data  # not a preset: the field's own check says so
         implied = PRESET_SEARCH_DEFAULTS[Preset(preset)]
         return {**data, **{k: v for k, v in implied.items() if data.get(k) is None}}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recorded form. A setting at the value the search had before it
+        existed (RECORDED_BEFORE) is left out, so that the records, and the
+        hashes iterations are compared by, of every study that does not use it
+        stay as they were; `from_recorded` reads it back."""
+        return {k: v for k, v in super().to_dict().items() if k not in RECORDED_BEFORE or v != RECORDED_BEFORE[k]}
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        return type(self)(**{**self.model_dump(), **changes})
+
+    @classmethod
+    def from_recorded(cls, data: dict[str, Any]) -> SearchConfig:
+        """The config an iteration recorded (`to_dict`): a setting left out
+        has the value the search had before it existed, whatever the preset
+        says now."""
+        return cls.from_dict({**RECORDED_BEFORE, **data})
 
     @model_validator(mode="after")
     def _groups_divide_the_beams(self) -> SearchConfig:

@@ -3,8 +3,9 @@
 The authors' released code (`inference_csr/utils.py: clean_tree`, `score.py`)
 drops candidates with non-Latin scripts, emoji, long runs of one repeated word
 or character, more than 5 newlines, or fewer than 4 characters. We keep such
-candidates in the store with the reason instead of losing them; the search
-never expands them or uses them as a final response.
+candidates in the store with the reason instead of losing them; they never
+become (part of) a final response. Whether they take a place in the search's
+active set first, as in the released code, is `[generate] prune_degenerate`.
 
 Two rule sets: `exclusion_reason` (csr's, the `paper` preset's default: more
 scripts, case-insensitive repeats) and `released_exclusion_reason` (the
@@ -106,9 +107,12 @@ _RELEASED_RUNS = ("ttttttttttt", "sssssssssss", ", , , , , , , , , , , , ,", "'"
 
 
 def released_exclusion_reason(text: str) -> str | None:
-    """The released code's rules (`clean_tree` and `score.py`'s length check)."""
+    """The released code's rules (`clean_tree` and `score.py`'s length check),
+    on what its `extract_new_text` returns: `clean_text(new_text.strip())`.
+    Too short is `len(...) < 4` of exactly that, so the blanks `clean_text`
+    leaves where it deleted characters count."""
     cleaned = _RELEASED_CLEAN.sub("", text.strip())
-    if len(cleaned.strip()) < MIN_CHARS:
+    if len(cleaned) < MIN_CHARS:
         return TOO_SHORT
     if _RELEASED_SPECIAL.search(cleaned):
         return NON_LATIN

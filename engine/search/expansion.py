@@ -36,9 +36,9 @@ class PromptPrefix:
     image features and prompt tokens are computed once per prompt.
     """
 
-    def __init__(self, policy, image, user_prompt: str):
+    def __init__(self, policy, image, user_prompt: str, template: str = "chat"):
         self.policy = policy
-        inputs = policy.encode(image, user_prompt)
+        inputs = policy.encode(image, user_prompt, template)
         self.length = int(inputs["input_ids"].shape[1])
         with torch.inference_mode():
             out = policy.model(**inputs, use_cache=True, logits_to_keep=1)

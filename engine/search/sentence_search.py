@@ -23,13 +23,23 @@ more rows and adds nothing to the diversity penalty of later groups.
 
 Decisions where the paper is silent (recorded here and in spec/CSR.md terms):
 
-- A sentence ends at a full-stop token (`Policy.sentence_end_ids`), at EOS, or
-  after `max_new_tokens`; a sentence cut by `max_new_tokens` is not final and
-  is expanded further, as in the released code.
-- `max_length` bounds the *response* in tokens (prompt and image tokens not
-  counted, so the setting does not depend on the model's image-token count).
-  Each expansion gets min(max_new_tokens, max_length - response length) new
-  tokens; a candidate whose response reaches max_length is final.
+- A sentence ends at a full-stop token, at EOS, or after `max_new_tokens`; a
+  sentence cut by `max_new_tokens` is not final and is expanded further, as
+  in the released code. Full stop (`sentence_end`): every id that decodes to
+  "." alone (`Policy.sentence_end_ids`, "full-stops") or the one id of the
+  token "." ("period-token", the released `--period_id 29889`).
+- `eos_rule="stop"`: EOS ends the sentence and the response.
+  `eos_rule="contained"` (released code, which passes the period id as
+  `eos_token_id`): EOS stops nothing, and a candidate that holds it anywhere
+  is final (finish reason "eos"); its text is the decode without it.
+- `max_length` (`max_length_unit="response-tokens"`) bounds the *response* in
+  tokens (prompt and image tokens not counted, so the setting does not depend
+  on the model's image-token count). Each expansion gets
+  min(max_new_tokens, max_length - response length) new tokens; a candidate
+  whose response reaches max_length is final. `"characters"` (released code):
+  final once `len(tokenizer.decode(prompt ids + response ids))` reaches
+  max_length, the prompt tokenised as text (one image token, BOS, special
+  tokens decoded as written); the token bound stays as a backstop.
 - A response ends when a candidate finishes with EOS. A candidate that is
   only EOS (no visible text, e.g. "</s>" right after a full stop) is an *end
   marker*: final, kept, r_i = 0, reward 0, and it does not count as a
@@ -44,13 +54,19 @@ Decisions where the paper is silent (recorded here and in spec/CSR.md terms):
   bottom floor(k/2) by the selection key; all of them when there are at most
   k. `keep_rule="reference-code"` reproduces the released code's slicing
   (`[:k//2 - 1] + [-(k//2):]` when there are at least k).
-- Selection key: `select_by="reward"` (paper) ranks by the path's response
-  score under the preset; `select_by="text"` (released code) by the path's sum
-  of penalised beam scores (its `node.score`).
-- The preset picks `max_new_tokens`, `select_by`, `keep_rule` and
-  `degenerate_rules` unless they are set (PRESET_SEARCH_DEFAULTS).
+- Selection key: the paper's algorithm 1 keeps "the top-k and bottom-k
+  sentences with the highest and lowest reward scores", which reads two ways:
+  `select_by="reward"` (paper preset) ranks by the path's cumulative response
+  score under the preset, `select_by="sentence-reward"` by the candidate's
+  own R(s); `select_by="text"` (released code) by the path's sum of
+  penalised beam scores (its `node.score`).
+- The preset picks the settings of PRESET_SEARCH_DEFAULTS unless they are set.
 - Degenerate candidates (`csr.engine.search.degenerate`) are stored with their
-  reason, never expanded, never final. Under csr's rules, a candidate whose
+  reason and are never final. `prune_degenerate="before-select"`: they are
+  never expanded. `"after-search"` (released code, which prunes the finished
+  tree): they take their place in the active set like any candidate and are
+  expanded, and every descendant is stored with exclusion_reason
+  "degenerate_ancestor" and never becomes a response. Under csr's rules, a candidate whose
   stripped text equals an earlier non-excluded sibling's is stored with
   exclusion_reason "duplicate" and not expanded (group beam search can return
   the same sentence from two groups); the released rules keep it.
@@ -110,6 +126,7 @@ from csr.engine.search.kv_cache import (  # noqa: F401
 
 EMPTY_RESPONSE = "empty_response"
 DUPLICATE = "duplicate"
+DEGENERATE_ANCESTOR = "degenerate_ancestor"
 
 # --------------------------------------------------------------------------- sentence level
 
@@ -214,6 +231,7 @@ class _Path:
     text_rank_sum: float = 0.0
     image_rank_sum: float = 0.0
     beam_path: float = 0.0  # the released code's node.score: sum of penalised beam scores
+    pruned: bool = False  # a degenerate candidate holding a place (prune_degenerate="after-search")
 
     def score(self, config: SearchConfig) -> float:
         return rewards.response_score(
@@ -232,12 +250,45 @@ ExpandFn = Callable[[list[list[int]], list[int]], list[list[TokenBeam]]]
 ScoreFn = Callable[[list[str]], list[float]]
 
 
-def run_sentence_search(policy, config: SearchConfig, expand: ExpandFn, score: ScoreFn) -> SearchResult:
+def search_beam_settings(policy, config: SearchConfig) -> BeamSettings:
+    """The token-level search's stops under `sentence_end` and `eos_rule`."""
+    if config.sentence_end == "period-token":
+        from csr.engine.loading import period_token_id
+
+        ends: tuple[int, ...] = (period_token_id(policy.tokenizer),)
+    else:
+        ends = tuple(policy.sentence_end_ids)
+    # "contained": EOS is an ordinary token to the token-level search.
+    eos = policy.eos_token_id if config.eos_rule == "stop" else None
+    return BeamSettings(
+        eos_token_id=eos,
+        sentence_end_ids=ends,
+        masked_ids=tuple(getattr(policy, "masked_ids", ())),
+        **config.beam_settings_kwargs,
+    )
+
+
+def _length_reached(policy, config: SearchConfig, user_prompt: str) -> Callable[[list[int]], bool]:
+    """Whether a response (its ids) has reached `max_length`."""
+    if config.max_length_unit == "response-tokens":
+        return lambda tokens: len(tokens) >= config.max_length
+    # The released code: len(tokenizer.decode(outputs.sequences[j])) >= max_length,
+    # the sequence being the prompt's ids (its processor did not expand the image) and the response.
+    prompt_ids = list(policy.tokenizer(policy.build_prompt(user_prompt, config.prompt_template)).input_ids)
+    return lambda tokens: (len(tokens) >= config.max_length
+                           or len(policy.tokenizer.decode(prompt_ids + list(tokens))) >= config.max_length)
+
+
+def run_sentence_search(
+    policy, config: SearchConfig, expand: ExpandFn, score: ScoreFn, user_prompt: str = ""
+) -> SearchResult:
     """The sentence-level beam search tree, with the model behind `expand`
     (partials, caps -> candidates per partial) and CLIP behind `score`
-    (texts -> 100 cos). See the module docstring for the decisions it makes."""
+    (texts -> 100 cos). `user_prompt` is needed only when max_length counts
+    characters. See the module docstring for the decisions it makes."""
     started = time.perf_counter()
     result = SearchResult(records=[])
+    at_length = _length_reached(policy, config, user_prompt)
     stats = result.stats
     active = [_Path(None, [], "")]
     depth = 0
@@ -248,7 +299,7 @@ def run_sentence_search(policy, config: SearchConfig, expand: ExpandFn, score: S
         expansions = expand([p.tokens for p in active], caps)
         t1 = time.perf_counter()
         stats.model_seconds += t1 - t0
-        level = _make_candidates(policy, config, active, expansions, depth, result)
+        level = _make_candidates(policy, config, active, expansions, depth, result, at_length)
         clip_texts = [c.clip_text for c in level if c.clip_text]
         t2 = time.perf_counter()
         raw_scores = iter(score(clip_texts) if clip_texts else [])
@@ -281,14 +332,16 @@ class _Candidate:
         return self.record.exclusion_reason is None and not self.end_marker
 
 
-def _make_candidates(policy, config, active, expansions, depth, result) -> list[_Candidate]:
+def _make_candidates(policy, config, active, expansions, depth, result, at_length) -> list[_Candidate]:
     level: list[_Candidate] = []
     for parent, beams in zip(active, expansions, strict=True):
         seen: set[str] = set()
         for sibling, beam in enumerate(beams):
             tokens = parent.tokens + beam.token_ids
             reason = beam.finish_reason
-            at_limit = len(tokens) >= config.max_length
+            if config.eos_rule == "contained" and policy.eos_token_id in beam.token_ids:
+                reason = EOS
+            at_limit = at_length(tokens)
             if at_limit and reason == MAX_NEW_TOKENS:
                 reason = MAX_LENGTH
             is_final = reason == EOS or at_limit
@@ -301,6 +354,8 @@ def _make_candidates(policy, config, active, expansions, depth, result) -> list[
                 exclusion = EMPTY_RESPONSE if depth == 0 else None
             else:
                 exclusion = degenerate.reason_for(config.degenerate_rules, text)
+            if parent.pruned and exclusion is None:
+                exclusion = DEGENERATE_ANCESTOR
             # csr's rules: group beam search can return one sentence from two
             # groups; the released code keeps both.
             if exclusion is None and config.degenerate_rules == "csr":
@@ -340,6 +395,7 @@ def _make_candidates(policy, config, active, expansions, depth, result) -> list[
                 text_rank_sum=parent.text_rank_sum,
                 image_rank_sum=parent.image_rank_sum,
                 beam_path=parent.beam_path + float(beam.score),
+                pruned=exclusion is not None,
             )
             level.append(_Candidate(record, parent, path, "" if end_marker else stripped, end_marker))
     return level
@@ -380,9 +436,15 @@ def _select(config: SearchConfig, level: list[_Candidate], result: SearchResult)
         if c.record.is_final and c.record.exclusion_reason is None:
             c.record.is_kept = True
             result.responses.append(_response(c))
-    pool = [c for c in level if not c.record.is_final and c.eligible]
+    # after-search: a degenerate candidate holds its place, as in the released
+    # tree, which is pruned only once searched; it adds nothing to its path's score.
+    holds_place = config.prune_degenerate == "after-search"
+    pool = [c for c in level if not c.record.is_final and not c.end_marker
+            and (c.record.exclusion_reason is None or (holds_place and c.record.exclusion_reason != DUPLICATE))]
     if config.select_by == "reward":
         pool.sort(key=lambda c: -c.record.cumulative_reward)
+    elif config.select_by == "sentence-reward":
+        pool.sort(key=lambda c: -c.record.reward)
     else:
         pool.sort(key=lambda c: -c.path.beam_path)
     k = config.num_beams
@@ -435,14 +497,9 @@ def sentence_beam_search(
     Returns every candidate generated (`result.records`), degenerate ones
     included with their exclusion reason.
     """
-    settings = BeamSettings(
-        eos_token_id=policy.eos_token_id,
-        sentence_end_ids=tuple(policy.sentence_end_ids),
-        masked_ids=tuple(getattr(policy, "masked_ids", ())),
-        **config.beam_settings_kwargs,
-    )
+    settings = search_beam_settings(policy, config)
     t0 = time.perf_counter()
-    prefix = PromptPrefix(policy, image, prompt_text)
+    prefix = PromptPrefix(policy, image, prompt_text, config.prompt_template)
     if image_embedding is None:
         image_embedding = clip.encode_image(image)
     prefix_seconds = time.perf_counter() - t0
@@ -454,7 +511,7 @@ def sentence_beam_search(
     def score(texts: list[str]) -> list[float]:
         return clip.raw_scores(image_embedding, texts)
 
-    result = run_sentence_search(policy, config, expand, score)
+    result = run_sentence_search(policy, config, expand, score, prompt_text)
     result.stats.forward_passes = expand_stats.forward_passes + prefix.forward_passes
     result.stats.rows_forwarded = expand_stats.rows_forwarded + prefix.length
     result.stats.model_seconds += prefix_seconds

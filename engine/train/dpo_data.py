@@ -32,6 +32,8 @@ class PreferenceExample:
     rejected_ids: list[int]
     chosen_ref_logp: float | None = None
     rejected_ref_logp: float | None = None
+    # The template the iteration searched with (`[generate] prompt_template`).
+    prompt_template: str = "chat"
 
 
 def completion_ids(tokenizer: Any, text: str) -> list[int]:
@@ -61,7 +63,10 @@ class TokenPreferenceCollator:
         for e in examples:
             with Image.open(e["images"][0]) as image:
                 images.append(image.convert("RGB"))
-        encoded = encode_prompts(self.processor, images * 2, [e["prompt"] for e in examples] * 2)
+        templates = {e.get("prompt_template", "chat") for e in examples}
+        if len(templates) > 1:
+            raise ValueError(f"one batch holds pairs of several prompt templates: {sorted(templates)}")
+        encoded = encode_prompts(self.processor, images * 2, [e["prompt"] for e in examples] * 2, templates.pop())
         responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         width = max(len(r) for r in responses)
         response_ids = torch.full((len(responses), width), self.pad_token_id, dtype=torch.long)
@@ -103,7 +108,7 @@ def unencodable_reason(example: PreferenceExample, processor: Any, placeholder_i
             return f"the {side} response holds id {outside[0]}, outside the vocabulary ({vocab_size} ids)"
     try:
         with Image.open(example.image_path) as image:
-            encode_prompts(processor, [image.convert("RGB")], [example.prompt])
+            encode_prompts(processor, [image.convert("RGB")], [example.prompt], example.prompt_template)
     except Exception as exc:  # noqa: BLE001  (any processor failure makes the pair unusable)
         return f"the processor cannot encode its image and prompt: {type(exc).__name__}: {exc}"
     return None
@@ -144,6 +149,7 @@ def _preference_dataset(examples: Sequence[PreferenceExample], tree_reference: b
         "prompt": [e.prompt for e in examples],
         "chosen_ids": [list(e.chosen_ids) for e in examples],
         "rejected_ids": [list(e.rejected_ids) for e in examples],
+        "prompt_template": [e.prompt_template for e in examples],
     }
     if tree_reference:
         columns["ref_chosen_logps"] = [float(e.chosen_ref_logp) for e in examples]
@@ -155,13 +161,15 @@ def _preference_dataset(examples: Sequence[PreferenceExample], tree_reference: b
 
 
 @torch.no_grad()
-def completion_logprob(model: Any, processor: Any, image: Any, prompt: str, response_ids: Sequence[int]) -> float:
+def completion_logprob(
+    model: Any, processor: Any, image: Any, prompt: str, response_ids: Sequence[int], template: str = "chat"
+) -> float:
     """Summed log-probability of the response ids after image + prompt, the
     prompt encoded as generation and training encode it."""
     from csr.engine.prompting import encode_prompts
 
     device = next(model.parameters()).device
-    encoded = encode_prompts(processor, [image], [prompt])
+    encoded = encode_prompts(processor, [image], [prompt], template)
     response = torch.tensor([list(response_ids)], dtype=torch.long)
     input_ids = torch.cat([encoded["input_ids"], response], dim=1).to(device)
     logits = model(
@@ -198,7 +206,8 @@ def implicit_reward_margins(
     for ex in examples:
         image = Image.open(ex.image_path).convert("RGB")
         (pol_w, pol_l), (ref_w, ref_l) = (
-            [completion_logprob(m, processor, image, ex.prompt, y) for y in (ex.chosen_ids, ex.rejected_ids)]
+            [completion_logprob(m, processor, image, ex.prompt, y, ex.prompt_template)
+             for y in (ex.chosen_ids, ex.rejected_ids)]
             for m in models
         )
         margins.append(beta * ((pol_w - ref_w) - (pol_l - ref_l)))
