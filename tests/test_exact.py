@@ -295,8 +295,10 @@ def test_every_response_pair_and_export_is_the_decode_of_its_ids(
             assert e["chosen"] == _decode(tok, e["chosen_token_ids"])
     finally:
         engine.dispose()
-    if which == "llama-style":
-        # the case that made texts wrong: a clean byte run rewritten by the next candidate
+    if which == "llama-style" and preset == "paper":
+        # The case that made texts wrong, a clean byte run rewritten by the next candidate,
+        # occurs in these trees (under reference-code's release rules these seeds grow
+        # longer sentences that happen not to split a byte run).
         assert inexact > 0
 
 
