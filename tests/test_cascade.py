@@ -241,34 +241,84 @@ def test_cascade_rows_keep_prompt_of_each_row(trained_policy, colour_images):
 # --------------------------------------------------------------------------- several prompts per batch
 
 
-def test_search_prompts_equals_sentence_beam_search_prompt_by_prompt(trained_policy, clip_scorer, colour_images):
-    from csr.engine.search.batch_search import PromptJob, search_prompts
+def _assert_same_trees(got, want):
+    assert len(got.records) == len(want.records) > 0
+    for g, w in zip(got.records, want.records, strict=True):
+        assert (g.parent_node, g.text, g.token_ids, g.finish_reason, g.is_final, g.is_kept, g.exclusion_reason) == (
+            w.parent_node, w.text, w.token_ids, w.finish_reason, w.is_final, w.is_kept, w.exclusion_reason
+        )
+        assert g.logprob_sum == pytest.approx(w.logprob_sum, abs=1e-5)
+        assert g.beam_score == pytest.approx(w.beam_score, abs=1e-5)
+        assert g.cumulative_reward == pytest.approx(w.cumulative_reward, abs=1e-4)
+    assert [r.text for r in got.responses] == [r.text for r in want.responses]
+
+
+def _four_jobs(colour_images):
+    from csr.engine.search.batch_search import PromptJob
+
+    jobs = [PromptJob(colour_images[c], PROMPT) for c in ("red", "green", "blue")]
+    jobs.append(PromptJob(colour_images["yellow"], "What is in the picture?"))
+    return jobs
+
+
+def _one_prompt_kv_bytes(policy, job, config):
+    from csr.engine.search.batch_search import kv_bytes_per_prompt
+
+    return kv_bytes_per_prompt(policy.model, config, PromptPrefix(policy, job.image, job.prompt_text).length)
+
+
+@pytest.mark.parametrize("in_flight", [4, 2, 1])
+def test_search_prompts_equals_sentence_beam_search_prompt_by_prompt(
+    trained_policy, clip_scorer, colour_images, in_flight
+):
+    """Whatever the budget lets fly together (all four, two with the next
+    prompt taking a finished one's place, one at a time), each tree is the
+    one the prompt grows alone."""
+    from csr.engine.search.batch_search import search_prompts
     from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search
 
     config = SearchConfig(max_new_tokens=8, max_length=24)
-    jobs = [PromptJob(colour_images[c], PROMPT) for c in ("red", "green", "blue")]
-    jobs.append(PromptJob(colour_images["yellow"], "What is in the picture?"))
+    jobs = _four_jobs(colour_images)
+    budget = in_flight * _one_prompt_kv_bytes(trained_policy, jobs[0], config)
     stats = ExpandStats()
-    together = search_prompts(trained_policy, clip_scorer, jobs, config, kv_budget=2**40, stats=stats)
+    together = search_prompts(trained_policy, clip_scorer, jobs, config, kv_budget=budget, stats=stats)
     alone_passes = 0
     for job, got in zip(jobs, together, strict=True):
         want = sentence_beam_search(trained_policy, clip_scorer, job.image, job.prompt_text, config)
         alone_passes += want.stats.forward_passes - 1
-        assert len(got.records) == len(want.records) > 0
-        for g, w in zip(got.records, want.records, strict=True):
-            assert (g.parent_node, g.text, g.token_ids, g.finish_reason, g.is_final, g.is_kept, g.exclusion_reason) == (
-                w.parent_node, w.text, w.token_ids, w.finish_reason, w.is_final, w.is_kept, w.exclusion_reason
-            )
-            assert g.logprob_sum == pytest.approx(w.logprob_sum, abs=1e-5)
-            assert g.beam_score == pytest.approx(w.beam_score, abs=1e-5)
-            assert g.cumulative_reward == pytest.approx(w.cumulative_reward, abs=1e-4)
-        assert [r.text for r in got.responses] == [r.text for r in want.responses]
-    # Pooled: the prompts' expansions share forward passes.
-    assert stats.forward_passes < alone_passes
+        _assert_same_trees(got, want)
+    if in_flight == 1:
+        assert stats.forward_passes == alone_passes
+    else:
+        # Pooled: the prompts' expansions share forward passes.
+        assert stats.forward_passes < alone_passes
 
 
-def test_batch_size_follows_the_kv_budget(trained_policy):
-    from csr.engine.search.batch_search import kv_bytes_per_prompt, prompts_for_budget
+def test_a_finished_prompt_makes_room_for_the_next(trained_policy, clip_scorer, colour_images):
+    """Two in flight of three, the first two of different depths: the third
+    starts when the shallower tree ends, not when both have (the
+    batch-by-batch schedule), so the loop makes fewer forward passes than
+    running the first two together and then the third."""
+    from csr.engine.search.batch_search import search_prompts
+    from csr.engine.search.sentence_search import SearchConfig
+
+    config = SearchConfig(max_new_tokens=8, max_length=24)
+    jobs = _four_jobs(colour_images)
+    alone = search_prompts(trained_policy, clip_scorer, jobs, config, kv_budget=0)
+    by_depth = {r.stats.depths: job for r, job in zip(alone, jobs, strict=True)}
+    assert len(by_depth) >= 2, "the world's prompts should grow trees of different depths"
+    shallow, deep = by_depth[min(by_depth)], by_depth[max(by_depth)]
+    third = next(job for job in jobs if job not in (shallow, deep))
+    two = 2 * max(_one_prompt_kv_bytes(trained_policy, job, config) for job in (shallow, deep, third))
+    continuous, first_two, then_third = ExpandStats(), ExpandStats(), ExpandStats()
+    search_prompts(trained_policy, clip_scorer, [shallow, deep, third], config, kv_budget=two, stats=continuous)
+    search_prompts(trained_policy, clip_scorer, [shallow, deep], config, kv_budget=two, stats=first_two)
+    search_prompts(trained_policy, clip_scorer, [third], config, kv_budget=two, stats=then_third)
+    assert continuous.forward_passes < first_two.forward_passes + then_third.forward_passes
+
+
+def test_kv_bytes_per_prompt(trained_policy):
+    from csr.engine.search.batch_search import kv_bytes_per_prompt
     from csr.engine.search.sentence_search import SearchConfig
 
     config = SearchConfig(max_new_tokens=10, max_length=50)
@@ -279,5 +329,3 @@ def test_batch_size_follows_the_kv_budget(trained_policy):
     assert kv_bytes_per_prompt(trained_policy.model, config, 40, shared=False) == (
         2 * layers * kv_heads * head_dim * 4 * 5 * 5 * (40 + 60)
     )
-    assert prompts_for_budget(trained_policy.model, config, 40, 3 * per_prompt - 1) == 2
-    assert prompts_for_budget(trained_policy.model, config, 40, 0) == 1

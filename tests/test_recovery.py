@@ -9,9 +9,11 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -93,6 +95,33 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 240.0,
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _frozen_when(condition: Callable[[], bool], what: str, pid: int | Callable[[], int | None],
+                 process: subprocess.Popen | None = None) -> int:
+    """Stops a worker (SIGSTOP) in a state where `condition` holds and returns its pid.
+
+    Polling the store and then signalling races the worker: on a busy machine
+    it can finish its claim between the look and the signal. A stopped process
+    cannot, so the state is checked again once it is stopped, and the worker
+    is let go on (SIGCONT) and caught later if it moved on meanwhile. The
+    caller sends its signal to a stopped worker, then SIGCONT where the worker
+    must handle it."""
+    while True:
+        _wait_for(condition, what, process=process)
+        target = pid() if callable(pid) else pid
+        if target is None:
+            continue
+        os.kill(target, signal.SIGSTOP)
+        _wait_for(lambda stopped=target: _is_stopped(stopped), f"process {target} to stop")
+        if condition():
+            return target
+        os.kill(target, signal.SIGCONT)
+
+
+def _is_stopped(pid: int) -> bool:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state in ("T", "t")
+
+
 def _mid_run(study: Study) -> bool:
     """At least one prompt done and at least one claimed: a kill now leaves work behind."""
     states = _states(study)
@@ -110,7 +139,7 @@ def _status(study: Study) -> dict:
 
 def test_sigkill_then_one_rerun_finishes_the_iteration(study, clean_counts):
     worker = _start(study, "--batch-prompts", "2", "--lease-seconds", LONG_LEASE)
-    _wait_for(lambda: _mid_run(study), "a prompt done and others claimed", process=worker)
+    _frozen_when(lambda: _mid_run(study), "a prompt done and others claimed", worker.pid, process=worker)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     assert _states(study).get("claimed", 0) >= 1, "the dead worker left claims behind"
@@ -141,8 +170,8 @@ def test_sigkill_one_of_two_worker_processes(study, clean_counts):
         )
         return rows[0][0] if rows and _states(study).get("done", 0) >= 1 else None
 
-    _wait_for(lambda: victim() is not None, "a worker process holding a prompt", process=parent)
-    os.kill(victim(), signal.SIGKILL)
+    stopped = _frozen_when(lambda: victim() is not None, "a worker process holding a prompt", victim, process=parent)
+    os.kill(stopped, signal.SIGKILL)
     _out, err = parent.communicate(timeout=300)
     # The other worker took the dead one's prompt over; the parent reports the lost process.
     assert parent.returncode == 1 and "1 of 2 worker process(es) failed" in err, err
@@ -163,8 +192,9 @@ def test_sigkill_one_of_two_worker_processes(study, clean_counts):
 )
 def test_interrupt_releases_the_leases_at_once(study, clean_counts, signum):
     worker = _start(study, "--batch-prompts", "3", "--lease-seconds", LONG_LEASE)
-    _wait_for(lambda: _mid_run(study), "a prompt done and others claimed", process=worker)
+    _frozen_when(lambda: _mid_run(study), "a prompt done and others claimed", worker.pid, process=worker)
     worker.send_signal(signum)
+    worker.send_signal(signal.SIGCONT)
     _out, err = worker.communicate(timeout=240)
     assert worker.returncode == 128 + signum, err
     name = signal.Signals(signum).name
@@ -210,14 +240,24 @@ def test_a_rerun_waits_for_prompts_held_on_another_host(study, clean_counts):
     assert f"worker {other} (host elsewhere, pid 4242) holds 1 prompt(s) until" in held.stderr, held.stderr
     _assert_short_lines(held.stderr)
 
-    # Its lease runs out while the rerun waits (the rerun takes a few seconds to load its models).
+    # The rerun waits for the lease; the test ends the lease once the rerun says it waits
+    # (on a busy machine, loading the models alone can take longer than any fixed lease).
+    rerun = _start(study)
+    said = _lines_of(rerun.stderr)
+    waiting = f"waiting: 1 prompt(s) held by other workers: worker {other}"
+    _wait_for(lambda: any(waiting in line for line in said), "the rerun to say it waits", process=rerun)
     _execute(study, "UPDATE work_items SET lease_expires_at = :until WHERE worker_id = :w",
-             w=other, until=datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=25))
-    waited = study.csr("generate", "--iter", "1", "--quiet", timeout=300)
-    assert waited.returncode == 0, waited.stderr
-    assert f"waiting: 1 prompt(s) held by other workers: worker {other}" in waited.stderr, waited.stderr
+             w=other, until=datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1))
+    assert rerun.wait(timeout=300) == 0, "".join(said)
     _assert_finished_like_a_clean_run(study, clean_counts)
     assert study.query("SELECT MAX(attempts) FROM work_items") == [(2,)]
+
+
+def _lines_of(stream) -> list[str]:
+    """The lines a running process writes to `stream`, as they come (read by a thread)."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(stream.readline, "")), daemon=True).start()
+    return lines
 
 
 # -- store outages (PostgreSQL through a proxy the test cuts) ---------------------------------
@@ -239,9 +279,10 @@ def proxy(study):
 def test_postgres_outage_during_a_run_is_ridden_out(study, clean_counts, proxy):
     worker = _start(study, "--batch-prompts", "2", "--lease-seconds", LONG_LEASE,
                     "--store-retry-seconds", "120", url=_proxied(study.url, proxy))
-    _wait_for(lambda: _mid_run(study), "a prompt done and others claimed", process=worker)
-    proxy.cut()  # every connection dropped, new ones refused: a server restart as clients see it
+    _frozen_when(lambda: _mid_run(study), "a prompt done and others claimed", worker.pid, process=worker)
     done_before = _states(study).get("done", 0)
+    proxy.cut()  # every connection dropped, new ones refused: a server restart as clients see it
+    worker.send_signal(signal.SIGCONT)
     time.sleep(3)  # the outage itself
     proxy.restore()
     _out, err = worker.communicate(timeout=300)
@@ -256,8 +297,9 @@ def test_postgres_outage_during_a_run_is_ridden_out(study, clean_counts, proxy):
 def test_postgres_gone_past_the_bound_ends_the_worker_with_one_line(study, clean_counts, proxy):
     worker = _start(study, "--batch-prompts", "2", "--lease-seconds", LONG_LEASE,
                     "--store-retry-seconds", "2", url=_proxied(study.url, proxy))
-    _wait_for(lambda: _mid_run(study), "a prompt done and others claimed", process=worker)
+    _frozen_when(lambda: _mid_run(study), "a prompt done and others claimed", worker.pid, process=worker)
     proxy.cut()
+    worker.send_signal(signal.SIGCONT)
     _out, err = worker.communicate(timeout=240)
     assert worker.returncode == 1, err
     assert "the store was unreachable" in err and "--store-retry-seconds 2" in err, err
@@ -373,7 +415,7 @@ def test_iterate_and_train_killed_resume_where_they_were(study):
 
     # Killed during generation: the rerun takes the dead worker's prompts back and goes on.
     first = run("iterate", "--iter", "1", "--quiet")
-    _wait_for(lambda: _mid_run(study), "a prompt done and others claimed", process=first)
+    _frozen_when(lambda: _mid_run(study), "a prompt done and others claimed", first.pid, process=first)
     first.send_signal(signal.SIGKILL)
     first.wait()
 

@@ -1,24 +1,25 @@
 """The sentence-level search of several prompts at once, one forward pass for all.
 
-`run_sentence_search` drives one prompt's tree and asks for one depth's
-expansions at a time. Here each prompt's driver runs unchanged in a thread
-of its own; their `expand` calls meet at a rendezvous, and when every
-prompt still searching has asked, the expansions of all of them run as one
-token-level search (`expand_prompts`): the rows of every prompt advance in
-the same forward passes, each against its own shared prefix. The tree logic
-(rewards, selection, records) is not duplicated and cannot drift from the
-single-prompt path; only the model calls are pooled. The threads never run
-model code concurrently (the pooled search runs while the others wait), so
-results are those of `sentence_beam_search` prompt by prompt.
+Each prompt's tree is a generator (`sentence_search_steps`) that yields the
+partials it wants expanded at its next depth and is sent back their
+candidates. One loop steps every prompt of a claim: it collects the
+requests of the prompts in flight, runs them as one token-level search
+(`expand_prompts`: the rows of every prompt advance in the same forward
+passes, each against its own shared prefix), and sends each prompt its
+share. A prompt that finishes leaves at once and its place goes to the next
+prompt of the claim (continuous batching). No threads: the tree logic
+(rewards, selection, records) is the single-prompt code, only the model
+calls are pooled, so results are those of `sentence_beam_search` prompt by
+prompt.
 
-How many prompts share a batch follows a KV-cache budget in bytes
-(`prompts_for_budget`), by default a share of the device's free memory.
+How many prompts are in flight follows a KV-cache budget in bytes
+(`kv_bytes_per_prompt` of each prompt against the budget), by default a
+share of the device's free memory.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,14 +27,15 @@ import torch
 
 from csr.engine.search.cascade_attention import kv_bytes_per_token, text_shapes
 from csr.engine.search.sentence_search import (
+    ExpandRequest,
     ExpandStats,
     PromptPrefix,
     SearchConfig,
     SearchResult,
-    TokenBeam,
+    SearchSteps,
     expand_prompts,
-    run_sentence_search,
     search_beam_settings,
+    sentence_search_steps,
 )
 
 # Of the free memory, the share the search's KV cache may take by default:
@@ -71,54 +73,6 @@ def kv_bytes_per_prompt(model, config: SearchConfig, prefix_length: int, shared:
     return per_token * rows * (prefix_length + suffix)
 
 
-def prompts_for_budget(model, config: SearchConfig, prefix_length: int, budget: int) -> int:
-    """How many prompts one batch can hold within `budget` bytes of KV cache (at least one)."""
-    return max(1, budget // kv_bytes_per_prompt(model, config, prefix_length))
-
-
-class _Rendezvous:
-    """Pools the `expand` calls of several prompt drivers into one call of `run`.
-
-    A batch runs when every driver still searching is waiting; a driver
-    that ends (or fails) leaves, and the others no longer wait for it."""
-
-    def __init__(self, drivers: int, run):
-        self.run = run
-        self.live = drivers
-        self.waiting: dict[int, tuple[list[list[int]], list[int]]] = {}
-        self.results: dict[int, list[list[TokenBeam]]] = {}
-        self.error: BaseException | None = None
-        self.cond = threading.Condition()
-
-    def expand(self, driver: int, partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
-        with self.cond:
-            self.waiting[driver] = (partials, caps)
-            self._run_if_all_waiting()
-            while driver not in self.results and self.error is None:
-                self.cond.wait()
-            if driver not in self.results:
-                raise RuntimeError("the pooled expansion failed in another prompt's driver") from self.error
-            return self.results.pop(driver)
-
-    def leave(self) -> None:
-        with self.cond:
-            self.live -= 1
-            self._run_if_all_waiting()
-
-    def _run_if_all_waiting(self) -> None:
-        # Runs under the lock: every other live driver is waiting for it anyway.
-        if not self.waiting or len(self.waiting) < self.live or self.error is not None:
-            return
-        batch, self.waiting = self.waiting, {}
-        try:
-            self.results.update(self.run(batch))
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            self.cond.notify_all()
-
-
 def search_prompts(
     policy,
     clip,
@@ -128,27 +82,124 @@ def search_prompts(
     attention: str = "cascade",
     stats: ExpandStats | None = None,
 ) -> list[SearchResult | BaseException]:
-    """`sentence_beam_search` for each job, the prompts of a batch expanded
+    """`sentence_beam_search` for each job, the prompts in flight expanded
     together. Returns per job its SearchResult, or the exception its search
     raised (one bad prompt does not stop the others). `kv_budget` (bytes)
-    sizes the batches; None: from the device's free memory. `stats`, if
-    given, collects the token-level counters of every batch."""
+    bounds the prompts in flight; None: from the device's free memory.
+    `stats`, if given, collects the token-level counters of every pass."""
     settings = search_beam_settings(policy, config)
     stats = stats if stats is not None else ExpandStats()
     budget = default_kv_budget(policy.device) if kv_budget is None else kv_budget
-    out: list[SearchResult | BaseException] = []
-    start = 0
-    while start < len(jobs):
-        first = _prefix_or_error(policy, jobs[start], config)
-        length = first.length if isinstance(first, PromptPrefix) else 0
-        pooled = attention == "cascade" and isinstance(first, PromptPrefix) and first.shares_prefix
-        # The per-row path (or a model the shared prefix does not apply to) holds one prompt a batch.
-        size = prompts_for_budget(policy.model, config, length, budget) if pooled else 1
-        batch = jobs[start : start + size]
-        prefixes = [first] + [_prefix_or_error(policy, job, config) for job in batch[1:]]
-        out.extend(_search_batch(policy, clip, batch, prefixes, config, settings, attention, stats))
-        start += len(batch)
+    out: list[SearchResult | BaseException | None] = [None] * len(jobs)
+    queue = _Queue(policy, jobs, config)
+    flight: dict[int, _InFlight] = {}
+    while queue or flight:
+        _admit(policy, clip, jobs, config, budget, attention, queue, flight, out)
+        if flight:
+            _step(flight, settings, stats, attention, out)
     return out
+
+
+@dataclass
+class _InFlight:
+    """One prompt being searched: its prefix, its tree and what the tree asks next."""
+
+    prefix: PromptPrefix
+    steps: SearchSteps
+    request: ExpandRequest
+    kv_bytes: int
+    alone: bool  # the per-row path, or a model the shared prefix does not apply to
+    passes: int = 0
+    rows: int = 0
+
+
+class _Queue:
+    """The prompts not yet started, in claim order. The first one's prefix is
+    run when it is first looked at and held until it is admitted: its
+    length decides whether it fits, and running it twice would cost a
+    vision-tower pass."""
+
+    def __init__(self, policy, jobs: Sequence[PromptJob], config: SearchConfig):
+        self.policy = policy
+        self.config = config
+        self.jobs = jobs
+        self.next = 0
+        self.prefix: PromptPrefix | BaseException | None = None
+
+    def __bool__(self) -> bool:
+        return self.next < len(self.jobs)
+
+    def peek(self) -> tuple[int, PromptPrefix | BaseException]:
+        if self.prefix is None:
+            self.prefix = _prefix_or_error(self.policy, self.jobs[self.next], self.config)
+        return self.next, self.prefix
+
+    def pop(self) -> None:
+        self.next += 1
+        self.prefix = None
+
+
+def _admit(policy, clip, jobs, config, budget, attention, queue: _Queue, flight, out) -> None:
+    """Starts waiting prompts, in claim order, while they fit the budget
+    beside those in flight. A prompt that must run alone waits for an empty
+    batch and then holds it; one prompt always runs, whatever its size."""
+    while queue and not any(f.alone for f in flight.values()):
+        i, prefix = queue.peek()
+        if isinstance(prefix, BaseException):
+            out[i] = prefix
+            queue.pop()
+            continue
+        alone = attention != "cascade" or not prefix.shares_prefix
+        kv_bytes = kv_bytes_per_prompt(policy.model, config, prefix.length)
+        used = sum(f.kv_bytes for f in flight.values())
+        if flight and (alone or used + kv_bytes > budget):
+            return
+        queue.pop()
+        try:
+            steps = _tree(policy, clip, jobs[i], config)
+            flight[i] = _InFlight(prefix, steps, next(steps), kv_bytes, alone)
+        except Exception as exc:
+            out[i] = exc
+
+
+def _tree(policy, clip, job: PromptJob, config: SearchConfig) -> SearchSteps:
+    embedding = job.image_embedding if job.image_embedding is not None else clip.encode_image(job.image)
+
+    def score(texts: list[str]) -> list[float]:
+        return clip.raw_scores(embedding, texts)
+
+    return sentence_search_steps(policy, config, score, job.prompt_text)
+
+
+def _step(flight: dict[int, _InFlight], settings, stats: ExpandStats, attention: str, out) -> None:
+    """One depth of every prompt in flight, in one token-level search."""
+    order = sorted(flight)
+    before = (stats.forward_passes, stats.rows_forwarded)
+    try:
+        found = expand_prompts(
+            [(flight[i].prefix, *flight[i].request) for i in order], settings, stats=stats, attention=attention
+        )
+    except Exception as exc:
+        for i in order:
+            flight.pop(i).steps.close()
+            out[i] = exc
+        return
+    for i, beams in zip(order, found, strict=True):
+        prompt = flight[i]
+        # Each pooled pass serves every prompt in it: each is charged the whole count.
+        prompt.passes += stats.forward_passes - before[0]
+        prompt.rows += stats.rows_forwarded - before[1]
+        try:
+            prompt.request = prompt.steps.send(beams)
+        except StopIteration as done:
+            result: SearchResult = done.value
+            result.stats.forward_passes = prompt.passes + prompt.prefix.forward_passes
+            result.stats.rows_forwarded = prompt.rows + prompt.prefix.length
+            out[i] = result
+            del flight[i]
+        except Exception as exc:
+            out[i] = exc
+            del flight[i]
 
 
 def _prefix_or_error(policy, job: PromptJob, config: SearchConfig) -> PromptPrefix | BaseException:
@@ -156,56 +207,3 @@ def _prefix_or_error(policy, job: PromptJob, config: SearchConfig) -> PromptPref
         return PromptPrefix(policy, job.image, job.prompt_text, config.prompt_template)
     except Exception as exc:
         return exc
-
-
-def _search_batch(policy, clip, jobs, prefixes, config, settings, attention, stats) -> list:
-    ready = [i for i, p in enumerate(prefixes) if isinstance(p, PromptPrefix)]
-    out: list[SearchResult | BaseException] = list(prefixes)  # errors stay in place
-    # Each pooled pass serves every prompt in it: each is charged the whole count.
-    passes = dict.fromkeys(ready, 0)
-    rows = dict.fromkeys(ready, 0)
-
-    def run(batch: dict[int, tuple[list[list[int]], list[int]]]) -> dict[int, list[list[TokenBeam]]]:
-        order = sorted(batch)
-        before = (stats.forward_passes, stats.rows_forwarded)
-        found = expand_prompts(
-            [(prefixes[i], *batch[i]) for i in order], settings, stats=stats, attention=attention
-        )
-        for i in order:
-            passes[i] += stats.forward_passes - before[0]
-            rows[i] += stats.rows_forwarded - before[1]
-        return dict(zip(order, found, strict=True))
-
-    rendezvous = _Rendezvous(len(ready), run)
-
-    def drive(i: int) -> None:
-        job, prefix = jobs[i], prefixes[i]
-        try:
-            embedding = job.image_embedding
-            if embedding is None:
-                embedding = clip.encode_image(job.image)
-
-            def score(texts: list[str]) -> list[float]:
-                return clip.raw_scores(embedding, texts)
-
-            def expand(partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
-                return rendezvous.expand(i, partials, caps)
-
-            result = run_sentence_search(policy, config, expand, score, job.prompt_text)
-            result.stats.forward_passes = passes[i] + prefix.forward_passes
-            result.stats.rows_forwarded = rows[i] + prefix.length
-            out[i] = result
-        except Exception as exc:
-            out[i] = exc
-        finally:
-            rendezvous.leave()
-
-    if len(ready) == 1:
-        drive(ready[0])
-        return out
-    threads = [threading.Thread(target=drive, args=(i,), name=f"csr-search-{i}") for i in ready]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return out

@@ -10,10 +10,12 @@ Layers, bottom up, one module each:
   the prompt run once, then all partials x beams of one or several prompts
   advanced in one forward pass per token, the prefix KV held once per prompt
   (engine/search/cascade_attention.py, engine/search/kv_cache.py);
-- here, `run_sentence_search`: the tree of sentences, rewards and selection,
-  with the model and CLIP behind two callables (the benchmark plugs the
-  released-code-style ones into the very same tree logic), and
-  `sentence_beam_search`, what `csr generate` calls per prompt.
+- here, `sentence_search_steps`: the tree of sentences, rewards and
+  selection as a generator that yields what it needs expanded, with CLIP
+  behind a callable (engine/search/batch_search.py steps many of them in
+  one loop); `run_sentence_search` drives one with the model behind a
+  callable (the benchmark plugs the released-code-style one into the very
+  same tree logic), and `sentence_beam_search` searches one prompt.
 
 Where the token-level search departs from transformers 4.x group beam search
 (none of these changes the one-group result, which the tests compare with
@@ -84,7 +86,7 @@ Decisions where the paper is silent (recorded here and in spec/CSR.md terms):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -279,13 +281,23 @@ def _length_reached(policy, config: SearchConfig, user_prompt: str) -> Callable[
                            or len(policy.tokenizer.decode(prompt_ids + list(tokens))) >= config.max_length)
 
 
-def run_sentence_search(
-    policy, config: SearchConfig, expand: ExpandFn, score: ScoreFn, user_prompt: str = ""
-) -> SearchResult:
-    """The sentence-level beam search tree, with the model behind `expand`
-    (partials, caps -> candidates per partial) and CLIP behind `score`
+# What a search asks of the model at each depth: the partial responses (token ids)
+# and each one's cap on new tokens; what it is sent back: each partial's candidates.
+ExpandRequest = tuple[list[list[int]], list[int]]
+SearchSteps = Generator[ExpandRequest, list[list[TokenBeam]], "SearchResult"]
+
+
+def sentence_search_steps(policy, config: SearchConfig, score: ScoreFn, user_prompt: str = "") -> SearchSteps:
+    """The sentence-level beam search tree as a generator, one depth a step.
+
+    It yields what it needs expanded (partials, caps) and is sent back the
+    candidates per partial; it returns the finished SearchResult. So one
+    loop can step many prompts' trees together (`batch_search`) and the
+    model stays outside the tree logic. CLIP sits behind `score`
     (texts -> 100 cos). `user_prompt` is needed only when max_length counts
-    characters. See the module docstring for the decisions it makes."""
+    characters. See the module docstring for the decisions it makes.
+    `stats.model_seconds` is the time spent away from the tree: the
+    expansion, shared with whatever else the driver ran in the same pass."""
     started = time.perf_counter()
     result = SearchResult(records=[])
     at_length = _length_reached(policy, config, user_prompt)
@@ -296,7 +308,7 @@ def run_sentence_search(
         stats.max_active = max(stats.max_active, len(active))
         caps = [min(config.max_new_tokens, config.max_length - len(p.tokens)) for p in active]
         t0 = time.perf_counter()
-        expansions = expand([p.tokens for p in active], caps)
+        expansions = yield [p.tokens for p in active], caps
         t1 = time.perf_counter()
         stats.model_seconds += t1 - t0
         level = _make_candidates(policy, config, active, expansions, depth, result, at_length)
@@ -316,6 +328,20 @@ def run_sentence_search(
     stats.finals = len(result.responses)
     stats.total_seconds = time.perf_counter() - started
     return result
+
+
+def run_sentence_search(
+    policy, config: SearchConfig, expand: ExpandFn, score: ScoreFn, user_prompt: str = ""
+) -> SearchResult:
+    """One prompt's search tree with the model behind `expand` (partials,
+    caps -> candidates per partial): `sentence_search_steps` driven alone."""
+    steps = sentence_search_steps(policy, config, score, user_prompt)
+    request = next(steps)
+    while True:
+        try:
+            request = steps.send(expand(*request))
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
