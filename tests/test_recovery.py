@@ -215,7 +215,7 @@ def test_a_rerun_waits_for_prompts_held_on_another_host(study, clean_counts):
              w=other, until=datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=25))
     waited = study.csr("generate", "--iter", "1", "--quiet", timeout=300)
     assert waited.returncode == 0, waited.stderr
-    assert f"waiting: 1 prompt(s) held by other workers: worker {other}" in waited.stderr, waited.stderr
+    assert f"waiting for the rest: 1 prompt(s) held by other workers: worker {other}" in waited.stderr, waited.stderr
     _assert_finished_like_a_clean_run(study, clean_counts)
     assert study.query("SELECT MAX(attempts) FROM work_items") == [(2,)]
 
