@@ -8,8 +8,8 @@ from __future__ import annotations
 from enum import Enum, StrEnum
 
 import typer
-from rich.console import Console
 
+from csr.cli.output import Console
 from csr.engine.errors import CsrError
 from csr.engine.rewards import Preset as Preset  # one enum for engine and cli
 

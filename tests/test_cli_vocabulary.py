@@ -74,7 +74,7 @@ def test_every_command_follows_the_vocabulary(name, command):
     if name in {"curate", "train", "export"}:
         assert "--pair-set" in flags
     if name in {"lineage", "eval chair", "eval pope", "eval record"}:
-        assert "--version" in flags
+        assert "--model-version" in flags
 
 
 def test_iteration_ranges_and_old_spellings(tmp_path):
