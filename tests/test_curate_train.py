@@ -154,7 +154,7 @@ def test_train_registers_a_reproducible_version_and_its_lineage(generated, train
     [(digest_again,)] = generated.query("SELECT weights_hash FROM model_versions WHERE version = 1")
     assert digest_again == digest, "same store, same seed: same weights on CPU"
 
-    lineage = generated.invoke("lineage", "--version", "1", "--json")
+    lineage = generated.invoke("lineage", "--model-version", "1", "--json")
     assert lineage.returncode == 0, lineage.stderr
     chain = json.loads(lineage.stdout)
     assert [entry["version"] for entry in chain] == [1, 0]
