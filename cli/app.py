@@ -85,14 +85,14 @@ def _click_kinds(name: str) -> tuple[type[BaseException], ...]:
 
 def usage_message(exc) -> str:
     message = " ".join(exc.format_message().split()).replace("Value error, ", "")
-    if message[:1].isupper() and message[1:2].islower():  # click's "No such option" as a sentence part
-        message = message[0].lower() + message[1:]
     command = exc.ctx.command_path if exc.ctx is not None else "csr"
     misplaced = getattr(exc, "option_name", None)
     if misplaced in GLOBAL_OPTIONS and command != "csr":
         sub = command.removeprefix("csr ")
         return (f"{message} ({misplaced} is a global option: it goes before the command, "
                 f"csr {misplaced} ... {sub})")
+    if isinstance(exc, _click_kinds("BadParameter")):
+        return message  # names the option and the values it takes
     return f"{message} (see {command} --help)"
 
 

@@ -17,7 +17,12 @@ PIPED_WIDTH = 4096
 
 class Console(rich.console.Console):
     """rich's Console, as wide as its content when it does not write to a terminal
-    (rich takes the width of whichever standard stream is a terminal, else 80)."""
+    (rich takes the width of whichever standard stream is a terminal, or COLUMNS, else 80)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if kwargs.get("width") is None and not self.is_terminal:
+            self._width = None  # COLUMNS describes a terminal this console does not write to
 
     @property
     def size(self) -> ConsoleDimensions:
