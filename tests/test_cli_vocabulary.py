@@ -328,3 +328,23 @@ def test_iteration_ranges_and_old_spellings(tmp_path):
     limit = invoke_csr("eval", "chair", "--versions", "0", "--images-count", "5", "--annotations", "x.json",
                        "--images", ".", db=db)
     assert "--versions is deprecated" in limit.stderr and "--images-count is deprecated" in limit.stderr
+
+
+def test_import_reports_its_progress(tmp_path):
+    from csr.engine.io.importing import import_prompts
+    from csr.storage.store import Store
+
+    store = _store(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(images / f"{i}.png")
+        lines.append(json.dumps({"id": str(i), "image": f"{i}.png", "prompt": "Describe."}))
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    steps: list[tuple[str, int, int]] = []
+    with Store.open(f"sqlite:///{store}") as opened:
+        import_prompts(opened, tmp_path / "p.jsonl", images, on_step=lambda *step: steps.append(step))
+    assert steps[0] == ("records", 3, 3)
+    assert [s for s in steps if s[0] == "images"] == [("images", n, 3) for n in (1, 2, 3)]
+    assert steps[-2:] == [("written", 0, 3), ("written", 3, 3)]
