@@ -95,6 +95,9 @@ class Settings:
                     continue
                 document.add(name, tomlkit.table())
             table = document[name]
+            if name in ("generate", "train"):  # these hold what the file says: a key dropped here goes
+                for key in [k for k in table if k not in values]:
+                    del table[key]
             for key, value in values.items():
                 if value is None:
                     table.pop(key, None)

@@ -31,7 +31,7 @@ def test_iterate_with_the_options_of_its_steps(tmp_path, trained_llava_dir, tiny
 
     kept = study.invoke("iterate", "--iter", "1", "--pair-set", "mine", "--quiet", "--device", "cpu")
     assert kept.returncode == 0 and "exists, skipping (--force trains it again)" in kept.stdout, kept.stderr
-    forced = study.invoke("iterate", "--iter", "1", "--pair-set", "mine", "--force", "--allow-partial",
+    forced = study.invoke("iterate", "--iter", "1", "--pair-set", "mine", "--force", "--allow-partial", "--dtype", "float32",
                           "--quiet", "--device", "cpu", "--json")
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)[0]["trained"]["model_version"] == 1
