@@ -31,9 +31,11 @@ def test_iterate_with_the_options_of_its_steps(tmp_path, trained_llava_dir, tiny
 
     kept = study.invoke("iterate", "--iter", "1", "--pair-set", "mine", "--quiet", "--device", "cpu")
     assert kept.returncode == 0 and "exists, skipping (--force trains it again)" in kept.stdout, kept.stderr
-    forced = study.invoke("iterate", "--iter", "1", "--pair-set", "mine", "--force", "--allow-partial", "--dtype", "float32",
+    # the rest of the prompts is generated now: pair set 'mine' would select other pairs
+    forced = study.invoke("iterate", "--iter", "1", "--pair-set", "all", "--force", "--allow-partial", "--dtype", "float32",
                           "--quiet", "--device", "cpu", "--json")
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)[0]["trained"]["model_version"] == 1
-    assert study.query("SELECT COUNT(*) FROM training_runs") == [(2,)]
+    assert study.query("SELECT s.name FROM training_runs r JOIN pair_sets s ON s.id = r.pair_set_id "
+                       "ORDER BY r.id") == [("mine",), ("all",)]
     assert "held by other workers" not in forced.stderr
