@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from csr.cli.context import state
+from csr.cli.output import Console, echo_json, json_option
 from csr.cli.vocabulary import SqlFormat
 from csr.engine.errors import CsrError
 from csr.storage import analytics, sql_shell
@@ -62,7 +61,7 @@ def sql_cmd(
 def stats_cmd(
     ctx: typer.Context,
     iteration: int = typer.Option(None, "--iter", help="Only this iteration."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+    as_json: bool = json_option("The figures"),
     cache: Path = _cache_option(),
 ) -> None:
     """The paper's figures per iteration: rewards of chosen and rejected (table 10), R_T and R_I,
@@ -72,7 +71,7 @@ def stats_cmd(
     with analytics.connect(st.url, cache=cache) as con:
         summary = analytics.stats(con, iteration, max_response_tokens=limit)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        echo_json(summary)
         return
     _print_stats(summary)
 
@@ -146,14 +145,18 @@ def report_cmd(
     pairs: int = typer.Option(50, "--pairs", min=0, help="Pairs shown in the browsable sample."),
     screenshot: bool = typer.Option(False, "--screenshot", help="Also write report.png with headless Chromium."),
     cache: Path = _cache_option(),
+    as_json: bool = json_option("The files written"),
 ) -> None:
     """A static HTML report: reward and length plots per iteration, CHAIR, a sample of pairs."""
     from csr.engine.io import report
     with analytics.connect(state(ctx).url, cache=cache) as con:
         page = report.write_report(con, out, pairs=pairs)
+    png = report.screenshot(page, out / "report.png") if screenshot else None
+    if as_json:
+        echo_json({"report": str(page), "screenshot": None if png is None else str(png)})
+        return
     console.print(f"report written to {page}")
-    if screenshot:
-        png = report.screenshot(page, out / "report.png")
+    if png is not None:
         console.print(f"screenshot written to {png}")
 
 

@@ -8,18 +8,33 @@ from pathlib import Path
 
 import typer
 
+import csr
 from csr.cli.context import CliState
+from csr.cli.help import CsrGroup
 from csr.engine.errors import USER_ERRORS
+
+# -h as well as --help, on every command.
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+GLOBAL_OPTIONS = ("--db", "--config")
 
 app = typer.Typer(
     name="csr",
     help="Calibrated Self-Rewarding for vision-language models, backed by a relational store.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # --install-completion / --show-completion for bash, zsh, fish and PowerShell.
+    add_completion=True,
     # Plain help: flags shown as flags and choices as [a|b] (rich mode shows "<bool>").
     rich_markup_mode=None,
+    context_settings=HELP_OPTIONS,
+    cls=CsrGroup,
 )
+
+
+def _print_version(shown: bool) -> None:
+    if shown:
+        typer.echo(f"csr {csr.__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -27,15 +42,25 @@ def _root(
     ctx: typer.Context,
     db: str = typer.Option(None, "--db", help="SQLAlchemy URL or SQLite path of the store. Without it: CSR_DATABASE_URL, then [store] url in csr.toml, then sqlite:///csr.db here."),
     config: Path = typer.Option(None, "--config", help="Settings file (default: ./csr.toml)."),
+    version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_print_version,
+                                 help="Print csr's version and exit."),
 ) -> None:
     ctx.obj = CliState(db=db, config=config)
 
 
 def _register() -> None:
     # Every command module is imported: one that fails to import is an error, never a missing command.
-    from csr.cli import analytics_cmds, demo_cmds, eval_cmds, generate_cmds, store_cmds, train_cmds
+    from csr.cli import (
+        analytics_cmds,
+        demo_cmds,
+        env_cmds,
+        eval_cmds,
+        generate_cmds,
+        store_cmds,
+        train_cmds,
+    )
 
-    for module in (store_cmds, generate_cmds, train_cmds, analytics_cmds, demo_cmds, eval_cmds):
+    for module in (store_cmds, generate_cmds, train_cmds, analytics_cmds, demo_cmds, eval_cmds, env_cmds):
         module.register(app)
 
 
@@ -56,6 +81,19 @@ def _click_kinds(name: str) -> tuple[type[BaseException], ...]:
     if name == "Abort":
         kinds.append(typer.Abort)
     return tuple(kinds)
+
+
+def usage_message(exc) -> str:
+    message = " ".join(exc.format_message().split()).replace("Value error, ", "")
+    command = exc.ctx.command_path if exc.ctx is not None else "csr"
+    misplaced = getattr(exc, "option_name", None)
+    if misplaced in GLOBAL_OPTIONS and command != "csr":
+        sub = command.removeprefix("csr ")
+        return (f"{message} ({misplaced} is a global option: it goes before the command, "
+                f"csr {misplaced} ... {sub})")
+    if isinstance(exc, _click_kinds("BadParameter")):
+        return message  # names the option and the values it takes
+    return f"{message} (see {command} --help)"
 
 
 def _debug() -> bool:
@@ -80,11 +118,13 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors come through here in non-standalone mode
-        if isinstance(exc, _click_kinds("BadParameter")):
-            # A bad option value is one line, as every other error a user can cause.
-            message = " ".join(exc.format_message().split()).replace("Value error, ", "")
-            print(f"csr: error: {message}", file=sys.stderr)
+        if isinstance(exc, _click_kinds("NoArgsIsHelpError")):
+            exc.show()  # `csr` or `csr db` alone: the help, as git and alembic do
             sys.exit(exc.exit_code)
+        if isinstance(exc, _click_kinds("UsageError")):
+            # A usage error is one line and exit 2, as every argparse and click tool does.
+            print(f"csr: error: {usage_message(exc)}", file=sys.stderr)
+            sys.exit(2)
         if isinstance(exc, _click_kinds("ClickException")):
             exc.show()
             sys.exit(exc.exit_code)

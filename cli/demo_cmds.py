@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from csr.cli.output import Console, json_option
 from csr.cli.vocabulary import (
     DEVICE_HELP,
     Preset,
@@ -36,7 +36,7 @@ def demo(
     preset: Preset = typer.Option(Preset.paper, "--preset", help="Reward preset (README: Reward presets)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="The per-version results as JSON on stdout (the tables go to stderr)."),
+    as_json: bool = json_option("The per-version results (the tables go to stderr)"),
     out: Path = typer.Option(None, "--out", help="Also write the per-version results to this JSON file path."),
 ) -> None:
     """Run CSR end to end on the built-in world and print CHAIR and POPE per model version."""

@@ -7,18 +7,23 @@ import math
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from csr.cli.context import state
-from csr.cli.vocabulary import DEVICE_HELP, default_device
+from csr.cli.output import Console, consoles, echo_json, json_option
+from csr.cli.vocabulary import (
+    DEVICE_HELP,
+    MODEL_VERSION_HELP,
+    MODEL_VERSIONS_HELP,
+    default_device,
+    deprecated,
+    hidden_option,
+)
 from csr.engine.errors import CsrError
 from csr.storage.store import Store
 
 console = Console()
 eval_app = typer.Typer(rich_markup_mode=None, help="Evaluate model versions (CHAIR, POPE) or record other benchmarks' results.",
                        no_args_is_help=True)
-
-VERSIONS_HELP = "Model versions: N, A-B, or a comma-separated list of both (e.g. 0-3)."
 
 
 def parse_versions(text: str) -> list[int]:
@@ -35,16 +40,37 @@ def parse_versions(text: str) -> list[int]:
             else:
                 versions.append(int(part))
         except ValueError:
-            raise CsrError(f"--versions {text!r}: expected N, A-B or a comma-separated list of them") from None
+            raise CsrError(f"--model-versions {text!r}: expected N, A-B or a comma-separated list of them") from None
     if any(v < 0 for v in versions):
-        raise CsrError(f"--versions {text!r}: versions are not negative")
+        raise CsrError(f"--model-versions {text!r}: versions are not negative")
     return list(dict.fromkeys(versions))
 
 
-def _versions(version: int | None, versions: str | None) -> list[int]:
+def _versions(version: int | None, versions: str | None, old_version: int | None = None,
+              old_versions: str | None = None) -> list[int]:
+    if old_version is not None:
+        deprecated("--version", "--model-version")
+        version = old_version if version is None else version
+    if old_versions is not None:
+        deprecated("--versions", "--model-versions")
+        versions = old_versions if versions is None else versions
     if (version is None) == (versions is None):
-        raise CsrError("give exactly one of --version and --versions")
+        raise CsrError("give exactly one of --model-version and --model-versions")
     return [version] if version is not None else parse_versions(versions)
+
+
+def _limit(limit: int | None, old: int | None) -> int | None:
+    if old is not None:
+        deprecated("--images-count", "--limit")
+        return old if limit is None else limit
+    return limit
+
+
+def _say_fewer(out: Console, found: int, asked: int | None, which: str) -> None:
+    """A draw of `asked` images from a set that holds fewer takes them all: say so."""
+    if asked is not None and found < asked:
+        out.print(f"note: {which} {found} image(s), fewer than the {asked} asked for (--limit): "
+                  f"evaluating on {found}", highlight=False, soft_wrap=True)
 
 
 def _need_file(path: Path | None) -> None:
@@ -64,23 +90,29 @@ def _interval(ci) -> str:
 @eval_app.command("chair")
 def eval_chair(
     ctx: typer.Context,
-    version: int = typer.Option(None, "--version", help="Model version to evaluate."),
-    versions: str = typer.Option(None, "--versions", help=VERSIONS_HELP),
+    version: int = typer.Option(None, "--model-version", help=MODEL_VERSION_HELP),
+    versions: str = typer.Option(None, "--model-versions", help=MODEL_VERSIONS_HELP),
     annotations: Path = typer.Option(..., "--annotations", help="COCO-style instances JSON (images, annotations, categories)."),
     images: Path = typer.Option(..., "--images", help="Directory holding the annotations' image files."),
     synonyms: Path = typer.Option(None, "--synonyms", help="Synonyms file (category, synonyms... per line); default: the COCO table shipped with csr."),
     captions: Path = typer.Option(None, "--captions", help="COCO captions JSON: objects the reference captions mention count as present (standard CHAIR)."),
     prompt: str = typer.Option(None, "--prompt", help="Default: 'Please describe this image in detail.' (docs/evaluation.md)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Default 512 (docs/evaluation.md)."),
-    n_images: int = typer.Option(None, "--images-count", min=1, help="Images drawn from the annotations; default 500 (CSR appendix A.2)."),
+    n_images: int = typer.Option(None, "--limit", min=1, help="Images drawn from the annotations; default 500 (CSR appendix A.2)."),
     all_images: bool = typer.Option(False, "--all-images", help="Every image of the annotations."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image draw and of the bootstrap interval."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
+    as_json: bool = json_option("The figures per model version"),
+    old_version: int = hidden_option(None, "--version"),
+    old_versions: str = hidden_option(None, "--versions"),
+    old_limit: int = hidden_option(None, "--images-count", min=1),
 ) -> None:
     """CHAIR_S / CHAIR_I / recall / length per model version, stored in the evaluations table."""
     from csr.engine.evaluate import benchmarks as evaluation
-    chosen = _versions(version, versions)
+    console = consoles(as_json)
+    chosen = _versions(version, versions, old_version, old_versions)
+    n_images = _limit(n_images, old_limit)
     for path in (annotations, synonyms, captions):
         _need_file(path)
     _need_dir(images)
@@ -90,6 +122,8 @@ def eval_chair(
         max_new_tokens=max_new_tokens or evaluation.CHAIR_MAX_NEW_TOKENS,
         n_images=None if all_images else (n_images or evaluation.CHAIR_IMAGES), seed=seed,
     )
+    _say_fewer(console, len(task.keys), None if all_images else (n_images or evaluation.CHAIR_IMAGES),
+               "the annotations hold")
     with Store.open(state(ctx).url) as store:
         outcomes = evaluation.evaluate_versions(store, chosen, [task], device=default_device(device), batch_size=batch_size)
     truth = _chair_truth(captions)
@@ -100,6 +134,13 @@ def eval_chair(
             f"{_interval(m['ci']['chair_s'])}, CHAIR_I {m['chair_i']:.3f} {_interval(m['ci']['chair_i'])}, "
             f"recall {m['recall']:.3f} over {m['n_responses']} image(s), {m['mean_words']:.1f} words per response; "
             f"{truth}" + (" (already stored)" if done.reused else ""), highlight=False, soft_wrap=True)
+    if as_json:
+        echo_json(_results(outcomes))
+
+
+def _results(outcomes) -> list[dict]:
+    return [{"model_version": done.version, "dataset": done.dataset, "metrics": done.metrics, "reused": done.reused}
+            for done in outcomes]
 
 
 def _chair_truth(captions: Path | None) -> str:
@@ -114,23 +155,29 @@ def _chair_truth(captions: Path | None) -> str:
 @eval_app.command("pope")
 def eval_pope(
     ctx: typer.Context,
-    version: int = typer.Option(None, "--version", help="Model version to evaluate."),
-    versions: str = typer.Option(None, "--versions", help=VERSIONS_HELP),
+    version: int = typer.Option(None, "--model-version", help=MODEL_VERSION_HELP),
+    versions: str = typer.Option(None, "--model-versions", help=MODEL_VERSIONS_HELP),
     images: Path = typer.Option(..., "--images", help="Directory holding the images."),
     annotations: Path = typer.Option(None, "--annotations", help="COCO-style instances JSON to build the questions from."),
     questions: list[Path] = typer.Option(None, "--questions", help="Ready-made POPE question file (JSONL: image, text, label); repeat for several settings."),
     setting: list[str] = typer.Option(None, "--setting", help="random | popular | adversarial (repeatable; default all three)."),
-    n_images: int = typer.Option(None, "--images-count", min=1, help="Images the questions are about; default 500 (POPE)."),
+    n_images: int = typer.Option(None, "--limit", min=1, help="Images the questions are about; default 500 (POPE)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the question sampling and the bootstrap interval."),
     suffix: str = typer.Option(None, "--suffix", help="Appended to each question; default LLaVA-1.5's ' Answer the question using a single word or phrase.'"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Default 128 (LLaVA-1.5's POPE evaluation)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
+    as_json: bool = json_option("The figures per setting and model version"),
+    old_version: int = hidden_option(None, "--version"),
+    old_versions: str = hidden_option(None, "--versions"),
+    old_limit: int = hidden_option(None, "--images-count", min=1),
 ) -> None:
     """POPE accuracy / precision / recall / F1 / yes-ratio per setting and model version, stored."""
     from csr.engine.evaluate import benchmarks as evaluation
     from csr.engine.evaluate import pope
-    chosen = _versions(version, versions)
+    console = consoles(as_json)
+    chosen = _versions(version, versions, old_version, old_versions)
+    n_images = _limit(n_images, old_limit)
     if (annotations is None) == (not questions):
         raise CsrError("give either --annotations (questions are built) or --questions (ready-made files)")
     for path in (annotations, *(questions or [])):
@@ -144,6 +191,8 @@ def eval_pope(
     if annotations is not None:
         task = evaluation.coco_pope_task(annotations, images, settings=setting or pope.SETTINGS,
                                          n_images=n_images or pope.N_IMAGES, seed=seed, **common)
+        _say_fewer(console, len(task.images), n_images or pope.N_IMAGES,
+                   "the annotations have, with at least 3 objects each,")
     else:
         if setting:
             raise CsrError("--setting applies to --annotations; a question file names its own setting")
@@ -158,20 +207,30 @@ def eval_pope(
                 f"{_interval(m['f1_ci'])}, yes-ratio {m['yes_ratio']:.3f} over {m['n']} question(s), "
                 f"{m['unparsed']} with neither yes nor no (read as yes, as the reference does)" + (" (already stored)" if done.reused else ""),
                 highlight=False, soft_wrap=True)
+    if as_json:
+        echo_json(_results(outcomes))
 
 
 @eval_app.command("record")
 def eval_record(
     ctx: typer.Context,
-    version: int = typer.Option(..., "--version", help="Model version the results belong to."),
+    version: int = typer.Option(None, "--model-version", help="Model version the results belong to.  [required]"),
     benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name, e.g. mme, seed, mmbench, llava-w."),
     metric: list[str] = typer.Option(None, "--metric", help="NAME=VALUE (repeatable), e.g. perception=1510.7."),
     metrics_json: Path = typer.Option(None, "--metrics-json", help="JSON object of NAME: number (e.g. from lmms-eval)."),
     dataset: str = typer.Option("", "--dataset", help="Data set label or version, e.g. MME 2023-06."),
     tool: str = typer.Option("", "--tool", help="What produced the numbers, e.g. 'lmms-eval 0.3.0'."),
+    as_json: bool = json_option("What was stored"),
+    old_version: int = hidden_option(None, "--version"),
 ) -> None:
     """Store metrics a user measured elsewhere (lmms-eval, VLMEvalKit) for a model version."""
     from csr.engine.evaluate.benchmarks import record_external
+
+    if old_version is not None:
+        deprecated("--version", "--model-version")
+        version = old_version if version is None else version
+    if version is None:
+        raise CsrError("name the model version: --model-version N")
 
     values: dict[str, float] = {}
     for item in metric or []:
@@ -197,6 +256,10 @@ def eval_record(
         raise CsrError("no metrics given: use --metric NAME=VALUE or --metrics-json FILE")
     with Store.open(state(ctx).url) as store:
         added = record_external(store, version, benchmark.strip(), values, dataset, tool)
+    if as_json:
+        echo_json({"model_version": version, "benchmark": benchmark.strip(), "dataset": dataset, "tool": tool,
+                   "metrics": values, "added": bool(added)})
+        return
     shown = ", ".join(f"{k} {v:g}" for k, v in values.items())
     console.print(f"model version {version} on {benchmark}: {shown}"
                   + ("" if added else " (already recorded, unchanged)"), highlight=False)

@@ -14,11 +14,19 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from csr.cli.context import state
-from csr.cli.vocabulary import DEVICE_HELP, DType, Preset, SelectBy, default_device, value
+from csr.cli.output import Console, echo_json, json_option
+from csr.cli.vocabulary import (
+    DEVICE_HELP,
+    DType,
+    Preset,
+    SelectBy,
+    default_device,
+    dtype_name,
+    value,
+)
 from csr.engine.errors import CsrError
 from csr.engine.generation import WorkerOptions, iteration_config, run_worker
 from csr.engine.workers import StopSignals, WorkerProcesses, worker_commands
@@ -48,11 +56,12 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     dtype: DType = typer.Option(None, "--dtype", help="Policy dtype for the search (recorded with the iteration; default float32 on CPU, the checkpoint's on GPU)."),
     kv_budget: float = typer.Option(None, "--kv-budget", min=0.0, help="GiB of KV cache a batch of prompts may hold (default: half the device's free memory)."),
+    as_json: bool = json_option("The iteration's progress when the run ends"),
 ) -> None:
     """Run the calibrated sentence-level beam search over every prompt; resumable, many workers may share a store."""
     st = state(ctx)
     settings = dict(st.settings.generate)
-    dtype = value(dtype)
+    dtype = dtype_name(dtype)
     for key, chosen in (("preset", value(preset)), ("lam", lam), ("select_by", value(select_by))):
         if chosen is not None:
             settings[key] = chosen
@@ -79,9 +88,12 @@ def generate(
             kv_budget=None if kv_budget is None else int(kv_budget * 2**30),
         )
         if workers == 1:
-            _run_here(store, iteration, config, options, quiet)
+            stats = _run_here(store, iteration, config, options, quiet)
         else:
-            _run_processes(ctx, store, iteration, settings, options, device_list, quiet)
+            stats = _run_processes(ctx, store, iteration, settings, options, device_list, quiet)
+        if as_json:
+            echo_json({"iteration": iteration, "preset": preset_name, "prompts": store.progress(iteration),
+                       "this_run": stats})
 
 
 def _devices(devices: str | None, workers: int, device: str) -> list[str]:
@@ -112,7 +124,7 @@ def _exit_if_stopped(signals: StopSignals, what: str) -> None:
         raise typer.Exit(128 + signals.received)
 
 
-def _run_here(store: Store, iteration: int, config: dict, options: WorkerOptions, quiet: bool) -> None:
+def _run_here(store: Store, iteration: int, config: dict, options: WorkerOptions, quiet: bool) -> dict:
     stop = threading.Event()
     counts = store.progress(iteration)
     total = sum(counts.values())
@@ -144,9 +156,11 @@ def _run_here(store: Store, iteration: int, config: dict, options: WorkerOptions
             f"{stats.prompts_failed} failed, in {stats.wall_seconds:.1f} s "
             f"(store writes {stats.store_seconds:.2f} s)"
         )
+    return {"prompts_done": stats.prompts_done, "candidates": stats.candidates, "prompts_failed": stats.prompts_failed,
+            "wall_seconds": round(stats.wall_seconds, 3), "workers": 1}
 
 
-def _run_processes(ctx, store: Store, iteration, settings, options: WorkerOptions, device_list, quiet) -> None:
+def _run_processes(ctx, store: Store, iteration, settings, options: WorkerOptions, device_list, quiet) -> dict:
     st = state(ctx)
     exe = Path(sys.executable).with_name("csr")
     csr = [str(exe) if exe.exists() else "csr", "--db", st.url]
@@ -178,6 +192,9 @@ def _run_processes(ctx, store: Store, iteration, settings, options: WorkerOption
         raise CsrError(f"{len(failed)} of {len(processes.children)} worker process(es) failed (exit codes {failed}); "
                        f"run `csr generate --iter {iteration}` again to finish the iteration")
     store.finish_iteration_if_done(iteration)
+    done = store.progress(iteration)[work.DONE] - first[work.DONE]
+    return {"prompts_done": done, "wall_seconds": round(time.perf_counter() - started, 3),
+            "workers": len(processes.children)}
 
 
 def register(app: typer.Typer) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from csr.cli.context import state
+from csr.cli.output import Console, consoles, echo_json, json_option
 from csr.cli.vocabulary import (
     DEVICE_HELP,
     DType,
@@ -37,6 +36,7 @@ def curate(
     min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose reward margin is below this."),
     pair_set: str = typer.Option(None, "--pair-set", help="Name of the pair set to create (default derived from the parameters)."),
     make_default: bool = typer.Option(False, "--default", help="Make this the pair set `csr train` uses."),
+    as_json: bool = json_option("The pair set"),
     name: str = hidden_option(None, "--name"),
 ) -> None:
     """Select chosen/rejected pairs by SQL over the stored responses into a named pair set."""
@@ -45,15 +45,23 @@ def curate(
         pair_set = pair_set or name
     with Store.open(state(ctx).url) as store:
         result = iterations.curate(store, iteration, value(preset), lam, min_margin, pair_set, make_default)
-    _say_curated(result)
+    if as_json:
+        echo_json(curated_json(iteration, result))
+        return
+    _say_curated(result, console)
 
 
-def _say_curated(result) -> None:
+def curated_json(iteration: int, result) -> dict:
+    return {"iteration": iteration, "pair_set": result.name, "pairs": result.pairs, "result_hash": result.result_hash,
+            "created": result.created, "default": result.is_default, "note": result.note}
+
+
+def _say_curated(result, out: Console) -> None:
     verb = "created" if result.created else "unchanged"
     default = " (default)" if result.is_default else ""
-    console.print(f"pair set {result.name!r}{default} {verb}: {result.pairs} pair(s), hash {result.result_hash[:16]}")
+    out.print(f"pair set {result.name!r}{default} {verb}: {result.pairs} pair(s), hash {result.result_hash[:16]}")
     if result.note:
-        console.print(result.note)
+        out.print(result.note)
 
 
 def train(
@@ -64,6 +72,7 @@ def train(
     pair_set: str = typer.Option(None, "--pair-set", help="Pair set name (default: the iteration's default set)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP + " Under `accelerate launch` leave it unset: accelerate places each process."),
     report_to: ReportTo = typer.Option(None, "--report-to", help="Where TRL reports training logs besides the store (default: [train] report_to, none)."),
+    as_json: bool = json_option("The new model version"),
 ) -> None:
     """DPO with LoRA from model version N-1 (policy and reference); merge and register version N."""
     st = state(ctx)
@@ -75,20 +84,29 @@ def train(
             store, settings, iteration,
             iterations.TrainOptions(allow_partial=allow_partial, force=force, pair_set=pair_set, device=device),
         )
-    _say_trained(outcome)
+    if as_json:
+        echo_json(trained_json(outcome))
+        return
+    _say_trained(outcome, console)
 
 
-def _say_trained(outcome: iterations.TrainOutcome) -> None:
+def trained_json(outcome: iterations.TrainOutcome) -> dict:
+    import dataclasses
+
+    return {"model_version": outcome.version, **{k: v for k, v in dataclasses.asdict(outcome).items() if k != "version"}}
+
+
+def _say_trained(outcome: iterations.TrainOutcome, out: Console) -> None:
     resumed = f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else ""
     loss = outcome.final_metrics.get("loss")
-    console.print(
+    out.print(
         f"model version {outcome.version} saved to {outcome.path} (weights {outcome.weights_hash[:16]}) "
         f"from {outcome.pairs} pair(s) in {outcome.train_seconds:.1f} s{resumed}"
         + (f"; final loss {loss:.4f}" if loss is not None else "")
     )
-    console.print(f"reference log-probs: {outcome.reference}")
+    out.print(f"reference log-probs: {outcome.reference}")
     if outcome.skipped_too_long:
-        console.print(
+        out.print(
             f"{outcome.skipped_too_long} pair(s) left out: a response is longer than max_response_tokens "
             "(never cut; raise [train] max_response_tokens, or set too_long = \"refuse\")"
         )
@@ -107,54 +125,95 @@ def export(
     fmt: ExportFormat = typer.Option(ExportFormat.llava_json, "--format", help="The reference release's LLaVA JSON, TRL's preference JSONL, or Parquet with every score."),
     out: Path = typer.Option(None, "--out", help="Output file path (default derived from the iteration and pair set)."),
     pair_set: str = typer.Option(None, "--pair-set", help="Pair set name (default: the iteration's default set)."),
+    as_json: bool = json_option("The file written"),
 ) -> None:
     """Write an iteration's pairs in the reference release's LLaVA format, TRL's preference columns, or Parquet."""
     from csr.engine.io.export import export_pairs
 
     with Store.open(state(ctx).url) as store:
         path, count = export_pairs(store, iteration, fmt.value, out, pair_set)
+    if as_json:
+        echo_json({"iteration": iteration, "format": fmt.value, "path": str(path), "pairs": count})
+        return
     console.print(f"wrote {count} pair(s) to {path}")
 
 
 def lineage(
     ctx: typer.Context,
-    version: int = typer.Option(None, "--version", help="Model version to trace."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
-    positional: int = typer.Argument(None, hidden=True, metavar=""),
+    version: int = typer.Option(None, "--model-version", help="Model version to trace.  [required]"),
+    show_sql: bool = typer.Option(False, "--sql", help="Also print the queries that selected the pairs and the training rows."),
+    as_json: bool = json_option("The chain"),
+    old_version: int = hidden_option(None, "--version"),
+    positional: int = typer.Argument(None, hidden=True),
 ) -> None:
     """The provenance chain of a model version back to the base model."""
 
-    if positional is not None:
-        deprecated("`csr lineage N`", "`csr lineage --version N`")
-        version = positional if version is None else version
+    if positional is not None or old_version is not None:
+        deprecated("`csr lineage N` and --version", "`csr lineage --model-version N`")
+        version = version if version is not None else (old_version if old_version is not None else positional)
     if version is None:
-        raise CsrError("name the model version: csr lineage --version N")
+        raise CsrError("name the model version: csr lineage --model-version N")
     with Store.open(state(ctx).url) as store, store.read() as tx:
         chain = tx.lineage(version)
     if not chain:
         raise CsrError(f"no model version {version} in the store")
     if as_json:
-        typer.echo(json.dumps(chain, indent=2, default=str))
+        echo_json(chain)
         return
     for entry in chain:
-        console.print(f"[bold]model version {entry['version']}[/bold]  {entry['path']}  "
-                      f"weights {(entry['weights_hash'] or 'base model, not hashed')[:16]}")
-        if "training_run" in entry:
-            run, ps, gen = entry["training_run"], entry["pair_set"], entry["generation"]
-            console.print(f"  trained by run {run['id']} on pair set {ps['name']!r} of iteration {run['iteration']} "
-                          f"(pairs hash {run['pairs_hash'][:16]}, pair-set hash {ps['result_hash'][:16]})")
-            console.print(f"  pair selection: preset {ps['preset']}, params {ps['params']}")
-            console.print(f"  training query: {' '.join(run['selection_sql'].split())}")
-            console.print(f"  hyper-parameters: {run['hyperparams']}")
-            console.print(f"  candidates generated by model version {gen['policy_version']} "
-                          f"with preset {gen['preset']}, search {gen['config'].get('search')}")
+        for line in lineage_lines(entry, show_sql):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _pairs(values: dict | None) -> str:
+    """{"a": 1, "b": {"c": 2}} -> "a=1, b.c=2": settings as a reader types them."""
+    flat: list[str] = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
         else:
-            console.print(f"  base model {entry['base_model']}, CLIP {entry['clip']} {entry['clip_pretrained'] or ''}")
+            flat.append(f"{prefix[:-1]}={value}")
+
+    walk("", values or {})
+    return ", ".join(flat) or "-"
+
+
+def lineage_lines(entry: dict, show_sql: bool = False) -> list[str]:
+    lines = [f"model version {entry['version']}  {entry['path']}"]
+    if entry["weights_hash"]:
+        lines.append(f"  weights: sha256 {entry['weights_hash']}")
+    else:
+        lines.append("  weights: the base model's, as published (not hashed)")
+    if "training_run" not in entry:
+        lines.append(f"  base model {entry['base_model']}, CLIP {entry['clip']} {entry['clip_pretrained'] or ''}".rstrip())
+        return lines
+    run, ps, gen = entry["training_run"], entry["pair_set"], entry["generation"]
+    metrics = entry.get("metrics") or {}
+    lines.append(f"  trained by run {run['id']} on pair set {ps['name']!r} of iteration {run['iteration']} "
+                 f"(pairs hash {run['pairs_hash'][:16]}, pair-set hash {ps['result_hash'][:16]})")
+    lines.append(f"  pair selection: preset {ps['preset']}; {_pairs(ps['params'])}")
+    lines.append(f"  hyper-parameters: {_pairs(run['hyperparams'])}")
+    used = metrics.get("reference")
+    asked = (run["hyperparams"] or {}).get("reference")
+    if used:
+        lines.append(f"  reference log-probs: {used}" + (f" ([train] reference = {asked})" if asked else ""))
+    final = metrics.get("final") or {}
+    if final.get("loss") is not None:
+        lines.append(f"  result: final loss {final['loss']:.4f} from {metrics.get('pairs', '?')} pair(s) "
+                     f"in {metrics.get('train_seconds', 0):.1f} s")
+    lines.append(f"  candidates generated by model version {gen['policy_version']} with preset {gen['preset']}; "
+                 f"search {_pairs(gen['config'].get('search'))}")
+    if show_sql:
+        lines.append(f"  pair selection query: {' '.join((ps.get('selection_sql') or '').split())}")
+        lines.append(f"  training query: {' '.join(run['selection_sql'].split())}")
+    return lines
 
 
 def iterate(
     ctx: typer.Context,
-    iterations_: str = typer.Option(None, "--iter", help="Iterations to run: N or A-B, e.g. 1-3."),
+    iterations_: str = typer.Option(None, "--iter", help="Iterations to run: N or A-B, e.g. 1-3.  [required]"),
     preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: csr.toml or paper)."),
     lam: float = typer.Option(None, "--lambda", help="Weight of R_I in R(s) (default 0.9)."),
     select_by: SelectBy = typer.Option(None, "--select-by", help="Selection key of the search (default: the preset's)."),
@@ -162,14 +221,21 @@ def iterate(
     devices: str = typer.Option(None, "--devices", help="With --workers: one device per generation worker, comma-separated (cuda:0,cuda:1)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Generation worker processes."),
     batch_prompts: int = typer.Option(4, "--batch-prompts", min=1, help="Prompts claimed per lease."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Generate: stop each iteration after this many prompts (training then needs --allow-partial)."),
     lease_seconds: float = typer.Option(120.0, "--lease-seconds", min=1.0, help="How long a claim survives without a heartbeat."),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts before a prompt is marked failed."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Generate: when other workers still hold prompts, say so and exit 1 instead of waiting to take them over."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Generate: put each iteration's failed prompts back to pending first."),
     store_retry_seconds: float = typer.Option(300.0, "--store-retry-seconds", min=0.0, help="How long to retry a lost store connection before giving up."),
     dtype: DType = typer.Option(None, "--dtype", help="Policy dtype for the search (recorded with each iteration)."),
     kv_budget: float = typer.Option(None, "--kv-budget", min=0.0, help="GiB of KV cache a batch of prompts may hold."),
     min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose reward margin is below this."),
+    pair_set: str = typer.Option(None, "--pair-set", help="Curate into and train on the pair set of this name (default: each iteration's default set)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Train although some prompts are not generated yet."),
+    force: bool = typer.Option(False, "--force", help="Train model versions that exist again, replacing them."),
     report_to: ReportTo = typer.Option(None, "--report-to", help="Where TRL reports training logs besides the store."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    as_json: bool = json_option("Per iteration: the pair set and the model version"),
     start: int = hidden_option(None, "--from"),
     end: int = hidden_option(None, "--to"),
 ) -> None:
@@ -191,19 +257,27 @@ def iterate(
 
     def generate_step(number: int) -> None:
         ctx.invoke(generate, ctx=ctx, iteration=number, preset=preset, lam=lam, select_by=select_by, device=device,
-                   devices=devices, workers=workers, batch_prompts=batch_prompts, limit=None,
-                   lease_seconds=lease_seconds, max_attempts=max_attempts, no_wait=False, retry_failed=False,
-                   store_retry_seconds=store_retry_seconds, quiet=quiet, dtype=dtype, kv_budget=kv_budget)
+                   devices=devices, workers=workers, batch_prompts=batch_prompts, limit=limit,
+                   lease_seconds=lease_seconds, max_attempts=max_attempts, no_wait=no_wait, retry_failed=retry_failed,
+                   store_retry_seconds=store_retry_seconds, quiet=quiet, dtype=dtype, kv_budget=kv_budget,
+                   as_json=False)
 
+    out = consoles(as_json)
+    train_options = iterations.TrainOptions(allow_partial=allow_partial, force=force, pair_set=pair_set, device=device)
+    results = []
     with Store.open(st.url) as store:
         for number in numbers:
-            done = run_iteration(store, settings, number, generate_step,
-                                 iterations.TrainOptions(device=device), min_margin=min_margin)
+            done = run_iteration(store, settings, number, generate_step, train_options, min_margin=min_margin)
+            results.append({"iteration": number, "kept": done.kept,
+                            "curated": None if done.curated is None else curated_json(number, done.curated),
+                            "trained": None if done.trained is None else trained_json(done.trained)})
             if done.kept:
-                console.print(f"iteration {number}: model version {number} exists, skipping")
+                out.print(f"iteration {number}: model version {number} exists, skipping (--force trains it again)")
                 continue
-            _say_curated(done.curated)
-            _say_trained(done.trained)
+            _say_curated(done.curated, out)
+            _say_trained(done.trained, out)
+    if as_json:
+        echo_json(results)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from enum import Enum, StrEnum
 
 import typer
-from rich.console import Console
 
+from csr.cli.output import Console
 from csr.engine.errors import CsrError
 from csr.engine.rewards import Preset as Preset  # one enum for engine and cli
 
@@ -23,9 +23,22 @@ class SelectBy(StrEnum):
 
 
 class DType(StrEnum):
+    """torch's long names and the short ones TRL and accelerate take (fp16, bf16)."""
+
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+DTYPE_LONG_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(choice: DType | None) -> str | None:
+    """The long name, the one recorded with an iteration."""
+    return None if choice is None else DTYPE_LONG_NAMES.get(choice.value, choice.value)
 
 
 class ExportFormat(StrEnum):
@@ -50,6 +63,9 @@ class ReportTo(StrEnum):
 def value(choice: Enum | None) -> str | None:
     return None if choice is None else choice.value
 
+
+MODEL_VERSION_HELP = "Model version (0 is the base model)."
+MODEL_VERSIONS_HELP = "Model versions: N, A-B, or a comma-separated list of both (e.g. 0-3)."
 
 DEVICE_HELP = "torch device, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is present, else cpu)."
 

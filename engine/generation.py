@@ -232,7 +232,9 @@ def run_worker(
                     )
                 shape = tuple((h.worker_id, h.prompts) for h in others)
                 if shape != waiting_for:
-                    say(f"waiting: {described}")
+                    # The usual end of a run shared by several workers, not a fault: a
+                    # lease that runs out (its worker gone) is taken over here.
+                    say(f"all prompts are claimed; waiting for the rest: {described}")
                     waiting_for = shape
                 stop.wait(_until_next_look(others))
                 continue

@@ -38,9 +38,13 @@ def run_iteration(
     train_options: TrainOptions = TrainOptions(),
     min_margin: float = 0.0,
 ) -> IterationOutcome:
-    if store.model_version(number) is not None:
-        curated = curate(store, number, min_margin=min_margin) if store.iteration(number) is not None else None
+    """`train_options.pair_set` names the pair set curated and trained on (default:
+    the iteration's default set); `train_options.force` trains an existing version again."""
+    name = train_options.pair_set
+    if store.model_version(number) is not None and not train_options.force:
+        exists = store.iteration(number) is not None
+        curated = curate(store, number, min_margin=min_margin, name=name) if exists else None
         return IterationOutcome(number, curated, None)
     generate(number)
-    curated = curate(store, number, min_margin=min_margin)
+    curated = curate(store, number, min_margin=min_margin, name=name)
     return IterationOutcome(number, curated, train(store, settings, number, train_options))

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from csr.engine.errors import CsrError, SettingsError
 from csr.engine.search.config import SearchConfig
 from csr.engine.settings_table import SettingsTable
@@ -74,19 +72,38 @@ class Settings:
         path = Path(self.models_dir)
         return path if path.is_absolute() else self.directory / path
 
-    def write(self) -> None:
+    def write(self, *, store_url: bool = True) -> None:
+        """Write the settings into csr.toml, editing it in place: comments, layout
+        and the spelling of values left unchanged (`1e-3`) stay as the user wrote
+        them. `store_url=False` leaves [store] url as it is in the file (absent
+        stays absent: CSR_DATABASE_URL or the default keeps deciding)."""
+        import tomlkit
+
         tables = {
-            "store": {"url": self.store_url},
+            "store": {"url": self.store_url} if store_url else {},
             "model": {"base": self.model, "clip": self.clip, "clip_pretrained": self.clip_pretrained},
             "paths": {"models_dir": self.models_dir},
             "generate": self.generate,
             "train": self.train,
         }
-        # TOML has no null: an unset value is a key left out.
-        tables = {name: {k: v for k, v in values.items() if v is not None} for name, values in tables.items()}
+        document = tomlkit.parse(self.path.read_text()) if self.path.exists() else tomlkit.parse(HEADER)
         for name, values in tables.items():
-            _check(self.path, name, values)
-        self.path.write_text(HEADER + tomli_w.dumps(tables))
+            # TOML has no null: an unset value is a key left out.
+            _check(self.path, name, {k: v for k, v in values.items() if v is not None})
+            if name not in document:
+                if not values and name == "store":
+                    continue
+                document.add(name, tomlkit.table())
+            table = document[name]
+            if name in ("generate", "train"):  # these hold what the file says: a key dropped here goes
+                for key in [k for k in table if k not in values]:
+                    del table[key]
+            for key, value in values.items():
+                if value is None:
+                    table.pop(key, None)
+                elif key not in table or table[key] != value:
+                    table[key] = value
+        self.path.write_text(tomlkit.dumps(document))
 
 
 def _check(path: Path, name: str, values: Any) -> SettingsTable:

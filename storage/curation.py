@@ -150,7 +150,7 @@ def curate(
         if existing.result_hash != digest:
             raise StoreError(
                 f"pair set {name!r} of iteration {iteration} exists, but the candidates now select "
-                "other pairs (generation went on since); curate under a new --name"
+                "other pairs (generation went on since); curate under a new --pair-set"
             )
         if make_default and not existing.is_default:
             _set_default(conn, iteration, existing.id)

@@ -113,6 +113,8 @@ def lineage(conn: Connection, version: int) -> list[dict]:
             "clip": mv.clip_model,
             "clip_pretrained": mv.clip_pretrained,
             "created_at": mv.created_at.isoformat(timespec="seconds"),
+            # what training recorded: final loss, seconds, pairs, the reference pass actually used
+            "metrics": mv.metrics,
         }
         run = conn.execute(
             select(TrainingRun).where(TrainingRun.output_version == mv.version).order_by(TrainingRun.id.desc())

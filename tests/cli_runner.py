@@ -55,7 +55,9 @@ def invoke_csr(
     code = 0
     saved_argv, saved_cwd = sys.argv, os.getcwd()
     # A console made while COLUMNS was set keeps that width (pytest-xdist's
-    # workers set COLUMNS=80): for the command, each takes it from COLUMNS.
+    # workers set COLUMNS=80): for the command, each is made afresh, which
+    # for csr's consoles (cli/output.py) means as wide as the content when
+    # they do not write to a terminal, as here.
     widths = {console: console._width for console in _module_consoles()}
     with CliRunner().isolation(input=input, env=overrides) as (stdout, stderr, _):
         sys.argv = argv

@@ -185,7 +185,7 @@ def test_missing_or_unreachable_store_is_one_line(tmp_path):
     assert "run `csr init`" in one_line_error(invoke_csr("status", cwd=tmp_path))
     assert "run `csr init`" in one_line_error(invoke_csr("db", "upgrade", cwd=tmp_path))
     assert not (tmp_path / "csr.db").exists()
-    for args in (["status"], ["db", "upgrade"], ["db", "revision"], ["init"]):
+    for args in (["status"], ["db", "upgrade"], ["db", "current"], ["init"]):
         message = one_line_error(invoke_csr(*args, db=UNREACHABLE, cwd=tmp_path))
         assert "127.0.0.1:1" in message and "Connection refused" in message, args
     assert "cannot use database URL" in one_line_error(invoke_csr("status", db="nosuchdialect://x/y"))
@@ -205,8 +205,8 @@ def test_csr_database_url_points_csr_at_postgresql(postgres_url, tmp_path):
     assert "store created at postgresql+psycopg://" in done.stdout
     assert not (tmp_path / "csr.db").exists()
     assert base_model_of(invoke_csr("status", "--json", cwd=tmp_path, env=env)) == "org/pg-model"
-    revision = invoke_csr("db", "revision", cwd=tmp_path, env=env)
-    assert revision.stdout.split() == ["store:", HEAD, "csr:", HEAD]
+    revision = json.loads(invoke_csr("db", "current", "--json", cwd=tmp_path, env=env).stdout)
+    assert (revision["current"], revision["head"]) == (HEAD, HEAD)
 
 
 @pytest.mark.parametrize(("section", "line", "message"), [

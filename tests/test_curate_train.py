@@ -154,13 +154,17 @@ def test_train_registers_a_reproducible_version_and_its_lineage(generated, train
     [(digest_again,)] = generated.query("SELECT weights_hash FROM model_versions WHERE version = 1")
     assert digest_again == digest, "same store, same seed: same weights on CPU"
 
-    lineage = generated.invoke("lineage", "--version", "1", "--json")
+    lineage = generated.invoke("lineage", "--model-version", "1", "--json")
     assert lineage.returncode == 0, lineage.stderr
     chain = json.loads(lineage.stdout)
     assert [entry["version"] for entry in chain] == [1, 0]
     assert chain[0]["pair_set"]["name"] == "paper-lambda0.9-margin0"
     assert chain[0]["training_run"]["pairs_hash"] == pairs_hash
     assert chain[0]["generation"]["config"]["search"]["num_beams"] == 2
+    text = generated.invoke("lineage", "--model-version", "1").stdout
+    assert "{" not in text and "base model, not" not in text and "SELECT" not in text, text
+    assert f"reference log-probs: {chain[0]['metrics']['reference']}" in text
+    assert "SELECT" in generated.invoke("lineage", "--model-version", "1", "--sql").stdout
 
     # The new version is the policy of the next iteration, loaded the usual way.
     nxt = generated.invoke("generate", "--iter", "2", "--limit", "2", "--quiet")

@@ -120,7 +120,7 @@ def test_eval_chair_on_coco_style_annotations(demo, tmp_path):
     url = f"sqlite:///{study / 'csr.db'}"
     scenes = generate_scenes(WorldConfig(seed=3), 5, "heldout", start=500)
     instances, synonyms, images = _coco_files(tmp_path, scenes)
-    done = invoke_csr("eval", "chair", "--version", str(ITERATIONS), "--annotations", instances,
+    done = invoke_csr("eval", "chair", "--model-version", str(ITERATIONS), "--annotations", instances,
                       "--synonyms", synonyms, "--images", images, "--prompt", "Describe the image.", db=url)
     assert done.returncode == 0, done.stderr
     assert "CHAIR_S" in done.stdout and "over 5 image(s)" in done.stdout
@@ -129,17 +129,17 @@ def test_eval_chair_on_coco_style_annotations(demo, tmp_path):
     assert (version, n) == (ITERATIONS, 5) and 0.0 <= chair_s <= 1.0
 
     before = fingerprint(url)
-    missing = invoke_csr("eval", "chair", "--version", "9", "--annotations", instances,
+    missing = invoke_csr("eval", "chair", "--model-version", "9", "--annotations", instances,
                          "--synonyms", synonyms, "--images", images, db=url)
     bad_synonyms = tmp_path / "bad.txt"
     bad_synonyms.write_text("unicorn, horse with a horn\n")
-    unknown = invoke_csr("eval", "chair", "--version", "0", "--annotations", instances,
+    unknown = invoke_csr("eval", "chair", "--model-version", "0", "--annotations", instances,
                          "--synonyms", bad_synonyms, "--images", images, db=url)
     escaping = tmp_path / "escaping.json"
     data = json.loads(instances.read_text())
     data["images"][0]["file_name"] = "../instances.json"
     escaping.write_text(json.dumps(data))
-    escape = invoke_csr("eval", "chair", "--version", "0", "--annotations", escaping,
+    escape = invoke_csr("eval", "chair", "--model-version", "0", "--annotations", escaping,
                         "--synonyms", synonyms, "--images", images, db=url)
     for failed, says in ((missing, "no model version 9"), (unknown, "unicorn"),
                          (escape, "escapes the images directory")):

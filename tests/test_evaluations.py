@@ -198,7 +198,7 @@ def test_versions_option():
     assert parse_versions("0-3") == [0, 1, 2, 3]
     assert parse_versions("0,2,5-6,2") == [0, 2, 5, 6]
     for bad in ("3-1", "a", "1-", ""):
-        with pytest.raises(CsrError, match="--versions"):
+        with pytest.raises(CsrError, match="--model-versions"):
             parse_versions(bad)
 
 
@@ -246,9 +246,9 @@ def tiny_store(head_store_url, tmp_path, tiny_llava_dir):
 
 def test_eval_commands_store_once_and_show_in_stats(tiny_store, tmp_path):
     instances, images = _coco(tmp_path)
-    pope_args = ("eval", "pope", "--versions", "0", "--annotations", instances, "--images", images,
+    pope_args = ("eval", "pope", "--model-versions", "0", "--annotations", instances, "--images", images,
                  "--max-new-tokens", "4", "--seed", "2")
-    chair_args = ("eval", "chair", "--version", "0", "--annotations", instances, "--images", images,
+    chair_args = ("eval", "chair", "--model-version", "0", "--annotations", instances, "--images", images,
                   "--max-new-tokens", "6")
     done = _invoke(tiny_store, *pope_args)
     assert done.exit_code == 0, done.output
@@ -297,14 +297,14 @@ def test_eval_bad_input_is_one_line_and_stores_nothing(tiny_store, tmp_path):
     missing_file.write_text(json.dumps(data))
     before = fingerprint(tiny_store)
     cases = [
-        (("eval", "pope", "--version", "0", "--questions", empty, "--images", images), "holds no questions"),
-        (("eval", "chair", "--version", "0", "--annotations", malformed, "--images", images), "missing"),
-        (("eval", "pope", "--version", "0", "--annotations", unknown_image, "--images", images), "unknown image 42"),
-        (("eval", "chair", "--version", "0", "--annotations", missing_file, "--images", images,
+        (("eval", "pope", "--model-version", "0", "--questions", empty, "--images", images), "holds no questions"),
+        (("eval", "chair", "--model-version", "0", "--annotations", malformed, "--images", images), "missing"),
+        (("eval", "pope", "--model-version", "0", "--annotations", unknown_image, "--images", images), "unknown image 42"),
+        (("eval", "chair", "--model-version", "0", "--annotations", missing_file, "--images", images,
           "--all-images"), "nowhere.png"),
-        (("eval", "chair", "--versions", "0-1", "--annotations", instances, "--images", images),
+        (("eval", "chair", "--model-versions", "0-1", "--annotations", instances, "--images", images),
          "model version 1 has no weights"),
-        (("eval", "pope", "--version", "0", "--annotations", instances, "--images", images, "--setting", "hard"),
+        (("eval", "pope", "--model-version", "0", "--annotations", instances, "--images", images, "--setting", "hard"),
          "unknown POPE setting 'hard'"),
     ]
     for args, says in cases:
@@ -314,21 +314,21 @@ def test_eval_bad_input_is_one_line_and_stores_nothing(tiny_store, tmp_path):
         assert "\n" not in str(done.exception)
     assert fingerprint(tiny_store) == before
     # Through csr's entry point (main, as the console script runs it): one line on stderr.
-    shown = invoke_csr("eval", "pope", "--version", "0", "--questions", empty, "--images", images, db=tiny_store)
+    shown = invoke_csr("eval", "pope", "--model-version", "0", "--questions", empty, "--images", images, db=tiny_store)
     assert shown.returncode == 1 and shown.stderr.strip().count("\n") == 0
     assert shown.stderr.startswith("csr: error: ") and "holds no questions" in shown.stderr
     assert fingerprint(tiny_store) == before
 
 
 def test_eval_record_command(tiny_store, tmp_path):
-    done = _invoke(tiny_store, "eval", "record", "--version", "0", "--benchmark", "mme",
+    done = _invoke(tiny_store, "eval", "record", "--model-version", "0", "--benchmark", "mme",
                    "--metric", "perception=1510.7", "--dataset", "MME")
     assert done.exit_code == 0, done.output
     metrics = tmp_path / "m.json"
     metrics.write_text('{"overall": "high"}')
     for args, says in ((("--metric", "perception"), "NAME=NUMBER"), (("--metrics-json", metrics), "name: number"),
                        ((), "no metrics given")):
-        bad = _invoke(tiny_store, "eval", "record", "--version", "0", "--benchmark", "seed", *args)
+        bad = _invoke(tiny_store, "eval", "record", "--model-version", "0", "--benchmark", "seed", *args)
         assert bad.exit_code != 0 and says in str(bad.exception)
     stats = _invoke(tiny_store, "stats", "--json")
     summary = json.loads(stats.output)

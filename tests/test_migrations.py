@@ -393,8 +393,8 @@ def test_upgrade_of_a_store_at_head_changes_nothing(store_url):
     done = invoke_csr("db", "upgrade", db=store_url)
     assert done.returncode == 0, done.stderr
     assert f"already at schema {HEAD}" in done.stdout
-    revision = invoke_csr("db", "revision", db=store_url)
-    assert revision.stdout.split() == ["store:", HEAD, "csr:", HEAD]
+    revision = json.loads(invoke_csr("db", "current", "--json", db=store_url).stdout)
+    assert (revision["current"], revision["head"]) == (HEAD, HEAD)
 
 
 # -- SQLite batch migrations that recreate referenced tables ------------------------------

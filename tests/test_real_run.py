@@ -70,7 +70,7 @@ def test_the_real_run_guide_runs_as_written(tmp_path, trained_llava_dir, tiny_cl
         "COCO": str(coco), "PROMPTS": str(coco / "CSR-Prompt-Dataset-12k.json"),
         "GPUS": "2", "DEVICES": "cpu,cpu",
         "ACCELERATE_ARGS": "--cpu", "TRAIN_ARGS": "--device cpu",
-        "EVAL_ARGS": "--max-new-tokens 8 --images-count 3 --device cpu",
+        "EVAL_ARGS": "--max-new-tokens 8 --limit 3 --device cpu",
         "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
     }
     env.pop("CSR_DATABASE_URL", None)

@@ -244,7 +244,7 @@ def test_a_rerun_waits_for_prompts_held_on_another_host(study, clean_counts):
     # (on a busy machine, loading the models alone can take longer than any fixed lease).
     rerun = _start(study)
     said = _lines_of(rerun.stderr)
-    waiting = f"waiting: 1 prompt(s) held by other workers: worker {other}"
+    waiting = f"waiting for the rest: 1 prompt(s) held by other workers: worker {other}"
     _wait_for(lambda: any(waiting in line for line in said), "the rerun to say it waits", process=rerun)
     _execute(study, "UPDATE work_items SET lease_expires_at = :until WHERE worker_id = :w",
              w=other, until=datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1))

@@ -17,7 +17,7 @@ def export_pairs(store: Store, iteration: int, fmt: str, out: Path | None, pair_
     with store.read() as tx:
         ps = tx.pair_set(iteration, pair_set)
         if ps is None:
-            which = f"named {pair_set!r}" if pair_set else "(run `csr curate --iter N` first)"
+            which = f"named {pair_set!r}" if pair_set else f"(run `csr curate --iter {iteration}` first)"
             raise CsrError(f"iteration {iteration} has no pair set {which}")
         rows = tx.training_rows(ps.id)
     out = out or Path(f"pairs-iter{iteration}-{ps.name}{_SUFFIX[fmt]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +34,17 @@ def import_prompts(
     *,
     image_prefix: str = "",
     skip_bad: bool = False,
+    on_step: Callable[[str, int, int], None] | None = None,
 ) -> ImportReport:
+    """`on_step(stage, done, total)` reports progress: "records" read, "images"
+    hashed, prompts "written" (done 0 when the write starts)."""
+    step = on_step or (lambda stage, done, total: None)
     if not images_dir.is_dir():
         raise CsrError(f"images directory not found: {images_dir}")
     parsed = parse_prompt_file(file)
+    step("records", len(parsed.records), len(parsed.records))
     problems = list(parsed.problems)
-    records, infos = _with_images(parsed.records, images_dir, image_prefix, problems)
+    records, infos = _with_images(parsed.records, images_dir, image_prefix, problems, step)
 
     report = ImportReport()
     try:
@@ -89,6 +95,7 @@ def import_prompts(
                         "width": info.width,
                         "height": info.height,
                     }
+            step("written", 0, len(to_add))
             tx.insert_images(list(new_images.values()))
             known.update(tx.image_ids(list(new_images)))
             tx.insert_prompts(
@@ -104,6 +111,7 @@ def import_prompts(
             )
             report.added = len(to_add)
             report.new_images = len(new_images)
+        step("written", len(to_add), len(to_add))
     except WriteConflict as exc:
         # Another import committed the same ids or images between our check and our insert
         # (PostgreSQL; SQLite serialises writers). The transaction is rolled back.
@@ -115,7 +123,8 @@ def import_prompts(
 
 
 def _with_images(
-    records: list[PromptRecord], images_dir: Path, prefix: str, problems: list[Problem]
+    records: list[PromptRecord], images_dir: Path, prefix: str, problems: list[Problem],
+    step: Callable[[str, int, int], None],
 ) -> tuple[list[PromptRecord], list[ImageInfo]]:
     located: list[tuple[PromptRecord, Path]] = []
     for record in records:
@@ -126,7 +135,8 @@ def _with_images(
             located.append((record, resolved))
     # Many prompts share one image (LLaVA has several questions per COCO image).
     unique_paths = sorted({path for _, path in located})
-    by_path = dict(zip(unique_paths, inspect_images(unique_paths, images_dir), strict=True))
+    hashed = inspect_images(unique_paths, images_dir, lambda done: step("images", done, len(unique_paths)))
+    by_path = dict(zip(unique_paths, hashed, strict=True))
     good_records, infos = [], []
     for record, path in located:
         info = by_path[path]

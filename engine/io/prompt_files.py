@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,14 @@ def inspect_image(path: Path, root: Path) -> ImageInfo | str:
     )
 
 
-def inspect_images(paths: list[Path], root: Path) -> list[ImageInfo | str]:
+def inspect_images(paths: list[Path], root: Path,
+                   on_done: Callable[[int], None] | None = None) -> list[ImageInfo | str]:
+    """`on_done(n)` after each image, in order, for a progress display."""
     # Hashing is I/O and C code that releases the GIL: threads overlap the reads.
+    found: list[ImageInfo | str] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda p: inspect_image(p, root), paths))
+        for info in pool.map(lambda p: inspect_image(p, root), paths):
+            found.append(info)
+            if on_done is not None:
+                on_done(len(found))
+    return found
