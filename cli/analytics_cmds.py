@@ -65,7 +65,8 @@ def stats_cmd(
     cache: Path = _cache_option(),
 ) -> None:
     """The paper's figures per iteration: rewards of chosen and rejected (table 10), R_T and R_I,
-    length (table 7), pair margins, exclusions; CHAIR per model version."""
+    length (table 7), pair margins, exclusions; the benchmarks (CHAIR, POPE,
+    recorded ones) per model version."""
     st = state(ctx)
     limit = st.settings.train.get("max_response_tokens", 1024)
     with analytics.connect(st.url, cache=cache) as con:
@@ -147,7 +148,8 @@ def report_cmd(
     cache: Path = _cache_option(),
     as_json: bool = json_option("The files written"),
 ) -> None:
-    """A static HTML report: reward and length plots per iteration, CHAIR, a sample of pairs."""
+    """A static HTML report: reward and length plots per iteration, the benchmarks (CHAIR, POPE,
+    recorded ones) per model version, a sample of pairs."""
     from csr.engine.io import report
     with analytics.connect(state(ctx).url, cache=cache) as con:
         page = report.write_report(con, out, pairs=pairs)
