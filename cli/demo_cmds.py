@@ -12,8 +12,6 @@ from csr.cli.vocabulary import (
     DEVICE_HELP,
     Preset,
     default_device,
-    deprecated,
-    hidden_option,
     iteration_range,
 )
 from csr.engine.errors import CsrError
@@ -32,7 +30,6 @@ def demo(
                                      help="Scenes the tiny models learn from (other than the prompts)."),
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
-    old_iterations: int = hidden_option(None, "--iterations", min=1),
     preset: Preset = typer.Option(Preset.paper, "--preset", help="Reward preset (README: Reward presets)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
@@ -46,7 +43,7 @@ def demo(
     from csr.engine.demo.run import DemoOptions, run_demo
 
     console = Console(stderr=True) if as_json else stdout_console
-    iterations = _iteration_count(iterations_, old_iterations)
+    iterations = _iteration_count(iterations_)
     preset = preset.value
     report = run_demo(
         DemoOptions(directory=directory, iterations=iterations, prompts=prompts, heldout=heldout, seed=seed,
@@ -86,10 +83,7 @@ def demo(
         typer.echo(results)
 
 
-def _iteration_count(text: str, old: int | None) -> int:
-    if old is not None:
-        deprecated("--iterations N", "--iter 1-N")
-        return old
+def _iteration_count(text: str) -> int:
     numbers = iteration_range(text)
     if numbers[0] != 1:
         raise CsrError(f"the demo runs its iterations from 1: --iter 1-{numbers[-1]}, not {text!r}")

@@ -15,8 +15,6 @@ from csr.cli.vocabulary import (
     MODEL_VERSION_HELP,
     MODEL_VERSIONS_HELP,
     default_device,
-    deprecated,
-    hidden_option,
 )
 from csr.engine.errors import CsrError
 from csr.storage.store import Store
@@ -46,24 +44,10 @@ def parse_versions(text: str) -> list[int]:
     return list(dict.fromkeys(versions))
 
 
-def _versions(version: int | None, versions: str | None, old_version: int | None = None,
-              old_versions: str | None = None) -> list[int]:
-    if old_version is not None:
-        deprecated("--version", "--model-version")
-        version = old_version if version is None else version
-    if old_versions is not None:
-        deprecated("--versions", "--model-versions")
-        versions = old_versions if versions is None else versions
+def _versions(version: int | None, versions: str | None) -> list[int]:
     if (version is None) == (versions is None):
         raise CsrError("give exactly one of --model-version and --model-versions")
     return [version] if version is not None else parse_versions(versions)
-
-
-def _limit(limit: int | None, old: int | None) -> int | None:
-    if old is not None:
-        deprecated("--images-count", "--limit")
-        return old if limit is None else limit
-    return limit
 
 
 def _say_fewer(out: Console, found: int, asked: int | None, which: str) -> None:
@@ -104,15 +88,11 @@ def eval_chair(
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
     as_json: bool = json_option("The figures per model version"),
-    old_version: int = hidden_option(None, "--version"),
-    old_versions: str = hidden_option(None, "--versions"),
-    old_limit: int = hidden_option(None, "--images-count", min=1),
 ) -> None:
     """CHAIR_S / CHAIR_I / recall / length per model version, stored in the evaluations table."""
     from csr.engine.evaluate import benchmarks as evaluation
     console = consoles(as_json)
-    chosen = _versions(version, versions, old_version, old_versions)
-    n_images = _limit(n_images, old_limit)
+    chosen = _versions(version, versions)
     for path in (annotations, synonyms, captions):
         _need_file(path)
     _need_dir(images)
@@ -168,16 +148,12 @@ def eval_pope(
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
     as_json: bool = json_option("The figures per setting and model version"),
-    old_version: int = hidden_option(None, "--version"),
-    old_versions: str = hidden_option(None, "--versions"),
-    old_limit: int = hidden_option(None, "--images-count", min=1),
 ) -> None:
     """POPE accuracy / precision / recall / F1 / yes-ratio per setting and model version, stored."""
     from csr.engine.evaluate import benchmarks as evaluation
     from csr.engine.evaluate import pope
     console = consoles(as_json)
-    chosen = _versions(version, versions, old_version, old_versions)
-    n_images = _limit(n_images, old_limit)
+    chosen = _versions(version, versions)
     if (annotations is None) == (not questions):
         raise CsrError("give either --annotations (questions are built) or --questions (ready-made files)")
     for path in (annotations, *(questions or [])):
@@ -214,23 +190,16 @@ def eval_pope(
 @eval_app.command("record")
 def eval_record(
     ctx: typer.Context,
-    version: int = typer.Option(None, "--model-version", help="Model version the results belong to.  [required]"),
+    version: int = typer.Option(..., "--model-version", help="Model version the results belong to."),
     benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name, e.g. mme, seed, mmbench, llava-w."),
     metric: list[str] = typer.Option(None, "--metric", help="NAME=VALUE (repeatable), e.g. perception=1510.7."),
     metrics_json: Path = typer.Option(None, "--metrics-json", help="JSON object of NAME: number (e.g. from lmms-eval)."),
     dataset: str = typer.Option("", "--dataset", help="Data set label or version, e.g. MME 2023-06."),
     tool: str = typer.Option("", "--tool", help="What produced the numbers, e.g. 'lmms-eval 0.3.0'."),
     as_json: bool = json_option("What was stored"),
-    old_version: int = hidden_option(None, "--version"),
 ) -> None:
     """Store metrics a user measured elsewhere (lmms-eval, VLMEvalKit) for a model version."""
     from csr.engine.evaluate.benchmarks import record_external
-
-    if old_version is not None:
-        deprecated("--version", "--model-version")
-        version = old_version if version is None else version
-    if version is None:
-        raise CsrError("name the model version: --model-version N")
 
     values: dict[str, float] = {}
     for item in metric or []:

@@ -12,7 +12,6 @@ from rich.table import Table
 from csr.cli.context import state
 from csr.cli.env_cmds import display_url, store_source
 from csr.cli.output import Console, echo_json, json_option
-from csr.cli.vocabulary import deprecated
 from csr.engine.errors import CsrError
 from csr.engine.settings import DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED, DEFAULT_MODEL
 from csr.storage import migrate, work
@@ -130,13 +129,6 @@ def db_history(as_json: bool = json_option("The revisions")) -> None:
     for rev in revisions:
         console.print(f"{rev['down_revision'] or '<base>'} -> {rev['revision']}: {rev['message']}",
                       highlight=False, markup=False)
-
-
-@db_app.command("revision", hidden=True)
-def db_revision(ctx: typer.Context) -> None:
-    """Old name of `csr db current`."""
-    deprecated("`csr db revision`", "`csr db current`")
-    db_current(ctx, as_json=False)
 
 
 @prompts_app.command("import")

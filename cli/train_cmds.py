@@ -15,8 +15,6 @@ from csr.cli.vocabulary import (
     Preset,
     ReportTo,
     SelectBy,
-    deprecated,
-    hidden_option,
     iteration_range,
     value,
 )
@@ -37,12 +35,8 @@ def curate(
     pair_set: str = typer.Option(None, "--pair-set", help="Name of the pair set to create (default derived from the parameters)."),
     make_default: bool = typer.Option(False, "--default", help="Make this the pair set `csr train` uses."),
     as_json: bool = json_option("The pair set"),
-    name: str = hidden_option(None, "--name"),
 ) -> None:
     """Select chosen/rejected pairs by SQL over the stored responses into a named pair set."""
-    if name is not None:
-        deprecated("--name", "--pair-set")
-        pair_set = pair_set or name
     with Store.open(state(ctx).url) as store:
         result = iterations.curate(store, iteration, value(preset), lam, min_margin, pair_set, make_default)
     if as_json:
@@ -140,19 +134,11 @@ def export(
 
 def lineage(
     ctx: typer.Context,
-    version: int = typer.Option(None, "--model-version", help="Model version to trace.  [required]"),
+    version: int = typer.Option(..., "--model-version", help="Model version to trace."),
     show_sql: bool = typer.Option(False, "--sql", help="Also print the queries that selected the pairs and the training rows."),
     as_json: bool = json_option("The chain"),
-    old_version: int = hidden_option(None, "--version"),
-    positional: int = typer.Argument(None, hidden=True),
 ) -> None:
     """The provenance chain of a model version back to the base model."""
-
-    if positional is not None or old_version is not None:
-        deprecated("`csr lineage N` and --version", "`csr lineage --model-version N`")
-        version = version if version is not None else (old_version if old_version is not None else positional)
-    if version is None:
-        raise CsrError("name the model version: csr lineage --model-version N")
     with Store.open(state(ctx).url) as store, store.read() as tx:
         chain = tx.lineage(version)
     if not chain:
@@ -213,7 +199,7 @@ def lineage_lines(entry: dict, show_sql: bool = False) -> list[str]:
 
 def iterate(
     ctx: typer.Context,
-    iterations_: str = typer.Option(None, "--iter", help="Iterations to run: N or A-B, e.g. 1-3.  [required]"),
+    iterations_: str = typer.Option(..., "--iter", help="Iterations to run: N or A-B, e.g. 1-3."),
     preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: csr.toml or paper)."),
     lam: float = typer.Option(None, "--lambda", help="Weight of R_I in R(s) (default 0.9)."),
     select_by: SelectBy = typer.Option(None, "--select-by", help="Selection key of the search (default: the preset's)."),
@@ -236,20 +222,11 @@ def iterate(
     report_to: ReportTo = typer.Option(None, "--report-to", help="Where TRL reports training logs besides the store."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     as_json: bool = json_option("Per iteration: the pair set and the model version"),
-    start: int = hidden_option(None, "--from"),
-    end: int = hidden_option(None, "--to"),
 ) -> None:
     """generate -> curate -> train for each iteration, with the options of each step; resumable at any step."""
     from csr.cli.generate_cmds import generate
 
     st = state(ctx)
-    if start is not None or end is not None:
-        deprecated("--from/--to", "--iter A-B")
-        if start is None or end is None:
-            raise CsrError("--from and --to go together; use --iter A-B")
-        iterations_ = iterations_ or f"{start}-{end}"
-    if iterations_ is None:
-        raise CsrError("name the iterations: csr iterate --iter 1-3")
     numbers = iteration_range(iterations_)  # a bad range is refused before the store is opened
     settings = st.settings
     if report_to is not None:

@@ -1,19 +1,13 @@
 """The option vocabulary every command shares: one name per concept, choices
-shown as choices, one default device rule, and old spellings that still work
-for one release with a deprecation line (tests/test_cli_vocabulary.py checks
+shown as choices, one default device rule (tests/test_cli_vocabulary.py checks
 the rules on every command's --help)."""
 
 from __future__ import annotations
 
 from enum import Enum, StrEnum
 
-import typer
-
-from csr.cli.output import Console
 from csr.engine.errors import CsrError
 from csr.engine.rewards import Preset as Preset  # one enum for engine and cli
-
-_console = Console(stderr=True)
 
 
 class SelectBy(StrEnum):
@@ -91,12 +85,3 @@ def iteration_range(text: str) -> list[int]:
     if first < 1 or last < first:
         raise CsrError(f"--iter range {text!r} must count up from 1 or more")
     return list(range(first, last + 1))
-
-
-def deprecated(old: str, new: str) -> None:
-    _console.print(f"csr: warning: {old} is deprecated and goes in the next release; use {new}")
-
-
-def hidden_option(default, *names: str, **kwargs):
-    """An old spelling kept for one release, not shown in --help."""
-    return typer.Option(default, *names, hidden=True, **kwargs)

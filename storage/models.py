@@ -184,7 +184,7 @@ class Response(Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
     leaf_node: Mapped[int] = mapped_column(Integer)
     leaf_candidate_id: Mapped[int] = mapped_column(BigId, ForeignKey("candidates.id"))
-    # The concatenation of the path's candidate texts: the portable decode of token_ids.
+    # The portable decode of token_ids (rows the 0003 migration rebuilt: the path's texts joined).
     text: Mapped[str] = mapped_column(Text)
     token_ids: Mapped[list | None] = mapped_column(JSON)
     # False for rows the 0003 migration rebuilt from an older store's texts.

@@ -275,7 +275,7 @@ def test_chair_counts_caption_objects_as_present_only_when_captions_are_given(tm
 
 def test_eval_chair_says_which_ground_truth_it_used(tiny_store, tmp_path):  # noqa: F811 (fixture)
     instances, images = _coco(tmp_path)
-    args = ("eval", "chair", "--version", "0", "--annotations", instances, "--images", images,
+    args = ("eval", "chair", "--model-version", "0", "--annotations", instances, "--images", images,
             "--max-new-tokens", "4")
     done = _invoke(tiny_store, *args)
     assert done.exit_code == 0, done.output

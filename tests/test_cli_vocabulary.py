@@ -3,8 +3,8 @@ huggingface-cli), checked on every command as `--help` renders it and as the
 console script runs it: one option vocabulary, help without Python types,
 `-h`, `--version`, `csr env`, `csr config show`, `--json` on every command with
 a result, one error style (exit 2 for usage errors), width-independent output
-when piped, `db current/history/upgrade`, and the old spellings kept for a
-release with a deprecation line."""
+when piped, `db current/history/upgrade`, and no old spellings (csr has no
+released users to keep them for)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ RETIRED = {"--from", "--to", "--name", "--iterations", "--versions-json", "--ver
 CHOICES = {"--preset", "--select-by", "--format", "--dtype", "--report-to"}
 # Every command with a result has --json, except sql, whose --format json is its result.
 NO_JSON = {"sql"}
-# Options that are required in effect but optional to click (an old spelling may stand in).
-REQUIRED_IN_EFFECT = {("iterate", "--iter"), ("lineage", "--model-version"), ("eval record", "--model-version")}
 # What typer writes for a value when left to itself: a Python type in angle brackets.
 PYTHON_TYPE = re.compile(r"<(?:str|int|float|bool|path|list|dict|tuple|Path)\b[^>]*>")
 
@@ -103,7 +101,7 @@ def test_every_command_follows_the_vocabulary(name, command):
             assert option.is_flag, f"{name} {flag} must be a flag"
         if "iter" in flag and name != "demo":
             assert flag == "--iter", f"{name}: the iteration is --iter, not {flag}"
-        if option.required or (name, flag) in REQUIRED_IN_EFFECT:
+        if option.required:
             entry = rendered[rendered.index(f"  {flag} "):]
             entry = entry[: entry.find("\n  -", 1)]
             assert "[required]" in " ".join(entry.split()), f"{name} {flag} is required but not marked so"
@@ -313,21 +311,17 @@ def test_eval_says_when_it_has_fewer_images_than_asked(tmp_path):
     assert "fewer than" not in exact.stdout
 
 
-def test_iteration_ranges_and_old_spellings(tmp_path):
+def test_iteration_ranges_and_retired_spellings(tmp_path):
     db = str(tmp_path / "none.db")
     bad = invoke_csr("iterate", "--iter", "3-1", db=db)
     assert "must count up" in one_line_error(bad, 1)
-    # the old spellings still parse, with a deprecation line, before anything is opened
-    old = invoke_csr("iterate", "--from", "1", db=db)
-    assert "--from/--to is deprecated" in old.stderr and "go together" in old.stderr
-    for args, old_name in ((["lineage", "7"], "csr lineage N"), (["lineage", "--version", "7"], "--version"),
-                           (["eval", "record", "--version", "0", "--benchmark", "x", "--metric", "a=1"], "--version"),
-                           (["db", "revision"], "csr db revision")):
-        done = invoke_csr(*args, db=db)
-        assert "deprecated" in done.stderr and old_name in done.stderr, (args, done.stderr)
-    limit = invoke_csr("eval", "chair", "--versions", "0", "--images-count", "5", "--annotations", "x.json",
-                       "--images", ".", db=db)
-    assert "--versions is deprecated" in limit.stderr and "--images-count is deprecated" in limit.stderr
+    # the old spellings are gone: each is a usage error, refused before anything is opened
+    for args in (["iterate", "--from", "1", "--to", "2"], ["lineage", "7"], ["lineage", "--version", "7"],
+                 ["eval", "record", "--version", "0", "--benchmark", "x", "--metric", "a=1"], ["db", "revision"],
+                 ["eval", "chair", "--versions", "0", "--images-count", "5", "--annotations", "x.json", "--images", "."],
+                 ["curate", "--iter", "1", "--name", "x"], ["demo", "--iterations", "2"]):
+        assert "deprecated" not in one_line_error(invoke_csr(*args, db=db), 2), args
+    assert not (tmp_path / "none.db").exists()
 
 
 def test_import_reports_its_progress(tmp_path):
