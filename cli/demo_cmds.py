@@ -30,7 +30,7 @@ def demo(
                                      help="Scenes the tiny models learn from (other than the prompts)."),
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
-    preset: Preset = typer.Option(Preset.paper, "--preset", help="Reward preset (README: Reward presets)."),
+    preset: Preset = typer.Option(Preset.paper, "--preset", help="Reward preset (docs/presets.md)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     as_json: bool = json_option("The per-version results (the tables go to stderr)"),

@@ -40,7 +40,7 @@ console = Console(stderr=True)
 def generate(
     ctx: typer.Context,
     iteration: int = typer.Option(..., "--iter", help="Iteration to generate (needs model version N-1)."),
-    preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: csr.toml or paper; README: Reward presets)."),
+    preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: csr.toml or paper; docs/presets.md)."),
     lam: float = typer.Option(None, "--lambda", help="Weight of R_I in R(s) (default 0.9)."),
     select_by: SelectBy = typer.Option(None, "--select-by", help="Rank the next active set by the path's calibrated reward (paper), the sentence's own R(s), or the LM score (released code); default: the preset's."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),

@@ -50,7 +50,7 @@ GENERATE = {
     "num_beams": ("active partial responses per search step: top ceil(k/2) + bottom floor(k/2)",
                   "5, \"the capacity of input at each search layer\"", "5, kept as top 1 + bottom 2"),
     "preset": ("`paper` or `reference-code`: the reward, the response score and the defaults below "
-               "(README: Reward presets)", "paper", "reference-code"),
+               "(docs/presets.md)", "paper", "reference-code"),
     "lam": ("lambda: weight of R_I in R(s) = lambda R_I + (1 - lambda) R_T", "0.9", "0.9 (`clip_alpha`)"),
     "select_by": ("selection key of the active set. The paper (algorithm 1) keeps \"the top-k and bottom-k "
                   "sentences with the highest and lowest reward scores\", which reads two ways: `reward`, the "

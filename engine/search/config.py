@@ -1,7 +1,7 @@
 """Every setting of the sentence-level beam search, and what each preset implies.
 
 The defaults are appendix A.1's; `PRESET_SEARCH_DEFAULTS` holds the
-settings a preset decides (README: Reward presets). The resolved config is
+settings a preset decides (docs/presets.md). The resolved config is
 recorded with each iteration, so a tree can always be traced to its settings;
 a config recorded before a setting existed reads back with the behaviour the
 search had then (`SearchConfig.from_recorded`).
