@@ -16,6 +16,7 @@ import tomli_w
 
 from csr.engine.errors import CsrError, SettingsError
 from csr.engine.search.config import SearchConfig
+from csr.engine.self_reward import SelfRewardConfig
 from csr.engine.settings_table import SettingsTable
 from csr.engine.train.config import TrainConfig
 from csr.storage.db import DEFAULT_URL, normalise_url
@@ -50,6 +51,7 @@ TABLES: dict[str, type[SettingsTable]] = {
     "paths": PathsTable,
     "generate": SearchConfig,
     "train": TrainConfig,
+    "self_reward": SelfRewardConfig,
 }
 
 
@@ -65,6 +67,7 @@ class Settings:
     # (and, for the search, the preset), flags can still be laid on top.
     generate: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    self_reward: dict = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
@@ -81,6 +84,7 @@ class Settings:
             "paths": {"models_dir": self.models_dir},
             "generate": self.generate,
             "train": self.train,
+            "self_reward": self.self_reward,
         }
         # TOML has no null: an unset value is a key left out.
         tables = {name: {k: v for k, v in values.items() if v is not None} for name, values in tables.items()}
@@ -119,6 +123,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
     settings.models_dir = paths.models_dir
     settings.generate = dict(data.get("generate", {}))
     settings.train = dict(data.get("train", {}))
+    settings.self_reward = dict(data.get("self_reward", {}))
     return settings
 
 
