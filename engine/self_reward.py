@@ -52,8 +52,8 @@ JUDGE_PROMPT = (
     "response 1 or response 2."
 )
 PLACEHOLDERS = ("{response 1}", "{response 2}")
+ANSWERS = ("response 1", "response 2")
 _PLACEHOLDER = re.compile(r"\{response ([12])\}")
-_NAMED = re.compile(r"response\s*([12])(?![0-9])", re.IGNORECASE)
 
 
 class SelfRewardConfig(SettingsTable):
@@ -69,6 +69,15 @@ class SelfRewardConfig(SettingsTable):
     max_new_tokens: int = Field(512, gt=0)
     judge_max_new_tokens: int = Field(16, gt=0)
     judge_prompt: str = JUDGE_PROMPT
+    # What names Response 1 and Response 2 in the judge's output (table 3's output format).
+    judge_answers: list[str] = Field(default_factory=lambda: list(ANSWERS))
+
+    @field_validator("judge_answers")
+    @classmethod
+    def _two_distinct_answers(cls, value: list[str]) -> list[str]:
+        if len(value) != 2 or not all(a.strip() for a in value) or _norm(value[0]) == _norm(value[1]):
+            raise ValueError("self-reward setting judge_answers must be two different, non-empty strings")
+        return value
 
     @field_validator("judge_prompt")
     @classmethod
@@ -119,16 +128,27 @@ def judge_prompt(template: str, first: str, second: str) -> str:
     return _PLACEHOLDER.sub(lambda m: texts[m.group(1)], template)
 
 
-def parse_verdict(output: str) -> tuple[int | None, str | None]:
-    """(1 or 2, None) when the judge's output names one response, else (None, why)."""
+def _norm(answer: str) -> str:
+    return " ".join(answer.lower().split())
+
+
+def _answer_pattern(answer: str) -> re.Pattern:
+    # Case and spacing free ("Response 1", "response1"), not inside a longer word or number.
+    words = [re.escape(w) for w in answer.lower().split()]
+    return re.compile(r"(?<![0-9a-z])" + r"\s*".join(words) + r"(?![0-9a-z])", re.IGNORECASE)
+
+
+def parse_verdict(output: str, answers: tuple[str, str] | list[str] = ANSWERS) -> tuple[int | None, str | None]:
+    """(1 or 2, None) when the judge's output names exactly one of the two
+    answers (or is just "1" or "2"), else (None, why)."""
     text = output.strip()
     if not text:
         return None, "empty output"
-    if text.rstrip(".") in ("1", "2"):
-        return int(text.rstrip(".")), None
-    named = {int(m.group(1)) for m in _NAMED.finditer(text)}
+    if text.rstrip(".").strip() in ("1", "2"):
+        return int(text.rstrip(".").strip()), None
+    named = [n for n, answer in enumerate(answers, start=1) if _answer_pattern(answer).search(text)]
     if len(named) == 1:
-        return named.pop(), None
+        return named[0], None
     if named:
         return None, "names both responses"
     return None, "names neither response"
@@ -216,7 +236,7 @@ def judge(policy, image, samples: list[Sample], config: SelfRewardConfig) -> lis
         if policy.eos_token_id in ids:
             ids = ids[: ids.index(policy.eos_token_id) + 1]
         output = portable(policy.decode(ids))
-        verdict, why = parse_verdict(output)
+        verdict, why = parse_verdict(output, config.judge_answers)
         verdicts.append(Verdict(first, second, shown, output, ids, verdict, why))
     return verdicts
 

@@ -116,6 +116,9 @@ SELF_REWARD = {
     "judge_max_new_tokens": ("longest judge output, in tokens (the judge decodes greedily)", ""),
     "judge_prompt": ("the judge's prompt; must contain `{response 1}` and `{response 2}`",
                      "table 3, verbatim"),
+    "judge_answers": ("what names Response 1 and Response 2 in the judge's output (case and spacing free; "
+                      "an output that is only `1` or `2` counts too); an output naming both or neither gives "
+                      "no verdict", "table 3's output format"),
 }
 
 
