@@ -182,6 +182,23 @@ def _fill_0002(url: str) -> None:
     engine.dispose()
 
 
+def test_0006_records_the_csr_method_for_existing_iterations_and_pair_sets(store_url):
+    engine = make_engine(store_url)
+    migrate.upgrade(engine, "0004")
+    engine.dispose()
+    _fill_0004(store_url)
+    engine = make_engine(store_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            methods = conn.execute(text("SELECT DISTINCT method FROM iterations")).scalars().all()
+            sources = conn.execute(text("SELECT DISTINCT source FROM pair_sets")).scalars().all()
+            origins = conn.execute(text("SELECT origin FROM pair_sets")).scalars().all()
+        assert methods == ["csr"] and sources == ["csr"] and set(origins) == {None}
+    finally:
+        engine.dispose()
+
+
 def test_0004_gives_old_evaluations_a_fingerprint_and_their_metrics(store_url):
     engine = make_engine(store_url)
     migrate.upgrade(engine, "0002")
@@ -227,7 +244,40 @@ def _fill_0003(url: str) -> None:
     engine.dispose()
 
 
-FILLERS = {"0001": _fill_0001, "0002": _fill_0002, "0003": _fill_0003}
+def _fill_0004(url: str) -> None:
+    """0001's rows with 0002's finish reasons, evaluations in the 0004 layout
+    (fingerprint, settings, metrics, per-item answers) and 0003's responses."""
+    _fill_0001(url)
+    engine = make_engine(url)
+    metadata = MetaData()
+    metadata.reflect(engine)
+    t = metadata.tables
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE candidates SET finish_reason = 'eos' WHERE is_final"))
+        conn.execute(text("UPDATE candidates SET finish_reason = 'sentence_end' WHERE NOT is_final"))
+        conn.execute(insert(t["evaluations"]), [
+            {"id": 1, "model_version": 0, "benchmark": "chair", "n_responses": 2, "chair_s": 0.5, "chair_i": 0.25,
+             "mean_words": 40.0, "details": None, "created_at": T0, "fingerprint": "f" * 64,
+             "dataset_hash": "d" * 64, "settings": {"max_new_tokens": 512}, "metrics": {"chair_s": 0.5},
+             "items": [{"id": "1", "answer": "a red square"}]},
+            {"id": 2, "model_version": 1, "benchmark": "pope", "n_responses": 2, "chair_s": None, "chair_i": None,
+             "mean_words": None, "details": None, "created_at": T0, "fingerprint": "e" * 64, "dataset_hash": None,
+             "settings": None, "metrics": {"f1": 0.8}, "items": None},
+        ])
+        for cid in range(1, 11):
+            conn.execute(t["candidates"].update().where(t["candidates"].c.id == cid).values(
+                token_ids=[cid, 13, 2], beam_score=-0.5 * cid, text_rank=0.0, image_rank=0.0))
+        conn.execute(insert(t["responses"]), [
+            {"id": n, "iteration": 1, "prompt_id": prompt_id, "leaf_node": 2, "leaf_candidate_id": leaf,
+             "text": "The plate holds 2 slices of pizza.", "token_ids": [1, 13, 2], "has_token_ids": True,
+             "token_count": 3, "sentence_count": 1, "logprob_sum": -6.5, "r_t_sum": 0.002, "r_i_sum": 0.58,
+             "text_rank_sum": 0.0, "image_rank_sum": 0.0, "is_truncated": False}
+            for n, (prompt_id, leaf) in enumerate(((1, 3), (2, 8)), start=1)
+        ])
+    engine.dispose()
+
+
+FILLERS = {"0001": _fill_0001, "0002": _fill_0002, "0003": _fill_0003, "0004": _fill_0004}
 OLDER_FROZEN = [rev for rev in frozen_revisions() if rev != HEAD]
 
 
