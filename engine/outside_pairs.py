@@ -11,6 +11,7 @@ reference log-probs, so the trainer computes the reference itself.
 
 from __future__ import annotations
 
+from csr.storage.errors import OrderError
 from csr.storage.store import Store
 
 SOURCE = "import"
@@ -22,10 +23,14 @@ def imported_for(store: Store, iteration: int, name: str | None):
     if not name:
         return None
     with store.read() as tx:
-        if tx.iteration(iteration) is not None and tx.pair_set(iteration, name) is not None:
+        generated = tx.iteration(iteration) is not None
+        if generated and tx.pair_set(iteration, name) is not None:
             return None
         imported = tx.imported_pair_set(name)
     if imported is None:
+        if not generated:
+            raise OrderError(f"iteration {iteration} has not been generated, and no pair set named {name!r} was "
+                             f"imported: run `csr generate --iter {iteration}` or `csr pairs import`")
         return None
     with store.write() as tx:
         tx.start_outside_iteration(iteration, {

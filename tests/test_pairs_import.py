@@ -175,7 +175,7 @@ def test_training_on_an_imported_pair_set(tmp_path, store_url, trained_llava_dir
     assert done.returncode == 0, done.stderr
 
     unknown = study.invoke("train", "--iter", "1", "--pair-set", "nothing-by-that-name")
-    assert unknown.returncode == 1 and "no pair set of that name was imported" in unknown.stderr
+    assert unknown.returncode == 1 and "no pair set named 'nothing-by-that-name' was imported" in unknown.stderr
 
     trained = study.invoke("train", "--iter", "1", "--pair-set", "ground-truth")
     assert trained.returncode == 0, trained.stderr
