@@ -33,18 +33,12 @@ def _root(
 
 def _register() -> None:
     # Every command module is imported: one that fails to import is an error, never a missing command.
-    from csr.cli import (
-        analytics_cmds,
-        demo_cmds,
-        eval_cmds,
-        generate_cmds,
-        pairs_cmds,
-        store_cmds,
-        train_cmds,
-    )
+    from csr.cli import analytics_cmds, demo_cmds, eval_cmds, generate_cmds, store_cmds, train_cmds
+    from csr.cli.pairs_cmds import register as register_pairs
 
-    for module in (store_cmds, generate_cmds, train_cmds, analytics_cmds, demo_cmds, eval_cmds, pairs_cmds):
+    for module in (store_cmds, generate_cmds, train_cmds, analytics_cmds, demo_cmds, eval_cmds):
         module.register(app)
+    register_pairs(app)
 
 
 _register()

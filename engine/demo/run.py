@@ -156,7 +156,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         models_dir="models",
         generate=generate,
         train=train,
-        self_reward={**DEMO_SELF_REWARD, "judge_answers": list(world.object_names[:2]), **options.self_reward},
+        self_reward={**DEMO_SELF_REWARD, "judge_answers": list(world.shapes[:2]), **options.self_reward},
     )
     settings.write()
     store, _ = Store.create(settings.store_url)
