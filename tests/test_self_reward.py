@@ -23,6 +23,7 @@ from csr.engine.self_reward import (
     parse_verdict,
     sample_seed,
 )
+from tests.cli_runner import invoke_csr
 from tests.db_backends import CSR_SCRIPT, only_on
 from tests.study import Study, make_study
 
@@ -258,3 +259,16 @@ def test_a_killed_self_rewarding_run_is_finished_by_one_rerun(tmp_path, store_ur
     assert _trees(study) == _trees(clean)
     assert _judged(study) == _judged(clean)
     _check_traceable(study)
+
+
+@pytest.mark.slow
+def test_the_demo_runs_the_self_rewarding_baseline(tmp_path):
+    results = tmp_path / "results.json"
+    done = invoke_csr("demo", "--dir", tmp_path / "study", "--method", "self-reward", "--quick", "--prompts", "6",
+                      "--heldout", "12", "--model-scenes", "300", "--iter", "1-1", "--seed", "3", "--out", results)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(results.read_text())["method"] == "self-reward"
+    study = Study(tmp_path / "study", f"sqlite:///{tmp_path / 'study' / 'csr.db'}", 6)
+    assert study.query("SELECT number, method FROM iterations") == [(1, "self-reward")]
+    assert study.query("SELECT COUNT(*) FROM judgements") == [(6,)]
+    assert study.query("SELECT MAX(version) FROM model_versions") == [(1,)]
