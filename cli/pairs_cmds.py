@@ -19,7 +19,7 @@ def pairs_import(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="JSON list or JSONL: TRL prompt/chosen/rejected with an image, LLaVA-style conversations, RLHF-V or VLFeedback as published."),
     images: Path = typer.Option(..., "--images", help="Directory the image paths are resolved under."),
-    name: str = typer.Option(..., "--name", help="Name of the pair set (`csr train --iter N --pair-set NAME`)."),
+    name: str = typer.Option(..., "--pair-set", help="Name of the new pair set (train on it: `csr train --iter N --pair-set NAME`)."),
 ) -> None:
     """Import preference pairs as a pair set: all or nothing, idempotent."""
     from csr.engine.io.pair_import import PairsRejected, import_pairs

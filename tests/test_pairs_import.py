@@ -86,7 +86,7 @@ def _imported(url: str) -> list[tuple]:
 @pytest.mark.parametrize("jsonl", [True, False], ids=["jsonl", "json-list"])
 def test_every_layout_is_read_into_one_pair_set(tmp_path, head_store_url, images, jsonl):
     file = _write(tmp_path / ("pairs.jsonl" if jsonl else "pairs.json"), [r for r, _ in RECORDS] + [TIED], jsonl)
-    done = invoke_csr("pairs", "import", file, "--images", images, "--name", "outside", db=head_store_url)
+    done = invoke_csr("pairs", "import", file, "--images", images, "--pair-set", "outside", db=head_store_url)
     assert done.returncode == 0, done.stderr
     assert f"imported pair set 'outside': {len(RECORDS)} pair(s)" in done.stdout
     assert "1 record(s) without a preference" in done.stdout
@@ -107,7 +107,7 @@ def test_every_layout_is_read_into_one_pair_set(tmp_path, head_store_url, images
     assert len(rows["images"]) == 4  # content-addressed: each image once
     assert rows["prompts"] == [] and rows["work_items"] == [], "imported pairs are not prompts to generate for"
 
-    again = invoke_csr("pairs", "import", file, "--images", images, "--name", "outside", db=head_store_url)
+    again = invoke_csr("pairs", "import", file, "--images", images, "--pair-set", "outside", db=head_store_url)
     assert again.returncode == 0, again.stderr
     assert "already imported" in again.stdout
     assert table_rows(head_store_url) == rows
@@ -134,7 +134,7 @@ BAD = [
 
 def test_a_file_with_bad_records_is_refused_whole(tmp_path, head_store_url, images):
     good = invoke_csr("pairs", "import", _write(tmp_path / "good.jsonl", [RECORDS[0][0]]), "--images", images,
-                      "--name", "first", db=head_store_url)
+                      "--pair-set", "first", db=head_store_url)
     assert good.returncode == 0, good.stderr
     before = table_rows(head_store_url)
 
@@ -143,7 +143,7 @@ def test_a_file_with_bad_records_is_refused_whole(tmp_path, head_store_url, imag
     lines += [json.dumps(r) for r, _ in RECORDS]  # good records change nothing: all or nothing
     file = tmp_path / "bad.jsonl"
     file.write_text("\n".join(lines) + "\n")
-    done = invoke_csr("pairs", "import", file, "--images", images, "--name", "second", db=head_store_url)
+    done = invoke_csr("pairs", "import", file, "--images", images, "--pair-set", "second", db=head_store_url)
     assert done.returncode == 1
     problems = [line for line in done.stderr.splitlines() if line.startswith(f"csr: {file}: record ")]
     assert len(problems) == len(BAD) + 1, done.stderr
@@ -156,9 +156,9 @@ def test_a_file_with_bad_records_is_refused_whole(tmp_path, head_store_url, imag
 
     # Other pairs under a name already taken: refused, nothing written.
     other = _write(tmp_path / "other.jsonl", [RECORDS[2][0]])
-    taken = invoke_csr("pairs", "import", other, "--images", images, "--name", "first", db=head_store_url)
-    assert taken.returncode == 1 and "choose another --name" in taken.stderr
-    missing = invoke_csr("pairs", "import", other, "--images", tmp_path / "nope", "--name", "x", db=head_store_url)
+    taken = invoke_csr("pairs", "import", other, "--images", images, "--pair-set", "first", db=head_store_url)
+    assert taken.returncode == 1 and "choose another --pair-set" in taken.stderr
+    missing = invoke_csr("pairs", "import", other, "--images", tmp_path / "nope", "--pair-set", "x", db=head_store_url)
     assert missing.returncode == 1 and "images directory not found" in missing.stderr
     assert table_rows(head_store_url) == before
 
@@ -171,7 +171,7 @@ def test_training_on_an_imported_pair_set(tmp_path, store_url, trained_llava_dir
                for i, (colour, wrong) in enumerate([("red", "green"), ("green", "blue"), ("blue", "yellow"),
                                                     ("yellow", "red")])]
     file = _write(tmp_path / "truth.jsonl", records)
-    done = study.invoke("pairs", "import", file, "--images", "images", "--name", "ground-truth")
+    done = study.invoke("pairs", "import", file, "--images", "images", "--pair-set", "ground-truth")
     assert done.returncode == 0, done.stderr
 
     unknown = study.invoke("train", "--iter", "1", "--pair-set", "nothing-by-that-name")

@@ -72,7 +72,7 @@ def import_pairs(store: Store, file: Path, images_dir: Path, name: str) -> PairI
     if not images_dir.is_dir():
         raise CsrError(f"images directory not found: {images_dir}")
     if not name.strip():
-        raise CsrError("--name must not be empty")
+        raise CsrError("--pair-set must not be empty")
     records, problems, without = parse_pair_file(file)
     located, infos = [], []
     paths = []
@@ -115,7 +115,7 @@ def import_pairs(store: Store, file: Path, images_dir: Path, name: str) -> PairI
                 if existing.result_hash != digest:
                     raise ImportRejected(
                         f"a pair set named {name!r} was imported from other pairs "
-                        f"({existing.origin.get('file') if existing.origin else '?'}); choose another --name"
+                        f"({existing.origin.get('file') if existing.origin else '?'}); choose another --pair-set"
                     )
                 report.pair_set_id = existing.id
                 return report
