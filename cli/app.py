@@ -59,9 +59,11 @@ def _register() -> None:
         store_cmds,
         train_cmds,
     )
+    from csr.cli.pairs_cmds import register as register_pairs
 
     for module in (store_cmds, generate_cmds, train_cmds, analytics_cmds, demo_cmds, eval_cmds, env_cmds):
         module.register(app)
+    register_pairs(app)
 
 
 _register()

@@ -16,6 +16,7 @@ from csr.cli.vocabulary import (
 )
 from csr.engine.errors import CsrError
 from csr.engine.evaluate.pope import SETTINGS as POPE_SETTINGS
+from csr.engine.self_reward import Method
 
 stdout_console = Console()
 
@@ -31,6 +32,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
     preset: Preset = typer.Option(Preset.paper, "--preset", help="Reward preset (docs/presets.md)."),
+    method: Method = typer.Option(Method.csr, "--method", help="How each iteration makes pairs: csr or self-reward (the baseline)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     as_json: bool = json_option("The per-version results (the tables go to stderr)"),
@@ -48,7 +50,7 @@ def demo(
     report = run_demo(
         DemoOptions(directory=directory, iterations=iterations, prompts=prompts, heldout=heldout, seed=seed,
                     lam=lam, model_scenes=model_scenes, size="quick" if quick else "default",
-                    device=default_device(device), generate={"preset": preset}),
+                    device=default_device(device), generate={"preset": preset}, method=method.value),
         say=lambda line: console.print(line, highlight=False),
     )
     table = Table("version", "CHAIR_S [95% CI]", "CHAIR_I [95% CI]", "recall", "words", "R_I chosen",
@@ -72,7 +74,7 @@ def demo(
     console.print(table, width=max(console.width, 120))
     console.print(pope_table, width=max(console.width, 100))
     results = json.dumps({
-        "lambda": lam, "preset": preset, "seed": seed, "iterations": iterations, "prompts": prompts, "heldout": heldout,
+        "method": method.value, "lambda": lam, "preset": preset, "seed": seed, "iterations": iterations, "prompts": prompts, "heldout": heldout,
         "wall_seconds": report.wall_seconds, "versions": [dataclasses.asdict(r) for r in report.rows],
     }, indent=2)
     if out is not None:

@@ -27,8 +27,10 @@ from csr.cli.vocabulary import (
     dtype_name,
     value,
 )
+from csr.engine import self_reward
 from csr.engine.errors import CsrError
 from csr.engine.generation import WorkerOptions, iteration_config, run_worker
+from csr.engine.self_reward import Method
 from csr.engine.workers import StopSignals, WorkerProcesses, worker_commands
 from csr.storage import work
 from csr.storage.outages import is_outage
@@ -40,6 +42,7 @@ console = Console(stderr=True)
 def generate(
     ctx: typer.Context,
     iteration: int = typer.Option(..., "--iter", help="Iteration to generate (needs model version N-1)."),
+    method: Method = typer.Option(None, "--method", help="How the iteration makes pairs: csr (the calibrated search) or self-reward (sampled responses judged with the paper's table 3 prompt, [self_reward] in csr.toml); default: the iteration's own, csr for a new one."),
     preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: csr.toml or paper; docs/presets.md)."),
     lam: float = typer.Option(None, "--lambda", help="Weight of R_I in R(s) (default 0.9)."),
     select_by: SelectBy = typer.Option(None, "--select-by", help="Rank the next active set by the path's calibrated reward (paper), the sentence's own R(s), or the LM score (released code); default: the preset's."),
@@ -62,12 +65,14 @@ def generate(
     st = state(ctx)
     settings = dict(st.settings.generate)
     dtype = dtype_name(dtype)
-    for key, chosen in (("preset", value(preset)), ("lam", lam), ("select_by", value(select_by))):
+    flags = {"--preset": value(preset), "--lambda": lam, "--select-by": value(select_by)}
+    for key, chosen in zip(("preset", "lam", "select_by"), flags.values(), strict=True):
         if chosen is not None:
             settings[key] = chosen
     device_list = _devices(devices, workers, default_device(device))
     with Store.open(st.url) as store:
-        preset_name, config = iteration_config(store, iteration, settings, f"[generate] in {st.settings.path}")
+        preset_name, config = _iteration_config(store, st, iteration, value(method), settings,
+                                                 [flag for flag, chosen in flags.items() if chosen is not None])
         if dtype is not None:
             config["dtype"] = dtype
         _, created = store.start_iteration(iteration, preset_name, config)
@@ -94,6 +99,22 @@ def generate(
         if as_json:
             echo_json({"iteration": iteration, "preset": preset_name, "prompts": store.progress(iteration),
                        "this_run": stats})
+
+
+def _iteration_config(store: Store, st, iteration: int, method: str | None, settings: dict,
+                      search_flags: list[str]) -> tuple[str, dict]:
+    """The iteration's frozen settings under its method: an iteration started
+    with a method keeps it, so a rerun without --method resumes it."""
+    if method is None:
+        existing = store.iteration(iteration)
+        method = existing.method if existing is not None else Method.csr.value
+    if method == Method.self_reward:
+        if search_flags:
+            raise CsrError(f"{search_flags[0]} sets the search of the csr method; "
+                           f"iteration {iteration} is self-rewarding ([self_reward] in csr.toml)")
+        return self_reward.iteration_config(store, iteration, st.settings.self_reward,
+                                            f"[self_reward] in {st.settings.path}")
+    return iteration_config(store, iteration, settings, f"[generate] in {st.settings.path}")
 
 
 def _devices(devices: str | None, workers: int, device: str) -> list[str]:

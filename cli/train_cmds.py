@@ -21,6 +21,7 @@ from csr.cli.vocabulary import (
 from csr.engine import iterations
 from csr.engine.errors import CsrError
 from csr.engine.pipeline import run_iteration
+from csr.engine.self_reward import Method
 from csr.storage.store import Store
 
 console = Console()
@@ -200,6 +201,7 @@ def lineage_lines(entry: dict, show_sql: bool = False) -> list[str]:
 def iterate(
     ctx: typer.Context,
     iterations_: str = typer.Option(..., "--iter", help="Iterations to run: N or A-B, e.g. 1-3."),
+    method: Method = typer.Option(None, "--method", help="How each new iteration makes pairs: csr or self-reward (as `csr generate --method`)."),
     preset: Preset = typer.Option(None, "--preset", help="Reward preset (default: csr.toml or paper)."),
     lam: float = typer.Option(None, "--lambda", help="Weight of R_I in R(s) (default 0.9)."),
     select_by: SelectBy = typer.Option(None, "--select-by", help="Selection key of the search (default: the preset's)."),
@@ -233,7 +235,7 @@ def iterate(
         settings.train = {**settings.train, "report_to": report_to.value}
 
     def generate_step(number: int) -> None:
-        ctx.invoke(generate, ctx=ctx, iteration=number, preset=preset, lam=lam, select_by=select_by, device=device,
+        ctx.invoke(generate, ctx=ctx, iteration=number, method=method, preset=preset, lam=lam, select_by=select_by, device=device,
                    devices=devices, workers=workers, batch_prompts=batch_prompts, limit=limit,
                    lease_seconds=lease_seconds, max_attempts=max_attempts, no_wait=no_wait, retry_failed=retry_failed,
                    store_retry_seconds=store_retry_seconds, quiet=quiet, dtype=dtype, kv_budget=kv_budget,

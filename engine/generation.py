@@ -185,7 +185,6 @@ def run_worker(
     `say` receives one-line notices (waiting for other workers, store outages).
     """
     from csr.engine.loading import load_clip, load_policy
-    from csr.engine.search.sentence_search import SearchConfig
 
     stop = stop or threading.Event()
     say = say or (lambda _line: None)
@@ -197,7 +196,7 @@ def run_worker(
     # An iteration started with a dtype keeps it: the trees depend on it.
     policy = load_policy(config["policy_path"], device=options.device, dtype=config.get("dtype", options.dtype))
     clip = load_clip(config["clip"], config["clip_pretrained"], device=options.device)
-    search_config = SearchConfig.from_recorded(config["search"])
+    search_config = _method_config(config)
     lease = timedelta(seconds=options.lease_seconds)
     retry = _Retrying(store, options.store_retry_seconds, stats, say)
     worker_id = retry(store.register_worker, iteration, options.device)
@@ -254,7 +253,7 @@ def run_worker(
                     _fail(retry, claim, worker_id, first_line(outcome), options, stats)
                     continue
                 t1 = time.perf_counter()
-                tree = tree_rows(outcome)
+                tree = outcome if isinstance(outcome, Tree) else tree_rows(outcome)
                 try:
                     # One transaction: the whole tree, or (rolled back) nothing. After an
                     # outage it is written again whole; if the lost commit had landed, the
@@ -334,9 +333,25 @@ def _prompt_inputs(store: Store, prompt_ids: list[int]):
         return tx.prompt_inputs(prompt_ids)
 
 
+def _method_config(config: dict):
+    """How the iteration makes its trees: the search's settings, or (method
+    self-reward, engine/self_reward.py) the sampling and judge settings."""
+    if config.get("method") == "self-reward":
+        from csr.engine.self_reward import SelfRewardConfig, SelfRewardRun
+
+        return SelfRewardRun(SelfRewardConfig.from_dict(config["self_reward"]), config["policy_version"])
+    from csr.engine.search.sentence_search import SearchConfig
+
+    return SearchConfig.from_dict(config["search"])
+
+
 def _search_claims(policy, clip, held, inputs, search_config, embeddings, options) -> list:
-    """Per claim, its SearchResult or the exception that stopped it."""
+    """Per claim, its SearchResult (or, self-rewarding, its Tree) or the exception that stopped it."""
     from csr.engine.search.batch_search import PromptJob, search_prompts
+    from csr.engine.self_reward import SelfRewardRun
+
+    if isinstance(search_config, SelfRewardRun):
+        return _sample_claims(policy, clip, held, inputs, search_config, embeddings)
 
     outcomes: list = [None] * len(held)
     jobs, where = [], []
@@ -352,6 +367,23 @@ def _search_claims(policy, clip, held, inputs, search_config, embeddings, option
         where.append(i)
     for i, result in zip(where, search_prompts(policy, clip, jobs, search_config, options.kv_budget), strict=True):
         outcomes[i] = result
+    return outcomes
+
+
+def _sample_claims(policy, clip, held, inputs, run, embeddings) -> list:
+    """Self-rewarding: each claim's samples and judgements, one prompt at a time."""
+    from csr.engine.self_reward import sample_and_judge
+
+    outcomes: list = []
+    for claim in held:
+        text, image_path, image_id = inputs[claim.prompt_id]
+        try:
+            image = _load_image(image_path)
+            embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
+            outcomes.append(sample_and_judge(policy, clip, image, embedding, text, claim.prompt_id, run.config,
+                                             run.policy_version))
+        except Exception as exc:
+            outcomes.append(exc)
     return outcomes
 
 

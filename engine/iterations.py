@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from csr.engine import outside_pairs as outside
 from csr.engine.errors import CsrError
 from csr.engine.settings import Settings
 from csr.storage import curation, work
@@ -52,12 +53,26 @@ def curate(
     name: str | None = None,
     make_default: bool = False,
 ) -> curation.CurationResult:
+    it = store.iteration(iteration)
+    if it is not None and it.method != "csr":
+        return _curate_other_method(store, it, preset, lam, min_margin, name, make_default)
     base = iteration_policy(store, iteration)
     policy = curation.CurationPolicy(
         preset=preset or base.preset, lam=base.lam if lam is None else lam, min_margin=min_margin
     )
     with store.write() as tx:
         return tx.curate(iteration, policy, name=name, make_default=make_default)
+
+
+def _curate_other_method(store: Store, it, preset, lam, min_margin, name, make_default) -> curation.CurationResult:
+    """A self-rewarding iteration's pairs come from its judgements; an outside one has none to curate."""
+    if it.method == "self-reward":
+        if preset is not None or lam is not None:
+            raise CsrError(f"--preset and --lambda re-curate a csr tree; iteration {it.number} is self-rewarding")
+        with store.write() as tx:
+            return tx.curate_self_reward(it.number, min_margin, name, make_default)
+    raise OrderError(f"iteration {it.number} trains on the imported pair set "
+                     f"{it.config.get('pair_set')!r}: it has nothing to curate")
 
 
 @dataclass(frozen=True)
@@ -98,8 +113,9 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
         config = TrainConfig.from_dict(settings.train)
     except TrainConfigError as exc:
         raise CsrError(f"[train] in {settings.path}: {exc}") from exc
+    imported = outside.imported_for(store, iteration, options.pair_set)
     existing, parent = _check_order(store, iteration, options)
-    pair_set, rows, too_long = _pairs_to_train(store, iteration, options.pair_set, config)
+    pair_set, rows, too_long = _pairs_to_train(store, iteration, options.pair_set, config, imported, parent.path)
     examples = preference_examples(rows, parent.path, tree_reference=_tree_is_exact(store, iteration, config),
                                    prompt_template=_prompt_template(store, iteration))
     rows, examples, unencodable = _drop_unencodable(pair_set.name, rows, examples, parent.path, config)
@@ -118,7 +134,8 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
                 run_id = run.id
                 tx.mark_run(run_id, "running")
             else:
-                run_id = tx.start_training_run(iteration, pair_set.id, pairs_hash, hyperparams, str(checkpoint_dir))
+                run_id = tx.start_training_run(iteration, pair_set.id, pairs_hash, hyperparams, str(checkpoint_dir),
+                                               **outside.selection_of(pair_set))
     staging = models_dir / f"v{iteration}.staging"
     try:
         result = train_dpo(parent.path, examples, staging, checkpoint_dir, config, device=options.device)
@@ -182,18 +199,21 @@ def _check_order(store: Store, iteration: int, options: TrainOptions):
     return existing, parent
 
 
-def _pairs_to_train(store: Store, iteration: int, name: str | None, config):
+def _pairs_to_train(store: Store, iteration: int, name: str | None, config, imported=None, policy_path=""):
     """(pair set, rows that fit, rows over max_response_tokens); train implies
-    curate with the iteration's own policy when it has no default pair set."""
+    curate with the iteration's own policy when it has no default pair set.
+    An imported pair set's texts are tokenised here (they have no tree)."""
     with store.read() as tx:
-        pair_set = tx.pair_set(iteration, name)
+        pair_set = imported or tx.pair_set(iteration, name)
     if pair_set is None:
         if name:
-            raise OrderError(f"iteration {iteration} has no pair set named {name!r}")
+            raise OrderError(f"iteration {iteration} has no pair set named {name!r}, and no pair set of that "
+                             "name was imported (`csr pairs import`)")
         curate(store, iteration)
     with store.read() as tx:
         pair_set = pair_set or tx.pair_set(iteration)
-        rows = tx.training_rows(pair_set.id)
+        rows = (outside.tokenised(tx.outside_training_rows(pair_set.id), policy_path) if imported
+                else tx.training_rows(pair_set.id))
     if not rows:
         raise OrderError(
             f"pair set {pair_set.name!r} of iteration {iteration} is empty: nothing to train on "

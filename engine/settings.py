@@ -14,6 +14,7 @@ from typing import Any
 
 from csr.engine.errors import CsrError, SettingsError
 from csr.engine.search.config import SearchConfig
+from csr.engine.self_reward import SelfRewardConfig
 from csr.engine.settings_table import SettingsTable
 from csr.engine.train.config import TrainConfig
 from csr.storage.db import DEFAULT_URL, normalise_url
@@ -48,6 +49,7 @@ TABLES: dict[str, type[SettingsTable]] = {
     "paths": PathsTable,
     "generate": SearchConfig,
     "train": TrainConfig,
+    "self_reward": SelfRewardConfig,
 }
 
 
@@ -63,6 +65,7 @@ class Settings:
     # (and, for the search, the preset), flags can still be laid on top.
     generate: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    self_reward: dict = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
@@ -85,6 +88,7 @@ class Settings:
             "paths": {"models_dir": self.models_dir},
             "generate": self.generate,
             "train": self.train,
+            "self_reward": self.self_reward,
         }
         document = tomlkit.parse(self.path.read_text()) if self.path.exists() else tomlkit.parse(HEADER)
         for name, values in tables.items():
@@ -136,6 +140,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
     settings.models_dir = paths.models_dir
     settings.generate = dict(data.get("generate", {}))
     settings.train = dict(data.get("train", {}))
+    settings.self_reward = dict(data.get("self_reward", {}))
     return settings
 
 

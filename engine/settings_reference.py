@@ -128,6 +128,34 @@ def _rows(config_cls, described: dict) -> list[str]:
     return rows
 
 
+# [self_reward]: (what it does, where the default comes from). The released code has no self-rewarding.
+SELF_REWARD = {
+    "samples": ("responses sampled per prompt; every two of them are judged once", "appendix A.1: two"),
+    "temperature": ("sampling temperature", "Yuan et al. (self-rewarding LMs): 0.7"),
+    "top_p": ("nucleus sampling mass (no top-k)", "Yuan et al.: 0.9"),
+    "seed": ("seed of the study; each prompt draws with a seed derived from it, the policy version and "
+             "the prompt, so a rerun or another worker draws the same samples", ""),
+    "max_new_tokens": ("longest sampled response, in tokens", "LLaVA-1.5's evaluation length"),
+    "judge_max_new_tokens": ("longest judge output, in tokens (the judge decodes greedily)", ""),
+    "judge_prompt": ("the judge's prompt; must contain `{response 1}` and `{response 2}`",
+                     "table 3, verbatim"),
+    "judge_answers": ("what names Response 1 and Response 2 in the judge's output (case and spacing free; "
+                      "an output that is only `1` or `2` counts too); an output naming both or neither gives "
+                      "no verdict", "table 3's output format"),
+}
+
+
+def _self_reward_rows() -> list[str]:
+    from csr.engine.self_reward import SelfRewardConfig
+
+    rows = ["| key | default | source | what it does |", "|---|---|---|---|"]
+    for name, field in SelfRewardConfig.model_fields.items():
+        what, source = SELF_REWARD[name]
+        shown = "table 3" if name == "judge_prompt" else f"`{field.default}`"
+        rows.append(f"| `{name}` | {shown} | {source} | {what} |")
+    return rows
+
+
 def _location_rows() -> list[str]:
     rows = ["| key | default | what it does |", "|---|---|---|"]
     for section, described in LOCATIONS.items():
@@ -137,7 +165,7 @@ def _location_rows() -> list[str]:
 
 
 def missing_keys() -> list[str]:
-    described = {**LOCATIONS, "generate": GENERATE, "train": TRAIN}
+    described = {**LOCATIONS, "generate": GENERATE, "train": TRAIN, "self_reward": SELF_REWARD}
     return [f"[{section}] {name}" for section, table in TABLES.items()
             for name in table.model_fields if name not in described.get(section, {})]
 
@@ -185,6 +213,13 @@ def render() -> str:
         "model is version N-1 (the adapter switched off, or the tree's log-probs).",
         "",
         *_rows(TrainConfig, TRAIN),
+        "",
+        "## `[self_reward]`: the self-rewarding baseline (`csr generate --method self-reward`)",
+        "",
+        "Per prompt, the policy samples `samples` responses and judges every two with the paper's",
+        "table 3 prompt; curation takes the most and the least preferred (README: Baselines).",
+        "",
+        *_self_reward_rows(),
         "",
         "## Evaluation",
         "",

@@ -77,6 +77,9 @@ class Iteration(Base):
     number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     policy_version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"))
     preset: Mapped[str] = mapped_column(String(32))
+    # How the iteration makes pairs: csr (the calibrated search), self-reward
+    # (sampled responses judged by the model), outside (an imported pair set).
+    method: Mapped[str] = mapped_column(String(32), server_default="csr")
     # Every generation hyper-parameter, frozen when the iteration starts.
     config: Mapped[dict] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(64))
@@ -206,7 +209,8 @@ class PairSet(Base):
     __table_args__ = (UniqueConstraint("iteration", "name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    iteration: Mapped[int] = mapped_column(ForeignKey("iterations.number"))
+    # NULL for a pair set imported from elsewhere: it belongs to no iteration.
+    iteration: Mapped[int | None] = mapped_column(ForeignKey("iterations.number"))
     name: Mapped[str] = mapped_column(String(128))
     preset: Mapped[str] = mapped_column(String(32))
     params: Mapped[dict] = mapped_column(JSON)
@@ -214,6 +218,10 @@ class PairSet(Base):
     result_hash: Mapped[str] = mapped_column(String(64))
     is_default: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # csr | self-reward (pairs over the iteration's responses) | import (outside_pairs rows).
+    source: Mapped[str] = mapped_column(String(32), server_default="csr")
+    # Where imported pairs came from: file name, its sha256, layout, image folder, records.
+    origin: Mapped[dict | None] = mapped_column(JSON)
 
 
 class Pair(Base):
@@ -230,6 +238,50 @@ class Pair(Base):
     chosen_reward: Mapped[float] = mapped_column(Float)
     rejected_reward: Mapped[float] = mapped_column(Float)
     margin: Mapped[float] = mapped_column(Float)
+
+
+class Judgement(Base):
+    """One verdict of the self-rewarding judge (paper table 3) on two sampled
+    responses of one prompt: the prompt it was given, its whole output, and the
+    verdict parsed from it, or why none could be parsed."""
+
+    __tablename__ = "judgements"
+    __table_args__ = (
+        UniqueConstraint("iteration", "prompt_id", "first_node", "second_node", name="uq_judgements_pair"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    iteration: Mapped[int] = mapped_column(ForeignKey("iterations.number"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    # The two samples shown as "Response 1" and "Response 2" (candidate nodes of the one-level tree).
+    first_node: Mapped[int] = mapped_column(Integer)
+    second_node: Mapped[int] = mapped_column(Integer)
+    # The seed the prompt's samples were drawn with (from the iteration's seed and the prompt).
+    sample_seed: Mapped[int] = mapped_column(BigInteger)
+    judge_prompt: Mapped[str] = mapped_column(Text)
+    output: Mapped[str] = mapped_column(Text)
+    output_token_ids: Mapped[list] = mapped_column(JSON)
+    # 1 or 2: which response the judge preferred; NULL when its output names neither.
+    verdict: Mapped[int | None] = mapped_column(Integer)
+    parse_error: Mapped[str | None] = mapped_column(Text)
+
+
+class OutsidePair(Base):
+    """One pair of an imported preference data set: no search tree behind it,
+    only the texts (the trainer tokenises them and computes the reference)."""
+
+    __tablename__ = "outside_pairs"
+    __table_args__ = (UniqueConstraint("pair_set_id", "position", name="uq_outside_pairs_position"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    pair_set_id: Mapped[int] = mapped_column(ForeignKey("pair_sets.id", ondelete="CASCADE"))
+    # The record's place in the file (from 1) and its id there, if it had one.
+    position: Mapped[int] = mapped_column(Integer)
+    external_id: Mapped[str | None] = mapped_column(String(255))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    chosen_text: Mapped[str] = mapped_column(Text)
+    rejected_text: Mapped[str] = mapped_column(Text)
 
 
 class TrainingRun(Base):

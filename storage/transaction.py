@@ -16,7 +16,16 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from csr.storage import curation, evaluations, prompts, summary, versions, work
+from csr.storage import (
+    curation,
+    evaluations,
+    outside_pairs,
+    prompts,
+    self_reward_curation,
+    summary,
+    versions,
+    work,
+)
 from csr.storage.errors import StoreError
 
 
@@ -44,6 +53,7 @@ class IterationInfo:
     number: int
     policy_version: int
     preset: str
+    method: str
     config: dict
     config_hash: str
     state: str
@@ -55,7 +65,7 @@ class PairSetInfo:
     """A named, hashed set of curated pairs of one iteration."""
 
     id: int
-    iteration: int
+    iteration: int | None  # None: imported (`csr pairs import`), of no iteration
     name: str
     preset: str
     params: dict
@@ -63,6 +73,8 @@ class PairSetInfo:
     result_hash: str
     is_default: bool
     created_at: datetime
+    source: str
+    origin: dict | None
 
 
 def _as(cls: type, row: Any):
@@ -130,9 +142,9 @@ class Transaction:
         return versions.find_resumable_run(self._conn, iteration, pairs_hash, hyperparams)
 
     def start_training_run(self, iteration: int, pair_set_id: int, pairs_hash: str, hyperparams: dict,
-                           checkpoint_dir: str) -> int:
+                           checkpoint_dir: str, selection_sql: str = curation.TRAINING_SELECTION) -> int:
         """A run records the trainer's one query (`training_rows`) with the hash of its result."""
-        return versions.start_training_run(self._for_writing(), iteration, pair_set_id, curation.TRAINING_SELECTION,
+        return versions.start_training_run(self._for_writing(), iteration, pair_set_id, selection_sql,
                                            pairs_hash, hyperparams, checkpoint_dir)
 
     def mark_run(self, run_id: int, state: str, metrics: list | None = None) -> None:
@@ -154,6 +166,27 @@ class Transaction:
 
     def pair_clip_means(self, pair_set_id: int) -> tuple[float | None, float | None]:
         return curation.pair_clip_means(self._conn, pair_set_id)
+
+    # -- self-rewarding and imported pair sets -------------------------------------------
+    def curate_self_reward(self, iteration: int, min_margin: float = 0.0, name: str | None = None,
+                           make_default: bool = False) -> curation.CurationResult:
+        return self_reward_curation.curate(self._for_writing(), iteration, min_margin, name, make_default)
+
+    def judgements(self, iteration: int, prompt_id: int | None = None) -> list[dict]:
+        return self_reward_curation.judgements(self._conn, iteration, prompt_id)
+
+    def imported_pair_set(self, name: str) -> PairSetInfo | None:
+        return _as(PairSetInfo, outside_pairs.imported_pair_set(self._conn, name))
+
+    def insert_imported_pair_set(self, name: str, origin: dict, params: dict, result_hash: str,
+                                 pairs: list[dict]) -> int:
+        return outside_pairs.insert_pair_set(self._for_writing(), name, origin, params, result_hash, pairs)
+
+    def outside_training_rows(self, pair_set_id: int) -> list[dict]:
+        return outside_pairs.training_rows(self._conn, pair_set_id)
+
+    def start_outside_iteration(self, number: int, config: dict) -> bool:
+        return outside_pairs.start_outside_iteration(self._for_writing(), number, config)
 
     # -- evaluations ---------------------------------------------------------------------
     def find_evaluation(self, model_version: int, fingerprint: str) -> dict | None:

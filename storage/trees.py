@@ -10,7 +10,7 @@ from functools import cache
 
 from sqlalchemy import Connection, insert, select
 
-from csr.storage.models import Candidate, Response
+from csr.storage.models import Candidate, Judgement, Response
 
 # The columns a caller supplies for each candidate, in this order.
 CANDIDATE_COLUMNS = (
@@ -55,10 +55,12 @@ RESPONSE_COLUMNS = (
 @dataclass
 class Tree:
     """One (iteration, prompt) search tree as plain rows: CANDIDATE_COLUMNS
-    dicts in node order and RESPONSE_COLUMNS dicts, one per final response."""
+    dicts in node order and RESPONSE_COLUMNS dicts, one per final response;
+    a self-rewarding tree also has its judge's verdicts (`judgements` rows)."""
 
     candidates: list[dict]
     responses: list[dict] = field(default_factory=list)
+    judgements: list[dict] = field(default_factory=list)
 
 # Positional placeholder of each DB-API paramstyle the fast path knows.
 _MARKERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
@@ -153,4 +155,7 @@ def insert_tree(conn: Connection, iteration: int, prompt_id: int, tree: Tree) ->
                 for row in tree.responses
             ],
         )
+    if tree.judgements:
+        conn.execute(insert(Judgement), [{"iteration": iteration, "prompt_id": prompt_id, **row}
+                                         for row in tree.judgements])
     return written

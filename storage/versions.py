@@ -137,11 +137,14 @@ def lineage(conn: Connection, version: int) -> list[dict]:
                 "params": ps.params,
                 "result_hash": ps.result_hash,
                 "selection_sql": ps.selection_sql,
+                "source": ps.source,
+                "origin": ps.origin,
             }
             entry["generation"] = {
                 "iteration": it.number,
                 "policy_version": it.policy_version,
                 "preset": it.preset,
+                "method": it.method,
                 "config": it.config,
                 "config_hash": it.config_hash,
             }

@@ -86,6 +86,7 @@ def _start_iteration(conn: Connection, number: int, preset: str, config: dict) -
             number=number,
             policy_version=number - 1,
             preset=preset,
+            method=config.get("method", "csr"),
             config=config,
             config_hash=digest,
             state="generating",

@@ -192,6 +192,23 @@ def _fill_0002(url: str, fingerprinted: bool = False) -> None:
     engine.dispose()
 
 
+def test_0006_records_the_csr_method_for_existing_iterations_and_pair_sets(store_url):
+    engine = make_engine(store_url)
+    migrate.upgrade(engine, "0004")
+    engine.dispose()
+    _fill_0004(store_url)
+    engine = make_engine(store_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            methods = conn.execute(text("SELECT DISTINCT method FROM iterations")).scalars().all()
+            sources = conn.execute(text("SELECT DISTINCT source FROM pair_sets")).scalars().all()
+            origins = conn.execute(text("SELECT origin FROM pair_sets")).scalars().all()
+        assert methods == ["csr"] and sources == ["csr"] and set(origins) == {None}
+    finally:
+        engine.dispose()
+
+
 def test_0004_gives_old_evaluations_a_fingerprint_and_their_metrics(store_url):
     engine = make_engine(store_url)
     migrate.upgrade(engine, "0002")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csr.engine import self_reward
 from csr.engine.errors import CsrError
 from csr.engine.evaluate import pope
 from csr.engine.evaluate.benchmarks import ChairTask, PopeTask, evaluate_versions
@@ -51,6 +52,11 @@ DEMO_GENERATE = {
     "preset": Preset.paper,
     "lam": 0.9,
 }
+# The self-rewarding baseline in the demo: the tiny policy writes only the
+# world's words and cannot answer "response 1", so its verdicts are read from
+# the first two shape words (run_demo fills them in): a judge no better than
+# its model, which is what self-rewarding has without a capable judge.
+DEMO_SELF_REWARD = {"max_new_tokens": 64, "judge_max_new_tokens": 16}
 DEMO_TRAIN = {
     "beta": 0.1,
     "sft_weight": 1.0,
@@ -83,6 +89,9 @@ class DemoOptions:
     model_scenes: int = 2000
     generate: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    # How each iteration makes pairs: csr, or self-reward ([self_reward] settings on top of DEMO_SELF_REWARD).
+    method: str = "csr"
+    self_reward: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -147,6 +156,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         models_dir="models",
         generate=generate,
         train=train,
+        self_reward={**DEMO_SELF_REWARD, "judge_answers": list(world.shapes[:2]), **options.self_reward},
     )
     settings.write()
     store, _ = Store.create(settings.store_url)
@@ -168,7 +178,10 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
 
         def generate_in_process(number: int) -> None:
             t = time.perf_counter()
-            preset, config = iteration_config(store, number, settings.generate)
+            if options.method == "self-reward":
+                preset, config = self_reward.iteration_config(store, number, settings.self_reward)
+            else:
+                preset, config = iteration_config(store, number, settings.generate)
             store.start_iteration(number, preset, config)
             stats = run_worker(store, number, config, WorkerOptions(device=options.device, batch_prompts=8),
                                stop=threading.Event())
