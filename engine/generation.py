@@ -376,9 +376,9 @@ def _sample_claims(policy, clip, held, inputs, run, embeddings) -> list:
 
     outcomes: list = []
     for claim in held:
-        text, image_path, image_id = inputs[claim.prompt_id]
+        text, image_path, image_id, image_sha256 = inputs[claim.prompt_id]
         try:
-            image = _load_image(image_path)
+            image = _load_image(image_path, image_sha256)
             embedding = _cached(embeddings, image_id, lambda img=image: clip.encode_image(img))
             outcomes.append(sample_and_judge(policy, clip, image, embedding, text, claim.prompt_id, run.config,
                                              run.policy_version))

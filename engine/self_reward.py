@@ -199,6 +199,8 @@ def draw_samples(policy, image, prompt: str, config: SelfRewardConfig, seed: int
             max_new_tokens=config.max_new_tokens,
             eos_token_id=policy.eos_token_id,
             pad_token_id=_pad_id(policy),
+            # As the search: never an id training cannot take back as text (the image placeholder).
+            suppress_tokens=list(getattr(policy, "masked_ids", ())) or None,
             return_dict_in_generate=True,
             output_logits=True,
         )

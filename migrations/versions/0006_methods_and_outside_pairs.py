@@ -1,7 +1,7 @@
 """iterations record their method; self-rewarding judgements; imported pair sets
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 
 An iteration makes its pairs by a method: `csr` (the calibrated search, every
 iteration before this revision), `self-reward` (sampled responses judged by the
