@@ -29,7 +29,12 @@ from csr.engine.demo import tiny
 from csr.engine.loading import load_clip, load_policy
 from csr.engine.search import batch_search
 from csr.engine.search.batch_search import PromptJob, kv_bytes_per_prompt
-from csr.engine.search.sentence_search import ExpandStats, PromptPrefix, SearchConfig
+from csr.engine.search.sentence_search import (
+    ExpandStats,
+    PromptPrefix,
+    SearchConfig,
+    search_beam_settings,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import CLIP_CONFIG, PROMPTS, SIZES, WORDS, make_images  # noqa: E402
@@ -81,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [PromptJob(image, PROMPTS[i % len(PROMPTS)]) for i, image in enumerate(make_images(args.prompts))]
     one = max(kv_bytes_per_prompt(policy.model, config, PromptPrefix(policy, j.image, j.prompt_text).length) for j in jobs)
     threaded = threaded_module()
+    # The threaded schedule over today's token-level settings (masked ids, the preset's
+    # sentence ends), so that only the schedule differs between the two.
+    threaded.BeamSettings = lambda **_: search_beam_settings(policy, config)
     schedules = {"threaded": threaded.search_prompts, "loop": batch_search.search_prompts}
     schedules["loop"](policy, clip, jobs[:2], config.replace(max_new_tokens=4, max_length=8), 2 * one)  # warm-up
 

@@ -11,7 +11,7 @@ import typer
 import csr
 from csr.cli.context import CliState
 from csr.cli.help import CsrGroup
-from csr.engine.errors import USER_ERRORS
+from csr.engine.errors import USER_ERRORS, error_line
 
 # -h as well as --help, on every command.
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
@@ -135,15 +135,5 @@ def main() -> None:
             sys.exit(1)
         if _debug():
             raise
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from csr.storage.outages import first_line, is_outage
-
-        # SQLAlchemy's message goes on with the statement and every parameter row:
-        # one line says what went wrong; CSR_DEBUG=1 shows the rest.
-        if isinstance(exc, SQLAlchemyError):
-            what = "the store is unreachable" if is_outage(exc) else "the store refused the operation"
-            print(f"csr: error: {what}: {first_line(exc)} (CSR_DEBUG=1 for details)", file=sys.stderr)
-        else:
-            print(f"csr: error: unexpected {first_line(exc)} (CSR_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"csr: error: {error_line(exc)}", file=sys.stderr)
         sys.exit(1)

@@ -1,4 +1,5 @@
-"""`csr generate --iter N`: one worker in this process, or K worker processes.
+"""`csr generate --iter N`: one worker in this process, or K worker processes
+(the generate step itself is engine/generate.py; this module parses and shows).
 
 Exit status: 0 when the iteration is finished (or --limit reached); 1 with one
 line on an error; 130 / 143 when SIGINT / SIGTERM stopped the run (the
@@ -9,14 +10,12 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
-import time
-from pathlib import Path
+from dataclasses import asdict
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from csr.cli.context import state
+from csr.cli.context import CliState, state
 from csr.cli.output import Console, echo_json, json_option
 from csr.cli.vocabulary import (
     DEVICE_HELP,
@@ -27,13 +26,10 @@ from csr.cli.vocabulary import (
     dtype_name,
     value,
 )
-from csr.engine import self_reward
 from csr.engine.errors import CsrError
-from csr.engine.generation import WorkerOptions, iteration_config, run_worker
+from csr.engine.generate import GenerateRequest, generate_iteration
+from csr.engine.generation import WorkerOptions
 from csr.engine.self_reward import Method
-from csr.engine.workers import StopSignals, WorkerProcesses, worker_commands
-from csr.storage import work
-from csr.storage.outages import is_outage
 from csr.storage.store import Store
 
 console = Console(stderr=True)
@@ -63,25 +59,37 @@ def generate(
 ) -> None:
     """Run the calibrated sentence-level beam search over every prompt; resumable, many workers may share a store."""
     st = state(ctx)
+    request = generate_request(
+        st, iteration, method=method, preset=preset, lam=lam, select_by=select_by, device=device, devices=devices,
+        workers=workers, batch_prompts=batch_prompts, limit=limit, lease_seconds=lease_seconds,
+        max_attempts=max_attempts, no_wait=no_wait, retry_failed=retry_failed,
+        store_retry_seconds=store_retry_seconds, dtype=dtype, kv_budget=kv_budget,
+    )
+    run_generate(st, request, quiet, as_json)
+
+
+def generate_request(st: CliState, iteration: int, *, method=None, preset=None, lam=None, select_by=None,
+                     device=None, devices=None, workers=1, batch_prompts=4, limit=None, lease_seconds=120.0,
+                     max_attempts=3, no_wait=False, retry_failed=False, store_retry_seconds=300.0, dtype=None,
+                     kv_budget=None) -> GenerateRequest:
+    """The generate step the options ask for (`csr generate` and `csr iterate` alike)."""
     settings = dict(st.settings.generate)
-    dtype = dtype_name(dtype)
     flags = {"--preset": value(preset), "--lambda": lam, "--select-by": value(select_by)}
     for key, chosen in zip(("preset", "lam", "select_by"), flags.values(), strict=True):
         if chosen is not None:
             settings[key] = chosen
+    dtype = dtype_name(dtype)
     device_list = _devices(devices, workers, default_device(device))
-    with Store.open(st.url) as store:
-        preset_name, config = _iteration_config(store, st, iteration, value(method), settings,
-                                                 [flag for flag, chosen in flags.items() if chosen is not None])
-        if dtype is not None:
-            config["dtype"] = dtype
-        _, created = store.start_iteration(iteration, preset_name, config)
-        if created and not quiet:
-            console.print(f"iteration {iteration} started (preset {preset_name}, policy version {iteration - 1})")
-        if retry_failed:
-            again = store.retry_failed(iteration)
-            console.print(f"{again} failed prompt(s) of iteration {iteration} put back to pending")
-        options = WorkerOptions(
+    return GenerateRequest(
+        iteration=iteration,
+        method=value(method),
+        search_settings=settings,
+        self_reward_settings=dict(st.settings.self_reward),
+        search_overrides=tuple(flag for flag, chosen in flags.items() if chosen is not None),
+        settings_source=str(st.settings.path),
+        retry_failed=retry_failed,
+        devices=tuple(device_list),
+        options=WorkerOptions(
             device=device_list[0],
             batch_prompts=batch_prompts,
             limit=limit,
@@ -91,30 +99,49 @@ def generate(
             store_retry_seconds=store_retry_seconds,
             dtype=dtype,
             kv_budget=None if kv_budget is None else int(kv_budget * 2**30),
-        )
-        if workers == 1:
-            stats = _run_here(store, iteration, config, options, quiet)
+        ),
+    )
+
+
+def run_generate(st: CliState, request: GenerateRequest, quiet: bool, as_json: bool = False) -> None:
+    """One generate step with a progress bar and its messages; exits 128 + the
+    signal when one stopped it."""
+    iteration = request.iteration
+
+    def started(preset: str, created: bool, retried: int) -> None:
+        if created and not quiet:
+            console.print(f"iteration {iteration} started (preset {preset}, policy version {iteration - 1})")
+        if request.retry_failed:
+            console.print(f"{retried} failed prompt(s) of iteration {iteration} put back to pending")
+
+    with Store.open(st.url) as store, _progress(quiet) as bar:
+        task = bar.add_task("generate", total=None, iteration=iteration, rates="")
+
+        def progress(completed: int, total: int, rates: str) -> None:
+            bar.update(task, completed=completed, total=total, rates=rates)
+
+        outcome = generate_iteration(store, st.url, request, on_started=started, on_progress=progress,
+                                     say=lambda line: console.print(line, soft_wrap=True, highlight=False))
+        prompts = store.progress(iteration)
+    for error in outcome.errors:
+        console.print(f"failed: {error}", soft_wrap=True, highlight=False, markup=False)
+    if outcome.stopped_by is not None:
+        name = signal.Signals(outcome.stopped_by).name
+        if outcome.workers == 1:
+            what = (f"{outcome.prompts_done} prompt(s) done, {outcome.released} released for the next run; "
+                    "worker stopped")
         else:
-            stats = _run_processes(ctx, store, iteration, settings, options, device_list, quiet)
-        if as_json:
-            echo_json({"iteration": iteration, "preset": preset_name, "prompts": store.progress(iteration),
-                       "this_run": stats})
-
-
-def _iteration_config(store: Store, st, iteration: int, method: str | None, settings: dict,
-                      search_flags: list[str]) -> tuple[str, dict]:
-    """The iteration's frozen settings under its method: an iteration started
-    with a method keeps it, so a rerun without --method resumes it."""
-    if method is None:
-        existing = store.iteration(iteration)
-        method = existing.method if existing is not None else Method.csr.value
-    if method == Method.self_reward:
-        if search_flags:
-            raise CsrError(f"{search_flags[0]} sets the search of the csr method; "
-                           f"iteration {iteration} is self-rewarding ([self_reward] in csr.toml)")
-        return self_reward.iteration_config(store, iteration, st.settings.self_reward,
-                                            f"[self_reward] in {st.settings.path}")
-    return iteration_config(store, iteration, settings, f"[generate] in {st.settings.path}")
+            what = f"{outcome.workers} worker process(es) stopped; their prompts were released"
+        print(f"csr: stopped by {name}: {what}", file=sys.stderr, flush=True)
+        raise typer.Exit(128 + outcome.stopped_by)
+    if not quiet and outcome.workers == 1:
+        console.print(f"worker done: {outcome.prompts_done} prompt(s), {outcome.candidates} candidate(s), "
+                      f"{outcome.prompts_failed} failed, in {outcome.wall_seconds:.1f} s")
+    if as_json:
+        this_run = {k: v for k, v in asdict(outcome).items() if k in (
+            "prompts_done", "candidates", "prompts_failed", "workers")}
+        this_run["wall_seconds"] = round(outcome.wall_seconds, 3)
+        echo_json({"iteration": iteration, "preset": outcome.preset, "prompts": prompts, "this_run": this_run})
 
 
 def _devices(devices: str | None, workers: int, device: str) -> list[str]:
@@ -136,86 +163,6 @@ def _progress(quiet: bool) -> Progress:
         console=console,
         disable=quiet,
     )
-
-
-def _exit_if_stopped(signals: StopSignals, what: str) -> None:
-    if signals.received is not None:
-        name = signal.Signals(signals.received).name
-        print(f"csr: stopped by {name}: {what}", file=sys.stderr, flush=True)
-        raise typer.Exit(128 + signals.received)
-
-
-def _run_here(store: Store, iteration: int, config: dict, options: WorkerOptions, quiet: bool) -> dict:
-    stop = threading.Event()
-    counts = store.progress(iteration)
-    total = sum(counts.values())
-    started = time.perf_counter()
-    done = {"prompts": 0, "candidates": 0}
-    with StopSignals(stop) as signals:
-        with _progress(quiet) as bar:
-            task = bar.add_task("generate", total=total, completed=counts[work.DONE] + counts[work.FAILED],
-                                iteration=iteration, rates="")
-
-            def on_progress(prompts: int, candidates: int) -> None:
-                done["prompts"] += prompts
-                done["candidates"] += candidates
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.update(task, advance=prompts, rates=f"{done['prompts'] / elapsed:.2f} prompts/s "
-                                                        f"{done['candidates'] / elapsed:.1f} candidates/s")
-
-            stats = run_worker(store, iteration, config, options, stop=stop, on_progress=on_progress,
-                               say=lambda line: console.print(line, soft_wrap=True, highlight=False))
-    for error in stats.errors:
-        console.print(f"failed: {error}", soft_wrap=True, highlight=False, markup=False)
-    _exit_if_stopped(
-        signals,
-        f"{stats.prompts_done} prompt(s) done, {stats.released} released for the next run; worker stopped"
-    )
-    if not quiet:
-        console.print(
-            f"worker done: {stats.prompts_done} prompt(s), {stats.candidates} candidate(s), "
-            f"{stats.prompts_failed} failed, in {stats.wall_seconds:.1f} s "
-            f"(store writes {stats.store_seconds:.2f} s)"
-        )
-    return {"prompts_done": stats.prompts_done, "candidates": stats.candidates, "prompts_failed": stats.prompts_failed,
-            "wall_seconds": round(stats.wall_seconds, 3), "workers": 1}
-
-
-def _run_processes(ctx, store: Store, iteration, settings, options: WorkerOptions, device_list, quiet) -> dict:
-    st = state(ctx)
-    exe = Path(sys.executable).with_name("csr")
-    csr = [str(exe) if exe.exists() else "csr", "--db", st.url]
-    if st.config is not None:
-        csr += ["--config", str(st.config)]
-    processes = WorkerProcesses(worker_commands(csr, iteration, settings, options, device_list))
-    stop = threading.Event()
-    started = time.perf_counter()
-    with StopSignals(stop, on_signal=processes.forward) as signals:
-        first = store.progress(iteration)
-        with _progress(quiet) as bar:
-            task = bar.add_task("generate", total=sum(first.values()), completed=first[work.DONE] + first[work.FAILED],
-                                iteration=iteration, rates="")
-            while processes.running():
-                time.sleep(1.0)  # a signal runs its handler and the sleep goes on
-                try:
-                    now = store.progress(iteration)
-                except Exception as exc:
-                    if not is_outage(exc):
-                        raise
-                    continue  # a store outage: the workers retry on their own; so does the bar
-                finished = now[work.DONE] + now[work.FAILED]
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                rate = (now[work.DONE] - first[work.DONE]) / elapsed
-                bar.update(task, completed=finished, rates=f"{rate:.2f} prompts/s, {len(processes.children)} workers")
-    _exit_if_stopped(signals, f"{len(processes.children)} worker process(es) stopped; their prompts were released")
-    failed = processes.failed()
-    if failed:
-        raise CsrError(f"{len(failed)} of {len(processes.children)} worker process(es) failed (exit codes {failed}); "
-                       f"run `csr generate --iter {iteration}` again to finish the iteration")
-    store.finish_iteration_if_done(iteration)
-    done = store.progress(iteration)[work.DONE] - first[work.DONE]
-    return {"prompts_done": done, "wall_seconds": round(time.perf_counter() - started, 3),
-            "workers": len(processes.children)}
 
 
 def register(app: typer.Typer) -> None:

@@ -20,3 +20,12 @@ class SettingsError(ValueError):
 
 # Everything the CLI reports as a one-line message instead of a traceback.
 USER_ERRORS = (CsrError, StoreError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line csr prints for an error that ends a command or a worker."""
+    if isinstance(exc, USER_ERRORS):
+        return str(exc)
+    from csr.storage.outages import first_line, store_failure
+
+    return store_failure(exc) or f"unexpected {first_line(exc)} (CSR_DEBUG=1 for the traceback)"

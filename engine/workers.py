@@ -1,6 +1,7 @@
 """Generation worker processes and the signals that stop them.
 
-`csr generate --workers K` runs K `csr generate` processes on one store; this
+`csr generate --workers K` runs K worker processes on one store
+(engine/worker_process.py, each from a spec engine/generate.py writes); this
 module starts them (one device and a share of the CPU threads each), passes
 stop signals on, and reports their exit codes. The store's queue does the
 rest: the processes claim, lease and complete prompts on their own.
@@ -17,8 +18,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-
-from csr.engine.generation import WorkerOptions
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -55,34 +54,6 @@ class StopSignals:
         print(f"csr: {name}: stopping after the current prompt ({name} again to abort at once)",
               file=sys.stderr, flush=True)
         self.stop.set()
-
-
-def worker_commands(csr: Sequence[str], iteration: int, search_overrides: dict, options: WorkerOptions,
-                    devices: Sequence[str]) -> list[list[str]]:
-    """One `csr generate` command per device. `csr` is the console script with
-    its store options; `options.limit` is shared out between the workers."""
-    per_worker_limit = None if options.limit is None else -(-options.limit // len(devices))
-    commands = []
-    for device in devices:
-        cmd = [
-            *csr, "generate", "--iter", str(iteration), "--device", device,
-            "--batch-prompts", str(options.batch_prompts), "--lease-seconds", str(options.lease_seconds),
-            "--max-attempts", str(options.max_attempts), "--quiet",
-            "--store-retry-seconds", str(options.store_retry_seconds),
-        ]
-        if not options.wait:
-            cmd.append("--no-wait")
-        for key, flag in (("preset", "--preset"), ("lam", "--lambda"), ("select_by", "--select-by")):
-            if key in search_overrides:
-                cmd += [flag, str(search_overrides[key])]
-        if per_worker_limit is not None:
-            cmd += ["--limit", str(per_worker_limit)]
-        if options.dtype is not None:
-            cmd += ["--dtype", options.dtype]
-        if options.kv_budget is not None:
-            cmd += ["--kv-budget", str(options.kv_budget / 2**30)]
-        commands.append(cmd)
-    return commands
 
 
 class WorkerProcesses:

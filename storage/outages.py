@@ -45,3 +45,16 @@ def first_line(exc: BaseException, limit: int = MAX_MESSAGE) -> str:
     lines = str(inner).strip().splitlines()
     text = f"{type(inner).__name__}: {lines[0].strip()}" if lines else type(inner).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """The one line for a database error csr did not expect (an outage, or a
+    statement the store refused); None for any other exception."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if not isinstance(exc, SQLAlchemyError):
+        return None
+    # SQLAlchemy's message goes on with the statement and every parameter row:
+    # one line says what went wrong; CSR_DEBUG=1 shows the rest.
+    what = "the store is unreachable" if is_outage(exc) else "the store refused the operation"
+    return f"{what}: {first_line(exc)} (CSR_DEBUG=1 for details)"

@@ -187,11 +187,11 @@ def test_training_on_an_imported_pair_set(tmp_path, store_url, trained_llava_dir
     [(selection,)] = study.query("SELECT selection_sql FROM training_runs")
     assert "FROM outside_pairs" in selection
 
-    lineage = json.loads(study.invoke("lineage", "--version", "1", "--json").stdout)
+    lineage = json.loads(study.invoke("lineage", "--model-version", "1", "--json").stdout)
     assert lineage[0]["pair_set"]["source"] == "import"
     assert lineage[0]["pair_set"]["origin"]["file"] == "truth.jsonl"
     assert lineage[0]["generation"]["method"] == "outside"
-    shown = study.invoke("lineage", "--version", "1")
+    shown = study.invoke("lineage", "--model-version", "1")
     assert "pairs imported from" in shown.stdout and "truth.jsonl" in shown.stdout
 
     # Version 1 is a policy like any other: CSR's iteration 2 generates from it.

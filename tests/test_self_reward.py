@@ -198,10 +198,10 @@ def test_self_rewarding_generate_curate_train(tmp_path, store_url, trained_llava
 
     trained = study.invoke("train", "--iter", "1")
     assert trained.returncode == 0, trained.stderr
-    lineage = json.loads(study.invoke("lineage", "--version", "1", "--json").stdout)
+    lineage = json.loads(study.invoke("lineage", "--model-version", "1", "--json").stdout)
     assert lineage[0]["generation"]["method"] == "self-reward"
     assert lineage[0]["pair_set"]["source"] == "self-reward"
-    shown = study.invoke("lineage", "--version", "1")
+    shown = study.invoke("lineage", "--model-version", "1")
     assert "self-rewarding" in shown.stdout
 
     # Iteration 2 samples from version 1 and keeps the method given.

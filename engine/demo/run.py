@@ -10,18 +10,17 @@ bootstrap intervals. Everything goes through the same code a real study uses.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csr.engine import self_reward
 from csr.engine.errors import CsrError
 from csr.engine.evaluate import pope
 from csr.engine.evaluate.benchmarks import ChairTask, PopeTask, evaluate_versions
 from csr.engine.evaluate.chair import world_vocabulary
-from csr.engine.generation import WorkerOptions, iteration_config, run_worker
+from csr.engine.generate import GenerateRequest, generate_iteration
+from csr.engine.generation import WorkerOptions
 from csr.engine.io.importing import import_prompts
 from csr.engine.iterations import TrainOptions
 from csr.engine.pipeline import run_iteration
@@ -178,14 +177,15 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
 
         def generate_in_process(number: int) -> None:
             t = time.perf_counter()
-            if options.method == "self-reward":
-                preset, config = self_reward.iteration_config(store, number, settings.self_reward)
-            else:
-                preset, config = iteration_config(store, number, settings.generate)
-            store.start_iteration(number, preset, config)
-            stats = run_worker(store, number, config, WorkerOptions(device=options.device, batch_prompts=8),
-                               stop=threading.Event())
-            say(f"iteration {number}: generated {stats.prompts_done} prompt(s), {stats.candidates} candidate(s) "
+            request = GenerateRequest(
+                iteration=number, method=options.method, search_settings=settings.generate,
+                self_reward_settings=settings.self_reward, settings_source=str(settings.path),
+                devices=(options.device,), options=WorkerOptions(device=options.device, batch_prompts=8),
+            )
+            done = generate_iteration(store, settings.store_url, request)
+            if done.stopped_by is not None:
+                raise KeyboardInterrupt
+            say(f"iteration {number}: generated {done.prompts_done} prompt(s), {done.candidates} candidate(s) "
                 f"in {time.perf_counter() - t:.1f} s")
 
         rows = [evaluate_version(0)]
