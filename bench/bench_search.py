@@ -43,9 +43,11 @@ before and after.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import threading
@@ -67,7 +69,14 @@ from measures import PeakMemory, peak_matmul_flops, sync, useful_flops  # noqa: 
 
 # The released-code-style baseline is a test reference; the repository root makes `tests` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.reference_search import naive_sentence_beam_search  # noqa: E402
+from tests.reference_search import CallCounts, naive_sentence_beam_search  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+# The authors' release: the venv bench/make_release_venv.sh builds, and the git
+# directory the `fetch` tool brings github:YiyangZhou/CSR into.
+RELEASE_VENV = Path(os.environ.get("CSR_RELEASE_VENV", BENCH / "out" / "release-venv"))
+RELEASE_GIT = Path(os.environ.get("CSR_RELEASE_GIT", "/work/.mirror/YiyangZhou+CSR/repo"))
+COUNT_FIELDS = ("generate_calls", "forward_passes", "prefill_positions", "decode_rows", "vision_images")
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -222,6 +231,57 @@ def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prom
         engine.dispose()
 
 
+def run_release(args, policy, policy_dir: Path, root: Path, images, prompts, config) -> dict | str:
+    """The authors' `sentence_level_beam_search_tree` on the same model, images
+    and prompts, in a subprocess of the release venv (bench/release_search.py);
+    its figures, or why it was skipped."""
+    python = Path(args.release_venv) / "bin" / "python"
+    if not python.exists():
+        return f"no release venv at {args.release_venv} (build it: bash bench/make_release_venv.sh)"
+    git_dir = Path(args.release_git)
+    head = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return f"the release's repository is not at {git_dir} (fetch github:YiyangZhou/CSR; or set CSR_RELEASE_GIT)"
+    if args.device != "cpu" or args.dtype != "float32":
+        return "the release runs here on the CPU in float32 only"
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(root / f"release-{i}.png")
+        image.save(paths[-1])
+    job = {
+        "git_dir": str(git_dir),
+        "commit": head.stdout.strip(),
+        "policy_dir": str(policy_dir),
+        "threads": args.threads,
+        "search": {
+            "sentence_end_id": policy.sentence_end_ids[0],
+            "max_new_tokens": config.max_new_tokens,
+            "max_length": config.max_length,
+            "num_beams": config.num_beams,
+            "num_beam_groups": config.num_beam_groups,
+            "num_token_beams": config.num_token_beams,
+            "diversity_penalty": config.diversity_penalty,
+        },
+        "prompts": [
+            {"id": str(i), "image": str(path), "text": policy.build_prompt(prompt)}
+            for i, (path, prompt) in enumerate(zip(paths, prompts, strict=True))
+        ],
+    }
+    (root / "release-job.json").write_text(json.dumps(job))
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [str(python), str(BENCH / "release_search.py"), str(root / "release-job.json")],
+        capture_output=True, text=True, env=env,
+    )
+    if done.returncode != 0:
+        return "the release failed:\n  " + "\n  ".join(done.stderr.strip().splitlines()[-5:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["commit"] = job["commit"]
+    return result
+
+
 def compare(a, b) -> list[str]:
     """Differences between two searches' candidate lists (empty when they agree)."""
     problems = []
@@ -249,6 +309,46 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def print_release(release, runs, seconds, counts, loads, rate, n_prompts: int, threads: int) -> None:
+    """The release and csr's ways side by side: candidates/s, seconds per
+    prompt, what each computed (call by call) and the load beside each."""
+    print(f"\nagainst the authors' release ({threads} threads each; load = 1-min load average before -> after):")
+    rows = {}
+    if release:
+        got = release["prompts"]
+        rows["release"] = (sum(p["seconds"] for p in got), sum(p["candidates"] for p in got),
+                           {k: sum(p[k] for p in got) for k in COUNT_FIELDS})
+        print(f"release: github.com/YiyangZhou/CSR@{release['commit'][:10]} inference_csr/sample.py "
+              f"sentence_level_beam_search_tree, transformers {release['transformers']}, torch {release['torch']}, "
+              f"{release['threads']} threads; depths {[p['depth'] for p in got]}")
+        same = sum(
+            len(p["first_texts"]) == len(first) and all(t.endswith(f) for t, f in zip(p["first_texts"], first, strict=True))
+            for p, first in zip(got, ([r.text.strip() for r in res.records if r.depth == 0] for res in runs["shared"]), strict=True)
+        )
+        print(f"same model on both sides: depth-0 sentences identical on {same}/{len(got)} prompts")
+    for name in runs:
+        cands = sum(len(r.records) for r in runs[name])
+        rows[name] = (seconds[name], cands, {k: getattr(counts[name], k) for k in COUNT_FIELDS} if name in counts else None)
+    header = ["seconds", "s/prompt", "cands", "cands/s", "gen calls", "fwd passes", "prefill pos", "decode rows", "vision img"]
+    print(f"{'':9}" + "".join(f"{h:>12}" for h in header) + "   load")
+    for name, (secs, cands, c) in rows.items():
+        cells = [f"{secs:.2f}", f"{secs / n_prompts:.2f}", f"{cands}", f"{cands / secs:.2f}"]
+        cells += [f"{c[k]}" for k in COUNT_FIELDS] if c else ["-"] * len(COUNT_FIELDS)
+        print(f"{name:9}" + "".join(f"{x:>12}" for x in cells) + f"   {loads[name][0]} -> {loads[name][1]}")
+    if "release" not in rows:
+        return
+    r_secs, r_cands, _ = rows["release"]
+    r_rate = r_cands / r_secs
+    for name in runs:
+        secs, cands, _ = rows[name]
+        print(f"{name}/release: {cands / secs / r_rate:.2f}x candidates/s, {r_secs / secs:.2f}x per prompt "
+              f"({secs / n_prompts:.1f} s against {r_secs / n_prompts:.1f} s)")
+    if "naive" in rate:
+        gap = rate["naive"] / r_rate - 1
+        print(f"re-implementation against release: {100 * gap:+.0f} % candidates/s "
+              f"({'within' if abs(gap) <= 0.2 else 'NOT within'} 20 %)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="256x4")
@@ -264,13 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-budget", type=float, help="KV-cache budget in GiB (default: from free memory)")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=80)
-    parser.add_argument("--no-naive", action="store_true", help="skip the released-code-style search")
+    parser.add_argument("--no-naive", action="store_true", help="skip the released-code-style re-implementation")
+    parser.add_argument("--preset", choices=["paper", "reference-code"], default="paper",
+                        help="search preset of csr's runs (reference-code: the release's selection and slicing)")
+    parser.add_argument("--no-release", action="store_true", help="skip the authors' release")
+    parser.add_argument("--release-venv", default=str(RELEASE_VENV), help="venv of bench/make_release_venv.sh")
+    parser.add_argument("--release-git", default=str(RELEASE_GIT), help="git directory of github:YiyangZhou/CSR")
     parser.add_argument("--worker", action="store_true", help="also run the generation worker on a store")
     parser.add_argument("--profile", action="store_true", help="torch profiler table of the shared search of one prompt")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = CONFIG.replace(max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+    config = SearchConfig(max_new_tokens=args.max_new_tokens, max_length=args.max_length, preset=args.preset)
     size = model_size(args)
     budget = None if args.kv_budget is None else int(args.kv_budget * 2**30)
 
@@ -307,10 +412,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_naive:
         naive_sentence_beam_search(policy, clip, images[0], prompts[0], config.replace(max_new_tokens=4, max_length=8))
 
-    variants = ["shared", "per-row"] + ([] if args.no_naive else ["naive"])
-    runs, seconds, memory, stats = {}, {}, {}, {}
+    # The release first (its own process and model), then csr's ways, back to back.
+    loads: dict[str, tuple[str, str]] = {}
+    release = None
+    if not args.no_release:
+        before = _load()
+        release = run_release(args, policy, policy_dir.resolve(), Path(tmp.name), images, prompts, config)
+        loads["release"] = (before, _load())
+        if isinstance(release, str):
+            print(f"release skipped: {release}")
+            release = None
+    variants = (["naive"] if not args.no_naive else []) + ["shared", "per-row"]
+    runs, seconds, memory, stats, counts = {}, {}, {}, {}, {}
     for name in variants:
         stats[name] = ExpandStats()
+        before = _load()
         with PeakMemory(args.device) as mem:
             t0 = time.perf_counter()
             if name == "shared":
@@ -318,10 +434,14 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "per-row":
                 runs[name] = search_prompts(policy, clip, jobs, config, budget, "plain", stats[name])
             else:
-                runs[name] = [naive_sentence_beam_search(policy, clip, j.image, j.prompt_text, config) for j in jobs]
+                counts[name] = CallCounts()
+                runs[name] = [
+                    naive_sentence_beam_search(policy, clip, j.image, j.prompt_text, config, counts[name]) for j in jobs
+                ]
             sync(args.device)
             seconds[name] = time.perf_counter() - t0
         memory[name] = mem.peak
+        loads[name] = (before, _load())
     print(f"load average after: {_load()}")
     for name in variants:
         failed = [r for r in runs[name] if isinstance(r, BaseException)]
@@ -329,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             raise failed[0]
 
     mismatches = []
-    for name in variants[1:]:
+    for name in variants:
+        if name == "shared":
+            continue
         for a, b in zip(runs["shared"], runs[name], strict=True):
             mismatches += [f"{name}: {m}" for m in compare(a, b)]
     for i, result in enumerate(runs["shared"]):
@@ -355,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nspeed-up shared/naive: {rate['shared'] / rate['naive']:.1f}x   "
               f"per-row/naive: {rate['per-row'] / rate['naive']:.1f}x")
     print(f"speed-up shared/per-row: {rate['shared'] / rate['per-row']:.2f}x")
+    print_release(release, runs, seconds, counts, loads, rate, len(jobs), args.threads)
     exact = policy.model.dtype == torch.float32
     if mismatches:
         print(f"\nMISMATCH: {len(mismatches)} candidates differ, e.g.\n  " + "\n  ".join(mismatches[:3]))
