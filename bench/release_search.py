@@ -185,9 +185,9 @@ def main() -> int:
     for prompt in job["prompts"]:
         counter.reset()
         load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tree = run(prompt, s["max_new_tokens"], s["max_length"])
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         nodes, stack, depth = [], [tree], 0
         while stack:
             node = stack.pop()
@@ -197,6 +197,7 @@ def main() -> int:
                 stack.append(child)
         results.append({
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "candidates": len(nodes),
             "finals": sum(n.is_final for n in nodes),
             "depth": depth,
