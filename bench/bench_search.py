@@ -1,43 +1,58 @@
-"""Search benchmark: the batched search with shared-prefix attention, the
-same search with the prefix copied into every row, and the same algorithm
-computed the way the authors' released code computes it, in one run.
+"""Search benchmark: the authors' released search itself, the same algorithm
+re-implemented the way the release computes it, and csr's batched search
+with shared-prefix attention (and without), back to back in one run.
 
-    python bench/bench_search.py                          # 256x4 model, CPU, 1 thread, 3 prompts
-    python bench/bench_search.py --size tiny --threads 2
-    python bench/bench_search.py --size 1b --device cuda --dtype bfloat16
+    python bench/bench_search.py --prompts 2                # 256x4 model, CPU, 1 thread, + the release
+    python bench/bench_search.py --prompts 2 --threads 2 --preset reference-code
+    python bench/bench_search.py --size 1b --device cuda --dtype bfloat16 --no-release
 
-One process, one random LLaVA-architecture model (`--size`: tiny, 256x4 =
-text hidden 256 x 4 layers with 577 image tokens as LLaVA-1.5's 576 + CLS,
-384x4, 1b; or --hidden/--layers/--heads/--image-tokens), the same prompts and
-images for all three; sentences of up to 20 tokens, responses of up to 80:
+One random LLaVA-architecture model (`--size`: tiny, 256x4 = text hidden
+256 x 4 layers with 577 image tokens as LLaVA-1.5's 576 + CLS, 384x4, 1b;
+or --hidden/--layers/--heads/--image-tokens), saved to disk, the same
+prompts and images for all; sentences of up to 20 tokens, responses of up
+to 80:
 
-(a) shared: `batch_search.search_prompts`: the prompt prefix (vision tower +
+(release) the authors' `sentence_level_beam_search_tree`, loaded unchanged
+    from inference_csr/sample.py of github.com/YiyangZhou/CSR at run time,
+    under transformers 4.46 in a venv of its own (bench/make_release_venv.sh;
+    CSR_RELEASE_VENV, CSR_RELEASE_GIT), in a subprocess with the same thread
+    count (bench/release_search.py, which says what its shim adapts). It
+    ranks by the model's beam scores only; the release runs CLIP on the
+    finished tree afterwards (score.py), which is not timed here. Skipped,
+    with the reason printed, where the venv or the repository is missing.
+(naive) the re-implementation (tests/reference_search.py): each partial
+    response expanded on its own, image features and the whole prefix
+    recomputed on num_token_beams copies (as `generate` expands its input),
+    the image re-encoded by CLIP for every candidate;
+(shared) `batch_search.search_prompts`: the prompt prefix (vision tower +
     prompt tokens) runs once per prompt and its KV is held once; the rows of
     every prompt of the batch (partials x token beams) advance in one
     forward pass per token, attending the prefix with one product per
     prompt and their own tokens separately (engine/search/cascade_attention.py);
     the CLIP image embedding is computed once per image;
-(b) per-row: the same, one prompt at a time, the prefix KV copied into every
-    row (the engine before shared-prefix attention);
-(c) naive: each partial response expanded on its own, image features and
-    the whole prefix recomputed for each (on num_token_beams copies, as
-    transformers' beam search expands its input), the image re-encoded by
-    CLIP for every sentence and each sentence scored alone.
+(per-row) the same, one prompt at a time, the prefix KV copied into every
+    row (the engine before shared-prefix attention).
 
-All must give the same candidates (texts exactly, scores within tolerance).
-Printed: candidates/s of each and the ratios; the search's model-FLOPs
-utilisation (useful FLOPs counted from the model's shapes and the tokens the
-search needs, over the time, over the peak matmul FLOP/s measured in this
-run); peak memory of each (CUDA: allocator peak; CPU: resident-set growth,
-sampled); KV bytes (measured peak of this run, and computed per prompt for a
-LLaVA-1.5-7B-shaped model). Then optionally (--worker) the same prompts go
-through the generation worker against a fresh SQLite store, and the bench
-prints the share of the worker's time spent in store writes.
+naive, shared and per-row must give the same candidates (texts exactly,
+scores within tolerance); the release must give the same depth-0 sentences
+(the same model loaded on both sides). Printed: candidates/s, CPU seconds,
+seconds per prompt and, for the release and naive, what they compute call
+by call (generate calls, forward passes, positions prefilled, rows decoded,
+images through the vision tower), the 1-minute load average before and
+after each; the ratios against the release; the search's model-FLOPs
+utilisation (useful FLOPs from the model's shapes and the tokens the search
+needs, over the time, over the peak matmul FLOP/s measured in this run);
+KV bytes (measured peak, and computed per prompt for a LLaVA-1.5-7B-shaped
+model); peak memory (CUDA: allocator peak; CPU with --memory: resident-set
+growth in an untimed pass after the timings). Then optionally (--worker)
+the same prompts go through the generation worker against a fresh SQLite
+store, and the bench prints the share of the worker's time spent in store
+writes.
 
 Threads: one by default. On a 2-core machine that other jobs share, two
 intra-op threads oversubscribe the cores and the timing measures
-contention; use --threads 2 on an idle machine. The load average is printed
-before and after.
+contention; the CPU seconds (all threads of the process) are the steadier
+figure there.
 """
 
 from __future__ import annotations

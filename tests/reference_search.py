@@ -3,7 +3,10 @@ for it: each partial response expanded on its own with the prefix recomputed,
 the image re-encoded by CLIP for every sentence and each sentence scored alone.
 
 Test-only: the reference the batched search is tested against, and the
-baseline that bench/bench_search.py measures the batched search against.
+re-implemented baseline bench/bench_search.py runs beside the release itself
+(bench/release_search.py). Call by call it computes what the release's
+`generate` per node computes (CallCounts; docs/performance.md), and the bench
+checks the two agree on candidates/s.
 """
 
 from __future__ import annotations
