@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         # On the CPU, memory is measured in a pass of its own after all timings
         # (--memory): its exact-RSS setting (measures._exact_cpu_rss) maps every
         # tensor over 128 KiB afresh, page faults and all, which cost the
-        # recomputing baseline about 40 % more CPU time per prefill.
+        # recomputing baseline about 50 % more CPU time per prefill.
         with PeakMemory(args.device) if cuda else contextlib.nullcontext() as mem:
             t0, c0 = time.perf_counter(), time.process_time()
             runs[name] = search(name, stats[name], counts.get(name))
