@@ -1,51 +1,69 @@
-"""Search benchmark: the batched search with shared-prefix attention, the
-same search with the prefix copied into every row, and the same algorithm
-computed the way the authors' released code computes it, in one run.
+"""Search benchmark: the authors' released search itself, the same algorithm
+re-implemented the way the release computes it, and csr's batched search
+with shared-prefix attention (and without), back to back in one run.
 
-    python bench/bench_search.py                          # 256x4 model, CPU, 1 thread, 3 prompts
-    python bench/bench_search.py --size tiny --threads 2
-    python bench/bench_search.py --size 1b --device cuda --dtype bfloat16
+    python bench/bench_search.py --prompts 2                # 256x4 model, CPU, 1 thread, + the release
+    python bench/bench_search.py --prompts 2 --threads 2 --preset reference-code
+    python bench/bench_search.py --size 1b --device cuda --dtype bfloat16 --no-release
 
-One process, one random LLaVA-architecture model (`--size`: tiny, 256x4 =
-text hidden 256 x 4 layers with 577 image tokens as LLaVA-1.5's 576 + CLS,
-384x4, 1b; or --hidden/--layers/--heads/--image-tokens), the same prompts and
-images for all three; sentences of up to 20 tokens, responses of up to 80:
+One random LLaVA-architecture model (`--size`: tiny, 256x4 = text hidden
+256 x 4 layers with 577 image tokens as LLaVA-1.5's 576 + CLS, 384x4, 1b;
+or --hidden/--layers/--heads/--image-tokens), saved to disk, the same
+prompts and images for all; sentences of up to 20 tokens, responses of up
+to 80:
 
-(a) shared: `batch_search.search_prompts`: the prompt prefix (vision tower +
+(release) the authors' `sentence_level_beam_search_tree`, loaded unchanged
+    from inference_csr/sample.py of github.com/YiyangZhou/CSR at run time,
+    under transformers 4.46 in a venv of its own (bench/make_release_venv.sh;
+    CSR_RELEASE_VENV, CSR_RELEASE_GIT), in a subprocess with the same thread
+    count (bench/release_search.py, which says what its shim adapts). It
+    ranks by the model's beam scores only; the release runs CLIP on the
+    finished tree afterwards (score.py), which is not timed here. Skipped,
+    with the reason printed, where the venv or the repository is missing.
+(naive) the re-implementation (tests/reference_search.py): each partial
+    response expanded on its own, image features and the whole prefix
+    recomputed on num_token_beams copies (as `generate` expands its input),
+    the image re-encoded by CLIP for every candidate;
+(shared) `batch_search.search_prompts`: the prompt prefix (vision tower +
     prompt tokens) runs once per prompt and its KV is held once; the rows of
     every prompt of the batch (partials x token beams) advance in one
     forward pass per token, attending the prefix with one product per
     prompt and their own tokens separately (engine/search/cascade_attention.py);
     the CLIP image embedding is computed once per image;
-(b) per-row: the same, one prompt at a time, the prefix KV copied into every
-    row (the engine before shared-prefix attention);
-(c) naive: each partial response expanded on its own, image features and
-    the whole prefix recomputed for each (on num_token_beams copies, as
-    transformers' beam search expands its input), the image re-encoded by
-    CLIP for every sentence and each sentence scored alone.
+(per-row) the same, one prompt at a time, the prefix KV copied into every
+    row (the engine before shared-prefix attention).
 
-All must give the same candidates (texts exactly, scores within tolerance).
-Printed: candidates/s of each and the ratios; the search's model-FLOPs
-utilisation (useful FLOPs counted from the model's shapes and the tokens the
-search needs, over the time, over the peak matmul FLOP/s measured in this
-run); peak memory of each (CUDA: allocator peak; CPU: resident-set growth,
-sampled); KV bytes (measured peak of this run, and computed per prompt for a
-LLaVA-1.5-7B-shaped model). Then optionally (--worker) the same prompts go
-through the generation worker against a fresh SQLite store, and the bench
-prints the share of the worker's time spent in store writes.
+naive, shared and per-row must give the same candidates (texts exactly,
+scores within tolerance); the release must give the same depth-0 sentences
+(the same model loaded on both sides). Printed: candidates/s, CPU seconds,
+seconds per prompt and, for the release and naive, what they compute call
+by call (generate calls, forward passes, positions prefilled, rows decoded,
+images through the vision tower), the 1-minute load average before and
+after each; the ratios against the release; the search's model-FLOPs
+utilisation (useful FLOPs from the model's shapes and the tokens the search
+needs, over the time, over the peak matmul FLOP/s measured in this run);
+KV bytes (measured peak, and computed per prompt for a LLaVA-1.5-7B-shaped
+model); peak memory (CUDA: allocator peak; CPU with --memory: resident-set
+growth in an untimed pass after the timings). Then optionally (--worker)
+the same prompts go through the generation worker against a fresh SQLite
+store, and the bench prints the share of the worker's time spent in store
+writes.
 
 Threads: one by default. On a 2-core machine that other jobs share, two
 intra-op threads oversubscribe the cores and the timing measures
-contention; use --threads 2 on an idle machine. The load average is printed
-before and after.
+contention; the CPU seconds (all threads of the process) are the steadier
+figure there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import threading
@@ -67,7 +85,14 @@ from measures import PeakMemory, peak_matmul_flops, sync, useful_flops  # noqa: 
 
 # The released-code-style baseline is a test reference; the repository root makes `tests` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.reference_search import naive_sentence_beam_search  # noqa: E402
+from tests.reference_search import CallCounts, naive_sentence_beam_search  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+# The authors' release: the venv bench/make_release_venv.sh builds, and the git
+# directory the `fetch` tool brings github:YiyangZhou/CSR into.
+RELEASE_VENV = Path(os.environ.get("CSR_RELEASE_VENV", BENCH / "out" / "release-venv"))
+RELEASE_GIT = Path(os.environ.get("CSR_RELEASE_GIT", "/work/.mirror/YiyangZhou+CSR/repo"))
+COUNT_FIELDS = ("generate_calls", "forward_passes", "prefill_positions", "decode_rows", "vision_images")
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -222,6 +247,57 @@ def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prom
         engine.dispose()
 
 
+def run_release(args, policy, policy_dir: Path, root: Path, images, prompts, config) -> dict | str:
+    """The authors' `sentence_level_beam_search_tree` on the same model, images
+    and prompts, in a subprocess of the release venv (bench/release_search.py);
+    its figures, or why it was skipped."""
+    python = Path(args.release_venv) / "bin" / "python"
+    if not python.exists():
+        return f"no release venv at {args.release_venv} (build it: bash bench/make_release_venv.sh)"
+    git_dir = Path(args.release_git)
+    head = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return f"the release's repository is not at {git_dir} (fetch github:YiyangZhou/CSR; or set CSR_RELEASE_GIT)"
+    if args.device != "cpu" or args.dtype != "float32":
+        return "the release runs here on the CPU in float32 only"
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(root / f"release-{i}.png")
+        image.save(paths[-1])
+    job = {
+        "git_dir": str(git_dir),
+        "commit": head.stdout.strip(),
+        "policy_dir": str(policy_dir),
+        "threads": args.threads,
+        "search": {
+            "sentence_end_id": policy.sentence_end_ids[0],
+            "max_new_tokens": config.max_new_tokens,
+            "max_length": config.max_length,
+            "num_beams": config.num_beams,
+            "num_beam_groups": config.num_beam_groups,
+            "num_token_beams": config.num_token_beams,
+            "diversity_penalty": config.diversity_penalty,
+        },
+        "prompts": [
+            {"id": str(i), "image": str(path), "text": policy.build_prompt(prompt)}
+            for i, (path, prompt) in enumerate(zip(paths, prompts, strict=True))
+        ],
+    }
+    (root / "release-job.json").write_text(json.dumps(job))
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [str(python), str(BENCH / "release_search.py"), str(root / "release-job.json")],
+        capture_output=True, text=True, env=env,
+    )
+    if done.returncode != 0:
+        return "the release failed:\n  " + "\n  ".join(done.stderr.strip().splitlines()[-5:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["commit"] = job["commit"]
+    return result
+
+
 def compare(a, b) -> list[str]:
     """Differences between two searches' candidate lists (empty when they agree)."""
     problems = []
@@ -249,6 +325,68 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def print_release(release, runs, seconds, cpu, counts, loads, n_prompts: int, threads: int) -> None:
+    """The release and csr's ways side by side: candidates/s, seconds per
+    prompt, what each computed (call by call) and the load beside each.
+
+    On a shared machine the wall clock measures the load as much as the
+    search; the process's CPU seconds (all its threads) measure the work, so
+    both are printed and compared."""
+    print(f"\nagainst the authors' release{'' if release else ' (skipped: see above)'} "
+          f"({threads} threads each; load = 1-min load average before -> after):")
+    rows = {}
+    if release:
+        got = release["prompts"]
+        rows["release"] = (
+            sum(p["seconds"] for p in got),
+            sum(p["cpu_seconds"] for p in got),
+            sum(p["candidates"] for p in got),
+            {k: sum(p[k] for p in got) for k in COUNT_FIELDS},
+        )
+        print(f"release: github.com/YiyangZhou/CSR@{release['commit'][:10]} inference_csr/sample.py "
+              f"sentence_level_beam_search_tree, transformers {release['transformers']}, torch {release['torch']}, "
+              f"{release['threads']} threads; depths {[p['depth'] for p in got]}; no CLIP in its search "
+              f"(the release scores the finished tree afterwards, score.py)")
+        firsts = ([r.text.strip() for r in res.records if r.depth == 0] for res in runs["shared"])
+        same = sum(
+            len(p["first_texts"]) == len(first)
+            and all(t.endswith(f) for t, f in zip(p["first_texts"], first, strict=True))
+            for p, first in zip(got, firsts, strict=True)
+        )
+        print(f"same model on both sides: depth-0 sentences identical on {same}/{len(got)} prompts")
+    for name in runs:
+        cands = sum(len(r.records) for r in runs[name])
+        c = {k: getattr(counts[name], k) for k in COUNT_FIELDS} if name in counts else None
+        rows[name] = (seconds[name], cpu[name], cands, c)
+    header = ["seconds", "cpu s", "s/prompt", "cands", "cands/s", "cands/cpu-s",
+              "gen calls", "fwd passes", "prefill pos", "decode rows", "vision img"]
+    print(f"{'':9}" + "".join(f"{h:>12}" for h in header) + "   load")
+    for name, (secs, cpu_s, cands, c) in rows.items():
+        cells = [f"{secs:.2f}", f"{cpu_s:.2f}", f"{secs / n_prompts:.2f}", f"{cands}", f"{cands / secs:.2f}",
+                 f"{cands / cpu_s:.2f}"]
+        cells += [f"{c[k]}" for k in COUNT_FIELDS] if c else ["-"] * len(COUNT_FIELDS)
+        print(f"{name:9}" + "".join(f"{x:>12}" for x in cells) + f"   {loads[name][0]} -> {loads[name][1]}")
+    if "naive" in runs:
+        clip_s = sum(r.stats.clip_seconds for r in runs["naive"])
+        print(f"naive: CLIP {clip_s:.2f} s of {seconds['naive']:.2f} s ({counts['naive'].clip_image_encodes} "
+              f"image encodes, one per candidate)")
+    if "release" not in rows:
+        return
+    r_secs, r_cpu, r_cands, _ = rows["release"]
+    for name in runs:
+        secs, cpu_s, cands, _ = rows[name]
+        print(f"{name}/release: {cands / secs / (r_cands / r_secs):.2f}x candidates/s "
+              f"({cands / cpu_s / (r_cands / r_cpu):.2f}x per CPU second), {r_secs / secs:.2f}x per prompt "
+              f"({secs / n_prompts:.1f} s against {r_secs / n_prompts:.1f} s)")
+    if "naive" in runs:
+        secs, cpu_s, cands, _ = rows["naive"]
+        gap = cands / secs / (r_cands / r_secs) - 1
+        gap_cpu = cands / cpu_s / (r_cands / r_cpu) - 1
+        verdict = "within" if abs(gap) <= 0.2 else "NOT within"
+        print(f"re-implementation against release: {100 * gap:+.0f} % candidates/s ({verdict} 20 %), "
+              f"{100 * gap_cpu:+.0f} % per CPU second")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="256x4")
@@ -264,13 +402,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-budget", type=float, help="KV-cache budget in GiB (default: from free memory)")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=80)
-    parser.add_argument("--no-naive", action="store_true", help="skip the released-code-style search")
+    parser.add_argument("--no-naive", action="store_true", help="skip the released-code-style re-implementation")
+    parser.add_argument("--preset", choices=["paper", "reference-code"], default="paper",
+                        help="search preset of csr's runs (reference-code: the release's selection and slicing)")
+    parser.add_argument("--no-release", action="store_true", help="skip the authors' release")
+    parser.add_argument("--release-venv", default=str(RELEASE_VENV), help="venv of bench/make_release_venv.sh")
+    parser.add_argument("--release-git", default=str(RELEASE_GIT), help="git directory of github:YiyangZhou/CSR")
     parser.add_argument("--worker", action="store_true", help="also run the generation worker on a store")
+    parser.add_argument("--memory", action="store_true",
+                        help="CPU: measure each variant's peak memory in an untimed pass after the timings")
     parser.add_argument("--profile", action="store_true", help="torch profiler table of the shared search of one prompt")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = CONFIG.replace(max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+    config = SearchConfig(max_new_tokens=args.max_new_tokens, max_length=args.max_length, preset=args.preset)
     size = model_size(args)
     budget = None if args.kv_budget is None else int(args.kv_budget * 2**30)
 
@@ -307,21 +452,49 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_naive:
         naive_sentence_beam_search(policy, clip, images[0], prompts[0], config.replace(max_new_tokens=4, max_length=8))
 
-    variants = ["shared", "per-row"] + ([] if args.no_naive else ["naive"])
-    runs, seconds, memory, stats = {}, {}, {}, {}
+    # The release first (its own process and model), then csr's ways, back to back.
+    loads: dict[str, tuple[str, str]] = {}
+    release = None
+    if not args.no_release:
+        before = _load()
+        release = run_release(args, policy, policy_dir.resolve(), Path(tmp.name), images, prompts, config)
+        loads["release"] = (before, _load())
+        if isinstance(release, str):
+            print(f"release skipped: {release}")
+            release = None
+    variants = (["naive"] if not args.no_naive else []) + ["shared", "per-row"]
+    runs, seconds, cpu, memory, stats, counts = {}, {}, {}, {}, {}, {}
+
+    def search(name: str, expand_stats: ExpandStats, call_counts: CallCounts | None):
+        if name == "shared":
+            return search_prompts(policy, clip, jobs, config, budget, "cascade", expand_stats)
+        if name == "per-row":
+            return search_prompts(policy, clip, jobs, config, budget, "plain", expand_stats)
+        return [naive_sentence_beam_search(policy, clip, j.image, j.prompt_text, config, call_counts) for j in jobs]
+
+    cuda = args.device.startswith("cuda")
     for name in variants:
         stats[name] = ExpandStats()
-        with PeakMemory(args.device) as mem:
-            t0 = time.perf_counter()
-            if name == "shared":
-                runs[name] = search_prompts(policy, clip, jobs, config, budget, "cascade", stats[name])
-            elif name == "per-row":
-                runs[name] = search_prompts(policy, clip, jobs, config, budget, "plain", stats[name])
-            else:
-                runs[name] = [naive_sentence_beam_search(policy, clip, j.image, j.prompt_text, config) for j in jobs]
+        if name == "naive":
+            counts[name] = CallCounts()
+        before = _load()
+        # On the CPU, memory is measured in a pass of its own after all timings
+        # (--memory): its exact-RSS setting (measures._exact_cpu_rss) maps every
+        # tensor over 128 KiB afresh, page faults and all, which cost the
+        # recomputing baseline about 50 % more CPU time per prefill.
+        with PeakMemory(args.device) if cuda else contextlib.nullcontext() as mem:
+            t0, c0 = time.perf_counter(), time.process_time()
+            runs[name] = search(name, stats[name], counts.get(name))
             sync(args.device)
             seconds[name] = time.perf_counter() - t0
-        memory[name] = mem.peak
+            cpu[name] = time.process_time() - c0
+        memory[name] = mem.peak if cuda else None
+        loads[name] = (before, _load())
+    if not cuda and args.memory:
+        for name in variants:
+            with PeakMemory(args.device) as mem:
+                search(name, ExpandStats(), None)
+            memory[name] = mem.peak
     print(f"load average after: {_load()}")
     for name in variants:
         failed = [r for r in runs[name] if isinstance(r, BaseException)]
@@ -329,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             raise failed[0]
 
     mismatches = []
-    for name in variants[1:]:
+    for name in variants:
+        if name == "shared":
+            continue
         for a, b in zip(runs["shared"], runs[name], strict=True):
             mismatches += [f"{name}: {m}" for m in compare(a, b)]
     for i, result in enumerate(runs["shared"]):
@@ -349,12 +524,14 @@ def main(argv: list[str] | None = None) -> int:
         mfu = flops / seconds[name] / peak
         print(
             f"{name:9}{seconds[name]:9.2f}{cands:7d}{rate[name]:9.1f}{passes:12d}{100 * mfu:7.2f}%"
-            f"{memory[name] / mib:10.1f}M{kv:>10}"
+            + (f"{memory[name] / mib:10.1f}M" if memory[name] is not None else f"{'-':>11}")
+            + f"{kv:>10}"
         )
     if "naive" in rate:
         print(f"\nspeed-up shared/naive: {rate['shared'] / rate['naive']:.1f}x   "
               f"per-row/naive: {rate['per-row'] / rate['naive']:.1f}x")
     print(f"speed-up shared/per-row: {rate['shared'] / rate['per-row']:.2f}x")
+    print_release(release, runs, seconds, cpu, counts, loads, len(jobs), args.threads)
     exact = policy.model.dtype == torch.float32
     if mismatches:
         print(f"\nMISMATCH: {len(mismatches)} candidates differ, e.g.\n  " + "\n  ".join(mismatches[:3]))

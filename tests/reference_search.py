@@ -3,12 +3,16 @@ for it: each partial response expanded on its own with the prefix recomputed,
 the image re-encoded by CLIP for every sentence and each sentence scored alone.
 
 Test-only: the reference the batched search is tested against, and the
-baseline that bench/bench_search.py measures the batched search against.
+re-implemented baseline bench/bench_search.py runs beside the release itself
+(bench/release_search.py). Call by call it computes what the release's
+`generate` per node computes (CallCounts; docs/performance.md), and the bench
+checks the two agree on candidates/s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +28,22 @@ from csr.engine.search.sentence_search import (
 )
 
 
+@dataclass
+class CallCounts:
+    """What the released-code-style search computes, in the terms
+    bench/release_search.py counts the release in: one `generate`-like call
+    per partial (a prefill), forward passes, positions prefilled (image
+    features included, every beam row), rows decoded one token at a time,
+    images through the vision tower; and CLIP image encodes."""
+
+    generate_calls: int = 0
+    forward_passes: int = 0
+    prefill_positions: int = 0
+    decode_rows: int = 0
+    vision_images: int = 0
+    clip_image_encodes: int = 0
+
+
 def naive_expand(
     policy,
     image,
@@ -33,6 +53,7 @@ def naive_expand(
     settings: BeamSettings,
     stats: ExpandStats | None = None,
     template: str = "chat",
+    counts: CallCounts | None = None,
 ) -> list[list[TokenBeam]]:
     """`expand_partials` the way the authors' released code pays for it: one
     `generate` call per partial response, each re-running the vision tower and
@@ -66,10 +87,18 @@ def naive_expand(
         if stats is not None:
             stats.forward_passes += rows.forward_passes + 1
             stats.rows_forwarded += rows.rows_forwarded + n * length
+        if counts is not None:
+            counts.generate_calls += 1
+            counts.forward_passes += rows.forward_passes + 1
+            counts.prefill_positions += n * length
+            counts.decode_rows += rows.rows_forwarded
+            counts.vision_images += n
     return out
 
 
-def naive_sentence_beam_search(policy, clip, image, prompt_text: str, config: SearchConfig) -> SearchResult:
+def naive_sentence_beam_search(
+    policy, clip, image, prompt_text: str, config: SearchConfig, counts: CallCounts | None = None
+) -> SearchResult:
     """The same sentence-level search, computed as the released code does:
     each partial response expanded on its own with the prefix recomputed
     (`naive_expand`), the image re-encoded by CLIP for every sentence and
@@ -80,9 +109,11 @@ def naive_sentence_beam_search(policy, clip, image, prompt_text: str, config: Se
 
     def expand(partials: list[list[int]], caps: list[int]) -> list[list[TokenBeam]]:
         return naive_expand(policy, image, prompt_text, partials, caps, settings, expand_stats,
-                            config.prompt_template)
+                            config.prompt_template, counts)
 
     def score(texts: list[str]) -> list[float]:
+        if counts is not None:
+            counts.clip_image_encodes += len(texts)
         return [clip.raw_scores(clip.encode_image(image), [text])[0] for text in texts]
 
     result = run_sentence_search(policy, config, expand, score, prompt_text)
