@@ -136,16 +136,43 @@ _CLAIM_SQL = """
 UPDATE work_items
 SET state = 'claimed', worker_id = :worker, lease_expires_at = :expires,
     attempts = attempts + 1, updated_at = :now
-WHERE id IN (
+WHERE id IN ({next_ids})
+RETURNING id, prompt_id, attempts
+"""
+
+# PostgreSQL: SKIP LOCKED lets concurrent claimers pass each other's rows
+# (a locking clause cannot stand on a UNION, and the planner reads the two
+# index ranges of the OR itself).
+_NEXT_IDS_POSTGRESQL = """
     SELECT id FROM work_items
     WHERE iteration = :iteration
       AND (state = 'pending' OR (state = 'claimed' AND lease_expires_at < :now))
       AND attempts < :max_attempts
     ORDER BY id
     LIMIT :limit
-    {lock}
-)
-RETURNING id, prompt_id, attempts
+    FOR UPDATE SKIP LOCKED
+"""
+
+# SQLite: one OR over two states reads the whole iteration and sorts it. Each
+# branch is an index range in id order (ix_work_items_next, ix_work_items_claim),
+# read only as far as the limit; the claims serialise on BEGIN IMMEDIATE.
+_NEXT_IDS_SQLITE = """
+    SELECT id FROM (
+        SELECT id FROM (
+            SELECT id FROM work_items INDEXED BY ix_work_items_next
+            WHERE iteration = :iteration AND state = 'pending' AND attempts < :max_attempts
+            ORDER BY id LIMIT :limit
+        )
+        UNION ALL
+        SELECT id FROM (
+            SELECT id FROM work_items
+            WHERE iteration = :iteration AND state = 'claimed' AND lease_expires_at < :now
+              AND attempts < :max_attempts
+            ORDER BY id LIMIT :limit
+        )
+    )
+    ORDER BY id
+    LIMIT :limit
 """
 
 
@@ -154,14 +181,12 @@ def claim(
 ) -> list[Claim]:
     """Claim up to `limit` pending (or abandoned) work items for this worker."""
     now = utcnow()
-    # PostgreSQL: SKIP LOCKED lets concurrent claimers pass each other's rows.
-    # SQLite: the engine opens every transaction with BEGIN IMMEDIATE, so claims serialise.
-    lock = "FOR UPDATE SKIP LOCKED" if engine.dialect.name == "postgresql" else ""
+    next_ids = _NEXT_IDS_POSTGRESQL if engine.dialect.name == "postgresql" else _NEXT_IDS_SQLITE
     with engine.begin() as conn:
         _reclaim_from_dead_local_workers(conn, iteration, now)
         _fail_exhausted(conn, iteration, now, max_attempts)
         rows = conn.execute(
-            text(_CLAIM_SQL.format(lock=lock)),
+            text(_CLAIM_SQL.format(next_ids=next_ids)),
             {
                 "worker": worker_id,
                 "expires": now + lease,
