@@ -113,14 +113,22 @@ WHERE is_final
 # One row per pair with both responses' sentence-level figures. The
 # recursion starts from the pairs' two leaves only (two per prompt instead of
 # every final response), which keeps `csr stats` and the report cheap.
-PAIR_RESPONSES_VIEW = """
-CREATE VIEW pair_responses AS
+# `pair_responses_sql` fills the two filters: none for the view, the default
+# pair sets of one iteration (and only that iteration's candidates) for
+# `csr stats --iter N`.
+PAIR_RESPONSES_SQL = """
 WITH RECURSIVE
+  chosen_pairs AS (
+    SELECT s.iteration, s.id AS pair_set_id, s.name AS pair_set, s.is_default, p.id AS pair_id, p.prompt_id,
+           p.chosen_candidate_id, p.rejected_candidate_id, p.chosen_reward, p.rejected_reward, p.margin,
+           p.chosen_text, p.rejected_text
+    FROM pairs AS p JOIN pair_sets AS s ON s.id = p.pair_set_id {pair_where}
+  ),
   nodes AS MATERIALIZED (
-    SELECT id, iteration, prompt_id, node, parent_node, depth, r_t, r_i, reward FROM candidates
+    SELECT id, iteration, prompt_id, node, parent_node, depth, r_t, r_i, reward FROM candidates {node_where}
   ),
   leaves AS (
-    SELECT chosen_candidate_id AS id FROM pairs UNION SELECT rejected_candidate_id FROM pairs
+    SELECT chosen_candidate_id AS id FROM chosen_pairs UNION SELECT rejected_candidate_id FROM chosen_pairs
   ),
   path AS (
     SELECT id AS leaf_id, id AS candidate_id, iteration, prompt_id, parent_node, depth
@@ -139,18 +147,24 @@ WITH RECURSIVE
     FROM path JOIN nodes AS n ON n.id = path.candidate_id
     GROUP BY path.leaf_id
   )
-SELECT s.iteration, s.id AS pair_set_id, s.name AS pair_set, s.is_default, p.id AS pair_id, p.prompt_id,
+SELECT p.iteration, p.pair_set_id, p.pair_set, p.is_default, p.pair_id, p.prompt_id,
        p.chosen_candidate_id, p.rejected_candidate_id, p.chosen_reward, p.rejected_reward, p.margin,
        ch.sentences AS chosen_sentences, rj.sentences AS rejected_sentences,
        ch.mean_r_t AS chosen_mean_r_t, rj.mean_r_t AS rejected_mean_r_t,
        ch.mean_r_i AS chosen_mean_r_i, rj.mean_r_i AS rejected_mean_r_i,
        ch.mean_reward AS chosen_mean_sentence_reward, rj.mean_reward AS rejected_mean_sentence_reward,
        words(p.chosen_text) AS chosen_words, words(p.rejected_text) AS rejected_words
-FROM pairs AS p
-JOIN pair_sets AS s ON s.id = p.pair_set_id
+FROM chosen_pairs AS p
 LEFT JOIN per_leaf AS ch ON ch.leaf_id = p.chosen_candidate_id
 LEFT JOIN per_leaf AS rj ON rj.leaf_id = p.rejected_candidate_id
 """
+
+
+def pair_responses_sql(pair_where: str = "", node_where: str = "") -> str:
+    return PAIR_RESPONSES_SQL.format(pair_where=pair_where, node_where=node_where)
+
+
+PAIR_RESPONSES_VIEW = "CREATE VIEW pair_responses AS" + pair_responses_sql()
 
 PAIR_STATS_VIEW = """
 CREATE VIEW pair_stats AS
