@@ -153,9 +153,11 @@ _NEXT_IDS_POSTGRESQL = """
     FOR UPDATE SKIP LOCKED
 """
 
-# SQLite: one OR over two states reads the whole iteration and sorts it. Each
-# branch is an index range in id order (ix_work_items_next, ix_work_items_claim),
-# read only as far as the limit; the claims serialise on BEGIN IMMEDIATE.
+# SQLite: one OR over two states reads the whole iteration and sorts it. Here
+# the pending branch reads ix_work_items_next in id order only as far as the
+# limit, and the abandoned branch the few claimed rows whose lease ran out
+# (ix_work_items_claim); the planner would otherwise take the attempts index
+# and sort every pending row. Claims serialise on BEGIN IMMEDIATE.
 _NEXT_IDS_SQLITE = """
     SELECT id FROM (
         SELECT id FROM (
@@ -165,7 +167,7 @@ _NEXT_IDS_SQLITE = """
         )
         UNION ALL
         SELECT id FROM (
-            SELECT id FROM work_items
+            SELECT id FROM work_items INDEXED BY ix_work_items_claim
             WHERE iteration = :iteration AND state = 'claimed' AND lease_expires_at < :now
               AND attempts < :max_attempts
             ORDER BY id LIMIT :limit
