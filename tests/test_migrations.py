@@ -208,6 +208,10 @@ def test_0004_gives_old_evaluations_a_fingerprint_and_their_metrics(store_url):
 def _fill_0003(url: str) -> None:
     """0002's rows, what 0003 added to candidates, and responses as the search writes them."""
     _fill_0002(url)
+    _add_0003_rows(url)
+
+
+def _add_0003_rows(url: str) -> None:
     engine = make_engine(url)
     metadata = MetaData()
     metadata.reflect(engine)
@@ -227,7 +231,32 @@ def _fill_0003(url: str) -> None:
     engine.dispose()
 
 
-FILLERS = {"0001": _fill_0001, "0002": _fill_0002, "0003": _fill_0003}
+def _fill_0004(url: str) -> None:
+    """0001's rows with finish reasons, evaluations in the 0004 layout (any
+    benchmark, keyed by a fingerprint), and 0003's responses."""
+    _fill_0001(url)
+    engine = make_engine(url)
+    metadata = MetaData()
+    metadata.reflect(engine)
+    t = metadata.tables
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE candidates SET finish_reason = 'eos' WHERE is_final"))
+        conn.execute(text("UPDATE candidates SET finish_reason = 'sentence_end' WHERE NOT is_final"))
+        conn.execute(insert(t["evaluations"]), [
+            {"id": 1, "model_version": 0, "benchmark": "chair", "n_responses": 100, "chair_s": 0.41,
+             "chair_i": 0.2125, "mean_words": 17.5, "details": None, "created_at": T0, "fingerprint": "a" * 64,
+             "dataset_hash": "b" * 64, "settings": {"dataset": "coco"}, "metrics": {"chair_s": 0.41},
+             "items": [{"id": 1, "caption": "A cat."}]},
+            {"id": 2, "model_version": 1, "benchmark": "pope", "n_responses": 3, "chair_s": None,
+             "chair_i": None, "mean_words": None, "details": None, "created_at": T0, "fingerprint": "c" * 64,
+             "dataset_hash": None, "settings": {"dataset": "pope"}, "metrics": {"random": {"f1": 0.8}},
+             "items": None},
+        ])
+    engine.dispose()
+    _add_0003_rows(url)
+
+
+FILLERS = {"0001": _fill_0001, "0002": _fill_0002, "0003": _fill_0003, "0004": _fill_0004}
 OLDER_FROZEN = [rev for rev in frozen_revisions() if rev != HEAD]
 
 
@@ -313,6 +342,28 @@ def _check_responses_rebuilt_from_the_trees(url: str) -> None:
 
 
 # -- tests ---------------------------------------------------------------------------------
+
+
+QUEUE_INDEXES = {"ix_work_items_next", "ix_work_items_attempts", "ix_work_items_holder"}
+
+
+def test_0005_adds_the_indexes_the_queue_needs(store_url):
+    from sqlalchemy import inspect
+
+    engine = make_engine(store_url)
+    try:
+        migrate.upgrade(engine, "0004")
+        assert not QUEUE_INDEXES & {ix["name"] for ix in inspect(engine).get_indexes("work_items")}
+        migrate.upgrade(engine)
+        indexes = {ix["name"]: ix["column_names"] for ix in inspect(engine).get_indexes("work_items")}
+    finally:
+        engine.dispose()
+    assert {name: indexes.get(name) for name in QUEUE_INDEXES} == {
+        "ix_work_items_next": ["iteration", "state", "id"],
+        "ix_work_items_attempts": ["iteration", "state", "attempts"],
+        "ix_work_items_holder": ["state", "worker_id"],
+    }
+
 
 
 def test_released_schemas_are_frozen():
