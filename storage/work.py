@@ -140,17 +140,31 @@ WHERE id IN ({next_ids})
 RETURNING id, prompt_id, attempts
 """
 
-# PostgreSQL: SKIP LOCKED lets concurrent claimers pass each other's rows
-# (a locking clause cannot stand on a UNION, and the planner reads the two
-# index ranges of the OR itself).
-_NEXT_IDS_POSTGRESQL = """
+# PostgreSQL: SKIP LOCKED lets concurrent claimers pass each other's rows. Each
+# state is its own index range in id order (a locking clause cannot stand on a
+# UNION, so each branch locks its own rows); the first `limit` of the two are
+# the first `limit` of the OR over both.
+_CLAIM_SQL_POSTGRESQL = """
+WITH pending AS (
     SELECT id FROM work_items
-    WHERE iteration = :iteration
-      AND (state = 'pending' OR (state = 'claimed' AND lease_expires_at < :now))
-      AND attempts < :max_attempts
-    ORDER BY id
-    LIMIT :limit
+    WHERE iteration = :iteration AND state = 'pending' AND attempts < :max_attempts
+    ORDER BY id LIMIT :limit
     FOR UPDATE SKIP LOCKED
+),
+abandoned AS (
+    SELECT id FROM work_items
+    WHERE iteration = :iteration AND state = 'claimed' AND lease_expires_at < :now AND attempts < :max_attempts
+    ORDER BY id LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE work_items
+SET state = 'claimed', worker_id = :worker, lease_expires_at = :expires,
+    attempts = attempts + 1, updated_at = :now
+WHERE id IN (
+    SELECT id FROM (SELECT id FROM pending UNION ALL SELECT id FROM abandoned) AS both_states
+    ORDER BY id LIMIT :limit
+)
+RETURNING id, prompt_id, attempts
 """
 
 # SQLite: one OR over two states reads the whole iteration and sorts it. Here
@@ -183,12 +197,12 @@ def claim(
 ) -> list[Claim]:
     """Claim up to `limit` pending (or abandoned) work items for this worker."""
     now = utcnow()
-    next_ids = _NEXT_IDS_POSTGRESQL if engine.dialect.name == "postgresql" else _NEXT_IDS_SQLITE
+    sql = _CLAIM_SQL_POSTGRESQL if engine.dialect.name == "postgresql" else _CLAIM_SQL.format(next_ids=_NEXT_IDS_SQLITE)
     with engine.begin() as conn:
         _reclaim_from_dead_local_workers(conn, iteration, now)
         _fail_exhausted(conn, iteration, now, max_attempts)
         rows = conn.execute(
-            text(_CLAIM_SQL.format(next_ids=next_ids)),
+            text(sql),
             {
                 "worker": worker_id,
                 "expires": now + lease,
