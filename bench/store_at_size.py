@@ -10,7 +10,7 @@ path, as `csr generate` / `csr iterate` fill them: `start_iteration`, then per
 batch `release_unheld`, `claim` and `complete(tree)` (a tree of about 50
 candidates, as the paper-sized study of issue 26 had), then per iteration a
 curation, a training run with its model version, and a CHAIR evaluation.
-Stores are kept (SQLite under --dir, PostgreSQL databases csr_bench_<N>) and
+Stores are kept (SQLite under --dir, PostgreSQL databases csr_bench_<N>, see --pg-prefix) and
 reused by later runs; --rebuild fills them again.
 
 Each command then runs `--repeat` times, each in its own process (`csr`'s
@@ -153,10 +153,10 @@ def _generate(store, iteration: int, rng: random.Random, sentences: list[str]) -
     return claim_s[:-1] or claim_s, write_s
 
 
-def store_url(backend: str, prompts: int, directory: Path) -> str:
+def store_url(backend: str, prompts: int, directory: Path, database_prefix: str = "csr_bench_") -> str:
     if backend == "sqlite":
         return f"sqlite:///{directory / f'study-{prompts}.db'}"
-    return f"{POSTGRES_SERVER}/csr_bench_{prompts}"
+    return f"{POSTGRES_SERVER}/{database_prefix}{prompts}"
 
 
 def _exists(url: str) -> bool:
@@ -261,6 +261,7 @@ def study_main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds one command may take")
     parser.add_argument("--commands", default=None, help="comma-separated labels to run (default: all)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose csr runs the commands")
+    parser.add_argument("--pg-prefix", default="csr_bench_", help="PostgreSQL databases are <prefix><prompts>")
     args = parser.parse_args(argv[1:])
     sizes = sorted(set(args.sizes + ([100_000] if args.large else [])))
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,7 @@ def study_main(argv: list[str]) -> int:
         table: dict[str, dict[int, dict]] = {}
         fills: dict[int, dict] = {}
         for prompts in sizes:
-            url = store_url(backend, prompts, args.dir)
+            url = store_url(backend, prompts, args.dir, args.pg_prefix)
             record = _fill_record(url, args.dir)
             if args.rebuild or not _exists(url) or not record.exists():
                 print(f"{backend}: filling {prompts} prompts x {ITERATIONS} iterations at {url}", flush=True)
