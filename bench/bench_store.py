@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("study", "_run"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("study", "_run", "_claim"):
         from store_at_size import study_main
 
         sys.exit(study_main(sys.argv[1:]))

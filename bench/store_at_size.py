@@ -57,6 +57,8 @@ COMMANDS = (
     ("status", ["status"]),
     ("export --iter 3", ["export", "--iter", "3", "--out", "{out}/pairs.json"]),
     ("lineage --version 3", ["lineage", "--version", "3"]),
+    # release_unheld + claim of a batch of 8 at the start of an iteration (all its items pending)
+    ("claim (median of 200, rolled back)", ["_claim"]),
 )
 
 
@@ -219,13 +221,54 @@ def run_once(argv: list[str]) -> int:
     return 0
 
 
+def claim_once(argv: list[str]) -> int:
+    """`_claim URL`: claims of a batch at the start of iteration 3 (its items set
+    back to pending), each with the worker's release_unheld before it, all in
+    one transaction that is rolled back; prints the median ms per claim."""
+    from sqlalchemy import text, update
+
+    from csr.storage import work
+    from csr.storage.clock import utcnow
+    from csr.storage.db import make_engine
+    from csr.storage.models import WorkItem
+
+    engine = make_engine(argv[0])
+    dialect = engine.dialect.name
+    if hasattr(work, "_NEXT_IDS_SQLITE"):  # this branch's claim
+        sql = work._CLAIM_SQL_POSTGRESQL if dialect == "postgresql" else work._CLAIM_SQL.format(
+            next_ids=work._NEXT_IDS_SQLITE)
+    else:  # the claim before it
+        sql = work._CLAIM_SQL.format(lock="FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else "")
+    times = []
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE work_items SET state = 'pending', worker_id = NULL, attempts = 0, "
+                          "lease_expires_at = NULL WHERE iteration = 3"))
+        worker = conn.execute(text("SELECT min(id) FROM workers")).scalar_one()
+        for _ in range(200):
+            start = time.perf_counter()
+            now = utcnow()
+            conn.execute(update(WorkItem).where(WorkItem.worker_id == worker, WorkItem.state == "claimed")
+                         .values(state="done", worker_id=None, lease_expires_at=None, updated_at=now))
+            work._reclaim_from_dead_local_workers(conn, 3, now)
+            work._fail_exhausted(conn, 3, now, 3)
+            conn.execute(text(sql), {"worker": worker, "expires": now + timedelta(minutes=30), "now": now,
+                                     "iteration": 3, "max_attempts": 3, "limit": BATCH}).all()
+            times.append(time.perf_counter() - start)
+        conn.rollback()
+    engine.dispose()
+    print(json.dumps({"seconds": statistics.median(times), "rc": 0, "peak_mb": 0}))
+    return 0
+
+
 def measure(python: str, url: str, args: list[str], repeat: int, timeout: float, cache: Path) -> dict:
     runs = []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(prefix="csr-bench-run-") as out:
             filled = [a.format(uid=uuid.uuid4().hex[:8], out=out, cache=cache) for a in args]
             try:
-                done = subprocess.run([python, str(Path(__file__).with_name("bench_store.py")), "_run", url, *filled],
+                mode = "_claim" if args == ["_claim"] else "_run"
+                done = subprocess.run([python, str(Path(__file__).with_name("bench_store.py")), mode, url,
+                                       *(filled if mode == "_run" else [])],
                                       capture_output=True, text=True, timeout=timeout,
                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
             except subprocess.TimeoutExpired:
@@ -246,12 +289,16 @@ def _cell(result: dict | None) -> str:
         return "-"
     if result.get("seconds") is None:
         return result.get("note", "failed")
+    if not result["peak_mb"]:  # a claim: milliseconds, no process of its own to weigh
+        return f"{result['seconds'] * 1000:.2f} ms"
     return f"{result['seconds']:.2f} s / {result['peak_mb']:.0f} MB"
 
 
 def study_main(argv: list[str]) -> int:
     if argv[0] == "_run":
         return run_once(argv[1:])
+    if argv[0] == "_claim":
+        return claim_once(argv[1:])
     parser = argparse.ArgumentParser(prog="bench_store.py study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1300, 13000])
