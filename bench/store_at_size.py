@@ -309,13 +309,13 @@ def study_main(argv: list[str]) -> int:
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600, help="seconds one command may take")
-    parser.add_argument("--commands", default=None, help="comma-separated labels to run (default: all)")
+    parser.add_argument("--commands", default=None, help="labels to run, separated by semicolons (default: all)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose csr runs the commands")
     parser.add_argument("--pg-prefix", default="csr_bench_", help="PostgreSQL databases are <prefix><prompts>")
     args = parser.parse_args(argv[1:])
     sizes = sorted(set(args.sizes + ([100_000] if args.large else [])))
     args.dir.mkdir(parents=True, exist_ok=True)
-    commands = [c for c in COMMANDS if args.commands is None or c[0] in args.commands.split(",")]
+    commands = [c for c in COMMANDS if args.commands is None or c[0] in args.commands.split(";")]
     for backend in args.backends.split(","):
         table: dict[str, dict[int, dict]] = {}
         fills: dict[int, dict] = {}
