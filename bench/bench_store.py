@@ -2,6 +2,7 @@
 
     python bench/bench_store.py                 # 13,000 prompts x 200 candidates = 2.6 M rows
     python bench/bench_store.py --prompts 1000  # a quicker run
+    python bench/bench_store.py study --help    # every command at a study's size (bench/store_at_size.py)
 
 Measured in one run, on temporary SQLite files made by `create_store` (same
 schema, indexes and pragmas as a real store):
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
-from csr.storage import analytics
+from csr.storage import analytics, analytics_figures
 from csr.storage.db import SQLITE_BUSY_TIMEOUT_MS
 from csr.storage.models import Image, Iteration, ModelVersion, Prompt
 from csr.storage.store import create_store
@@ -51,8 +52,8 @@ EXCLUSIONS = ("repeated_word", "too_short", "non_latin", "too_many_newlines")
 # `csr stats` (booleans are integers in SQLite and BOOLEAN in the DuckDB views,
 # and `WHERE is_final` reads right on both).
 AGGREGATES = (
-    analytics._CANDIDATE_STATS.format(where=""),
-    analytics._EXCLUSIONS.format(and_where=""),
+    analytics_figures._CANDIDATE_STATS.format(where=""),
+    analytics_figures._EXCLUSIONS.format(and_where=""),
 )
 RESPONSE_WORDS_SQLITE = """
 WITH RECURSIVE path(leaf_id, iteration, prompt_id, parent_node, text) AS (
@@ -82,14 +83,14 @@ WITH RECURSIVE prefix(iteration, prompt_id, node, is_final, words) AS (
 )
 SELECT iteration, avg(words) FROM prefix WHERE is_final GROUP BY iteration
 """
-RESPONSE_WORDS_DUCKDB = analytics._RESPONSE_LENGTH.format(where="")
+RESPONSE_WORDS_DUCKDB = analytics_figures._RESPONSE_LENGTH.format(where="")
 
 
-def tree_rows(rng: random.Random, sentences: list[str]) -> list[dict]:
+def tree_rows(rng: random.Random, sentences: list[str], levels: tuple[int, ...] = LEVELS) -> list[dict]:
     """One prompt's search tree in the shape of the paper's search (200 candidates)."""
     rows: list[dict] = []
     kept: list[dict] = []
-    for depth, size in enumerate(LEVELS):
+    for depth, size in enumerate(levels):
         level = []
         for sibling in range(size):
             parent = kept[sibling % len(kept)] if kept else None
@@ -98,7 +99,7 @@ def tree_rows(rng: random.Random, sentences: list[str]) -> list[dict]:
             r_i = rng.random() * 35.0
             reward = 0.9 * r_i + 0.1 * r_t
             excluded = rng.random() < 0.05
-            last = depth == len(LEVELS) - 1
+            last = depth == len(levels) - 1
             row = {
                 "node": len(rows),
                 "parent_node": parent["node"] if parent else None,
@@ -337,4 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("study", "_run", "_claim"):
+        from store_at_size import study_main
+
+        sys.exit(study_main(sys.argv[1:]))
     sys.exit(main())

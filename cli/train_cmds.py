@@ -12,6 +12,7 @@ from csr.cli.vocabulary import (
     DEVICE_HELP,
     DType,
     ExportFormat,
+    PairRule,
     Preset,
     ReportTo,
     SelectBy,
@@ -35,11 +36,13 @@ def curate(
     min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose reward margin is below this."),
     pair_set: str = typer.Option(None, "--pair-set", help="Name of the pair set to create (default derived from the parameters)."),
     make_default: bool = typer.Option(False, "--default", help="Make this the pair set `csr train` uses."),
+    pair_rule: PairRule = typer.Option(None, "--pair-rule", help="distinct (best and worst score, the rejected text differs; paper's default) or depth-first (the release's first best and last worst in depth-first order, equal texts allowed; reference-code's default)."),
     as_json: bool = json_option("The pair set"),
 ) -> None:
     """Select chosen/rejected pairs by SQL over the stored responses into a named pair set."""
     with Store.open(state(ctx).url) as store:
-        result = iterations.curate(store, iteration, value(preset), lam, min_margin, pair_set, make_default)
+        result = iterations.curate(store, iteration, value(preset), lam, min_margin, pair_set, make_default,
+                                    value(pair_rule))
     if as_json:
         echo_json(curated_json(iteration, result))
         return

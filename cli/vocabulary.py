@@ -48,6 +48,13 @@ class SqlFormat(StrEnum):
     parquet = "parquet"
 
 
+class PairRule(StrEnum):
+    """storage/curation.py PAIR_RULES."""
+
+    distinct = "distinct"
+    depth_first = "depth-first"
+
+
 class ReportTo(StrEnum):
     none = "none"
     tensorboard = "tensorboard"

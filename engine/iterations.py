@@ -27,7 +27,8 @@ def iteration_policy(store: Store, iteration: int) -> curation.CurationPolicy:
     if it is None:
         raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
     search = it.config.get("search", {})
-    return curation.CurationPolicy(preset=it.preset, lam=float(search.get("lam", 0.9)))
+    return curation.CurationPolicy(preset=it.preset, lam=float(search.get("lam", 0.9)),
+                                   pair_rule=curation.PRESET_PAIR_RULE[it.preset])
 
 
 def require_generated(store: Store, iteration: int, allow_partial: bool) -> dict[str, int]:
@@ -52,16 +53,19 @@ def curate(
     min_margin: float = 0.0,
     name: str | None = None,
     make_default: bool = False,
+    pair_rule: str | None = None,
 ) -> curation.CurationResult:
+    """`pair_rule` defaults to the preset's own (curation.PRESET_PAIR_RULE)."""
     it = store.iteration(iteration)
     if it is not None and it.method != "csr":
         return _curate_other_method(store, it, preset, lam, min_margin, name, make_default)
     base = iteration_policy(store, iteration)
+    preset = preset or base.preset
     policy = curation.CurationPolicy(
-        preset=preset or base.preset, lam=base.lam if lam is None else lam, min_margin=min_margin
+        preset=preset, lam=base.lam if lam is None else lam, min_margin=min_margin,
+        pair_rule=pair_rule or curation.PRESET_PAIR_RULE[preset],
     )
-    with store.write() as tx:
-        return tx.curate(iteration, policy, name=name, make_default=make_default)
+    return store.curate(iteration, policy, name=name, make_default=make_default)
 
 
 def _curate_other_method(store: Store, it, preset, lam, min_margin, name, make_default) -> curation.CurationResult:

@@ -113,14 +113,22 @@ WHERE is_final
 # One row per pair with both responses' sentence-level figures. The
 # recursion starts from the pairs' two leaves only (two per prompt instead of
 # every final response), which keeps `csr stats` and the report cheap.
-PAIR_RESPONSES_VIEW = """
-CREATE VIEW pair_responses AS
+# `pair_responses_sql` fills the two filters: none for the view, the default
+# pair sets of one iteration (and only that iteration's candidates) for
+# `csr stats --iter N`.
+PAIR_RESPONSES_SQL = """
 WITH RECURSIVE
+  chosen_pairs AS (
+    SELECT s.iteration, s.id AS pair_set_id, s.name AS pair_set, s.is_default, p.id AS pair_id, p.prompt_id,
+           p.chosen_candidate_id, p.rejected_candidate_id, p.chosen_reward, p.rejected_reward, p.margin,
+           p.chosen_text, p.rejected_text
+    FROM pairs AS p JOIN pair_sets AS s ON s.id = p.pair_set_id {pair_where}
+  ),
   nodes AS MATERIALIZED (
-    SELECT id, iteration, prompt_id, node, parent_node, depth, r_t, r_i, reward FROM candidates
+    SELECT id, iteration, prompt_id, node, parent_node, depth, r_t, r_i, reward FROM candidates {node_where}
   ),
   leaves AS (
-    SELECT chosen_candidate_id AS id FROM pairs UNION SELECT rejected_candidate_id FROM pairs
+    SELECT chosen_candidate_id AS id FROM chosen_pairs UNION SELECT rejected_candidate_id FROM chosen_pairs
   ),
   path AS (
     SELECT id AS leaf_id, id AS candidate_id, iteration, prompt_id, parent_node, depth
@@ -139,18 +147,24 @@ WITH RECURSIVE
     FROM path JOIN nodes AS n ON n.id = path.candidate_id
     GROUP BY path.leaf_id
   )
-SELECT s.iteration, s.id AS pair_set_id, s.name AS pair_set, s.is_default, p.id AS pair_id, p.prompt_id,
+SELECT p.iteration, p.pair_set_id, p.pair_set, p.is_default, p.pair_id, p.prompt_id,
        p.chosen_candidate_id, p.rejected_candidate_id, p.chosen_reward, p.rejected_reward, p.margin,
        ch.sentences AS chosen_sentences, rj.sentences AS rejected_sentences,
        ch.mean_r_t AS chosen_mean_r_t, rj.mean_r_t AS rejected_mean_r_t,
        ch.mean_r_i AS chosen_mean_r_i, rj.mean_r_i AS rejected_mean_r_i,
        ch.mean_reward AS chosen_mean_sentence_reward, rj.mean_reward AS rejected_mean_sentence_reward,
        words(p.chosen_text) AS chosen_words, words(p.rejected_text) AS rejected_words
-FROM pairs AS p
-JOIN pair_sets AS s ON s.id = p.pair_set_id
+FROM chosen_pairs AS p
 LEFT JOIN per_leaf AS ch ON ch.leaf_id = p.chosen_candidate_id
 LEFT JOIN per_leaf AS rj ON rj.leaf_id = p.rejected_candidate_id
 """
+
+
+def pair_responses_sql(pair_where: str = "", node_where: str = "") -> str:
+    return PAIR_RESPONSES_SQL.format(pair_where=pair_where, node_where=node_where)
+
+
+PAIR_RESPONSES_VIEW = "CREATE VIEW pair_responses AS" + pair_responses_sql()
 
 PAIR_STATS_VIEW = """
 CREATE VIEW pair_stats AS
@@ -287,7 +301,7 @@ def _open_duckdb(url: str, cache: Path | None, threads: int | None) -> duckdb.Du
             # its own snapshot: a tree committed meanwhile could then be half
             # visible. One connection reads one consistent snapshot per query.
             con.execute("SET sqlite_disable_multithreaded_scans = true")
-        columns = _store_columns(con, schema)
+        columns = _store_columns(con, extension)
         sources = {table: f'{ALIAS}."{schema}"."{table}"' for table in columns}
         if cache is not None:
             store_file = sqlite_path(url)
@@ -311,12 +325,22 @@ def _open_duckdb(url: str, cache: Path | None, threads: int | None) -> duckdb.Du
     return con
 
 
-def _store_columns(con: duckdb.DuckDBPyConnection, schema: str) -> dict[str, list[str]]:
+# The store's own catalogue, asked through the scanner's query function:
+# DuckDB's duckdb_columns() over an attached SQLite file costs seconds per
+# million candidates (it sizes every table), this costs milliseconds.
+_COLUMNS_QUERY = {
+    "sqlite_scanner": ("sqlite_query", "SELECT m.name AS table_name, p.name AS column_name FROM sqlite_master AS m, "
+                                       "pragma_table_info(m.name) AS p WHERE m.type = 'table' ORDER BY m.name, p.cid"),
+    "postgres_scanner": ("postgres_query", "SELECT table_name, column_name FROM information_schema.columns "
+                                           "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"),
+}
+
+
+def _store_columns(con: duckdb.DuckDBPyConnection, extension: str) -> dict[str, list[str]]:
+    function, query = _COLUMNS_QUERY[extension]
     columns: dict[str, list[str]] = {}
     for table, column in con.execute(
-        "SELECT table_name, column_name FROM duckdb_columns() "
-        "WHERE database_name = ? AND schema_name = ? ORDER BY table_name, column_index",
-        [ALIAS, schema],
+        f"SELECT table_name, column_name FROM {function}({_quote_literal(ALIAS)}, {_quote_literal(query)})"
     ).fetchall():
         columns.setdefault(table, []).append(column)
     return columns

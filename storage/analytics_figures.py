@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import duckdb
 
-from csr.storage.analytics import clean_number, fetch, records
+from csr.storage.analytics import clean_number, fetch, pair_responses_sql, records
 from csr.storage.errors import StoreError
 
 # ---------------------------------------------------------------- csr stats
@@ -71,22 +71,39 @@ SELECT iteration, pair_set, count(*) AS pairs,
        quantile_cont(margin, 0.5) AS margin_median,
        quantile_cont(margin, 0.75) AS margin_p75,
        max(margin) AS margin_max
-FROM pair_responses
-WHERE is_default {and_where}
+FROM ({pair_responses})
 GROUP BY iteration, pair_set
 """
 
 # Responses the search cut at max_length, and default-set pairs that training
-# would leave out (a response longer than its max_response_tokens).
+# would leave out (a response longer than its max_response_tokens). The pairs
+# reach their two responses by equality joins on the leaf id, each side
+# filtered to the iteration first (an IN over both ids would join every
+# response with every pair).
 _LENGTH_LIMITS = """
-SELECT r.iteration,
-       count(*) FILTER (WHERE r.is_truncated) AS truncated_responses,
-       count(DISTINCT p.id) FILTER (WHERE r.token_count > ?) AS pairs_over_training_limit
-FROM responses AS r
-LEFT JOIN pairs AS p ON r.leaf_candidate_id IN (p.chosen_candidate_id, p.rejected_candidate_id)
-     AND p.pair_set_id IN (SELECT id FROM pair_sets WHERE is_default)
-{where}
-GROUP BY r.iteration
+WITH truncated AS (
+    SELECT iteration, count(*) FILTER (WHERE is_truncated) AS truncated_responses
+    FROM responses {where}
+    GROUP BY iteration
+),
+default_pairs AS (
+    SELECT p.id, p.chosen_candidate_id, p.rejected_candidate_id
+    FROM pairs AS p JOIN pair_sets AS s ON s.id = p.pair_set_id
+    WHERE s.is_default {set_and_where}
+),
+pair_leaves AS (
+    SELECT id AS pair_id, chosen_candidate_id AS leaf_id FROM default_pairs
+    UNION ALL
+    SELECT id, rejected_candidate_id FROM default_pairs
+),
+over_limit AS (
+    SELECT r.iteration, count(DISTINCT l.pair_id) AS pairs_over_training_limit
+    FROM pair_leaves AS l JOIN responses AS r ON r.leaf_candidate_id = l.leaf_id
+    WHERE r.token_count > ? {response_and_where}
+    GROUP BY r.iteration
+)
+SELECT t.iteration, t.truncated_responses, coalesce(o.pairs_over_training_limit, 0) AS pairs_over_training_limit
+FROM truncated AS t LEFT JOIN over_limit AS o ON o.iteration = t.iteration
 """
 
 _EVALUATIONS = """
@@ -132,13 +149,16 @@ def stats(con: duckdb.DuckDBPyConnection, iteration: int | None = None, max_resp
         by_number[number]["exclusions"][reason] = n
     for number, words in fetch(con, _RESPONSE_LENGTH.format(where=where), params).rows:
         by_number[number]["final_mean_words"] = words
-    pair_where = and_where
-    for row in records(fetch(con, _PAIR_FIGURES.format(and_where=pair_where), params)):
+    # Only the default pair sets (of the one iteration asked for) and their candidates.
+    default_pairs = pair_responses_sql("WHERE s.is_default " + _filter("s.iteration", iteration, "AND"),
+                                       _filter("iteration", iteration))
+    for row in records(fetch(con, _PAIR_FIGURES.format(pair_responses=default_pairs), [*params, *params])):
         target = by_number[row.pop("iteration")]
         target["margin"] = {key.removeprefix("margin_"): row.pop(key) for key in MARGIN_FIELDS}
         target.update(row)
-    limits = _LENGTH_LIMITS.format(where=_filter("r.iteration", iteration))
-    for row in records(fetch(con, limits, [max_response_tokens, *params])):
+    limits = _LENGTH_LIMITS.format(where=where, set_and_where=_filter("s.iteration", iteration, "AND"),
+                                   response_and_where=_filter("r.iteration", iteration, "AND"))
+    for row in records(fetch(con, limits, [*params, *params, max_response_tokens, *params])):
         by_number[row.pop("iteration")].update(row)
     evaluations = records(fetch(con, _EVALUATIONS))
     for row in evaluations:
@@ -224,7 +244,7 @@ def _clean(value):
 _PAIR_SAMPLE = """
 SELECT pr.*, pt.text AS prompt, pt.external_id, im.root AS image_root, im.rel_path AS image_rel_path,
        p.chosen_text, p.rejected_text
-FROM pair_responses AS pr
+FROM ({pair_responses}) AS pr
 JOIN pairs AS p ON p.id = pr.pair_id
 JOIN prompts AS pt ON pt.id = pr.prompt_id
 JOIN images AS im ON im.id = pt.image_id
@@ -234,11 +254,17 @@ ORDER BY row_number() OVER (PARTITION BY pr.iteration ORDER BY hash(pr.prompt_id
 LIMIT ?
 """
 
+# Only the trees of the leaves asked for are read into memory (the page shows
+# a hundred leaves; the store holds millions of candidates).
 _PATH_SENTENCES = """
 WITH RECURSIVE
+  leaves AS MATERIALIZED (
+    SELECT DISTINCT iteration, prompt_id FROM candidates WHERE id IN (SELECT unnest(?::BIGINT[]))
+  ),
   nodes AS MATERIALIZED (
-    SELECT id, iteration, prompt_id, node, parent_node, depth, text, r_t, r_i, reward, cumulative_reward
-    FROM candidates
+    SELECT c.id, c.iteration, c.prompt_id, c.node, c.parent_node, c.depth, c.text, c.r_t, c.r_i, c.reward,
+           c.cumulative_reward
+    FROM candidates AS c SEMI JOIN leaves AS l ON l.iteration = c.iteration AND l.prompt_id = c.prompt_id
   ),
   path AS (
     SELECT id AS leaf_id, id AS candidate_id, iteration, prompt_id, parent_node, depth
@@ -259,7 +285,8 @@ def pair_sample(con: duckdb.DuckDBPyConnection, limit: int) -> list[dict]:
     """Up to `limit` pairs of the default pair sets, spread over iterations."""
     if limit <= 0:
         return []
-    return _clean(records(fetch(con, _PAIR_SAMPLE, [limit, limit])))
+    sql = _PAIR_SAMPLE.format(pair_responses=pair_responses_sql("WHERE s.is_default"))
+    return _clean(records(fetch(con, sql, [limit, limit])))
 
 
 def path_sentences(con: duckdb.DuckDBPyConnection, leaf_ids: Sequence[int]) -> dict[int, list[dict]]:
@@ -267,15 +294,16 @@ def path_sentences(con: duckdb.DuckDBPyConnection, leaf_ids: Sequence[int]) -> d
     if not leaf_ids:
         return {}
     out: dict[int, list[dict]] = {int(leaf): [] for leaf in leaf_ids}
-    for row in records(fetch(con, _PATH_SENTENCES, [list(map(int, leaf_ids))])):
+    ids = list(map(int, leaf_ids))
+    for row in records(fetch(con, _PATH_SENTENCES, [ids, ids])):
         out[row.pop("leaf_id")].append(_clean(row))
     return out
 
 
 def pair_distributions(con: duckdb.DuckDBPyConnection) -> list[dict]:
     """Per default pair: iteration, rewards, mean R_I / R_T and words of chosen and rejected (plots)."""
-    return _clean(records(fetch(con, """
+    return _clean(records(fetch(con, f"""
         SELECT iteration, chosen_reward, rejected_reward, chosen_mean_r_i, rejected_mean_r_i,
                chosen_mean_r_t, rejected_mean_r_t, chosen_words, rejected_words
-        FROM pair_responses WHERE is_default ORDER BY iteration, pair_id
+        FROM ({pair_responses_sql("WHERE s.is_default")}) ORDER BY iteration, pair_id
     """)))

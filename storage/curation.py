@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
 from csr.storage.clock import utcnow
 from csr.storage.errors import OrderError, StoreError
@@ -34,30 +34,106 @@ _RESPONSE_SCORE = {
     ),
 }
 
+# Two rules choose a pair among a prompt's scored responses:
+# - "distinct" (csr's): the best and the worst score, a tie going to the lower
+#   candidate id, and the rejected text must differ from the chosen one;
+# - "depth-first" (the release's construct.py: `sorted(dfs(tree), key)[0]` and
+#   `[-1]`): the best score that comes first and the worst score that comes
+#   last in the depth-first order of the tree, equal texts (and a prompt's one
+#   response paired with itself) allowed.
+PAIR_RULES = ("distinct", "depth-first")
+PRESET_PAIR_RULE = {"paper": "distinct", "reference-code": "depth-first"}
+
+# One pass over the iteration's responses, no self-join: the first window
+# ranks each prompt's responses best first and carries the best text along,
+# the second ranks them worst first among the texts that differ from it, and
+# the group-by folds each prompt's two ends into its pair.
 _SELECTION = """
 WITH scored AS (
     SELECT r.prompt_id, r.leaf_candidate_id, r.text, {response_score} AS score
     FROM responses r
     WHERE r.iteration = :iteration
 ),
-best AS (
+best_first AS (
     SELECT prompt_id, leaf_candidate_id, text, score,
-           ROW_NUMBER() OVER (PARTITION BY prompt_id ORDER BY score DESC, leaf_candidate_id) AS position
+           ROW_NUMBER() OVER by_score AS best_position,
+           FIRST_VALUE(text) OVER by_score AS best_text
     FROM scored
+    WINDOW by_score AS (PARTITION BY prompt_id ORDER BY score DESC, leaf_candidate_id)
 ),
-worst AS (
-    SELECT s.prompt_id, s.leaf_candidate_id, s.text, s.score,
-           ROW_NUMBER() OVER (PARTITION BY s.prompt_id ORDER BY s.score, s.leaf_candidate_id) AS position
-    FROM scored s JOIN best b ON b.prompt_id = s.prompt_id AND b.position = 1
-    WHERE s.text <> b.text
+worst_first AS (
+    SELECT prompt_id, leaf_candidate_id, text, score, best_position, best_text,
+           ROW_NUMBER() OVER (
+               PARTITION BY prompt_id
+               ORDER BY CASE WHEN text = best_text THEN 1 ELSE 0 END, score, leaf_candidate_id
+           ) AS worst_position
+    FROM best_first
+),
+ends AS (
+    SELECT prompt_id, leaf_candidate_id, text, score, best_position = 1 AS is_best
+    FROM worst_first
+    WHERE best_position = 1 OR (worst_position = 1 AND text <> best_text)
+),
+pairs AS (
+    SELECT prompt_id,
+           MAX(CASE WHEN is_best THEN leaf_candidate_id END) AS chosen_candidate_id,
+           MAX(CASE WHEN NOT is_best THEN leaf_candidate_id END) AS rejected_candidate_id,
+           MAX(CASE WHEN is_best THEN text END) AS chosen_text,
+           MAX(CASE WHEN NOT is_best THEN text END) AS rejected_text,
+           MAX(CASE WHEN is_best THEN score END) AS chosen_reward,
+           MAX(CASE WHEN NOT is_best THEN score END) AS rejected_reward
+    FROM ends
+    GROUP BY prompt_id
+    HAVING COUNT(*) = 2
 )
-SELECT b.prompt_id, b.leaf_candidate_id AS chosen_candidate_id, w.leaf_candidate_id AS rejected_candidate_id,
-       b.text AS chosen_text, w.text AS rejected_text,
-       b.score AS chosen_reward, w.score AS rejected_reward, b.score - w.score AS margin
-FROM best b JOIN worst w ON w.prompt_id = b.prompt_id AND w.position = 1
-WHERE b.position = 1 AND b.score - w.score >= :min_margin
-ORDER BY b.prompt_id
+SELECT prompt_id, chosen_candidate_id, rejected_candidate_id, chosen_text, rejected_text,
+       chosen_reward, rejected_reward, chosen_reward - rejected_reward AS margin
+FROM pairs
+WHERE chosen_reward - rejected_reward >= :min_margin
+ORDER BY prompt_id
 """
+
+# The depth-first rule: every response at a prompt's best or worst score; the
+# tie among them is broken in Python by the tree's depth-first order.
+_ENDS = """
+WITH scored AS (
+    SELECT r.prompt_id, r.leaf_candidate_id, r.text, {response_score} AS score
+    FROM responses r
+    WHERE r.iteration = :iteration
+),
+marked AS (
+    SELECT prompt_id, leaf_candidate_id, text, score,
+           MAX(score) OVER by_prompt AS top, MIN(score) OVER by_prompt AS bottom
+    FROM scored
+    WINDOW by_prompt AS (PARTITION BY prompt_id)
+)
+SELECT prompt_id, leaf_candidate_id, text, score, score = top AS is_top, score = bottom AS is_bottom
+FROM marked
+WHERE score = top OR score = bottom
+ORDER BY prompt_id, leaf_candidate_id
+"""
+_DEPTH_FIRST_NOTE = """
+-- then per prompt: chosen = the first at its best score, rejected = the last at its worst score,
+-- in depth-first order of the tree (children in node order); equal texts allowed
+"""
+
+# The path of node numbers from the root down to each leaf: leaves in
+# depth-first order are their paths in lexicographic order. Each step up is a
+# lookup in the tree's unique node index.
+_LEAF_PATHS = """
+WITH RECURSIVE up(leaf_id, prompt_id, node, parent_node, depth) AS (
+    SELECT c.id, c.prompt_id, c.node, c.parent_node, c.depth
+    FROM candidates c
+    WHERE c.id IN :leaf_ids
+    UNION ALL
+    SELECT up.leaf_id, c.prompt_id, c.node, c.parent_node, c.depth
+    FROM up JOIN candidates c
+      ON c.iteration = :iteration AND c.prompt_id = up.prompt_id AND c.node = up.parent_node
+     AND c.depth < up.depth
+)
+SELECT leaf_id, depth, node FROM up
+"""
+_LEAF_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -65,30 +141,79 @@ class CurationPolicy:
     preset: str = "paper"
     lam: float = 0.9
     min_margin: float = 0.0
+    pair_rule: str = "distinct"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise StoreError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if not 0.0 <= self.lam <= 1.0:
             raise StoreError(f"lambda must lie in [0, 1], got {self.lam}")
+        if self.pair_rule not in PAIR_RULES:
+            raise StoreError(f"unknown pair rule {self.pair_rule!r}; choose one of {', '.join(PAIR_RULES)}")
 
     def default_name(self) -> str:
-        return f"{self.preset}-lambda{self.lam:g}-margin{self.min_margin:g}"
+        name = f"{self.preset}-lambda{self.lam:g}-margin{self.min_margin:g}"
+        return name if self.pair_rule == PRESET_PAIR_RULE[self.preset] else f"{name}-{self.pair_rule}"
 
     def params(self) -> dict:
-        return {"preset": self.preset, "lambda": self.lam, "min_margin": self.min_margin}
+        return {"preset": self.preset, "lambda": self.lam, "min_margin": self.min_margin, "pair_rule": self.pair_rule}
 
 
-def selection_sql(preset: str) -> str:
-    return _SELECTION.format(response_score=_RESPONSE_SCORE[preset]).strip()
+def selection_sql(preset: str, pair_rule: str = "distinct") -> str:
+    score = _RESPONSE_SCORE[preset]
+    if pair_rule == "depth-first":
+        return (_ENDS.format(response_score=score).strip() + "\n" + _DEPTH_FIRST_NOTE.strip()).strip()
+    return _SELECTION.format(response_score=score).strip()
 
 
 def select_pairs(conn: Connection, iteration: int, policy: CurationPolicy) -> list[dict]:
-    rows = conn.execute(
-        text(selection_sql(policy.preset)),
-        {"iteration": iteration, "lam": policy.lam, "min_margin": policy.min_margin},
-    ).mappings()
+    params = {"iteration": iteration, "lam": policy.lam, "min_margin": policy.min_margin}
+    if policy.pair_rule == "depth-first":
+        return _select_depth_first(conn, iteration, policy, params)
+    rows = conn.execute(text(selection_sql(policy.preset)), params).mappings()
     return [dict(row) for row in rows]
+
+
+def _select_depth_first(conn: Connection, iteration: int, policy: CurationPolicy, params: dict) -> list[dict]:
+    by_prompt: dict[int, tuple[list, list]] = {}
+    for row in conn.execute(text(_ENDS.format(response_score=_RESPONSE_SCORE[policy.preset])), params).mappings():
+        tops, bottoms = by_prompt.setdefault(row["prompt_id"], ([], []))
+        if row["is_top"]:
+            tops.append(row)
+        if row["is_bottom"]:
+            bottoms.append(row)
+    tied = [r["leaf_candidate_id"] for tops, bottoms in by_prompt.values() for ends in (tops, bottoms)
+            if len(ends) > 1 for r in ends]
+    order = _depth_first_keys(conn, iteration, tied)
+    pairs = []
+    for prompt_id, (tops, bottoms) in by_prompt.items():
+        chosen = min(tops, key=lambda r: order.get(r["leaf_candidate_id"], ()))
+        rejected = max(bottoms, key=lambda r: order.get(r["leaf_candidate_id"], ()))
+        margin = chosen["score"] - rejected["score"]
+        if margin < policy.min_margin:
+            continue
+        pairs.append({
+            "prompt_id": prompt_id,
+            "chosen_candidate_id": chosen["leaf_candidate_id"],
+            "rejected_candidate_id": rejected["leaf_candidate_id"],
+            "chosen_text": chosen["text"],
+            "rejected_text": rejected["text"],
+            "chosen_reward": chosen["score"],
+            "rejected_reward": rejected["score"],
+            "margin": margin,
+        })
+    return sorted(pairs, key=lambda r: r["prompt_id"])
+
+
+def _depth_first_keys(conn: Connection, iteration: int, leaf_ids: list[int]) -> dict[int, tuple[int, ...]]:
+    """leaf candidate id -> its path of node numbers from the root."""
+    steps: dict[int, list[tuple[int, int]]] = {}
+    query = text(_LEAF_PATHS).bindparams(bindparam("leaf_ids", expanding=True))
+    for start in range(0, len(leaf_ids), _LEAF_CHUNK):
+        chunk = leaf_ids[start : start + _LEAF_CHUNK]
+        for leaf_id, depth, node in conn.execute(query, {"leaf_ids": chunk, "iteration": iteration}).all():
+            steps.setdefault(leaf_id, []).append((depth, node))
+    return {leaf: tuple(node for _, node in sorted(path)) for leaf, path in steps.items()}
 
 
 def pairs_hash(rows: list[dict]) -> str:
@@ -123,26 +248,37 @@ class CurationResult:
     note: str | None = None
 
 
-def curate(
-    conn: Connection,
-    iteration: int,
-    policy: CurationPolicy,
-    name: str | None = None,
-    make_default: bool = False,
-) -> CurationResult:
-    """Create (or confirm) a named pair set for the iteration."""
+@dataclass(frozen=True)
+class Selection:
+    """A curation computed from a read of the store, ready to be recorded."""
+
+    iteration: int
+    policy: CurationPolicy
+    name: str
+    params: dict
+    rows: list[dict]
+    result_hash: str
+
+
+def compute_selection(conn: Connection, iteration: int, policy: CurationPolicy, name: str | None = None) -> Selection:
+    """The pairs a policy selects, computed in a read transaction (no lock held)."""
     it = get_iteration(conn, iteration)
     if it is None:
         raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
-    name = name or policy.default_name()
+    rows = select_pairs(conn, iteration, policy)
     params = {**policy.params(), **_provenance(it, policy)}
+    return Selection(iteration, policy, name or policy.default_name(), params, rows, pairs_hash(rows))
+
+
+def record(conn: Connection, selection: Selection, make_default: bool = False) -> CurationResult:
+    """Create (or confirm) the selection's named pair set: one short write transaction."""
+    iteration, policy, name, params = selection.iteration, selection.policy, selection.name, selection.params
+    rows, digest = selection.rows, selection.result_hash
     existing = conn.execute(
         select(PairSet).where(PairSet.iteration == iteration, PairSet.name == name)
     ).first()
-    rows = select_pairs(conn, iteration, policy)
-    digest = pairs_hash(rows)
     if existing is not None:
-        if existing.params != params:
+        if _with_rule(existing.params) != params:
             raise StoreError(
                 f"pair set {name!r} of iteration {iteration} exists with other parameters "
                 f"({existing.params}); choose another --name"
@@ -167,7 +303,7 @@ def curate(
             name=name,
             preset=policy.preset,
             params=params,
-            selection_sql=selection_sql(policy.preset),
+            selection_sql=selection_sql(policy.preset, policy.pair_rule),
             result_hash=digest,
             is_default=False,
             created_at=utcnow(),
@@ -180,6 +316,23 @@ def curate(
     if is_default:
         _set_default(conn, iteration, pair_set_id)
     return CurationResult(pair_set_id, name, len(rows), digest, True, is_default, recuration_note(params))
+
+
+def curate(
+    conn: Connection,
+    iteration: int,
+    policy: CurationPolicy,
+    name: str | None = None,
+    make_default: bool = False,
+) -> CurationResult:
+    """Create (or confirm) a named pair set for the iteration, on one connection.
+    `Store.curate` splits the two steps: the selection in a read, the record in a short write."""
+    return record(conn, compute_selection(conn, iteration, policy, name), make_default)
+
+
+def _with_rule(params: dict) -> dict:
+    """Pair sets made before the pair rule was recorded used the distinct rule."""
+    return {**params, "pair_rule": params.get("pair_rule", "distinct")}
 
 
 def _provenance(it, policy: CurationPolicy) -> dict:

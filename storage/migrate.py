@@ -31,7 +31,9 @@ def known_revisions() -> set[str]:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as connection:
+    # A read: on SQLite a deferred transaction, so that opening a store never
+    # waits for (or blocks) a writer's lock.
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 

@@ -106,6 +106,12 @@ class WorkItem(Base):
         UniqueConstraint("iteration", "prompt_id"),
         # claim next: pending rows, or claimed rows whose lease ran out
         Index("ix_work_items_claim", "iteration", "state", "lease_expires_at"),
+        # the next pending items in id order, read from the index without a sort
+        Index("ix_work_items_next", "iteration", "state", "id"),
+        # pending items out of attempts, found without reading every pending row
+        Index("ix_work_items_attempts", "iteration", "state", "attempts"),
+        # a worker's claimed items (heartbeat, release_unheld, csr status)
+        Index("ix_work_items_holder", "state", "worker_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

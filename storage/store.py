@@ -16,14 +16,17 @@ tests of those modules use.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from csr.storage import migrate, work
+from csr.storage import curation, migrate, work
 from csr.storage.db import make_engine
 from csr.storage.errors import StoreError, WriteConflict
 from csr.storage.transaction import Transaction
@@ -41,6 +44,41 @@ def reading(engine: Engine) -> Iterator[Connection]:
 def writing(engine: Engine):
     """A write transaction (SQLite: BEGIN IMMEDIATE, the engine's default mode)."""
     return engine.begin()
+
+
+def analyze(engine: Engine, tables: tuple[str, ...]) -> None:
+    """PostgreSQL: fresh planner statistics for tables csr has just filled.
+
+    Without them (autovacuum off, or not yet run) the planner takes a table
+    of millions of rows for an empty one and joins by nested loops. SQLite
+    plans from its indexes and needs nothing here.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.begin() as conn:
+        for table in tables:
+            conn.exec_driver_sql(f"ANALYZE {table}")
+
+
+# PostgreSQL's own autovacuum rule: analyze once a table changed by a tenth.
+_GROWN = """
+SELECT relname FROM pg_stat_user_tables
+WHERE relname IN ({names})
+  AND n_mod_since_analyze > 50 + 0.1 * GREATEST(n_live_tup - n_mod_since_analyze, 0)
+"""
+
+
+def analyze_if_grown(engine: Engine, tables: tuple[str, ...]) -> None:
+    """PostgreSQL: `analyze` the tables that grew by a tenth since their last
+    statistics (after a batch of trees); a cheap look at pg_stat otherwise."""
+    if engine.dialect.name != "postgresql":
+        return
+    names = ", ".join(f"'{table}'" for table in tables)
+    with engine.connect() as conn:
+        grown = tuple(conn.exec_driver_sql(_GROWN.format(names=names)).scalars())
+        conn.rollback()
+    if grown:
+        analyze(engine, grown)
 
 
 def open_store(url: str) -> Engine:
@@ -105,6 +143,25 @@ def store_revision(url: str) -> str | None:
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+# The tables a tree batch fills, and that curation and the queue plan on.
+TREE_TABLES = ("candidates", "responses", "work_items")
+
+# Tests hold a curation (a real second process) at a known point: with this
+# set to a file path, the curation writes the point's name there and waits
+# until the file is gone (at most a minute).
+PAUSE_ENV = "CSR_TEST_PAUSE_FILE"
+
+
+def _pause_for_tests(point: str) -> None:
+    path = os.environ.get(PAUSE_ENV)
+    if not path:
+        return
+    Path(path).write_text(point)
+    deadline = time.monotonic() + 60
+    while Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 class Store:
@@ -180,6 +237,9 @@ class Store:
         return work.register_worker(self._engine, iteration, device)
 
     def claim(self, iteration: int, worker_id: int, limit: int, lease: timedelta, max_attempts: int) -> list[work.Claim]:
+        """Claim the next items; first, after the previous batch of trees, fresh
+        planner statistics where the tables grew (PostgreSQL)."""
+        analyze_if_grown(self._engine, TREE_TABLES)
         return work.claim(self._engine, iteration, worker_id, limit, lease, max_attempts)
 
     def heartbeat(self, worker_id: int, lease: timedelta) -> None:
@@ -202,4 +262,19 @@ class Store:
         work.stop_worker(self._engine, worker_id)
 
     def finish_iteration_if_done(self, iteration: int) -> bool:
+        analyze_if_grown(self._engine, TREE_TABLES)
         return work.finish_iteration_if_done(self._engine, iteration)
+
+    # -- curation ------------------------------------------------------------------------
+    def curate(self, iteration: int, policy: curation.CurationPolicy, name: str | None = None,
+               make_default: bool = False) -> curation.CurationResult:
+        """Select the pairs in a read transaction, which takes no lock, then
+        record them in one short write: other commands and workers never wait
+        for a curation's query."""
+        analyze(self._engine, ("responses",))  # the table the selection reads: always fresh
+        analyze_if_grown(self._engine, TREE_TABLES)
+        with reading(self._engine) as conn:
+            selection = curation.compute_selection(conn, iteration, policy, name)
+            _pause_for_tests("selected")
+        with self.write() as tx:
+            return tx.record_curation(selection, make_default)

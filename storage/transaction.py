@@ -158,6 +158,9 @@ class Transaction:
                make_default: bool = False) -> curation.CurationResult:
         return curation.curate(self._for_writing(), iteration, policy, name=name, make_default=make_default)
 
+    def record_curation(self, selection: curation.Selection, make_default: bool = False) -> curation.CurationResult:
+        return curation.record(self._for_writing(), selection, make_default=make_default)
+
     def pair_set(self, iteration: int, name: str | None = None) -> PairSetInfo | None:
         return _as(PairSetInfo, curation.pair_set(self._conn, iteration, name))
 

@@ -137,16 +137,59 @@ _CLAIM_SQL = """
 UPDATE work_items
 SET state = 'claimed', worker_id = :worker, lease_expires_at = :expires,
     attempts = attempts + 1, updated_at = :now
-WHERE id IN (
+WHERE id IN ({next_ids})
+RETURNING id, prompt_id, attempts
+"""
+
+# PostgreSQL: SKIP LOCKED lets concurrent claimers pass each other's rows. Each
+# state is its own index range in id order (a locking clause cannot stand on a
+# UNION, so each branch locks its own rows); the first `limit` of the two are
+# the first `limit` of the OR over both.
+_CLAIM_SQL_POSTGRESQL = """
+WITH pending AS (
     SELECT id FROM work_items
-    WHERE iteration = :iteration
-      AND (state = 'pending' OR (state = 'claimed' AND lease_expires_at < :now))
-      AND attempts < :max_attempts
-    ORDER BY id
-    LIMIT :limit
-    {lock}
+    WHERE iteration = :iteration AND state = 'pending' AND attempts < :max_attempts
+    ORDER BY id LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+),
+abandoned AS (
+    SELECT id FROM work_items
+    WHERE iteration = :iteration AND state = 'claimed' AND lease_expires_at < :now AND attempts < :max_attempts
+    ORDER BY id LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE work_items
+SET state = 'claimed', worker_id = :worker, lease_expires_at = :expires,
+    attempts = attempts + 1, updated_at = :now
+WHERE id IN (
+    SELECT id FROM (SELECT id FROM pending UNION ALL SELECT id FROM abandoned) AS both_states
+    ORDER BY id LIMIT :limit
 )
 RETURNING id, prompt_id, attempts
+"""
+
+# SQLite: one OR over two states reads the whole iteration and sorts it. Here
+# the pending branch reads ix_work_items_next in id order only as far as the
+# limit, and the abandoned branch the few claimed rows whose lease ran out
+# (ix_work_items_claim); the planner would otherwise take the attempts index
+# and sort every pending row. Claims serialise on BEGIN IMMEDIATE.
+_NEXT_IDS_SQLITE = """
+    SELECT id FROM (
+        SELECT id FROM (
+            SELECT id FROM work_items INDEXED BY ix_work_items_next
+            WHERE iteration = :iteration AND state = 'pending' AND attempts < :max_attempts
+            ORDER BY id LIMIT :limit
+        )
+        UNION ALL
+        SELECT id FROM (
+            SELECT id FROM work_items INDEXED BY ix_work_items_claim
+            WHERE iteration = :iteration AND state = 'claimed' AND lease_expires_at < :now
+              AND attempts < :max_attempts
+            ORDER BY id LIMIT :limit
+        )
+    )
+    ORDER BY id
+    LIMIT :limit
 """
 
 
@@ -155,14 +198,12 @@ def claim(
 ) -> list[Claim]:
     """Claim up to `limit` pending (or abandoned) work items for this worker."""
     now = utcnow()
-    # PostgreSQL: SKIP LOCKED lets concurrent claimers pass each other's rows.
-    # SQLite: the engine opens every transaction with BEGIN IMMEDIATE, so claims serialise.
-    lock = "FOR UPDATE SKIP LOCKED" if engine.dialect.name == "postgresql" else ""
+    sql = _CLAIM_SQL_POSTGRESQL if engine.dialect.name == "postgresql" else _CLAIM_SQL.format(next_ids=_NEXT_IDS_SQLITE)
     with engine.begin() as conn:
         _reclaim_from_dead_local_workers(conn, iteration, now)
         _fail_exhausted(conn, iteration, now, max_attempts)
         rows = conn.execute(
-            text(_CLAIM_SQL.format(lock=lock)),
+            text(sql),
             {
                 "worker": worker_id,
                 "expires": now + lease,

@@ -355,6 +355,28 @@ def _check_responses_rebuilt_from_the_trees(url: str) -> None:
 # -- tests ---------------------------------------------------------------------------------
 
 
+QUEUE_INDEXES = {"ix_work_items_next", "ix_work_items_attempts", "ix_work_items_holder"}
+
+
+def test_0007_adds_the_indexes_the_queue_needs(store_url):
+    from sqlalchemy import inspect
+
+    engine = make_engine(store_url)
+    try:
+        migrate.upgrade(engine, "0004")
+        assert not QUEUE_INDEXES & {ix["name"] for ix in inspect(engine).get_indexes("work_items")}
+        migrate.upgrade(engine)
+        indexes = {ix["name"]: ix["column_names"] for ix in inspect(engine).get_indexes("work_items")}
+    finally:
+        engine.dispose()
+    assert {name: indexes.get(name) for name in QUEUE_INDEXES} == {
+        "ix_work_items_next": ["iteration", "state", "id"],
+        "ix_work_items_attempts": ["iteration", "state", "attempts"],
+        "ix_work_items_holder": ["state", "worker_id"],
+    }
+
+
+
 def test_released_schemas_are_frozen():
     assert {"0001", "0002"} <= set(frozen_revisions())
     assert migrate.known_revisions() >= set(frozen_revisions())
