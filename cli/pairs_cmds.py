@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from csr.cli.context import state
+from csr.cli.output import consoles, echo_json, json_option
 from csr.storage.store import Store
 
-console = Console()
 pairs_app = typer.Typer(help="Pair sets from elsewhere.", no_args_is_help=True, rich_markup_mode=None)
 
 
@@ -20,6 +19,7 @@ def pairs_import(
     file: Path = typer.Argument(..., help="JSON list or JSONL: TRL prompt/chosen/rejected with an image, LLaVA-style conversations, RLHF-V or VLFeedback as published."),
     images: Path = typer.Option(..., "--images", help="Directory the image paths are resolved under."),
     name: str = typer.Option(..., "--pair-set", help="Name of the new pair set (train on it: `csr train --iter N --pair-set NAME`)."),
+    as_json: bool = json_option("The pair set"),
 ) -> None:
     """Import preference pairs as a pair set: all or nothing, idempotent."""
     from csr.engine.io.pair_import import PairsRejected, import_pairs
@@ -31,6 +31,7 @@ def pairs_import(
             for problem in exc.problems:
                 typer.echo(f"csr: {file}: {problem}", err=True)
             raise
+    console = consoles(as_json)
     layouts = ", ".join(f"{count} {layout}" for layout, count in sorted(report.layouts.items()))
     if report.created:
         console.print(f"imported pair set {name!r}: {report.pairs} pair(s) ({layouts}; "
@@ -41,6 +42,9 @@ def pairs_import(
     if report.without_preference:
         console.print(f"{len(report.without_preference)} record(s) without a preference (equal ratings) left out",
                       highlight=False)
+    if as_json:
+        echo_json({"pair_set": name, "created": report.created, "pairs": report.pairs, "layouts": report.layouts,
+                   "new_images": report.new_images, "without_preference": len(report.without_preference)})
 
 
 def register(app: typer.Typer) -> None:

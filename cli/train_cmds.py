@@ -231,6 +231,7 @@ def iterate(
     dtype: DType = typer.Option(None, "--dtype", help="Policy dtype for the search (recorded with each iteration)."),
     kv_budget: float = typer.Option(None, "--kv-budget", min=0.0, help="GiB of KV cache a batch of prompts may hold."),
     min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose reward margin is below this."),
+    pair_rule: PairRule = typer.Option(None, "--pair-rule", help="How each prompt's pair is picked: distinct or depth-first (as `csr curate --pair-rule`; default: the preset's)."),
     pair_set: str = typer.Option(None, "--pair-set", help="Curate into and train on the pair set of this name (default: each iteration's default set)."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Train although some prompts are not generated yet."),
     force: bool = typer.Option(False, "--force", help="Train model versions that exist again, replacing them."),
@@ -261,7 +262,8 @@ def iterate(
     results = []
     with Store.open(st.url) as store:
         for number in numbers:
-            done = run_iteration(store, settings, number, generate_step, train_options, min_margin=min_margin)
+            done = run_iteration(store, settings, number, generate_step, train_options, min_margin=min_margin,
+                                 pair_rule=value(pair_rule))
             results.append({"iteration": number, "kept": done.kept,
                             "curated": None if done.curated is None else curated_json(number, done.curated),
                             "trained": None if done.trained is None else trained_json(done.trained)})

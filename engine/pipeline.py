@@ -37,14 +37,15 @@ def run_iteration(
     generate: Callable[[int], None],
     train_options: TrainOptions = TrainOptions(),
     min_margin: float = 0.0,
+    pair_rule: str | None = None,
 ) -> IterationOutcome:
     """`train_options.pair_set` names the pair set curated and trained on (default:
     the iteration's default set); `train_options.force` trains an existing version again."""
     name = train_options.pair_set
     if store.model_version(number) is not None and not train_options.force:
         exists = store.iteration(number) is not None
-        curated = curate(store, number, min_margin=min_margin, name=name) if exists else None
+        curated = curate(store, number, min_margin=min_margin, name=name, pair_rule=pair_rule) if exists else None
         return IterationOutcome(number, curated, None)
     generate(number)
-    curated = curate(store, number, min_margin=min_margin, name=name)
+    curated = curate(store, number, min_margin=min_margin, name=name, pair_rule=pair_rule)
     return IterationOutcome(number, curated, train(store, settings, number, train_options))
