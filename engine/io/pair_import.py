@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csr.engine.errors import CsrError
-from csr.engine.io.prompt_files import Problem, inspect_images, resolve_image, strip_image_markers
+from csr.engine.io.prompt_files import (
+    Problem,
+    inspect_images,
+    read_json_records,
+    resolve_image,
+    strip_image_markers,
+)
 from csr.storage.errors import ImportRejected, WriteConflict
 from csr.storage.outside_pairs import pairs_digest
 from csr.storage.store import Store
@@ -140,26 +146,7 @@ def import_pairs(store: Store, file: Path, images_dir: Path, name: str) -> PairI
 
 def parse_pair_file(path: Path) -> tuple[list[PairRecord], list[Problem], list[int]]:
     """(records, problems, positions of records without a preference)."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise CsrError(f"pair file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CsrError(f"cannot read pair file {path}: {exc}") from exc
-    if raw.lstrip().startswith("["):
-        try:
-            items = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise CsrError(f"{path}: not valid JSON: {exc}") from exc
-        entries = [(i + 1, item, None) for i, item in enumerate(items)]
-    else:
-        entries = []
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if line.strip():
-                try:
-                    entries.append((lineno, json.loads(line), None))
-                except json.JSONDecodeError as exc:
-                    entries.append((lineno, None, f"not valid JSON ({exc.msg})"))
+    entries = read_json_records(path, "pair")
     records, problems, without = [], [], []
     for position, item, error in entries:
         if error is None:

@@ -58,29 +58,37 @@ def strip_image_markers(text: str) -> str:
     return _IMAGE_MARKER.sub(" ", text).strip()
 
 
-def parse_prompt_file(path: Path) -> ParsedFile:
+def read_json_records(path: Path, kind: str) -> list[tuple[int, object, str | None]]:
+    """A JSON list or a JSONL file as (position, item, error) per record: the
+    position is the list index or the line number (from 1), and a JSONL line
+    that is not JSON is kept as its error, so the caller can report every bad
+    record at once. A file that cannot be read, or a list that is not JSON,
+    is one CsrError naming the `kind` of file."""
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise CsrError(f"prompt file not found: {path}") from exc
+        raise CsrError(f"{kind} file not found: {path}") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise CsrError(f"cannot read prompt file {path}: {exc}") from exc
-    stripped = raw.lstrip()
-    if stripped.startswith("["):
+        raise CsrError(f"cannot read {kind} file {path}: {exc}") from exc
+    if raw.lstrip().startswith("["):
         try:
             items = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise CsrError(f"{path}: not valid JSON: {exc}") from exc
-        entries = [(i + 1, item, None) for i, item in enumerate(items)]
-    else:
-        entries = []
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((lineno, json.loads(line), None))
-            except json.JSONDecodeError as exc:
-                entries.append((lineno, None, f"not valid JSON ({exc.msg})"))
+        return [(i + 1, item, None) for i, item in enumerate(items)]
+    entries: list[tuple[int, object, str | None]] = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append((lineno, json.loads(line), None))
+        except json.JSONDecodeError as exc:
+            entries.append((lineno, None, f"not valid JSON ({exc.msg})"))
+    return entries
+
+
+def parse_prompt_file(path: Path) -> ParsedFile:
+    entries = read_json_records(path, "prompt")
     parsed = ParsedFile(records=[], problems=[])
     for position, item, error in entries:
         if error is None:
