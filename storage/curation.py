@@ -272,42 +272,43 @@ def compute_selection(conn: Connection, iteration: int, policy: CurationPolicy, 
 
 def record(conn: Connection, selection: Selection, make_default: bool = False) -> CurationResult:
     """Create (or confirm) the selection's named pair set: one short write transaction."""
-    iteration, policy, name, params = selection.iteration, selection.policy, selection.name, selection.params
-    rows, digest = selection.rows, selection.result_hash
+    policy, params = selection.policy, selection.params
+    pair_set_id, created, is_default = save_pair_set(
+        conn, selection.iteration, selection.name, params, selection.rows, selection.result_hash, make_default,
+        values={"preset": policy.preset, "selection_sql": selection_sql(policy.preset, policy.pair_rule)},
+        selected_from="candidates", recorded_params=_with_rule,
+    )
+    return CurationResult(pair_set_id, selection.name, len(selection.rows), selection.result_hash, created,
+                          is_default, recuration_note(params))
+
+
+def save_pair_set(conn: Connection, iteration: int, name: str, params: dict, rows: list[dict], digest: str,
+                  make_default: bool, values: dict, selected_from: str,
+                  recorded_params=lambda params: params) -> tuple[int, bool, bool]:
+    """Writes a curated pair set, or confirms the one of that name when the same
+    parameters select the same pairs: (its id, created, is the default).
+    `recorded_params` reads an existing set's parameters as they are written
+    today (a rule added since defaults to its old behaviour)."""
     existing = conn.execute(
         select(PairSet).where(PairSet.iteration == iteration, PairSet.name == name)
     ).first()
     if existing is not None:
-        if _with_rule(existing.params) != params:
-            raise StoreError(
-                f"pair set {name!r} of iteration {iteration} exists with other parameters "
-                f"({existing.params}); choose another --name"
-            )
+        if recorded_params(existing.params) != params:
+            raise StoreError(f"pair set {name!r} of iteration {iteration} exists with other parameters "
+                             f"({existing.params}); choose another pair-set name")
         if existing.result_hash != digest:
-            raise StoreError(
-                f"pair set {name!r} of iteration {iteration} exists, but the candidates now select "
-                "other pairs (generation went on since); curate under a new --pair-set"
-            )
+            raise StoreError(f"pair set {name!r} of iteration {iteration} exists, but the {selected_from} now "
+                             "select other pairs (generation went on since); curate under a new pair-set name")
         if make_default and not existing.is_default:
             _set_default(conn, iteration, existing.id)
-        return CurationResult(
-            existing.id, name, len(rows), digest, False, make_default or existing.is_default, recuration_note(params)
-        )
+        return existing.id, False, make_default or existing.is_default
     has_default = conn.execute(
         select(func.count()).select_from(PairSet).where(PairSet.iteration == iteration, PairSet.is_default)
     ).scalar_one()
     pair_set_id = conn.execute(
         insert(PairSet)
-        .values(
-            iteration=iteration,
-            name=name,
-            preset=policy.preset,
-            params=params,
-            selection_sql=selection_sql(policy.preset, policy.pair_rule),
-            result_hash=digest,
-            is_default=False,
-            created_at=utcnow(),
-        )
+        .values(iteration=iteration, name=name, params=params, result_hash=digest, is_default=False,
+                created_at=utcnow(), **values)
         .returning(PairSet.id)
     ).scalar_one()
     if rows:
@@ -315,7 +316,7 @@ def record(conn: Connection, selection: Selection, make_default: bool = False) -
     is_default = make_default or not has_default
     if is_default:
         _set_default(conn, iteration, pair_set_id)
-    return CurationResult(pair_set_id, name, len(rows), digest, True, is_default, recuration_note(params))
+    return pair_set_id, True, is_default
 
 
 def curate(

@@ -10,12 +10,10 @@ sample, as CSR's selection breaks them by candidate id.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, func, insert, select, text, update
+from sqlalchemy import Connection, text
 
-from csr.storage.clock import utcnow
-from csr.storage.curation import CurationResult, pairs_hash
+from csr.storage.curation import CurationResult, pairs_hash, save_pair_set
 from csr.storage.errors import OrderError, StoreError
-from csr.storage.models import Pair, PairSet
 from csr.storage.work import get_iteration
 
 METHOD = "self-reward"
@@ -75,36 +73,12 @@ def curate(conn: Connection, iteration: int, min_margin: float = 0.0, name: str 
     params = {"method": METHOD, "min_margin": min_margin}
     rows = select_pairs(conn, iteration, min_margin)
     digest = pairs_hash(rows)
-    existing = conn.execute(select(PairSet).where(PairSet.iteration == iteration, PairSet.name == name)).first()
-    if existing is not None:
-        if existing.params != params:
-            raise StoreError(f"pair set {name!r} of iteration {iteration} exists with other parameters "
-                             f"({existing.params}); choose another --name")
-        if existing.result_hash != digest:
-            raise StoreError(f"pair set {name!r} of iteration {iteration} exists, but the judgements now select "
-                             "other pairs (generation went on since); curate under a new --name")
-        if make_default and not existing.is_default:
-            _set_default(conn, iteration, existing.id)
-        return CurationResult(existing.id, name, len(rows), digest, False, make_default or existing.is_default)
-    has_default = conn.execute(
-        select(func.count()).select_from(PairSet).where(PairSet.iteration == iteration, PairSet.is_default)
-    ).scalar_one()
-    pair_set_id = conn.execute(
-        insert(PairSet).values(
-            iteration=iteration, name=name, preset=METHOD, params=params, selection_sql=SELECTION,
-            result_hash=digest, is_default=False, created_at=utcnow(), source=METHOD,
-        ).returning(PairSet.id)
-    ).scalar_one()
-    if rows:
-        conn.execute(insert(Pair), [{"pair_set_id": pair_set_id, **row} for row in rows])
-    is_default = make_default or not has_default
-    if is_default:
-        _set_default(conn, iteration, pair_set_id)
-    return CurationResult(pair_set_id, name, len(rows), digest, True, is_default)
+    pair_set_id, created, is_default = save_pair_set(
+        conn, iteration, name, params, rows, digest, make_default,
+        values={"preset": METHOD, "selection_sql": SELECTION, "source": METHOD}, selected_from="judgements",
+    )
+    return CurationResult(pair_set_id, name, len(rows), digest, created, is_default)
 
-
-def _set_default(conn: Connection, iteration: int, pair_set_id: int) -> None:
-    conn.execute(update(PairSet).where(PairSet.iteration == iteration).values(is_default=PairSet.id == pair_set_id))
 
 
 def judgements(conn: Connection, iteration: int, prompt_id: int | None = None) -> list[dict]:
