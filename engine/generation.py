@@ -93,6 +93,13 @@ def iteration_config(store: Store, iteration: int, generate_settings: dict,
         search = SearchConfig.from_dict(generate_settings)
     except SettingsError as exc:
         raise CsrError(f"{source}: {exc}") from exc
+    return search.preset, {"search": search.to_dict(), **models_config(store, iteration)}
+
+
+def models_config(store: Store, iteration: int) -> dict:
+    """The models an iteration freezes, whatever its method: the policy
+    (version N-1) and the reward CLIP. Before an iteration starts, a model that
+    cannot be found is refused: it must not leave a started iteration behind."""
     with store.read() as tx:
         policy = tx.model_version(iteration - 1)
         base = tx.model_version(0)
@@ -100,19 +107,16 @@ def iteration_config(store: Store, iteration: int, generate_settings: dict,
     if base is None:
         raise CsrError("the store has no base model: run `csr init`")
     if not started and policy is not None:
-        # A model that cannot be found must not leave a started iteration behind.
         from csr.engine.loading import check_clip, check_policy
 
         check_policy(policy.path)
         check_clip(base.clip_model, base.clip_pretrained)
-    config = {
-        "search": search.to_dict(),
+    return {
         "policy_version": iteration - 1,
         "policy_path": policy.path if policy is not None else None,
         "clip": base.clip_model,
         "clip_pretrained": base.clip_pretrained,
     }
-    return search.preset, config
 
 
 def debug() -> bool:

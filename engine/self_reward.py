@@ -106,18 +106,12 @@ def iteration_config(store, iteration: int, settings: dict,
         config = SelfRewardConfig.from_dict(settings)
     except SettingsError as exc:
         raise CsrError(f"{source}: {exc}") from exc
-    with store.read() as tx:
-        policy = tx.model_version(iteration - 1)
-        base = tx.model_version(0)
-    if base is None:
-        raise CsrError("the store has no base model: run `csr init`")
+    from csr.engine.generation import models_config
+
     return Method.self_reward.value, {
         "method": Method.self_reward.value,
         "self_reward": config.to_dict(),
-        "policy_version": iteration - 1,
-        "policy_path": policy.path if policy is not None else None,
-        "clip": base.clip_model,
-        "clip_pretrained": base.clip_pretrained,
+        **models_config(store, iteration),
     }
 
 
