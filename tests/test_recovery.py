@@ -404,8 +404,9 @@ def test_iterate_and_train_killed_resume_where_they_were(study):
     # A checkpoint at every step, and enough steps to kill between two of them.
     settings = study.directory / "csr.toml"
     lines = [line for line in settings.read_text().splitlines() if not line.startswith("epochs")]
-    # [train] is the file's last section
-    settings.write_text("\n".join([*lines, "epochs = 4", "save_steps = 1", "save_total_limit = 2", ""]))
+    at = lines.index("[train]") + 1
+    lines[at:at] = ["epochs = 4", "save_steps = 1", "save_total_limit = 2"]
+    settings.write_text("\n".join([*lines, ""]))
     checkpoints = study.directory / "models" / "v1.checkpoints"
 
     def run(*args: str) -> subprocess.Popen:
