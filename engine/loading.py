@@ -246,10 +246,16 @@ class ClipScorer:
         at CLIP's context length (77 tokens), as the paper's max_new_tokens assumes."""
         if not texts:
             return []
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        text_embeddings = self.model.encode_text(tokens, normalize=True).float()
+        text_embeddings = self.encode_texts(texts)
         cosine = text_embeddings @ image_embedding.to(text_embeddings.device).float()
         return (100.0 * cosine).tolist()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """The L2-normalised text embeddings, shape (len(texts), dim), in one batch
+        (the search scores the sentences of several prompts in one)."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float()
 
     def score(self, image_embedding: torch.Tensor, texts: list[str]) -> list[float]:
         """R_I = max(100 * cos, 0) for each text (eq. 3)."""

@@ -2,13 +2,15 @@
 
 Each prompt's tree is a generator (`sentence_search_steps`) that yields the
 partials it wants expanded at its next depth and is sent back their
-candidates. One loop steps every prompt of a claim: it collects the
+candidates, then yields the sentences CLIP must score and is sent back
+their scores. One loop steps every prompt of a claim: it collects the
 requests of the prompts in flight, runs them as one token-level search
 (`expand_prompts`: the rows of every prompt advance in the same forward
-passes, each against its own shared prefix), and sends each prompt its
-share. A prompt that finishes leaves at once and its place goes to the next
-prompt of the claim (continuous batching). No threads: the tree logic
-(rewards, selection, records) is the single-prompt code, only the model
+passes, each against its own shared prefix), sends each prompt its share,
+then scores every prompt's new sentences in one CLIP text batch. A prompt
+that finishes leaves at once and its place goes to the next prompt of the
+claim (continuous batching). No threads: the tree logic (rewards,
+selection, records) is the single-prompt code, only the model and CLIP
 calls are pooled, so results are those of `sentence_beam_search` prompt by
 prompt.
 
@@ -30,6 +32,7 @@ from csr.engine.search.sentence_search import (
     ExpandRequest,
     ExpandStats,
     PromptPrefix,
+    ScoreRequest,
     SearchConfig,
     SearchResult,
     SearchSteps,
@@ -96,17 +99,19 @@ def search_prompts(
     while queue or flight:
         _admit(policy, clip, jobs, config, budget, attention, queue, flight, out)
         if flight:
-            _step(flight, settings, stats, attention, out)
+            _step(flight, clip, settings, stats, attention, out)
     return out
 
 
 @dataclass
 class _InFlight:
-    """One prompt being searched: its prefix, its tree and what the tree asks next."""
+    """One prompt being searched: its prefix, its image's CLIP embedding, its
+    tree and what the tree asks next."""
 
     prefix: PromptPrefix
+    embedding: torch.Tensor
     steps: SearchSteps
-    request: ExpandRequest
+    request: ExpandRequest | ScoreRequest
     kv_bytes: int
     alone: bool  # the per-row path, or a model the shared prefix does not apply to
     passes: int = 0
@@ -155,24 +160,18 @@ def _admit(policy, clip, jobs, config, budget, attention, queue: _Queue, flight,
         if flight and (alone or used + kv_bytes > budget):
             return
         queue.pop()
+        job = jobs[i]
         try:
-            steps = _tree(policy, clip, jobs[i], config)
-            flight[i] = _InFlight(prefix, steps, next(steps), kv_bytes, alone)
+            embedding = job.image_embedding if job.image_embedding is not None else clip.encode_image(job.image)
+            steps = sentence_search_steps(policy, config, job.prompt_text)
+            flight[i] = _InFlight(prefix, embedding, steps, next(steps), kv_bytes, alone)
         except Exception as exc:
             out[i] = exc
 
 
-def _tree(policy, clip, job: PromptJob, config: SearchConfig) -> SearchSteps:
-    embedding = job.image_embedding if job.image_embedding is not None else clip.encode_image(job.image)
-
-    def score(texts: list[str]) -> list[float]:
-        return clip.raw_scores(embedding, texts)
-
-    return sentence_search_steps(policy, config, score, job.prompt_text)
-
-
-def _step(flight: dict[int, _InFlight], settings, stats: ExpandStats, attention: str, out) -> None:
-    """One depth of every prompt in flight, in one token-level search."""
+def _step(flight: dict[int, _InFlight], clip, settings, stats: ExpandStats, attention: str, out) -> None:
+    """One depth of every prompt in flight: their expansions in one
+    token-level search, then their sentences scored in one CLIP batch."""
     order = sorted(flight)
     before = (stats.forward_passes, stats.rows_forwarded)
     try:
@@ -180,26 +179,50 @@ def _step(flight: dict[int, _InFlight], settings, stats: ExpandStats, attention:
             [(flight[i].prefix, *flight[i].request) for i in order], settings, stats=stats, attention=attention
         )
     except Exception as exc:
-        for i in order:
-            flight.pop(i).steps.close()
-            out[i] = exc
+        _fail(flight, order, exc, out)
         return
     for i, beams in zip(order, found, strict=True):
-        prompt = flight[i]
         # Each pooled pass serves every prompt in it: each is charged the whole count.
-        prompt.passes += stats.forward_passes - before[0]
-        prompt.rows += stats.rows_forwarded - before[1]
-        try:
-            prompt.request = prompt.steps.send(beams)
-        except StopIteration as done:
-            result: SearchResult = done.value
-            result.stats.forward_passes = prompt.passes + prompt.prefix.forward_passes
-            result.stats.rows_forwarded = prompt.rows + prompt.prefix.length
-            out[i] = result
-            del flight[i]
-        except Exception as exc:
-            out[i] = exc
-            del flight[i]
+        flight[i].passes += stats.forward_passes - before[0]
+        flight[i].rows += stats.rows_forwarded - before[1]
+        _send(flight, i, beams, out)
+    scoring = [i for i in sorted(flight) if isinstance(flight[i].request, ScoreRequest)]
+    if not scoring:
+        return
+    try:
+        texts = [text for i in scoring for text in flight[i].request.texts]
+        embeddings = clip.encode_texts(texts)
+    except Exception as exc:
+        _fail(flight, scoring, exc, out)
+        return
+    start = 0
+    for i in scoring:
+        count = len(flight[i].request.texts)
+        image = flight[i].embedding.to(embeddings.device).float()
+        _send(flight, i, (100.0 * (embeddings[start : start + count] @ image)).tolist(), out)
+        start += count
+
+
+def _send(flight: dict[int, _InFlight], i: int, reply, out) -> None:
+    """Gives prompt i's tree what it asked for; a tree that ends leaves the flight."""
+    prompt = flight[i]
+    try:
+        prompt.request = prompt.steps.send(reply)
+    except StopIteration as done:
+        result: SearchResult = done.value
+        result.stats.forward_passes = prompt.passes + prompt.prefix.forward_passes
+        result.stats.rows_forwarded = prompt.rows + prompt.prefix.length
+        out[i] = result
+        del flight[i]
+    except Exception as exc:
+        out[i] = exc
+        del flight[i]
+
+
+def _fail(flight: dict[int, _InFlight], which: list[int], exc: Exception, out) -> None:
+    for i in which:
+        flight.pop(i).steps.close()
+        out[i] = exc
 
 
 def _prefix_or_error(policy, job: PromptJob, config: SearchConfig) -> PromptPrefix | BaseException:

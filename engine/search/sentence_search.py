@@ -284,20 +284,31 @@ def _length_reached(policy, config: SearchConfig, user_prompt: str) -> Callable[
 # What a search asks of the model at each depth: the partial responses (token ids)
 # and each one's cap on new tokens; what it is sent back: each partial's candidates.
 ExpandRequest = tuple[list[list[int]], list[int]]
-SearchSteps = Generator[ExpandRequest, list[list[TokenBeam]], "SearchResult"]
 
 
-def sentence_search_steps(policy, config: SearchConfig, score: ScoreFn, user_prompt: str = "") -> SearchSteps:
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What a search asks of CLIP at each depth: 100 cos of each text against its image."""
+
+    texts: list[str]
+
+
+SearchSteps = Generator[ExpandRequest | ScoreRequest, list[list[TokenBeam]] | list[float], "SearchResult"]
+
+
+def sentence_search_steps(policy, config: SearchConfig, user_prompt: str = "") -> SearchSteps:
     """The sentence-level beam search tree as a generator, one depth a step.
 
-    It yields what it needs expanded (partials, caps) and is sent back the
-    candidates per partial; it returns the finished SearchResult. So one
-    loop can step many prompts' trees together (`batch_search`) and the
-    model stays outside the tree logic. CLIP sits behind `score`
-    (texts -> 100 cos). `user_prompt` is needed only when max_length counts
-    characters. See the module docstring for the decisions it makes.
-    `stats.model_seconds` is the time spent away from the tree: the
-    expansion, shared with whatever else the driver ran in the same pass."""
+    At each depth it yields what it needs expanded (partials, caps) and is
+    sent back the candidates per partial, then yields the texts CLIP must
+    score (a ScoreRequest, when there are any) and is sent back their raw
+    100 cos; it returns the finished SearchResult. So one loop can step many
+    prompts' trees together, the model and CLIP each in one batch for all
+    (`batch_search`), and both stay outside the tree logic. `user_prompt` is
+    needed only when max_length counts characters. See the module docstring
+    for the decisions it makes. `stats.model_seconds` and `clip_seconds` are
+    the time spent away from the tree, shared with whatever else the driver
+    ran in the same batch."""
     started = time.perf_counter()
     result = SearchResult(records=[])
     at_length = _length_reached(policy, config, user_prompt)
@@ -314,7 +325,7 @@ def sentence_search_steps(policy, config: SearchConfig, score: ScoreFn, user_pro
         level = _make_candidates(policy, config, active, expansions, depth, result, at_length)
         clip_texts = [c.clip_text for c in level if c.clip_text]
         t2 = time.perf_counter()
-        raw_scores = iter(score(clip_texts) if clip_texts else [])
+        raw_scores = iter((yield ScoreRequest(clip_texts)) if clip_texts else [])
         stats.clip_seconds += time.perf_counter() - t2
         stats.clip_calls += 1 if clip_texts else 0
         for c in level:
@@ -334,12 +345,14 @@ def run_sentence_search(
     policy, config: SearchConfig, expand: ExpandFn, score: ScoreFn, user_prompt: str = ""
 ) -> SearchResult:
     """One prompt's search tree with the model behind `expand` (partials,
-    caps -> candidates per partial): `sentence_search_steps` driven alone."""
-    steps = sentence_search_steps(policy, config, score, user_prompt)
+    caps -> candidates per partial) and CLIP behind `score` (texts -> 100 cos):
+    `sentence_search_steps` driven alone."""
+    steps = sentence_search_steps(policy, config, user_prompt)
     request = next(steps)
     while True:
+        reply = score(request.texts) if isinstance(request, ScoreRequest) else expand(*request)
         try:
-            request = steps.send(expand(*request))
+            request = steps.send(reply)
         except StopIteration as done:
             return done.value
 
