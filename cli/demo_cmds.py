@@ -16,7 +16,7 @@ from csr.cli.vocabulary import (
 )
 from csr.engine.errors import CsrError
 from csr.engine.evaluate.pope import SETTINGS as POPE_SETTINGS
-from csr.engine.self_reward import Method
+from csr.engine.demo.run import DemoMethod
 
 stdout_console = Console()
 
@@ -32,7 +32,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="World, model and training seed."),
     lam: float = typer.Option(0.9, "--lambda", help="Weight of R_I in R(s); 0 and 1 are the paper's ablations."),
     preset: Preset = typer.Option(Preset.paper, "--preset", help="Reward preset (docs/presets.md)."),
-    method: Method = typer.Option(Method.csr, "--method", help="How each iteration makes pairs: csr or self-reward (the baseline)."),
+    method: DemoMethod = typer.Option(DemoMethod.csr, "--method", help="How each iteration makes pairs: csr, self-reward (the baseline), or truth-pairs (pairs made from the world's ground truth and imported, the stand-in for preference data from elsewhere)."),
     quick: bool = typer.Option(False, "--quick", help="Smaller demo models (for tests)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     as_json: bool = json_option("The per-version results (the tables go to stderr)"),

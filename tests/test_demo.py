@@ -146,3 +146,46 @@ def test_eval_chair_on_coco_style_annotations(demo, tmp_path):
         assert failed.returncode != 0
         assert says in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
     assert fingerprint(url) == before
+
+
+def test_truth_pairs_swap_one_object_for_one_the_scene_does_not_hold(tmp_path):
+    import random
+
+    from csr.engine.demo.truth_pairs import hallucinated_caption, write_truth_pairs
+    from csr.engine.demo.world import caption
+
+    scenes = generate_scenes(WorldConfig(seed=5), 40, "train")
+    rng = random.Random(0)
+    for scene in scenes:
+        chosen, rejected = caption(scene).split(". "), hallucinated_caption(scene, rng).split(". ")
+        assert len(chosen) == len(rejected)
+        changed = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c != r]
+        assert len(changed) == 1
+        named = changed[0][1].removesuffix(".").split()[-2:]
+        assert " ".join(named) not in scene.truth
+    path = write_truth_pairs(scenes, tmp_path / "pairs.jsonl", seed=1)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in records] == [s.id for s in scenes]
+    assert all(r["image"] == f"{r['id']}.png" and r["chosen"] != r["rejected"] for r in records)
+
+
+def test_demo_trains_on_imported_truth_pairs(tmp_path):
+    """--method truth-pairs: each iteration imports pairs made from the ground
+    truth (as `csr pairs import` does) and trains on them; lineage names them."""
+    study = tmp_path / "truth"
+    args = ("--quick", "--prompts", "6", "--heldout", "6", "--model-scenes", "300", "--iter", "1-2", "--seed", "3")
+    done = invoke_csr("demo", "--dir", study, *args, "--method", "truth-pairs", "--out", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    versions = json.loads((tmp_path / "r.json").read_text())["versions"]
+    assert [(v["version"], v["pairs"]) for v in versions] == [(0, None), (1, 6), (2, 6)]
+    assert _query(study, "SELECT number, method FROM iterations ORDER BY number") == [(1, "outside"), (2, "outside")]
+    assert _query(study, "SELECT count(*) FROM work_items") == [(0,)]  # nothing generated
+    assert _query(study, "SELECT version, parent_version FROM model_versions ORDER BY version") == [
+        (0, None), (1, 0), (2, 1)]
+    lineage = invoke_csr("lineage", "--model-version", "2", db=f"sqlite:///{study / 'csr.db'}")
+    assert lineage.returncode == 0, lineage.stderr
+    assert "truth-1" in lineage.stdout and "truth-2" in lineage.stdout
+
+    again = invoke_csr("demo", "--dir", study, *args, "--method", "truth-pairs")  # resumes: nothing trained again
+    assert again.returncode == 0, again.stderr
+    assert "model version 2 exists, kept" in again.stdout

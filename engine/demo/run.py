@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from csr.engine.errors import CsrError
@@ -22,7 +23,9 @@ from csr.engine.evaluate.chair import world_vocabulary
 from csr.engine.generate import GenerateRequest, generate_iteration
 from csr.engine.generation import WorkerOptions
 from csr.engine.io.importing import import_prompts
+from csr.engine.io.pair_import import import_pairs
 from csr.engine.iterations import TrainOptions
+from csr.engine.iterations import train as train_version
 from csr.engine.pipeline import run_iteration
 from csr.engine.rewards import Preset, check_preset
 from csr.engine.settings import Settings, load_settings
@@ -72,6 +75,16 @@ DEMO_TRAIN = {
 }
 
 
+class DemoMethod(StrEnum):
+    """How each demo iteration makes its pairs: the two generate methods, or
+    pairs made from the world's ground truth and imported as `csr pairs import`
+    does (the stand-in for preference data from elsewhere)."""
+
+    csr = "csr"
+    self_reward = "self-reward"
+    truth_pairs = "truth-pairs"
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     directory: Path
@@ -88,8 +101,8 @@ class DemoOptions:
     model_scenes: int = 2000
     generate: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
-    # How each iteration makes pairs: csr, or self-reward ([self_reward] settings on top of DEMO_SELF_REWARD).
-    method: str = "csr"
+    # How each iteration makes pairs (DemoMethod); self-reward takes [self_reward] settings on top of DEMO_SELF_REWARD.
+    method: str = DemoMethod.csr
     self_reward: dict = field(default_factory=dict)
 
 
@@ -126,6 +139,9 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     train = {**DEMO_TRAIN, "seed": options.seed, **options.train}
     world_options = {"seed": options.seed, "prompts": options.prompts, "model_scenes": options.model_scenes,
                      "heldout": options.heldout, "size": options.size}
+    method = DemoMethod(options.method)
+    if method is DemoMethod.truth_pairs:
+        world_options["method"] = method.value  # a directory holds one method's versions
     try:
         check_preset(generate["preset"])
     except ValueError as exc:
@@ -188,19 +204,39 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
             say(f"iteration {number}: generated {done.prompts_done} prompt(s), {done.candidates} candidate(s) "
                 f"in {time.perf_counter() - t:.1f} s")
 
+        def train_on_truth_pairs(number: int) -> tuple[int, int, float | None]:
+            """Iteration N trains on pairs made from the prompt scenes' ground truth (a
+            fresh hallucination per scene and iteration), imported as `csr pairs import`
+            does. Returns (pairs, pair set id, training seconds or None when kept)."""
+            from csr.engine.demo.truth_pairs import write_truth_pairs
+
+            name = f"truth-{number}"
+            pair_file = write_truth_pairs(prompt_scenes, root / "world" / f"{name}.jsonl",
+                                          seed=options.seed * 1000 + number)
+            imported = import_pairs(store, pair_file, prompt_file.parent / "images", name)  # idempotent
+            if store.model_version(number) is not None:
+                return imported.pairs, imported.pair_set_id, None
+            trained = train_version(store, settings, number, TrainOptions(device=options.device, pair_set=name))
+            return imported.pairs, imported.pair_set_id, trained.train_seconds
+
+        def run_one(number: int) -> tuple[int, int, float | None]:
+            if method is DemoMethod.truth_pairs:
+                return train_on_truth_pairs(number)
+            done = run_iteration(store, settings, number, generate_in_process, TrainOptions(device=options.device))
+            return done.curated.pairs, done.curated.pair_set_id, None if done.kept else done.trained.train_seconds
+
         rows = [evaluate_version(0)]
         say(_row_line(rows[-1]))
         for number in range(1, options.iterations + 1):
-            done = run_iteration(store, settings, number, generate_in_process, TrainOptions(device=options.device))
-            if done.kept:
-                say(f"iteration {number}: {done.curated.pairs} pair(s); model version {number} exists, kept")
+            pairs, pair_set_id, train_seconds = run_one(number)
+            if train_seconds is None:
+                say(f"iteration {number}: {pairs} pair(s); model version {number} exists, kept")
             else:
-                say(f"iteration {number}: {done.curated.pairs} pair(s); trained version {number} "
-                    f"in {done.trained.train_seconds:.1f} s")
+                say(f"iteration {number}: {pairs} pair(s); trained version {number} in {train_seconds:.1f} s")
             row = evaluate_version(number)
-            row.pairs = done.curated.pairs
-            with store.read() as tx:  # the paper's figure 5 quantity
-                row.chosen_r_i, row.rejected_r_i = tx.pair_clip_means(done.curated.pair_set_id)
+            row.pairs = pairs
+            with store.read() as tx:  # the paper's figure 5 quantity (none for imported pairs: no tree)
+                row.chosen_r_i, row.rejected_r_i = tx.pair_clip_means(pair_set_id)
             rows.append(row)
             say(_row_line(row))
     return DemoReport(rows=rows, wall_seconds=time.perf_counter() - started, store_url=settings.store_url)
