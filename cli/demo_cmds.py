@@ -14,9 +14,9 @@ from csr.cli.vocabulary import (
     default_device,
     iteration_range,
 )
+from csr.engine.demo.run import DemoMethod
 from csr.engine.errors import CsrError
 from csr.engine.evaluate.pope import SETTINGS as POPE_SETTINGS
-from csr.engine.demo.run import DemoMethod
 
 stdout_console = Console()
 

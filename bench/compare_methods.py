@@ -1,0 +1,177 @@
+"""The paper's comparison on the demo world: one table of methods
+(docs/demo-results.md).
+
+    python bench/compare_methods.py --seeds 0 1 2 3 4 --iterations 3 --prompts 1000 --heldout 1000 \
+        --jobs 2 --out bench/out/compare.md
+
+Every method runs the real `csr demo` for each seed in its own study
+directory, from the same base models (trained once per seed by its first run
+and copied; their cache manifest makes `csr demo` reuse them) and judged on
+the same held-out scenes: base (version 0), CSR with the paper's and the
+released code's rules, the two reward ablations (R_T only, R_I only), the
+self-rewarding baseline, and a pair set from elsewhere (the world's ground
+truth, imported as `csr pairs import` does). A finished run is not run again
+(its results.json is kept), so a stopped comparison resumes. The table gives
+each figure's mean over seeds with a 95 % Student-t interval, and a paired
+t-test of CSR (paper) against every other method at each version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from csr.engine.evaluate.over_seeds import mean_interval, paired_t_test  # noqa: E402
+
+# label -> `csr demo` options; the first one trains each seed's base models.
+METHODS = {
+    "CSR (paper)": ("--preset", "paper", "--lambda", "0.9"),
+    "CSR (reference-code)": ("--preset", "reference-code", "--lambda", "0.9"),
+    "R_T only (lambda 0)": ("--preset", "paper", "--lambda", "0"),
+    "R_I only (lambda 1)": ("--preset", "paper", "--lambda", "1"),
+    "self-rewarding": ("--method", "self-reward"),
+    "outside pairs (ground truth)": ("--method", "truth-pairs"),
+}
+REFERENCE = "CSR (paper)"
+SLUGS = {label: f"m{i}" for i, label in enumerate(METHODS)}
+POPE_SETTINGS = ("random", "popular", "adversarial")
+# figure -> (reads one version's row, lower is better)
+FIGURES = {
+    "CHAIR_S": (lambda row: row["chair_s"], True),
+    "CHAIR_I": (lambda row: row["chair_i"], True),
+    "POPE F1": (lambda row: sum(row["pope"][s]["f1"] for s in POPE_SETTINGS) / len(POPE_SETTINGS), False),
+}
+
+
+def run(label: str, seed: int, args) -> dict:
+    study = args.root / f"seed{seed}-{SLUGS[label]}"
+    out = study / "results.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    models = args.root / f"seed{seed}-{SLUGS[REFERENCE]}" / "models"
+    if label != REFERENCE and not (study / "models").exists():
+        study.mkdir(parents=True, exist_ok=True)
+        for name in ("base", "clip"):
+            shutil.copytree(models / name, study / "models" / name)
+    csr = Path(sys.executable).with_name("csr")
+    cmd = [str(csr), "demo", "--dir", str(study), "--seed", str(seed), "--iter", f"1-{args.iterations}",
+           "--prompts", str(args.prompts), "--heldout", str(args.heldout), "--model-scenes", str(args.model_scenes),
+           *METHODS[label], "--out", str(out)]
+    if args.quick:
+        cmd.append("--quick")
+    print(" ".join(cmd), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+    with open(study.parent / f"seed{seed}-{SLUGS[label]}.log", "w") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return json.loads(out.read_text())
+
+
+def run_all(args) -> dict[tuple[str, int], dict]:
+    """Each seed's reference run first (it trains the seed's models), then the rest."""
+    args.root.mkdir(parents=True, exist_ok=True)
+    jobs = [(label, seed) for label in METHODS if label in args.methods and label != REFERENCE
+            for seed in args.seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        first = dict(zip(((REFERENCE, s) for s in args.seeds),
+                         pool.map(lambda seed: run(REFERENCE, seed, args), args.seeds), strict=True))
+        rest = dict(zip(jobs, pool.map(lambda job: run(*job, args), jobs), strict=True))
+    return {**first, **rest}
+
+
+def _row(result: dict, version: int) -> dict:
+    return next(v for v in result["versions"] if v["version"] == version)
+
+
+def _check_same_base(results: dict, seeds: list[int]) -> None:
+    """Version 0 is the same model on the same scenes in every run of a seed."""
+    for seed in seeds:
+        bases = {json.dumps([_row(r, 0)["chair_s"], _row(r, 0)["chair_i"]]) for (_, s), r in results.items()
+                 if s == seed}
+        if len(bases) != 1:
+            raise SystemExit(f"seed {seed}: the runs disagree on version 0 ({bases}): not the same base models")
+
+
+def table(results: dict, seeds: list[int], iterations: int) -> str:
+    labels = [label for label in METHODS if all((label, s) in results for s in seeds)]
+    head = "| method | version | " + " | ".join(f"{name} [95% CI]" for name in FIGURES) + " |"
+    lines = [head, "|---" * (2 + len(FIGURES)) + "|"]
+    first = results[(REFERENCE, seeds[0])] if (REFERENCE, seeds[0]) in results else None
+    if first is not None:  # base: version 0, shared by every method of a seed
+        lines.append("| base | 0 | " + " | ".join(
+            _cell([get(_row(results[(REFERENCE, s)], 0)) for s in seeds]) for get, _ in FIGURES.values()) + " |")
+    for label in labels:
+        for version in range(1, iterations + 1):
+            lines.append(f"| {label} | {version} | " + " | ".join(
+                _cell([get(_row(results[(label, s)], version)) for s in seeds]) for get, _ in FIGURES.values()) + " |")
+    lines += ["", f"Paired t-test over {len(seeds)} seed(s), {REFERENCE} minus the other method at the same "
+              "version (mean difference [95% CI], two-sided p); for CHAIR a negative difference favours CSR, "
+              "for POPE F1 a positive one:", "",
+              "| other method | version | " + " | ".join(FIGURES) + " |", "|---" * (2 + len(FIGURES)) + "|"]
+    if REFERENCE in labels:
+        for label in labels:
+            if label == REFERENCE:
+                continue
+            for version in range(1, iterations + 1):
+                cells = []
+                for get, _ in FIGURES.values():
+                    ours = [get(_row(results[(REFERENCE, s)], version)) for s in seeds]
+                    theirs = [get(_row(results[(label, s)], version)) for s in seeds]
+                    test = paired_t_test(ours, theirs)
+                    cells.append(f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}], p {test.p_value:.3f}")
+                lines.append(f"| {label} | {version} | " + " | ".join(cells) + " |")
+        for version in range(1, iterations + 1):  # CSR against the model it started from
+            cells = []
+            for get, _ in FIGURES.values():
+                test = paired_t_test([get(_row(results[(REFERENCE, s)], version)) for s in seeds],
+                                     [get(_row(results[(REFERENCE, s)], 0)) for s in seeds])
+                cells.append(f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}], p {test.p_value:.3f}")
+            lines.append(f"| base (version 0) | {version} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(values: list[float]) -> str:
+    m = mean_interval(values)
+    return f"{m.mean:.3f} [{m.low:.3f}, {m.high:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=1000)
+    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--model-scenes", type=int, default=2000, help="scenes the base models learn from")
+    parser.add_argument("--quick", action="store_true", help="the demo's smaller models (a fast check)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="LABEL",
+                        help=f"which methods to run ({REFERENCE} always runs: it trains each seed's models)")
+    parser.add_argument("--jobs", type=int, default=1, help="demos run at once (one thread each when > 1)")
+    parser.add_argument("--root", type=Path, default=Path("bench/out/compare"))
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown tables here")
+    args = parser.parse_args()
+    args.methods = set(args.methods) | {REFERENCE}
+    started = time.perf_counter()
+    results = run_all(args)
+    _check_same_base(results, args.seeds)
+    walls = [r["wall_seconds"] for r in results.values()]
+    text = (f"{len(args.seeds)} seed(s) ({', '.join(map(str, args.seeds))}), {args.prompts} prompts, "
+            f"{args.heldout} held-out scenes, {args.iterations} iteration(s)"
+            f"{', quick models' if args.quick else ''}; one demo {min(walls):.0f} to {max(walls):.0f} s\n\n"
+            + table(results, args.seeds, args.iterations))
+    print(text)
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
