@@ -14,6 +14,14 @@ truth, imported as `csr pairs import` does). A finished run is not run again
 (its results.json is kept), so a stopped comparison resumes. The table gives
 each figure's mean over seeds with a 95 % Student-t interval, and a paired
 t-test of CSR (paper) against every other method at each version.
+
+Every demo runs on one thread (the thread count changes the tiny models'
+floating-point reduction order), so a seed's figures are reproducible:
+
+    python bench/compare_methods.py --rerun 0 --iterations 3 --prompts 1000 --heldout 1000
+
+reruns every method of seed 0 from scratch (base models included) under
+ROOT/rerun and compares each figure with the stored run's.
 """
 
 from __future__ import annotations
@@ -52,12 +60,13 @@ FIGURES = {
 }
 
 
-def run(label: str, seed: int, args) -> dict:
-    study = args.root / f"seed{seed}-{SLUGS[label]}"
+def run(label: str, seed: int, args, root: Path | None = None) -> dict:
+    root = root or args.root
+    study = root / f"seed{seed}-{SLUGS[label]}"
     out = study / "results.json"
     if out.is_file():
         return json.loads(out.read_text())
-    models = args.root / f"seed{seed}-{SLUGS[REFERENCE]}" / "models"
+    models = root / f"seed{seed}-{SLUGS[REFERENCE]}" / "models"
     if label != REFERENCE and not (study / "models").exists():
         study.mkdir(parents=True, exist_ok=True)
         for name in ("base", "clip"):
@@ -69,7 +78,7 @@ def run(label: str, seed: int, args) -> dict:
     if args.quick:
         cmd.append("--quick")
     print(" ".join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(study.parent / f"seed{seed}-{SLUGS[label]}.log", "w") as log:
         subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
     return json.loads(out.read_text())
@@ -85,6 +94,28 @@ def run_all(args) -> dict[tuple[str, int], dict]:
                          pool.map(lambda seed: run(REFERENCE, seed, args), args.seeds), strict=True))
         rest = dict(zip(jobs, pool.map(lambda job: run(*job, args), jobs), strict=True))
     return {**first, **rest}
+
+
+def rerun(args) -> int:
+    """Every method of one seed again, from scratch, against the stored figures."""
+    seed, fresh = args.rerun, args.root / "rerun"
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    labels = [label for label in METHODS if (args.root / f"seed{seed}-{SLUGS[label]}" / "results.json").is_file()]
+    if REFERENCE not in labels:
+        raise SystemExit(f"no stored run of {REFERENCE} for seed {seed} under {args.root}")
+    worst = 0.0
+    for label in [REFERENCE] + [label for label in labels if label != REFERENCE]:
+        stored = json.loads((args.root / f"seed{seed}-{SLUGS[label]}" / "results.json").read_text())
+        again = run(label, seed, args, fresh)
+        for version in range(args.iterations + 1):
+            for name, (get, _) in FIGURES.items():
+                a, b = get(_row(stored, version)), get(_row(again, version))
+                worst = max(worst, abs(a - b))
+                if a != b:
+                    print(f"{label}, version {version}, {name}: stored {a!r}, rerun {b!r}")
+    print(f"seed {seed}: {len(labels)} method(s) rerun; largest difference {worst:.3g}")
+    return 0 if worst == 0.0 else 1
 
 
 def _row(result: dict, version: int) -> dict:
@@ -153,10 +184,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the demo's smaller models (a fast check)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="LABEL",
                         help=f"which methods to run ({REFERENCE} always runs: it trains each seed's models)")
-    parser.add_argument("--jobs", type=int, default=1, help="demos run at once (one thread each when > 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="demos run at once (each on one thread)")
     parser.add_argument("--root", type=Path, default=Path("bench/out/compare"))
     parser.add_argument("--out", type=Path, default=None, help="write the markdown tables here")
+    parser.add_argument("--rerun", type=int, metavar="SEED", default=None,
+                        help="rerun every stored method of SEED from scratch and compare the figures")
     args = parser.parse_args()
+    if args.rerun is not None:
+        raise SystemExit(rerun(args))
     args.methods = set(args.methods) | {REFERENCE}
     started = time.perf_counter()
     results = run_all(args)
