@@ -18,10 +18,11 @@ t-test of CSR (paper) against every other method at each version.
 Every demo runs on one thread (the thread count changes the tiny models'
 floating-point reduction order), so a seed's figures are reproducible:
 
-    python bench/compare_methods.py --rerun 0 --iterations 3 --prompts 1000 --heldout 1000
+    python bench/compare_methods.py --rerun 0
 
-reruns every method of seed 0 from scratch (base models included) under
-ROOT/rerun and compares each figure with the stored run's.
+reruns every method of seed 0 with the stored run's sizes from scratch (base
+models included) under ROOT/rerun and compares each figure with the stored
+run's.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def rerun(args) -> int:
     labels = [label for label in METHODS if (args.root / f"seed{seed}-{SLUGS[label]}" / "results.json").is_file()]
     if REFERENCE not in labels:
         raise SystemExit(f"no stored run of {REFERENCE} for seed {seed} under {args.root}")
+    held = json.loads((args.root / f"seed{seed}-{SLUGS[REFERENCE]}" / "demo.json").read_text())
+    args.prompts, args.heldout, args.model_scenes = held["prompts"], held["heldout"], held["model_scenes"]
+    args.quick = held["size"] == "quick"
+    args.iterations = json.loads((args.root / f"seed{seed}-{SLUGS[REFERENCE]}" / "results.json").read_text())[
+        "iterations"]
     worst = 0.0
     for label in [REFERENCE] + [label for label in labels if label != REFERENCE]:
         stored = json.loads((args.root / f"seed{seed}-{SLUGS[label]}" / "results.json").read_text())
