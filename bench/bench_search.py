@@ -222,7 +222,7 @@ def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prom
     """Run the prompts through the generation worker on a new SQLite store; its stats."""
     import json
 
-    from csr.engine.generation import WorkerOptions, iteration_config, run_worker
+    from csr.engine.worker_loop import WorkerOptions, iteration_config, run_worker
     from csr.engine.io.importing import import_prompts
     from csr.storage import work
     from csr.storage.store import Store, create_store

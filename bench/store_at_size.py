@@ -99,7 +99,7 @@ def study_tree(rng: random.Random, sentences: list[str]):
 
 def build(url: str, prompts: int, seed: int = 0) -> dict:
     """Fill a new store at `url` through the engine's write path; returns fill figures."""
-    from csr.storage.curation import CurationPolicy
+    from csr.storage.curation import CurationSettings
     from csr.storage.store import Store
 
     rng = random.Random(seed)
@@ -119,7 +119,7 @@ def build(url: str, prompts: int, seed: int = 0) -> dict:
             tail = claim_s[-max(1, len(claim_s) // 10):]
             figures[f"claim_ms_iter{iteration}"] = statistics.median(tail) * 1000
             figures[f"tree_write_ms_iter{iteration}"] = statistics.median(write_s) * 1000
-            result = store.curate(iteration, CurationPolicy(), make_default=True)
+            result = store.curate(iteration, CurationSettings(), make_default=True)
             with store.write() as tx:
                 pair_set = tx.pair_set(iteration)
                 run = tx.start_training_run(iteration, pair_set.id, result.result_hash, {"bench": True}, "/tmp")

@@ -22,7 +22,7 @@ SAME = "same"
 # [store], [model], [paths]: key -> what it does (the paper and the released code say nothing here).
 LOCATIONS = {
     "store": {
-        "url": "the store: a SQLAlchemy URL, or a bare path for SQLite; a relative SQLite path is relative "
+        "url": "the store: a database URL (postgresql://..., sqlite:///PATH), or a bare path for SQLite; a relative SQLite path is relative "
                "to csr.toml. `--db` and `CSR_DATABASE_URL` come first",
     },
     "model": {

@@ -19,12 +19,13 @@ from sqlalchemy import Connection
 from csr.storage import (
     curation,
     evaluations,
+    iterations,
     outside_pairs,
     prompts,
     self_reward_curation,
     summary,
     versions,
-    work,
+    workers,
 )
 from csr.storage.errors import StoreError
 
@@ -107,23 +108,23 @@ class Transaction:
         prompts.insert_prompts(self._for_writing(), rows)
 
     def prompt_inputs(self, prompt_ids: list[int]) -> dict[int, tuple[str, str, int, str]]:
-        return work.prompt_inputs(self._conn, prompt_ids)
+        return iterations.prompt_inputs(self._conn, prompt_ids)
 
     # -- iterations and the queue --------------------------------------------------------
     def iteration(self, number: int) -> IterationInfo | None:
-        return _as(IterationInfo, work.get_iteration(self._conn, number))
+        return _as(IterationInfo, iterations.get_iteration(self._conn, number))
 
     def progress(self, iteration: int) -> dict[str, int]:
-        return work.progress(self._conn, iteration)
+        return iterations.progress(self._conn, iteration)
 
-    def holders(self, iteration: int, exclude_worker: int | None = None) -> list[work.Holder]:
-        return work.holders(self._conn, iteration, exclude_worker=exclude_worker)
+    def holders(self, iteration: int, exclude_worker: int | None = None) -> list[workers.Holder]:
+        return workers.holders(self._conn, iteration, exclude_worker=exclude_worker)
 
     def worker_states(self) -> list[dict]:
-        return work.worker_states(self._conn)
+        return workers.worker_states(self._conn)
 
     def failed_items(self, limit: int | None = None) -> list[dict]:
-        return work.failed_items(self._conn, limit)
+        return iterations.failed_items(self._conn, limit)
 
     def status(self) -> dict:
         return summary.status(self._conn)
@@ -154,7 +155,7 @@ class Transaction:
         versions.register_version(self._for_writing(), **kwargs)
 
     # -- curation ------------------------------------------------------------------------
-    def curate(self, iteration: int, policy: curation.CurationPolicy, name: str | None = None,
+    def curate(self, iteration: int, policy: curation.CurationSettings, name: str | None = None,
                make_default: bool = False) -> curation.CurationResult:
         return curation.curate(self._for_writing(), iteration, policy, name=name, make_default=make_default)
 

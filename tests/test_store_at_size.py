@@ -91,9 +91,9 @@ def test_the_release_pair_rule_differs_from_the_distinct_rule(head_store_url):
     with _study(head_store_url, [_tied_tree(), _one_response_tree()]) as store:
         leaf = _leaf_ids(store)
         with store.read() as tx:
-            distinct = curation.select_pairs(tx._conn, 1, curation.CurationPolicy("reference-code", 0.9))
+            distinct = curation.select_pairs(tx._conn, 1, curation.CurationSettings("reference-code", 0.9))
             release = curation.select_pairs(
-                tx._conn, 1, curation.CurationPolicy("reference-code", 0.9, pair_rule="depth-first"))
+                tx._conn, 1, curation.CurationSettings("reference-code", 0.9, pair_rule="depth-first"))
         # distinct: ties to the lower candidate id, and no pair without a second text
         assert [(r["chosen_candidate_id"], r["rejected_candidate_id"]) for r in distinct] == [(leaf["A"], leaf["C"])]
         # the release: the first best and the last worst in depth-first order; the one response with itself

@@ -38,7 +38,7 @@ from csr.engine.demo.world import (
 )
 from csr.engine.evaluate.chair import chair, world_vocabulary
 from csr.engine.prompting import chat_prompt
-from csr.storage.hashing import json_digest
+from csr.storage import json_digest
 
 MANIFEST = "manifest.json"
 # Bump when a change to the training code should invalidate cached models.
