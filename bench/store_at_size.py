@@ -151,7 +151,7 @@ def _generate(store, iteration: int, rng: random.Random, sentences: list[str]) -
         for claim in claims:
             tree = study_tree(rng, sentences)
             start = time.perf_counter()
-            store.complete(claim, worker, iteration, tree)
+            store.write_tree(claim, worker, iteration, tree)
             write_s.append(time.perf_counter() - start)
     store.stop_worker(worker)
     store.finish_iteration_if_done(iteration)

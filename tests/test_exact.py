@@ -21,7 +21,6 @@ from sqlalchemy import text
 
 from csr.engine import text as stored_text
 from csr.engine.demo import tiny
-from csr.engine.worker_loop import tree_rows
 from csr.engine.io.export import export_pairs
 from csr.engine.iterations import _tree_is_exact
 from csr.engine.loading import Policy, find_sentence_end_ids, placeholder_ids, unreturnable_ids
@@ -29,6 +28,7 @@ from csr.engine.search.beam_search import BeamSettings, group_beam_search
 from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search
 from csr.engine.train.config import TrainConfig
 from csr.engine.train.dpo_data import PreferenceExample, find_unencodable
+from csr.engine.worker_loop import tree_rows
 from csr.storage import curation
 from csr.storage.store import Store
 from csr.storage.trees import insert_tree

@@ -20,7 +20,6 @@ from sqlalchemy import insert, select, text
 
 from csr.engine import text as stored_text
 from csr.engine.demo import tiny
-from csr.engine.worker_loop import tree_rows
 from csr.engine.io.export import export_pairs
 from csr.engine.iterations import preference_examples
 from csr.engine.prompting import chat_prompt
@@ -33,7 +32,8 @@ from csr.engine.search.sentence_search import (
     run_sentence_search,
 )
 from csr.engine.train.dpo import TokenPreferenceCollator
-from csr.storage import curation, work
+from csr.engine.worker_loop import tree_rows
+from csr.storage import curation, iterations
 from csr.storage import prompts as prompt_store
 from csr.storage.models import Image as ImageRow
 from csr.storage.models import Prompt
@@ -143,7 +143,7 @@ def _store_with_prompts(url: str, tmp_path: Path, model_dir: Path, n: int, confi
             for i in range(n)
         ])
         prompt_ids = list(conn.execute(select(Prompt.id).order_by(Prompt.id)).scalars())
-    work.start_iteration(engine, 1, config.preset, {"search": config.to_dict(), "policy_version": 0,
+    iterations.start_iteration(engine, 1, config.preset, {"search": config.to_dict(), "policy_version": 0,
                                                     "policy_path": str(model_dir)})
     return engine, prompt_ids
 

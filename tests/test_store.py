@@ -9,11 +9,12 @@ import pytest
 from sqlalchemy import func, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from csr.cli.advice import advice
 from csr.storage import migrate
 from csr.storage import prompts as prompt_store
 from csr.storage.clock import utcnow
 from csr.storage.db import SQLITE_BUSY_TIMEOUT_MS, make_engine, normalise_url, sqlite_path
-from csr.storage.errors import SchemaMismatch, StoreError
+from csr.storage.errors import NoStore, SchemaMismatch, StoreError
 from csr.storage.models import Base, Image, Iteration, Prompt, Worker, WorkItem
 from csr.storage.store import create_store, open_store, store_revision, upgrade_store
 from csr.storage.summary import status
@@ -80,11 +81,15 @@ def test_open_refuses_an_older_store_naming_db_upgrade(store_url):
     engine = make_engine(store_url)
     migrate.upgrade(engine, "0001")
     engine.dispose()
-    with pytest.raises(SchemaMismatch, match=r"revision 0001.*run `csr db upgrade`"):
+    with pytest.raises(SchemaMismatch, match=r"revision 0001, this csr needs") as info:
         open_store(store_url)
+    # storage states the revisions; the command line names the fix
+    assert (info.value.revision, info.value.newer) == ("0001", False)
+    assert "run `csr db upgrade`" in advice(info.value)
     # create_store (csr init) does not silently migrate either
-    with pytest.raises(SchemaMismatch, match="csr db upgrade"):
+    with pytest.raises(SchemaMismatch, match="revision 0001") as info:
         create_store(store_url)
+    assert "csr db upgrade" in advice(info.value)
 
 
 def test_open_refuses_a_newer_store_asking_to_upgrade_csr(engine, store_url):
@@ -103,8 +108,9 @@ def test_open_refuses_a_newer_store_asking_to_upgrade_csr(engine, store_url):
 
 def test_open_missing_sqlite_store_names_init_and_creates_nothing(tmp_path):
     path = tmp_path / "nowhere.db"
-    with pytest.raises(StoreError, match="run `csr init`"):
+    with pytest.raises(NoStore, match="no store at") as info:
         open_store(f"sqlite:///{path}")
+    assert "run `csr init`" in advice(info.value)
     assert not path.exists()
 
 
@@ -118,7 +124,8 @@ def test_a_database_that_is_not_a_csr_store_is_refused(store_url):
     # `csr init` must not offer `csr init` as the fix, nor create tables beside someone else's
     with pytest.raises(StoreError, match="not a csr store") as info:
         create_store(store_url)
-    assert "csr init" not in str(info.value)
+    assert "csr init" not in str(info.value) + advice(info.value)
+    assert "point --db / CSR_DATABASE_URL at an empty database" in advice(info.value)
     with pytest.raises(StoreError, match="not a csr store"):
         upgrade_store(store_url)  # `csr db upgrade` neither
     engine = make_engine(store_url)

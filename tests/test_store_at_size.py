@@ -76,7 +76,7 @@ def _study(url: str, trees: list[Tree], preset: str = "reference-code") -> Store
     worker = store.register_worker(1, "cpu")
     claims = store.claim(1, worker, len(trees), timedelta(minutes=5), 3)
     for claim, tree in zip(claims, trees, strict=True):
-        assert store.complete(claim, worker, 1, tree)
+        assert store.write_tree(claim, worker, 1, tree)
     store.finish_iteration_if_done(1)
     return store
 
