@@ -164,12 +164,6 @@ def _location_rows() -> list[str]:
     return rows
 
 
-def missing_keys() -> list[str]:
-    described = {**LOCATIONS, "generate": GENERATE, "train": TRAIN, "self_reward": SELF_REWARD}
-    return [f"[{section}] {name}" for section, table in TABLES.items()
-            for name in table.model_fields if name not in described.get(section, {})]
-
-
 def render() -> str:
     lines = [
         "# Settings reference",

@@ -78,16 +78,3 @@ def curate(conn: Connection, iteration: int, min_margin: float = 0.0, name: str 
         values={"preset": METHOD, "selection_sql": SELECTION, "source": METHOD}, selected_from="judgements",
     )
     return CurationResult(pair_set_id, name, len(rows), digest, created, is_default)
-
-
-
-def judgements(conn: Connection, iteration: int, prompt_id: int | None = None) -> list[dict]:
-    """The stored verdicts of an iteration (or one prompt) with the judge's whole output."""
-    sql = ("SELECT prompt_id, first_node, second_node, sample_seed, judge_prompt, output, verdict, parse_error "
-           "FROM judgements WHERE iteration = :iteration")
-    params: dict = {"iteration": iteration}
-    if prompt_id is not None:
-        sql += " AND prompt_id = :prompt_id"
-        params["prompt_id"] = prompt_id
-    return [dict(r) for r in conn.execute(text(sql + " ORDER BY prompt_id, first_node, second_node"), params)
-            .mappings()]

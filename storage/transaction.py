@@ -155,10 +155,6 @@ class Transaction:
         versions.register_version(self._for_writing(), **kwargs)
 
     # -- curation ------------------------------------------------------------------------
-    def curate(self, iteration: int, policy: curation.CurationSettings, name: str | None = None,
-               make_default: bool = False) -> curation.CurationResult:
-        return curation.curate(self._for_writing(), iteration, policy, name=name, make_default=make_default)
-
     def record_curation(self, selection: curation.Selection, make_default: bool = False) -> curation.CurationResult:
         return curation.record(self._for_writing(), selection, make_default=make_default)
 
@@ -175,9 +171,6 @@ class Transaction:
     def curate_self_reward(self, iteration: int, min_margin: float = 0.0, name: str | None = None,
                            make_default: bool = False) -> curation.CurationResult:
         return self_reward_curation.curate(self._for_writing(), iteration, min_margin, name, make_default)
-
-    def judgements(self, iteration: int, prompt_id: int | None = None) -> list[dict]:
-        return self_reward_curation.judgements(self._conn, iteration, prompt_id)
 
     def imported_pair_set(self, name: str) -> PairSetInfo | None:
         return _as(PairSetInfo, outside_pairs.imported_pair_set(self._conn, name))
@@ -199,5 +192,3 @@ class Transaction:
     def record_evaluation(self, **kwargs) -> bool:
         return evaluations.record_evaluation(self._for_writing(), **kwargs)
 
-    def evaluations(self, benchmark: str | None = None, with_items: bool = False) -> list[dict]:
-        return evaluations.evaluations(self._conn, benchmark, with_items)
