@@ -63,7 +63,7 @@ COMMANDS = (
 
 
 def study_tree(rng: random.Random, sentences: list[str]):
-    """A tree as the search hands it to `Store.complete`: candidates and final responses."""
+    """A tree as the search hands it to `Store.write_tree`: candidates and final responses."""
     from csr.storage.trees import Tree
 
     rows = tree_rows(rng, sentences, STUDY_LEVELS)
