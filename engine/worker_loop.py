@@ -7,8 +7,8 @@ leases run out (or, on the same host, its dead pid is noticed) and other
 workers take the prompts over.
 
 Faults (docs/faults.md): a store outage is retried with backoff for a bounded
-time (the store's OutageRetry), the tree's transaction written again whole; a tree the store refuses
-fails that prompt's attempt, not the run. When no work is left but other
+time (`Store.retrying`), the tree's transaction written again whole; a tree
+the store refuses fails that prompt's attempt, not the run. When no work is left but other
 workers hold leases, the worker waits for them and takes their prompts over
 if their leases expire, so one run finishes the iteration.
 """
@@ -71,7 +71,6 @@ class ImageChanged(CsrError):
 
 class WorkStillHeld(CsrError):
     """--no-wait: the iteration is unfinished because other workers hold prompts."""
-
 
 
 @dataclass

@@ -2,21 +2,23 @@
 
 Engine and cli code open a `Store` and call its methods; they never see a
 connection, a transaction mode, SQL or a SQLAlchemy error (each comes out as
-StoreUnavailable, StoreRefused or WriteConflict, storage/errors.py). The store chooses the transaction: a
-deferred one for reads (SQLite readers never take the lock workers need), an
-immediate one for writes (SQLite `BEGIN IMMEDIATE`; PostgreSQL takes row locks
-where the queue needs them). Work that must happen in one transaction runs in
+StoreUnavailable, StoreRefused or WriteConflict, storage/errors.py); a caller
+that must ride out an outage calls through `store.retrying(seconds)`. The
+store chooses the transaction: a deferred one for reads (SQLite readers never
+take the lock workers need), an immediate one for writes (SQLite `BEGIN
+IMMEDIATE`; PostgreSQL takes row locks where the queue needs them). Work that must happen in one transaction runs in
 `store.read()` / `store.write()`, whose `Transaction` has the same parts.
 
 The parts live in their own modules, each a set of functions over a
-connection: prompts, work (the queue), trees, curation, versions,
-evaluations, summary; analytics reads the live store through DuckDB.
+connection: prompts, iterations, work (the queue), workers, trees, curation,
+versions, evaluations, summary; analytics reads the live store through DuckDB.
 `open_store` / `create_store` below are the storage-internal openers the
 tests of those modules use.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -158,11 +160,11 @@ def translated() -> Iterator[None]:
 def _translating(method):
     """A Store method whose SQLAlchemy errors come out as csr's."""
 
+    @functools.wraps(method)
     def call(self, *args, **kwargs):
         with translated():
             return method(self, *args, **kwargs)
 
-    call.__name__, call.__qualname__, call.__doc__ = method.__name__, method.__qualname__, method.__doc__
     return call
 
 
