@@ -318,7 +318,7 @@ class Store:
 
     # -- curation ------------------------------------------------------------------------
     @_translating
-    def curate(self, iteration: int, policy: curation.CurationSettings, name: str | None = None,
+    def curate(self, iteration: int, settings: curation.CurationSettings, name: str | None = None,
                make_default: bool = False) -> curation.CurationResult:
         """Select the pairs in a read transaction, which takes no lock, then
         record them in one short write: other commands and workers never wait
@@ -326,7 +326,7 @@ class Store:
         analyze(self._engine, ("responses",))  # the table the selection reads: always fresh
         analyze_if_grown(self._engine, TREE_TABLES)
         with reading(self._engine) as conn:
-            selection = curation.compute_selection(conn, iteration, policy, name)
+            selection = curation.compute_selection(conn, iteration, settings, name)
             _pause_for_tests("selected")
         with self.write() as tx:
             return tx.record_curation(selection, make_default)
