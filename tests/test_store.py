@@ -389,3 +389,44 @@ def test_a_failed_transaction_leaves_nothing(engine):
 
 def count_prompts(conn) -> int:
     return conn.execute(select(func.count()).select_from(Prompt)).scalar_one()
+
+
+def test_database_errors_leave_the_store_as_csrs_own(store_url):
+    """No SQLAlchemy error crosses the door: what the database refuses is StoreRefused."""
+    from csr.storage import Store, StoreRefused
+
+    engine, _ = create_store(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE workers CASCADE" if engine.dialect.name == "postgresql" else "DROP TABLE workers"))
+    engine.dispose()
+    store = Store(make_engine(store_url))
+    try:
+        with pytest.raises(StoreRefused, match="the store refused the operation: .*workers") as info:
+            store.register_worker(1, "cpu")
+        assert "\n" not in str(info.value)
+    finally:
+        store.close()
+
+
+def test_an_outage_is_retried_within_its_bound_and_reported_past_it():
+    from csr.storage import OutageRetry, StoreUnavailable
+
+    said, reconnects, failures = [], [], iter([StoreUnavailable("OperationalError: gone")] * 2)
+
+    def flaky():
+        for exc in failures:
+            raise exc
+        return "written"
+
+    retry = OutageRetry(lambda: reconnects.append(1), bound_seconds=30, say=said.append)
+    assert retry(flaky) == "written"
+    assert (retry.retries, len(reconnects)) == (2, 2)
+    assert said[0] == "store unreachable (OperationalError: gone); retrying for up to 30 s"
+    assert said[1].startswith("store reachable again after")
+
+    def down():
+        raise StoreUnavailable("OperationalError: refused")
+
+    with pytest.raises(StoreUnavailable, match="longer than the retry bound of 0 s: OperationalError: refused") as info:
+        OutageRetry(lambda: None, bound_seconds=0, say=said.append)(down)
+    assert info.value.bound == 0 and info.value.detail == "OperationalError: refused"
