@@ -222,9 +222,9 @@ def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prom
     """Run the prompts through the generation worker on a new SQLite store; its stats."""
     import json
 
-    from csr.engine.generation import WorkerOptions, iteration_config, run_worker
     from csr.engine.io.importing import import_prompts
-    from csr.storage import work
+    from csr.engine.worker_loop import WorkerOptions, iteration_config, run_worker
+    from csr.storage import iterations
     from csr.storage.store import Store, create_store
     from csr.storage.versions import register_base_model
 
@@ -240,7 +240,7 @@ def store_write_share(root: Path, policy_dir: Path, clip_dir: Path, images, prom
             register_base_model(conn, str(policy_dir), f"local-dir:{clip_dir}", None)
         import_prompts(Store(engine), root / "prompts.jsonl", image_dir)
         preset, frozen = iteration_config(Store(engine), 1, config.to_dict())
-        work.start_iteration(engine, 1, preset, frozen)
+        iterations.start_iteration(engine, 1, preset, frozen)
         return run_worker(Store(engine), 1, frozen, WorkerOptions(device=device, batch_prompts=len(prompts)),
                           stop=threading.Event())
     finally:

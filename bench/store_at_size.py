@@ -63,7 +63,7 @@ COMMANDS = (
 
 
 def study_tree(rng: random.Random, sentences: list[str]):
-    """A tree as the search hands it to `Store.complete`: candidates and final responses."""
+    """A tree as the search hands it to `Store.write_tree`: candidates and final responses."""
     from csr.storage.trees import Tree
 
     rows = tree_rows(rng, sentences, STUDY_LEVELS)
@@ -99,7 +99,7 @@ def study_tree(rng: random.Random, sentences: list[str]):
 
 def build(url: str, prompts: int, seed: int = 0) -> dict:
     """Fill a new store at `url` through the engine's write path; returns fill figures."""
-    from csr.storage.curation import CurationPolicy
+    from csr.storage.curation import CurationSettings
     from csr.storage.store import Store
 
     rng = random.Random(seed)
@@ -119,7 +119,7 @@ def build(url: str, prompts: int, seed: int = 0) -> dict:
             tail = claim_s[-max(1, len(claim_s) // 10):]
             figures[f"claim_ms_iter{iteration}"] = statistics.median(tail) * 1000
             figures[f"tree_write_ms_iter{iteration}"] = statistics.median(write_s) * 1000
-            result = store.curate(iteration, CurationPolicy(), make_default=True)
+            result = store.curate(iteration, CurationSettings(), make_default=True)
             with store.write() as tx:
                 pair_set = tx.pair_set(iteration)
                 run = tx.start_training_run(iteration, pair_set.id, result.result_hash, {"bench": True}, "/tmp")
@@ -151,7 +151,7 @@ def _generate(store, iteration: int, rng: random.Random, sentences: list[str]) -
         for claim in claims:
             tree = study_tree(rng, sentences)
             start = time.perf_counter()
-            store.complete(claim, worker, iteration, tree)
+            store.write_tree(claim, worker, iteration, tree)
             write_s.append(time.perf_counter() - start)
     store.stop_worker(worker)
     store.finish_iteration_if_done(iteration)

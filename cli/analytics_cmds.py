@@ -8,11 +8,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from csr.cli import sql_shell
 from csr.cli.context import state
 from csr.cli.output import Console, echo_json, json_option
 from csr.cli.vocabulary import SqlFormat
 from csr.engine.errors import CsrError
-from csr.storage import analytics, sql_shell
+from csr.storage import analytics
 
 console = Console()
 CACHE_HELP = ("DuckDB file keeping a columnar copy of the candidates, synced at each use: much faster "

@@ -9,9 +9,11 @@ from pathlib import Path
 import typer
 
 import csr
+from csr.cli.advice import advice
 from csr.cli.context import CliState
 from csr.cli.help import CsrGroup
 from csr.engine.errors import USER_ERRORS, error_line
+from csr.storage import StoreRefused, StoreUnavailable
 
 # -h as well as --help, on every command.
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
@@ -40,7 +42,7 @@ def _print_version(shown: bool) -> None:
 @app.callback()
 def _root(
     ctx: typer.Context,
-    db: str = typer.Option(None, "--db", help="SQLAlchemy URL or SQLite path of the store. Without it: CSR_DATABASE_URL, then [store] url in csr.toml, then sqlite:///csr.db here."),
+    db: str = typer.Option(None, "--db", help="The store: a database URL (postgresql://..., sqlite:///PATH) or a SQLite file path. Without it: CSR_DATABASE_URL, then [store] url in csr.toml, then sqlite:///csr.db here."),
     config: Path = typer.Option(None, "--config", help="Settings file (default: ./csr.toml)."),
     version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_print_version,
                                  help="Print csr's version and exit."),
@@ -112,7 +114,9 @@ def main() -> None:
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
             sys.exit(code)
     except USER_ERRORS as exc:
-        print(f"csr: error: {exc}", file=sys.stderr)
+        if isinstance(exc, (StoreUnavailable, StoreRefused)) and _debug():
+            raise  # the driver's whole message and the traceback
+        print(f"csr: error: {error_line(exc)}{advice(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("csr: interrupted", file=sys.stderr)

@@ -49,7 +49,7 @@ def demo(
     preset = preset.value
     report = run_demo(
         DemoOptions(directory=directory, iterations=iterations, prompts=prompts, heldout=heldout, seed=seed,
-                    lam=lam, model_scenes=model_scenes, size="quick" if quick else "default",
+                    lambda_weight=lam, model_scenes=model_scenes, size="quick" if quick else "default",
                     device=default_device(device), generate={"preset": preset}, method=method.value),
         say=lambda line: console.print(line, highlight=False),
     )

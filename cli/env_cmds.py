@@ -17,18 +17,13 @@ from csr.cli.context import CliState, state
 from csr.cli.output import Console, echo_json, json_option
 from csr.cli.vocabulary import Preset, SelectBy, value
 from csr.engine.errors import CsrError
+from csr.storage import STORE_PACKAGES, Store, display_url
 
 console = Console()
 config_app = typer.Typer(help="The settings csr runs with.", no_args_is_help=True, rich_markup_mode=None)
 
-PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "open_clip_torch", "sqlalchemy", "alembic",
-            "psycopg", "duckdb", "typer")
-
-
-def display_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
+# The packages a bug report needs: the models' and the store's (STORE_PACKAGES), then the CLI's.
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "open_clip_torch", *STORE_PACKAGES, "typer")
 
 
 def store_source(st: CliState) -> str:
@@ -64,11 +59,8 @@ def _devices() -> dict:
 
 
 def _store(st: CliState) -> dict:
-    from csr.storage import migrate
-    from csr.storage.store import Store
-
     url = st.url
-    found = {"url": display_url(url), "from": store_source(st), "schema": None, "csr_schema": migrate.head_revision()}
+    found = {"url": display_url(url), "from": store_source(st), "schema": None, "csr_schema": Store.head_revision()}
     try:
         found["schema"] = Store.revision(url) or "not a csr store"
     except Exception as exc:  # a report of the environment, not a use of the store: say why and go on

@@ -17,7 +17,7 @@ from csr.cli.vocabulary import (
     default_device,
 )
 from csr.engine.errors import CsrError
-from csr.storage.store import Store
+from csr.storage import Store
 
 console = Console()
 eval_app = typer.Typer(rich_markup_mode=None, help="Evaluate model versions (CHAIR, POPE) or record other benchmarks' results.",

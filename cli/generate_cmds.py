@@ -28,9 +28,9 @@ from csr.cli.vocabulary import (
 )
 from csr.engine.errors import CsrError
 from csr.engine.generate import GenerateRequest, generate_iteration
-from csr.engine.generation import WorkerOptions
 from csr.engine.self_reward import Method
-from csr.storage.store import Store
+from csr.engine.worker_loop import WorkerOptions
+from csr.storage import Store
 
 console = Console(stderr=True)
 

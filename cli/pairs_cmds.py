@@ -8,7 +8,7 @@ import typer
 
 from csr.cli.context import state
 from csr.cli.output import consoles, echo_json, json_option
-from csr.storage.store import Store
+from csr.storage import Store
 
 pairs_app = typer.Typer(help="Pair sets from elsewhere.", no_args_is_help=True, rich_markup_mode=None)
 

@@ -10,13 +10,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from csr.cli.context import state
-from csr.cli.env_cmds import display_url, store_source
+from csr.cli.env_cmds import store_source
 from csr.cli.output import Console, echo_json, json_option
 from csr.engine.errors import CsrError
 from csr.engine.settings import DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED, DEFAULT_MODEL
-from csr.storage import migrate, work
-from csr.storage.store import Store
-from csr.storage.versions import BaseModelMismatch, describe_base_model
+from csr.storage import (
+    LIVE,
+    BaseModelMismatch,
+    Store,
+    describe_base_model,
+    display_url,
+    schema_history,
+)
 
 console = Console()
 db_app = typer.Typer(help="The store's schema: current, history, upgrade (as alembic names them).", no_args_is_help=True, rich_markup_mode=None)
@@ -65,11 +70,11 @@ def init(
         settings.store_url = st.db or settings.store_url
     settings.write(store_url=bool(st.db) or not from_env)
     if as_json:
-        echo_json({"store": _display(url), "created": what == "created", "schema": migrate.head_revision(),
+        echo_json({"store": _display(url), "created": what == "created", "schema": Store.head_revision(),
                    "base_model": settings.model, "clip": settings.clip, "clip_pretrained": settings.clip_pretrained,
                    "settings_file": str(settings.path)})
         return
-    console.print(f"store {what} at {_display(url)} (schema {migrate.head_revision()}); base model {registered}: "
+    console.print(f"store {what} at {_display(url)} (schema {Store.head_revision()}); base model {registered}: "
                   f"{settings.model}, CLIP {settings.clip}; settings in {settings.path}",
                   highlight=False, soft_wrap=True)
 
@@ -98,7 +103,7 @@ def db_upgrade(ctx: typer.Context, as_json: bool = json_option("The revisions be
 def db_current(ctx: typer.Context, as_json: bool = json_option("Both revisions")) -> None:
     """The store's schema revision and the one this csr needs."""
     url = state(ctx).url
-    current, head = Store.revision(url), migrate.head_revision()
+    current, head = Store.revision(url), Store.head_revision()
     if as_json:
         echo_json({"store": _display(url), "current": current, "head": head, "up_to_date": current == head})
         return
@@ -106,23 +111,14 @@ def db_current(ctx: typer.Context, as_json: bool = json_option("Both revisions")
     console.print(f"store {_display(url)}: schema {current or 'none'}; csr needs {head}{hint}", highlight=False)
 
 
-def _history() -> list[dict]:
-    from alembic.script import ScriptDirectory
-
-    scripts = ScriptDirectory(str(migrate.MIGRATIONS_DIR))
-    found = [{"revision": rev.revision, "down_revision": rev.down_revision, "message": (rev.doc or "").strip()}
-             for rev in scripts.walk_revisions()]
-    return list(reversed(found))  # oldest first, as the store went through them
-
-
 def _revision_ids() -> set[str]:
-    return {rev["revision"] for rev in _history()}
+    return {rev["revision"] for rev in schema_history()}
 
 
 @db_app.command("history")
 def db_history(as_json: bool = json_option("The revisions")) -> None:
     """The schema revisions this csr knows, oldest first."""
-    revisions = _history()
+    revisions = schema_history()
     if as_json:
         echo_json(revisions)
         return
@@ -226,7 +222,7 @@ def _print_workers(workers: list[dict]) -> None:
         table.add_row(str(w["id"]), str(w["iteration"]), w["state"], w["host"], str(w["pid"]), w["device"],
                       str(w["prompts_held"]), w["heartbeat_at"], w["lease_expires_at"] or "")
     console.print(table)
-    live = sum(w["state"] == work.LIVE for w in workers)
+    live = sum(w["state"] == LIVE for w in workers)
     console.print(f"live workers: {live} (stale: heartbeat older than the lease; gone: process ended)")
 
 

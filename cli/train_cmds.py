@@ -23,7 +23,7 @@ from csr.engine import iterations
 from csr.engine.errors import CsrError
 from csr.engine.pipeline import run_iteration
 from csr.engine.self_reward import Method
-from csr.storage.store import Store
+from csr.storage import Store
 
 console = Console()
 

@@ -1,7 +1,7 @@
 """Errors a user can cause in the engine; the CLI prints their message as one
 line on stderr and exits non-zero."""
 
-from csr.storage.errors import StoreError
+from csr.storage import StoreError, StoreRefused, StoreUnavailable, as_store_error, first_line
 
 
 class CsrError(Exception):
@@ -24,8 +24,11 @@ USER_ERRORS = (CsrError, StoreError)
 
 def error_line(exc: BaseException) -> str:
     """The one line csr prints for an error that ends a command or a worker."""
+    exc = as_store_error(exc)
+    if isinstance(exc, (StoreUnavailable, StoreRefused)):
+        # The driver's message goes on with the statement and every parameter
+        # row: one line says what went wrong; CSR_DEBUG=1 shows the rest.
+        return f"{exc} (CSR_DEBUG=1 for details)"
     if isinstance(exc, USER_ERRORS):
         return str(exc)
-    from csr.storage.outages import first_line, store_failure
-
-    return store_failure(exc) or f"unexpected {first_line(exc)} (CSR_DEBUG=1 for the traceback)"
+    return f"unexpected {first_line(exc)} (CSR_DEBUG=1 for the traceback)"

@@ -4,10 +4,10 @@
 iteration takes the one asked for; a started one keeps its own), starts or
 resumes the iteration, puts failed prompts back when asked, then runs one
 worker in this process or one worker process per device. Worker processes
-start from a written spec (engine/worker_process.py): the frozen settings and
+start from a written spec (engine/worker_processes.py): the frozen settings and
 the worker options as JSON, never a rebuilt command line. Stop signals reach
 every worker: the first stops them after the prompts in hand, the second
-aborts on the spot (engine/workers.py).
+aborts on the spot.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from csr.engine.errors import CsrError
-from csr.engine.generation import WorkerOptions, iteration_config, run_worker
-from csr.engine.workers import StopSignals, WorkerProcesses
-from csr.storage import work
-from csr.storage.outages import is_outage
-from csr.storage.store import Store
+from csr.engine.worker_loop import WorkerOptions, iteration_config, run_worker
+from csr.engine.worker_processes import StopSignals, WorkerProcesses
+from csr.storage import DONE, FAILED, Store, StoreUnavailable
 
 CSR_METHOD = "csr"
 SELF_REWARD = "self-reward"
@@ -113,7 +111,7 @@ def frozen_config(store: Store, request: GenerateRequest) -> tuple[str, dict]:
 def _run_here(store, url, iteration, config, request: GenerateRequest, on_progress, say) -> GenerateOutcome:
     stop = threading.Event()
     counts = store.progress(iteration)
-    total, completed = sum(counts.values()), counts[work.DONE] + counts[work.FAILED]
+    total, completed = sum(counts.values()), counts[DONE] + counts[FAILED]
     started = time.perf_counter()
     done = {"prompts": 0, "candidates": 0}
 
@@ -134,7 +132,7 @@ def _run_here(store, url, iteration, config, request: GenerateRequest, on_progre
 
 def _run_processes(store, url, iteration, config, request: GenerateRequest, on_progress, say) -> GenerateOutcome:
     with tempfile.TemporaryDirectory(prefix="csr-workers-") as directory:
-        commands = [[sys.executable, "-m", "csr.engine.worker_process", str(spec)]
+        commands = [[sys.executable, "-m", "csr.engine.worker_processes", str(spec)]
                     for spec in write_worker_specs(Path(directory), url, iteration, config, request)]
         processes = WorkerProcesses(commands)
         stop = threading.Event()
@@ -142,17 +140,15 @@ def _run_processes(store, url, iteration, config, request: GenerateRequest, on_p
         with StopSignals(stop, on_signal=processes.forward) as signals:
             first = store.progress(iteration)
             total = sum(first.values())
-            on_progress(first[work.DONE] + first[work.FAILED], total, "")
+            on_progress(first[DONE] + first[FAILED], total, "")
             while processes.running():
                 time.sleep(1.0)  # a signal runs its handler and the sleep goes on
                 try:
                     now = store.progress(iteration)
-                except Exception as exc:
-                    if not is_outage(exc):
-                        raise
+                except StoreUnavailable:
                     continue  # a store outage: the workers retry on their own; so does the progress
-                rate = (now[work.DONE] - first[work.DONE]) / max(time.perf_counter() - started, 1e-9)
-                on_progress(now[work.DONE] + now[work.FAILED], total,
+                rate = (now[DONE] - first[DONE]) / max(time.perf_counter() - started, 1e-9)
+                on_progress(now[DONE] + now[FAILED], total,
                             f"{rate:.2f} prompts/s, {len(processes.children)} workers")
     workers = len(processes.children)
     if signals.received is None:
@@ -161,7 +157,7 @@ def _run_processes(store, url, iteration, config, request: GenerateRequest, on_p
             raise CsrError(f"{len(failed)} of {workers} worker process(es) failed (exit codes {failed}); "
                            f"run `csr generate --iter {iteration}` again to finish the iteration")
         store.finish_iteration_if_done(iteration)
-    done = store.progress(iteration)[work.DONE] - first[work.DONE]
+    done = store.progress(iteration)[DONE] - first[DONE]
     return GenerateOutcome(iteration, "", False, 0, workers, done, None, None, time.perf_counter() - started, [], 0,
                            signals.received)
 

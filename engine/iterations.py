@@ -15,28 +15,36 @@ from pathlib import Path
 from csr.engine import outside_pairs as outside
 from csr.engine.errors import CsrError
 from csr.engine.settings import Settings
-from csr.storage import curation, work
-from csr.storage.errors import OrderError
-from csr.storage.hashing import json_digest
-from csr.storage.store import Store
+from csr.storage import (
+    CLAIMED,
+    PENDING,
+    PRESET_PAIR_RULE,
+    CurationResult,
+    CurationSettings,
+    NotGenerated,
+    OrderError,
+    Store,
+    json_digest,
+)
 
 
-def iteration_policy(store: Store, iteration: int) -> curation.CurationPolicy:
-    """The curation policy matching how the iteration was generated."""
+def iteration_curation(store: Store, iteration: int) -> CurationSettings:
+    """The curation settings matching how the iteration was generated."""
     it = store.iteration(iteration)
     if it is None:
-        raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
+        raise NotGenerated(iteration)
     search = it.config.get("search", {})
-    return curation.CurationPolicy(preset=it.preset, lam=float(search.get("lam", 0.9)),
-                                   pair_rule=curation.PRESET_PAIR_RULE[it.preset])
+    # "lam" is the recorded [generate] key: stored configs keep it as written.
+    return CurationSettings(preset=it.preset, lam=float(search.get("lam", 0.9)),
+                            pair_rule=PRESET_PAIR_RULE[it.preset])
 
 
 def require_generated(store: Store, iteration: int, allow_partial: bool) -> dict[str, int]:
     with store.read() as tx:
         if tx.iteration(iteration) is None:
-            raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
+            raise NotGenerated(iteration)
         counts = tx.progress(iteration)
-    unfinished = counts[work.PENDING] + counts[work.CLAIMED]
+    unfinished = counts[PENDING] + counts[CLAIMED]
     if unfinished and not allow_partial:
         raise OrderError(
             f"generation of iteration {iteration} is not complete ({unfinished} prompt(s) pending or claimed): "
@@ -49,29 +57,30 @@ def curate(
     store: Store,
     iteration: int,
     preset: str | None = None,
-    lam: float | None = None,
+    lambda_weight: float | None = None,
     min_margin: float = 0.0,
     name: str | None = None,
     make_default: bool = False,
     pair_rule: str | None = None,
-) -> curation.CurationResult:
-    """`pair_rule` defaults to the preset's own (curation.PRESET_PAIR_RULE)."""
+) -> CurationResult:
+    """`lambda_weight` (the weight of R_I) defaults to the iteration's;
+    `pair_rule` to the preset's own (PRESET_PAIR_RULE)."""
     it = store.iteration(iteration)
     if it is not None and it.method != "csr":
-        return _curate_other_method(store, it, preset, lam, min_margin, name, make_default)
-    base = iteration_policy(store, iteration)
+        return _curate_other_method(store, it, preset, lambda_weight, min_margin, name, make_default)
+    base = iteration_curation(store, iteration)
     preset = preset or base.preset
-    policy = curation.CurationPolicy(
-        preset=preset, lam=base.lam if lam is None else lam, min_margin=min_margin,
-        pair_rule=pair_rule or curation.PRESET_PAIR_RULE[preset],
+    settings = CurationSettings(
+        preset=preset, lam=base.lam if lambda_weight is None else lambda_weight, min_margin=min_margin,
+        pair_rule=pair_rule or PRESET_PAIR_RULE[preset],
     )
-    return store.curate(iteration, policy, name=name, make_default=make_default)
+    return store.curate(iteration, settings, name=name, make_default=make_default)
 
 
-def _curate_other_method(store: Store, it, preset, lam, min_margin, name, make_default) -> curation.CurationResult:
+def _curate_other_method(store: Store, it, preset, lambda_weight, min_margin, name, make_default) -> CurationResult:
     """A self-rewarding iteration's pairs come from its judgements; an outside one has none to curate."""
     if it.method == "self-reward":
-        if preset is not None or lam is not None:
+        if preset is not None or lambda_weight is not None:
             raise CsrError(f"--preset and --lambda re-curate a csr tree; iteration {it.number} is self-rewarding")
         with store.write() as tx:
             return tx.curate_self_reward(it.number, min_margin, name, make_default)

@@ -11,8 +11,7 @@ reference log-probs, so the trainer computes the reference itself.
 
 from __future__ import annotations
 
-from csr.storage.errors import OrderError
-from csr.storage.store import Store
+from csr.storage import OrderError, Store
 
 SOURCE = "import"
 

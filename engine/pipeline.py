@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 from csr.engine.iterations import TrainOptions, TrainOutcome, curate, train
 from csr.engine.settings import Settings
-from csr.storage.curation import CurationResult
-from csr.storage.store import Store
+from csr.storage import CurationResult, Store
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,17 @@ length-normalised beam score the token search ranked it by, and CLIP's
 response score (spec/CSR.md):
 
 - ``paper``: R_T = exp(logprob_sum) (eq. 2), R_I = max(100 cos, 0) (eq. 3),
-  R(s) = lam * R_I + (1 - lam) * R_T (eq. 4), response score = sum of R(s).
+  R(s) = lambda_weight * R_I + (1 - lambda_weight) * R_T (eq. 4), response score = sum of R(s).
 - ``reference-code`` (the authors' released code): both scores become ranks
   among the scored siblings of one parent: the text rank on the penalised beam
   score (`sequences_scores`), the image rank on 100 cos (not clipped). The
-  released response key is sum of lam * image_rank + (1 - lam) * text_rank
+  released response key is sum of lambda_weight * image_rank + (1 - lambda_weight) * text_rank
   over the path divided by (n + 1), because its path list includes the root
   (`construct.py`: `x[1] / len(x[0])`); the smallest key is chosen.
 
 Orientation: the released rank is best = 1/n ... worst = 1. We store
 ``1 - rank`` (best = 1 - 1/n ... worst = 0) so that larger is better in both
-presets. With R(s) = lam * image_score + (1 - lam) * text_score on those
+presets. With R(s) = lambda_weight * image_score + (1 - lambda_weight) * text_score on those
 scores, the released key of a response with n sentences is
 (n - sum R(s)) / (n + 1), and our response score is its negation,
 (sum R(s) - n) / (n + 1): the order of responses is the released order, reversed.
@@ -59,9 +59,9 @@ def clip_reward(clip_score: float) -> float:
     return max(clip_score, 0.0)
 
 
-def calibrated(lam: float, image_score: float, text_score: float) -> float:
+def calibrated(lambda_weight: float, image_score: float, text_score: float) -> float:
     """R(s) of eq. 4."""
-    return lam * image_score + (1.0 - lam) * text_score
+    return lambda_weight * image_score + (1.0 - lambda_weight) * text_score
 
 
 def sibling_rank_scores(values: Sequence[float]) -> list[float]:
@@ -79,17 +79,17 @@ def sibling_rank_scores(values: Sequence[float]) -> list[float]:
     return scores
 
 
-def sentence_reward(preset: str, lam: float, r_t: float, r_i: float, text_rank: float, image_rank: float) -> float:
+def sentence_reward(preset: str, lambda_weight: float, r_t: float, r_i: float, text_rank: float, image_rank: float) -> float:
     """R(s) of one scored sentence under `preset`."""
     check_preset(preset)
     if preset == Preset.paper:
-        return calibrated(lam, r_i, r_t)
-    return calibrated(lam, image_rank, text_rank)
+        return calibrated(lambda_weight, r_i, r_t)
+    return calibrated(lambda_weight, image_rank, text_rank)
 
 
 def response_score(
     preset: str,
-    lam: float,
+    lambda_weight: float,
     *,
     sentences: int,
     r_t_sum: float,
@@ -104,5 +104,5 @@ def response_score(
     """
     check_preset(preset)
     if preset == Preset.paper:
-        return calibrated(lam, r_i_sum, r_t_sum)
-    return (calibrated(lam, image_rank_sum, text_rank_sum) - sentences) / (sentences + 1)
+        return calibrated(lambda_weight, r_i_sum, r_t_sum)
+    return (calibrated(lambda_weight, image_rank_sum, text_rank_sum) - sentences) / (sentences + 1)

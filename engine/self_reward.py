@@ -106,7 +106,7 @@ def iteration_config(store, iteration: int, settings: dict,
         config = SelfRewardConfig.from_dict(settings)
     except SettingsError as exc:
         raise CsrError(f"{source}: {exc}") from exc
-    from csr.engine.generation import models_config
+    from csr.engine.worker_loop import models_config
 
     return Method.self_reward.value, {
         "method": Method.self_reward.value,
@@ -240,7 +240,7 @@ def judge(policy, image, samples: list[Sample], config: SelfRewardConfig) -> lis
 def tree_of(samples: list[Sample], verdicts: list[Verdict], clip_scores: list[float], seed: int):
     """The samples as a one-level tree (storage/trees.py rows) with the judgements.
     A candidate's reward is the number of judgements it won."""
-    from csr.storage.trees import Tree
+    from csr.storage import Tree
 
     wins = [0] * len(samples)
     for v in verdicts:

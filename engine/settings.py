@@ -17,7 +17,7 @@ from csr.engine.search.config import SearchConfig
 from csr.engine.self_reward import SelfRewardConfig
 from csr.engine.settings_table import SettingsTable
 from csr.engine.train.config import TrainConfig
-from csr.storage.db import DEFAULT_URL, normalise_url
+from csr.storage import DEFAULT_URL, normalise_url
 
 CONFIG_FILE = "csr.toml"
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"

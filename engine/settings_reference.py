@@ -22,7 +22,7 @@ SAME = "same"
 # [store], [model], [paths]: key -> what it does (the paper and the released code say nothing here).
 LOCATIONS = {
     "store": {
-        "url": "the store: a SQLAlchemy URL, or a bare path for SQLite; a relative SQLite path is relative "
+        "url": "the store: a database URL (postgresql://..., sqlite:///PATH), or a bare path for SQLite; a relative SQLite path is relative "
                "to csr.toml. `--db` and `CSR_DATABASE_URL` come first",
     },
     "model": {
@@ -162,12 +162,6 @@ def _location_rows() -> list[str]:
         for name, field in TABLES[section].model_fields.items():
             rows.append(f"| `[{section}] {name}` | `{field.default}` | {described[name]} |")
     return rows
-
-
-def missing_keys() -> list[str]:
-    described = {**LOCATIONS, "generate": GENERATE, "train": TRAIN, "self_reward": SELF_REWARD}
-    return [f"[{section}] {name}" for section, table in TABLES.items()
-            for name in table.model_fields if name not in described.get(section, {})]
 
 
 def render() -> str:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
 from csr.storage.clock import utcnow
-from csr.storage.errors import OrderError, StoreError
+from csr.storage.errors import NotGenerated, StoreError
+from csr.storage.iterations import get_iteration
 from csr.storage.models import Pair, PairSet
-from csr.storage.work import get_iteration
 
 PRESETS = ("paper", "reference-code")
 
@@ -137,7 +137,7 @@ _LEAF_CHUNK = 500
 
 
 @dataclass(frozen=True)
-class CurationPolicy:
+class CurationSettings:
     preset: str = "paper"
     lam: float = 0.9
     min_margin: float = 0.0
@@ -166,7 +166,7 @@ def selection_sql(preset: str, pair_rule: str = "distinct") -> str:
     return _SELECTION.format(response_score=score).strip()
 
 
-def select_pairs(conn: Connection, iteration: int, policy: CurationPolicy) -> list[dict]:
+def select_pairs(conn: Connection, iteration: int, policy: CurationSettings) -> list[dict]:
     params = {"iteration": iteration, "lam": policy.lam, "min_margin": policy.min_margin}
     if policy.pair_rule == "depth-first":
         return _select_depth_first(conn, iteration, policy, params)
@@ -174,7 +174,7 @@ def select_pairs(conn: Connection, iteration: int, policy: CurationPolicy) -> li
     return [dict(row) for row in rows]
 
 
-def _select_depth_first(conn: Connection, iteration: int, policy: CurationPolicy, params: dict) -> list[dict]:
+def _select_depth_first(conn: Connection, iteration: int, policy: CurationSettings, params: dict) -> list[dict]:
     by_prompt: dict[int, tuple[list, list]] = {}
     for row in conn.execute(text(_ENDS.format(response_score=_RESPONSE_SCORE[policy.preset])), params).mappings():
         tops, bottoms = by_prompt.setdefault(row["prompt_id"], ([], []))
@@ -253,18 +253,18 @@ class Selection:
     """A curation computed from a read of the store, ready to be recorded."""
 
     iteration: int
-    policy: CurationPolicy
+    policy: CurationSettings
     name: str
     params: dict
     rows: list[dict]
     result_hash: str
 
 
-def compute_selection(conn: Connection, iteration: int, policy: CurationPolicy, name: str | None = None) -> Selection:
+def compute_selection(conn: Connection, iteration: int, policy: CurationSettings, name: str | None = None) -> Selection:
     """The pairs a policy selects, computed in a read transaction (no lock held)."""
     it = get_iteration(conn, iteration)
     if it is None:
-        raise OrderError(f"iteration {iteration} has not been generated: run `csr generate --iter {iteration}`")
+        raise NotGenerated(iteration)
     rows = select_pairs(conn, iteration, policy)
     params = {**policy.params(), **_provenance(it, policy)}
     return Selection(iteration, policy, name or policy.default_name(), params, rows, pairs_hash(rows))
@@ -322,7 +322,7 @@ def save_pair_set(conn: Connection, iteration: int, name: str, params: dict, row
 def curate(
     conn: Connection,
     iteration: int,
-    policy: CurationPolicy,
+    policy: CurationSettings,
     name: str | None = None,
     make_default: bool = False,
 ) -> CurationResult:
@@ -336,7 +336,7 @@ def _with_rule(params: dict) -> dict:
     return {**params, "pair_rule": params.get("pair_rule", "distinct")}
 
 
-def _provenance(it, policy: CurationPolicy) -> dict:
+def _provenance(it, policy: CurationSettings) -> dict:
     """Whether the pair set re-curates a tree grown under other settings: the
     active set of every search step was chosen by the iteration's own preset
     and lambda, so another lambda here is not the paper's table 2 ablation

@@ -9,10 +9,13 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from csr.storage.errors import StoreError
+from csr.storage.errors import NoStore, StoreError
 
 DEFAULT_URL = "sqlite:///csr.db"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+# The packages the store runs on, for `csr env`'s report.
+STORE_PACKAGES = ("sqlalchemy", "alembic", "psycopg", "duckdb")
 
 
 def normalise_url(url: str) -> str:
@@ -26,6 +29,11 @@ def normalise_url(url: str) -> str:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
+
+
+def display_url(url: str) -> str:
+    """The URL as csr shows it: the password hidden."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def is_sqlite(url: str) -> bool:
@@ -44,7 +52,7 @@ def make_engine(url: str, *, must_exist: bool = False) -> Engine:
     if is_sqlite(url):
         path = sqlite_path(url)
         if must_exist and (path is None or not path.exists()):
-            raise StoreError(f"no store at {path}: run `csr init` first (or pass --db / CSR_DATABASE_URL)")
+            raise NoStore(f"no store at {path}")
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _configure_sqlite(engine)
         return engine

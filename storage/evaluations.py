@@ -63,13 +63,3 @@ def record_evaluation(
         )
     )
     return True
-
-
-def evaluations(conn: Connection, benchmark: str | None = None, with_items: bool = False) -> list[dict]:
-    """Every stored evaluation, by benchmark then version then age; per-item
-    answers only when asked for (they can be large)."""
-    columns = [c for c in Evaluation.__table__.columns if with_items or c.name != "items"]
-    query = select(*columns).order_by(Evaluation.benchmark, Evaluation.model_version, Evaluation.id)
-    if benchmark:
-        query = query.where(Evaluation.benchmark == benchmark)
-    return [dict(row._mapping) for row in conn.execute(query).all()]

@@ -30,6 +30,13 @@ def known_revisions() -> set[str]:
     return {rev.revision for rev in ScriptDirectory.from_config(_config()).walk_revisions()}
 
 
+def schema_history() -> list[dict]:
+    """The schema revisions this csr knows, oldest first (as a store goes through them)."""
+    found = [{"revision": rev.revision, "down_revision": rev.down_revision, "message": (rev.doc or "").strip()}
+             for rev in ScriptDirectory.from_config(_config()).walk_revisions()]
+    return list(reversed(found))
+
+
 def current_revision(engine: Engine) -> str | None:
     # A read: on SQLite a deferred transaction, so that opening a store never
     # waits for (or blocks) a writer's lock.
@@ -41,7 +48,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Migrate the store to `revision`; returns (before, after)."""
     before = current_revision(engine)
     if before is not None and before not in known_revisions():
-        raise SchemaMismatch(_newer_message(before))
+        raise SchemaMismatch(_newer_message(before), before, head_revision(), newer=True)
     config = _config()
     with engine.connect() as connection:
         # SQLite: a batch migration that recreates a table other tables reference
@@ -79,13 +86,10 @@ def check_revision(engine: Engine) -> None:
     if current == head:
         return
     if current is None:
-        raise SchemaMismatch("this database is not a csr store (no schema revision): run `csr init`")
+        raise SchemaMismatch("this database is not a csr store (no schema revision)", None, head)
     if current not in known_revisions():
-        raise SchemaMismatch(_newer_message(current))
-    raise SchemaMismatch(
-        f"the store is at schema revision {current}, this csr needs {head}: "
-        "run `csr db upgrade` (back up the store first)"
-    )
+        raise SchemaMismatch(_newer_message(current), current, head, newer=True)
+    raise SchemaMismatch(f"the store is at schema revision {current}, this csr needs {head}", current, head)
 
 
 def _newer_message(revision: str) -> str:

@@ -9,12 +9,18 @@ the same way, so it belongs to the item being written.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, TimeoutError
 
 # sqlite3 raises OperationalError for these when a lock outlived busy_timeout.
 _SQLITE_BUSY = ("database is locked", "database is busy", "database table is locked")
 
 MAX_MESSAGE = 240
+
+T = TypeVar("T")
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -47,14 +53,49 @@ def first_line(exc: BaseException, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def store_failure(exc: BaseException) -> str | None:
-    """The one line for a database error csr did not expect (an outage, or a
-    statement the store refused); None for any other exception."""
+def as_store_error(exc: BaseException) -> BaseException:
+    """A SQLAlchemy error that escaped the Store's methods (none should) as
+    csr's own StoreUnavailable / StoreRefused; any other exception as it is."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from csr.storage.errors import StoreRefused, StoreUnavailable
+
     if not isinstance(exc, SQLAlchemyError):
-        return None
-    # SQLAlchemy's message goes on with the statement and every parameter row:
-    # one line says what went wrong; CSR_DEBUG=1 shows the rest.
-    what = "the store is unreachable" if is_outage(exc) else "the store refused the operation"
-    return f"{what}: {first_line(exc)} (CSR_DEBUG=1 for details)"
+        return exc
+    return StoreUnavailable(first_line(exc)) if is_outage(exc) else StoreRefused(first_line(exc))
+
+
+class OutageRetry:
+    """Calls retried with backoff while the store is unreachable, for up to
+    `bound_seconds` in a row; past the bound, StoreUnavailable with the time
+    it tried. `say` gets one line when the store is lost and one when it is
+    back; `retries` counts the calls made again."""
+
+    def __init__(self, reconnect: Callable[[], None], bound_seconds: float, say: Callable[[str], None]):
+        self.reconnect, self.bound, self.say = reconnect, bound_seconds, say
+        self.retries = 0
+
+    def __call__(self, call: Callable[..., T], *args) -> T:
+        from csr.storage.errors import StoreUnavailable
+
+        lost_since = None
+        delay = 0.25
+        while True:
+            try:
+                result = call(*args)
+            except StoreUnavailable as exc:
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    self.say(f"store unreachable ({exc.detail}); retrying for up to {self.bound:.0f} s")
+                if now - lost_since >= self.bound:
+                    raise StoreUnavailable(exc.detail, seconds=now - lost_since, bound=self.bound) from exc
+                self.retries += 1
+                # Connections in the pool may all be dead (a restarted server): start afresh.
+                self.reconnect()
+                time.sleep(min(delay, max(self.bound - (now - lost_since), 0.05)))
+                delay = min(delay * 2, 5.0)
+                continue
+            if lost_since is not None:
+                self.say(f"store reachable again after {time.monotonic() - lost_since:.1f} s")
+            return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, insert, select
 
 from csr.storage.clock import utcnow
 from csr.storage.models import Image, Prompt
@@ -47,7 +47,3 @@ def insert_prompts(conn: Connection, prompts: list[dict]) -> None:
     if prompts:
         now = utcnow()
         conn.execute(insert(Prompt), [{**p, "created_at": now} for p in prompts])
-
-
-def count_prompts(conn: Connection) -> int:
-    return conn.execute(select(func.count()).select_from(Prompt)).scalar_one()

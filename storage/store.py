@@ -1,21 +1,24 @@
 """The one door to a csr store: `Store`.
 
 Engine and cli code open a `Store` and call its methods; they never see a
-connection, a transaction mode or SQL. The store chooses the transaction: a
-deferred one for reads (SQLite readers never take the lock workers need), an
-immediate one for writes (SQLite `BEGIN IMMEDIATE`; PostgreSQL takes row locks
-where the queue needs them). Work that must happen in one transaction runs in
+connection, a transaction mode, SQL or a SQLAlchemy error (each comes out as
+StoreUnavailable, StoreRefused or WriteConflict, storage/errors.py); a caller
+that must ride out an outage calls through `store.retrying(seconds)`. The
+store chooses the transaction: a deferred one for reads (SQLite readers never
+take the lock workers need), an immediate one for writes (SQLite `BEGIN
+IMMEDIATE`; PostgreSQL takes row locks where the queue needs them). Work that must happen in one transaction runs in
 `store.read()` / `store.write()`, whose `Transaction` has the same parts.
 
 The parts live in their own modules, each a set of functions over a
-connection: prompts, work (the queue), trees, curation, versions,
-evaluations, summary; analytics reads the live store through DuckDB.
+connection: prompts, iterations, work (the queue), workers, trees, curation,
+versions, evaluations, summary; analytics reads the live store through DuckDB.
 `open_store` / `create_store` below are the storage-internal openers the
 tests of those modules use.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -24,11 +27,12 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
-from csr.storage import curation, migrate, work
+from csr.storage import curation, iterations, migrate, work, workers
 from csr.storage.db import make_engine
-from csr.storage.errors import StoreError, WriteConflict
+from csr.storage.errors import NotAStore, StoreError, StoreRefused, StoreUnavailable, WriteConflict
+from csr.storage.outages import OutageRetry, first_line, is_outage
 from csr.storage.transaction import Transaction
 from csr.storage.trees import Tree
 
@@ -103,10 +107,7 @@ def create_store(url: str) -> tuple[Engine, str]:
             migrate.upgrade(engine)
             return engine, "created"
         if migrate.current_revision(engine) is None:
-            raise StoreError(
-                f"the database at {engine.url.render_as_string()} has tables but is not a csr store: "
-                "point --db / CSR_DATABASE_URL at an empty database or an existing csr store"
-            )
+            raise NotAStore(f"the database at {engine.url.render_as_string()} has tables but is not a csr store")
         migrate.check_revision(engine)
         return engine, "exists"
     except StoreError:
@@ -122,7 +123,7 @@ def upgrade_store(url: str) -> tuple[str | None, str]:
     engine = make_engine(url, must_exist=True)
     try:
         if migrate.current_revision(engine) is None and not migrate.is_empty(engine):
-            raise StoreError(f"the database at {engine.url.render_as_string()} has tables but is not a csr store")
+            raise NotAStore(f"the database at {engine.url.render_as_string()} has tables but is not a csr store")
         return migrate.upgrade(engine)
     except DBAPIError as exc:  # server down, not a database, a migration the data refuses
         raise StoreError(f"cannot upgrade the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
@@ -143,6 +144,28 @@ def store_revision(url: str) -> str | None:
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """SQLAlchemy's errors as csr's: an outage (retry it) or a refusal (do not)."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        if is_outage(exc):
+            raise StoreUnavailable(first_line(exc)) from exc
+        raise StoreRefused(first_line(exc)) from exc
+
+
+def _translating(method):
+    """A Store method whose SQLAlchemy errors come out as csr's."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with translated():
+            return method(self, *args, **kwargs)
+
+    return call
 
 
 # The tables a tree batch fills, and that curation and the queue plan on.
@@ -183,6 +206,7 @@ class Store:
 
     upgrade = staticmethod(upgrade_store)
     revision = staticmethod(store_revision)
+    head_revision = staticmethod(migrate.head_revision)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -197,9 +221,14 @@ class Store:
         """Drop every pooled connection: after an outage they may all be dead."""
         self._engine.dispose()
 
+    def retrying(self, bound_seconds: float, say=lambda line: None) -> OutageRetry:
+        """A caller of this store's methods that retries them through an outage
+        for up to `bound_seconds` (storage/outages.py)."""
+        return OutageRetry(self.reconnect, bound_seconds, say)
+
     @contextmanager
     def read(self) -> Iterator[Transaction]:
-        with reading(self._engine) as conn:
+        with translated(), reading(self._engine) as conn:
             yield Transaction(conn, writable=False)
 
     @contextmanager
@@ -207,11 +236,12 @@ class Store:
         """A write transaction: committed on exit, rolled back (and nothing
         written) on an exception. A unique row another writer committed first
         (PostgreSQL; SQLite serialises writers) comes out as WriteConflict."""
-        try:
-            with writing(self._engine) as conn:
-                yield Transaction(conn, writable=True)
-        except IntegrityError as exc:
-            raise WriteConflict(_first_line(exc)) from exc
+        with translated():
+            try:
+                with writing(self._engine) as conn:
+                    yield Transaction(conn, writable=True)
+            except IntegrityError as exc:
+                raise WriteConflict(_first_line(exc)) from exc
 
     # -- one-transaction shortcuts ------------------------------------------------------
     def model_version(self, version: int):
@@ -226,47 +256,69 @@ class Store:
         with self.read() as tx:
             return tx.progress(iteration)
 
+    def outstanding(self, iteration: int, worker_id: int) -> tuple[int, list[workers.Holder]]:
+        """(pending prompts, other workers holding prompts) of the iteration, in one read."""
+        with self.read() as tx:
+            return tx.progress(iteration)[iterations.PENDING], tx.holders(iteration, exclude_worker=worker_id)
+
+    def prompt_inputs(self, prompt_ids: list[int]) -> dict[int, tuple[str, str, int, str]]:
+        with self.read() as tx:
+            return tx.prompt_inputs(prompt_ids)
+
     # -- the work queue: each call is its own transaction, with the locks it needs --------
+    @_translating
     def start_iteration(self, number: int, preset: str, config: dict) -> tuple[dict, bool]:
-        return work.start_iteration(self._engine, number, preset, config)
+        return iterations.start_iteration(self._engine, number, preset, config)
 
+    @_translating
     def retry_failed(self, iteration: int) -> int:
-        return work.retry_failed(self._engine, iteration)
+        return iterations.retry_failed(self._engine, iteration)
 
+    @_translating
     def register_worker(self, iteration: int, device: str) -> int:
-        return work.register_worker(self._engine, iteration, device)
+        return workers.register_worker(self._engine, iteration, device)
 
+    @_translating
     def claim(self, iteration: int, worker_id: int, limit: int, lease: timedelta, max_attempts: int) -> list[work.Claim]:
         """Claim the next items; first, after the previous batch of trees, fresh
         planner statistics where the tables grew (PostgreSQL)."""
         analyze_if_grown(self._engine, TREE_TABLES)
         return work.claim(self._engine, iteration, worker_id, limit, lease, max_attempts)
 
+    @_translating
     def heartbeat(self, worker_id: int, lease: timedelta) -> None:
-        work.heartbeat(self._engine, worker_id, lease)
+        workers.heartbeat(self._engine, worker_id, lease)
 
-    def complete(self, claim: work.Claim, worker_id: int, iteration: int, tree: Tree) -> bool:
-        """Write the claim's whole tree and mark it done, in one transaction."""
-        return work.complete(self._engine, claim, worker_id, iteration, tree)
+    @_translating
+    def write_tree(self, claim: work.Claim, worker_id: int, iteration: int, tree: Tree) -> bool:
+        """Write the claim's whole tree and mark its item done, in one transaction;
+        False (nothing written) when the item is no longer this worker's."""
+        return work.write_tree(self._engine, claim, worker_id, iteration, tree)
 
+    @_translating
     def fail(self, claim: work.Claim, worker_id: int, error: str, max_attempts: int) -> str:
         return work.fail(self._engine, claim, worker_id, error, max_attempts)
 
+    @_translating
     def release(self, worker_id: int, claims: list[work.Claim]) -> None:
         work.release(self._engine, worker_id, claims)
 
+    @_translating
     def release_unheld(self, worker_id: int) -> int:
         return work.release_unheld(self._engine, worker_id)
 
+    @_translating
     def stop_worker(self, worker_id: int) -> None:
-        work.stop_worker(self._engine, worker_id)
+        workers.stop_worker(self._engine, worker_id)
 
+    @_translating
     def finish_iteration_if_done(self, iteration: int) -> bool:
         analyze_if_grown(self._engine, TREE_TABLES)
-        return work.finish_iteration_if_done(self._engine, iteration)
+        return iterations.finish_iteration_if_done(self._engine, iteration)
 
     # -- curation ------------------------------------------------------------------------
-    def curate(self, iteration: int, policy: curation.CurationPolicy, name: str | None = None,
+    @_translating
+    def curate(self, iteration: int, settings: curation.CurationSettings, name: str | None = None,
                make_default: bool = False) -> curation.CurationResult:
         """Select the pairs in a read transaction, which takes no lock, then
         record them in one short write: other commands and workers never wait
@@ -274,7 +326,7 @@ class Store:
         analyze(self._engine, ("responses",))  # the table the selection reads: always fresh
         analyze_if_grown(self._engine, TREE_TABLES)
         with reading(self._engine) as conn:
-            selection = curation.compute_selection(conn, iteration, policy, name)
+            selection = curation.compute_selection(conn, iteration, settings, name)
             _pause_for_tests("selected")
         with self.write() as tx:
             return tx.record_curation(selection, make_default)

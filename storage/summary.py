@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, func, select
 
-from csr.storage import work
+from csr.storage import workers
 from csr.storage.models import Iteration, ModelVersion, Prompt, WorkItem
 
 
@@ -45,5 +45,5 @@ def status(conn: Connection) -> dict:
         for v in conn.execute(select(ModelVersion).order_by(ModelVersion.version)).all()
     ]
     # Live by its lease and, on this host, by its process: a stale or dead worker is never live.
-    live = [w for w in work.worker_states(conn) if w["state"] == work.LIVE]
+    live = [w for w in workers.worker_states(conn) if w["state"] == workers.LIVE]
     return {"prompts": total, "iterations": iterations, "model_versions": versions, "live_workers": live}

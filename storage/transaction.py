@@ -19,12 +19,13 @@ from sqlalchemy import Connection
 from csr.storage import (
     curation,
     evaluations,
+    iterations,
     outside_pairs,
     prompts,
     self_reward_curation,
     summary,
     versions,
-    work,
+    workers,
 )
 from csr.storage.errors import StoreError
 
@@ -107,23 +108,23 @@ class Transaction:
         prompts.insert_prompts(self._for_writing(), rows)
 
     def prompt_inputs(self, prompt_ids: list[int]) -> dict[int, tuple[str, str, int, str]]:
-        return work.prompt_inputs(self._conn, prompt_ids)
+        return iterations.prompt_inputs(self._conn, prompt_ids)
 
     # -- iterations and the queue --------------------------------------------------------
     def iteration(self, number: int) -> IterationInfo | None:
-        return _as(IterationInfo, work.get_iteration(self._conn, number))
+        return _as(IterationInfo, iterations.get_iteration(self._conn, number))
 
     def progress(self, iteration: int) -> dict[str, int]:
-        return work.progress(self._conn, iteration)
+        return iterations.progress(self._conn, iteration)
 
-    def holders(self, iteration: int, exclude_worker: int | None = None) -> list[work.Holder]:
-        return work.holders(self._conn, iteration, exclude_worker=exclude_worker)
+    def holders(self, iteration: int, exclude_worker: int | None = None) -> list[workers.Holder]:
+        return workers.holders(self._conn, iteration, exclude_worker=exclude_worker)
 
     def worker_states(self) -> list[dict]:
-        return work.worker_states(self._conn)
+        return workers.worker_states(self._conn)
 
     def failed_items(self, limit: int | None = None) -> list[dict]:
-        return work.failed_items(self._conn, limit)
+        return iterations.failed_items(self._conn, limit)
 
     def status(self) -> dict:
         return summary.status(self._conn)
@@ -154,10 +155,6 @@ class Transaction:
         versions.register_version(self._for_writing(), **kwargs)
 
     # -- curation ------------------------------------------------------------------------
-    def curate(self, iteration: int, policy: curation.CurationPolicy, name: str | None = None,
-               make_default: bool = False) -> curation.CurationResult:
-        return curation.curate(self._for_writing(), iteration, policy, name=name, make_default=make_default)
-
     def record_curation(self, selection: curation.Selection, make_default: bool = False) -> curation.CurationResult:
         return curation.record(self._for_writing(), selection, make_default=make_default)
 
@@ -174,9 +171,6 @@ class Transaction:
     def curate_self_reward(self, iteration: int, min_margin: float = 0.0, name: str | None = None,
                            make_default: bool = False) -> curation.CurationResult:
         return self_reward_curation.curate(self._for_writing(), iteration, min_margin, name, make_default)
-
-    def judgements(self, iteration: int, prompt_id: int | None = None) -> list[dict]:
-        return self_reward_curation.judgements(self._conn, iteration, prompt_id)
 
     def imported_pair_set(self, name: str) -> PairSetInfo | None:
         return _as(PairSetInfo, outside_pairs.imported_pair_set(self._conn, name))
@@ -198,5 +192,3 @@ class Transaction:
     def record_evaluation(self, **kwargs) -> bool:
         return evaluations.record_evaluation(self._for_writing(), **kwargs)
 
-    def evaluations(self, benchmark: str | None = None, with_items: bool = False) -> list[dict]:
-        return evaluations.evaluations(self._conn, benchmark, with_items)

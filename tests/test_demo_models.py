@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from csr.engine.demo import models as demo_models
-from csr.engine.demo.clip import clip_object_scores, presence_auc, train_demo_clip
+from csr.engine.demo.clip import clip_sentences, presence_auc, train_demo_clip
 from csr.engine.demo.models import (
+    _world_of,
     caption_batch,
-    greedy_describe,
+    describe,
     read_manifest,
     train_demo_policy,
     user_prompt,
@@ -92,20 +93,6 @@ def test_policy_loads_through_auto_classes_and_describes(policy_dir, heldout):
     # nearly every response names world objects in "there is a ..." sentences.
     assert sum(bool(r.mentioned) for r in result.per_response) >= 0.8 * len(heldout)
     assert sum(r.startswith("there is") for r in responses) >= 0.8 * len(heldout)
-
-
-def test_greedy_describe_accepts_paths_and_one_prompt(small_policy_dir, heldout, tmp_path):
-    paths = []
-    for scene in heldout[:3]:
-        paths.append(tmp_path / f"{scene.id}.png")
-        scene.render().save(paths[-1])
-    from_paths = greedy_describe(small_policy_dir, paths, "Describe the image.")
-    from_images = greedy_describe(
-        small_policy_dir, [s.render() for s in heldout[:3]], "Describe the image."
-    )
-    assert from_paths == from_images
-    with pytest.raises(ValueError):
-        greedy_describe(small_policy_dir, paths, ["one prompt"])
 
 
 def test_policy_cache_is_reused_and_invalidated(small_policy_dir, scenes, monkeypatch):
@@ -194,3 +181,29 @@ def test_validation_scenes_are_not_training_scenes(scenes):
     with pytest.raises(ValueError, match="overlap"):
         demo_models.fit_policy(overlapping, recipe)
     assert all(s.split == "train" and s.index >= demo_models.VALIDATION_START for s in overlapping)
+
+
+def greedy_describe(model_dir, images, prompts: list[str]) -> list[str]:
+    """Load a saved policy the standard way (as a user of the demo's models
+    would) and describe each image greedily."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return describe(model, processor, list(images), prompts, 64, 48)
+
+
+@torch.no_grad()
+def clip_object_scores(clip_dir, scenes) -> tuple[list[str], torch.Tensor]:
+    """Load a saved CLIP the standard way; returns (object names, the
+    (scenes x objects) matrix of 100 * cosine between image and object sentence)."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    model.eval()
+    names, sentences = clip_sentences(_world_of(scenes))
+    images = torch.stack([preprocess(s.render()) for s in scenes])
+    image_features = model.encode_image(images, normalize=True)
+    text_features = model.encode_text(tokenizer(sentences), normalize=True)
+    return names, 100 * image_features @ text_features.T

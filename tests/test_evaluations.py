@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from sqlalchemy import insert, text
+from sqlalchemy import insert, select, text
 from typer.testing import CliRunner
 
 from csr.cli.app import app
@@ -19,8 +19,7 @@ from csr.engine.evaluate import pope
 from csr.engine.evaluate.benchmarks import ChairTask, PopeTask, evaluate_versions, record_external
 from csr.engine.evaluate.chair import world_vocabulary
 from csr.storage.clock import utcnow
-from csr.storage.evaluations import evaluations
-from csr.storage.models import ModelVersion
+from csr.storage.models import Evaluation, ModelVersion
 from csr.storage.store import Store, create_store
 from tests.cli_runner import invoke_csr
 from tests.db_backends import fingerprint
@@ -334,3 +333,10 @@ def test_eval_record_command(tiny_store, tmp_path):
     summary = json.loads(stats.output)
     assert summary["benchmarks"] == [{"benchmark": "mme", "dataset": "MME", "metric": "perception",
                                       "values": {"0": 1510.7}, "intervals": {}}]
+
+
+def evaluations(conn, with_items: bool = False) -> list[dict]:
+    """Every stored evaluation, by benchmark, version and age; per-item answers when asked for."""
+    columns = [c for c in Evaluation.__table__.columns if with_items or c.name != "items"]
+    query = select(*columns).order_by(Evaluation.benchmark, Evaluation.model_version, Evaluation.id)
+    return [dict(row._mapping) for row in conn.execute(query).all()]

@@ -21,7 +21,6 @@ from sqlalchemy import text
 
 from csr.engine import text as stored_text
 from csr.engine.demo import tiny
-from csr.engine.generation import tree_rows
 from csr.engine.io.export import export_pairs
 from csr.engine.iterations import _tree_is_exact
 from csr.engine.loading import Policy, find_sentence_end_ids, placeholder_ids, unreturnable_ids
@@ -29,6 +28,7 @@ from csr.engine.search.beam_search import BeamSettings, group_beam_search
 from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search
 from csr.engine.train.config import TrainConfig
 from csr.engine.train.dpo_data import PreferenceExample, find_unencodable
+from csr.engine.worker_loop import tree_rows
 from csr.storage import curation
 from csr.storage.store import Store
 from csr.storage.trees import insert_tree
@@ -273,7 +273,7 @@ def test_every_response_pair_and_export_is_the_decode_of_its_ids(
         for row in rows:
             assert row.text == _decode(tok, _ids(row.token_ids))
         with engine.begin() as conn:
-            curation.curate(conn, 1, curation.CurationPolicy(preset=preset))
+            curation.curate(conn, 1, curation.CurationSettings(preset=preset))
             training = curation.training_rows(conn, curation.pair_set(conn, 1).id)
         assert training, "the random trees must give pairs"
         want = {}

@@ -20,7 +20,6 @@ from sqlalchemy import insert, select, text
 
 from csr.engine import text as stored_text
 from csr.engine.demo import tiny
-from csr.engine.generation import tree_rows
 from csr.engine.io.export import export_pairs
 from csr.engine.iterations import preference_examples
 from csr.engine.prompting import chat_prompt
@@ -33,7 +32,8 @@ from csr.engine.search.sentence_search import (
     run_sentence_search,
 )
 from csr.engine.train.dpo import TokenPreferenceCollator
-from csr.storage import curation, work
+from csr.engine.worker_loop import tree_rows
+from csr.storage import curation, iterations
 from csr.storage import prompts as prompt_store
 from csr.storage.models import Image as ImageRow
 from csr.storage.models import Prompt
@@ -143,7 +143,7 @@ def _store_with_prompts(url: str, tmp_path: Path, model_dir: Path, n: int, confi
             for i in range(n)
         ])
         prompt_ids = list(conn.execute(select(Prompt.id).order_by(Prompt.id)).scalars())
-    work.start_iteration(engine, 1, config.preset, {"search": config.to_dict(), "policy_version": 0,
+    iterations.start_iteration(engine, 1, config.preset, {"search": config.to_dict(), "policy_version": 0,
                                                     "policy_path": str(model_dir)})
     return engine, prompt_ids
 
@@ -190,7 +190,7 @@ def test_generated_ids_reach_dpo_unchanged(store_url, tmp_path, llama_tokenizer,
                 assert row.text == stored_text.portable(tok.decode(ids, skip_special_tokens=True))
                 assert row.text == _path_texts(conn, 1, row.prompt_id)[row.leaf_node]
         with engine.begin() as conn:
-            result = curation.curate(conn, 1, curation.CurationPolicy())
+            result = curation.curate(conn, 1, curation.CurationSettings())
             ps = curation.pair_set(conn, 1)
             rows = curation.training_rows(conn, ps.id)
         assert result.pairs == len(scripts)
@@ -294,7 +294,7 @@ def test_curation_sql_equals_the_python_formulas(store_url, tmp_path, llama_toke
         for preset in ("paper", "reference-code"):
             for lam in (0.0, 0.5, 0.9, 1.0):
                 with engine.begin() as conn:
-                    rows = curation.select_pairs(conn, 1, curation.CurationPolicy(preset, lam))
+                    rows = curation.select_pairs(conn, 1, curation.CurationSettings(preset, lam))
                 got = {r["prompt_id"]: (r["chosen_candidate_id"], r["rejected_candidate_id"],
                                         r["chosen_reward"], r["rejected_reward"]) for r in rows}
                 want = {}

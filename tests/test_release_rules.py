@@ -322,7 +322,7 @@ def test_select_by_sentence_reward_or_path_reward(tok, policy):
 ])
 def test_train_reads_the_template_the_iteration_recorded(tmp_path, recorded, template):
     from csr.engine.iterations import _prompt_template
-    from csr.storage import work
+    from csr.storage import iterations
     from csr.storage.store import Store, create_store
     from csr.storage.versions import register_base_model
 
@@ -330,7 +330,7 @@ def test_train_reads_the_template_the_iteration_recorded(tmp_path, recorded, tem
     try:
         with engine.begin() as conn:
             register_base_model(conn, str(tmp_path), "local-dir:none", None)
-        work.start_iteration(engine, 1, "reference-code", {"search": recorded, "policy_version": 0,
+        iterations.start_iteration(engine, 1, "reference-code", {"search": recorded, "policy_version": 0,
                                                            "policy_path": str(tmp_path)})
         assert _prompt_template(Store(engine), 1) == template
     finally:

@@ -51,7 +51,7 @@ def test_report_loads_in_chromium_with_every_pair(study_store, tmp_path: Path):
     assert "http://" not in html and "https://" not in html
     assert html.count('class="plot"') == 4  # R_I distribution, rewards, lengths, CHAIR
 
-    dom = report.dump_dom(page)
+    dom = dump_dom(page)
     data = body_data(dom)
     pairs = default_pairs(study)
     assert data["state"] == "loaded"
@@ -73,7 +73,7 @@ def test_report_pair_limit_and_screenshot(study_store, tmp_path: Path):
     out = tmp_path / "report"
     result = invoke_csr("--db", url, "report", "--out", out, "--pairs", "3", "--screenshot")
     assert result.returncode == 0, result.stderr
-    dom = report.dump_dom(out / "report.html")
+    dom = dump_dom(out / "report.html")
     assert body_data(dom)["pairs"] == "3"
     # The sample spreads over iterations.
     assert set(re.findall(r'<section class="pair[^"]*" id="pair-\d+" data-iteration="(\d+)"', dom)) == {"1", "2"}
@@ -92,7 +92,7 @@ def test_missing_image_shows_a_placeholder(study_store, tmp_path: Path):
         image.unlink()
     out = tmp_path / "report"
     assert invoke_csr("--db", url, "report", "--out", out, "--pairs", "2").returncode == 0
-    dom = report.dump_dom(out / "report.html")
+    dom = dump_dom(out / "report.html")
     assert body_data(dom)["broken-images"] == "0"
     assert dom.count("image not found") == 2
 
@@ -104,7 +104,7 @@ def test_report_of_an_empty_store(tmp_path: Path):
     out = tmp_path / "report"
     result = invoke_csr("--db", url, "report", "--out", out)
     assert result.returncode == 0, result.stderr
-    data = body_data(report.dump_dom(out / "report.html"))
+    data = body_data(dump_dom(out / "report.html"))
     assert (data["state"], data["errors"], data["pairs"]) == ("loaded", "0", "0")
 
 
@@ -143,3 +143,8 @@ def test_store_text_cannot_inject_markup():
     assert "A cat &lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;b&gt;p1&lt;/b&gt;" in page and "<b>" not in page
     assert 'onerror="' not in page and 'alt="a.jpg&#34; onerror=&#34;alert(2)"' in page
+
+
+def dump_dom(page: Path) -> str:
+    """The page's DOM after load (scripts run), as headless Chromium serialises it."""
+    return report._chromium(page, "--dump-dom", "--virtual-time-budget=5000").stdout

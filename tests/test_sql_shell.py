@@ -1,4 +1,4 @@
-"""storage/sql_shell.py without a terminal or a store: the `csr sql` shell and result writers
+"""cli/sql_shell.py without a terminal or a store: the `csr sql` shell and result writers
 over an in-memory DuckDB, fed and read through string streams."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from csr.cli import sql_shell
 from csr.cli.vocabulary import SqlFormat
-from csr.storage import sql_shell
-from csr.storage.errors import StoreError
+from csr.storage import StoreError
 
 
 @pytest.fixture

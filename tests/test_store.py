@@ -9,11 +9,12 @@ import pytest
 from sqlalchemy import func, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from csr.cli.advice import advice
 from csr.storage import migrate
 from csr.storage import prompts as prompt_store
 from csr.storage.clock import utcnow
 from csr.storage.db import SQLITE_BUSY_TIMEOUT_MS, make_engine, normalise_url, sqlite_path
-from csr.storage.errors import SchemaMismatch, StoreError
+from csr.storage.errors import NoStore, SchemaMismatch, StoreError
 from csr.storage.models import Base, Image, Iteration, Prompt, Worker, WorkItem
 from csr.storage.store import create_store, open_store, store_revision, upgrade_store
 from csr.storage.summary import status
@@ -80,11 +81,15 @@ def test_open_refuses_an_older_store_naming_db_upgrade(store_url):
     engine = make_engine(store_url)
     migrate.upgrade(engine, "0001")
     engine.dispose()
-    with pytest.raises(SchemaMismatch, match=r"revision 0001.*run `csr db upgrade`"):
+    with pytest.raises(SchemaMismatch, match=r"revision 0001, this csr needs") as info:
         open_store(store_url)
+    # storage states the revisions; the command line names the fix
+    assert (info.value.revision, info.value.newer) == ("0001", False)
+    assert "run `csr db upgrade`" in advice(info.value)
     # create_store (csr init) does not silently migrate either
-    with pytest.raises(SchemaMismatch, match="csr db upgrade"):
+    with pytest.raises(SchemaMismatch, match="revision 0001") as info:
         create_store(store_url)
+    assert "csr db upgrade" in advice(info.value)
 
 
 def test_open_refuses_a_newer_store_asking_to_upgrade_csr(engine, store_url):
@@ -103,8 +108,9 @@ def test_open_refuses_a_newer_store_asking_to_upgrade_csr(engine, store_url):
 
 def test_open_missing_sqlite_store_names_init_and_creates_nothing(tmp_path):
     path = tmp_path / "nowhere.db"
-    with pytest.raises(StoreError, match="run `csr init`"):
+    with pytest.raises(NoStore, match="no store at") as info:
         open_store(f"sqlite:///{path}")
+    assert "run `csr init`" in advice(info.value)
     assert not path.exists()
 
 
@@ -118,7 +124,8 @@ def test_a_database_that_is_not_a_csr_store_is_refused(store_url):
     # `csr init` must not offer `csr init` as the fix, nor create tables beside someone else's
     with pytest.raises(StoreError, match="not a csr store") as info:
         create_store(store_url)
-    assert "csr init" not in str(info.value)
+    assert "csr init" not in str(info.value) + advice(info.value)
+    assert "point --db / CSR_DATABASE_URL at an empty database" in advice(info.value)
     with pytest.raises(StoreError, match="not a csr store"):
         upgrade_store(store_url)  # `csr db upgrade` neither
     engine = make_engine(store_url)
@@ -178,7 +185,7 @@ def test_foreign_keys_are_enforced(engine):
             insert(Prompt).values(external_id="x", image_id=12345, text="t", source="s", created_at=utcnow())
         )
     with engine.connect() as conn:
-        assert prompt_store.count_prompts(conn) == 0
+        assert count_prompts(conn) == 0
 
 
 def test_sqlite_readers_are_not_blocked_by_a_writer(sqlite_url):
@@ -188,9 +195,9 @@ def test_sqlite_readers_are_not_blocked_by_a_writer(sqlite_url):
         with engine.begin() as writer:
             _add_images_and_prompts(writer, 3)
             with engine.connect().execution_options(sqlite_begin="DEFERRED") as reader:
-                assert prompt_store.count_prompts(reader) == 0  # sees the last commit, does not wait
+                assert count_prompts(reader) == 0  # sees the last commit, does not wait
         with engine.connect() as reader:
-            assert prompt_store.count_prompts(reader) == 3
+            assert count_prompts(reader) == 3
     finally:
         engine.dispose()
 
@@ -227,7 +234,7 @@ def test_sqlite_writers_wait_instead_of_failing(sqlite_url):
         assert not errors
         assert waited > 0.2
         with engine.connect() as conn:
-            assert prompt_store.count_prompts(conn) == 2
+            assert count_prompts(conn) == 2
     finally:
         engine.dispose()
 
@@ -348,7 +355,7 @@ def test_prompt_writes_and_lookups(engine):
             ],
         )
     with engine.connect() as conn:
-        assert prompt_store.count_prompts(conn) == 1203
+        assert count_prompts(conn) == 1203
         found = prompt_store.existing_prompts(conn, [f"q{i}" for i in range(0, 1300, 3)] + ["nope"])
         assert len(found) == len(range(0, 1203, 3))
         assert found["q3"] == ("a" * 64, "text 3")
@@ -367,7 +374,7 @@ def test_external_ids_and_image_hashes_are_unique(engine):
             conn, [{"sha256": "a" * 64, "root": "/x", "rel_path": "b.png", "size_bytes": 1, "width": 1, "height": 1}]
         )
     with engine.connect() as conn:
-        assert prompt_store.count_prompts(conn) == 1
+        assert count_prompts(conn) == 1
         assert conn.execute(select(func.count()).select_from(Image)).scalar_one() == 1
 
 
@@ -377,4 +384,49 @@ def test_a_failed_transaction_leaves_nothing(engine):
         conn.execute(update(Prompt).values(text="changed"))
         raise RuntimeError("worker killed")
     with engine.connect() as conn:
-        assert prompt_store.count_prompts(conn) == 0
+        assert count_prompts(conn) == 0
+
+
+def count_prompts(conn) -> int:
+    return conn.execute(select(func.count()).select_from(Prompt)).scalar_one()
+
+
+def test_database_errors_leave_the_store_as_csrs_own(store_url):
+    """No SQLAlchemy error crosses the door: what the database refuses is StoreRefused."""
+    from csr.storage import Store, StoreRefused
+
+    engine, _ = create_store(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE workers CASCADE" if engine.dialect.name == "postgresql" else "DROP TABLE workers"))
+    engine.dispose()
+    store = Store(make_engine(store_url))
+    try:
+        with pytest.raises(StoreRefused, match="the store refused the operation: .*workers") as info:
+            store.register_worker(1, "cpu")
+        assert "\n" not in str(info.value)
+    finally:
+        store.close()
+
+
+def test_an_outage_is_retried_within_its_bound_and_reported_past_it():
+    from csr.storage import OutageRetry, StoreUnavailable
+
+    said, reconnects, failures = [], [], iter([StoreUnavailable("OperationalError: gone")] * 2)
+
+    def flaky():
+        for exc in failures:
+            raise exc
+        return "written"
+
+    retry = OutageRetry(lambda: reconnects.append(1), bound_seconds=30, say=said.append)
+    assert retry(flaky) == "written"
+    assert (retry.retries, len(reconnects)) == (2, 2)
+    assert said[0] == "store unreachable (OperationalError: gone); retrying for up to 30 s"
+    assert said[1].startswith("store reachable again after")
+
+    def down():
+        raise StoreUnavailable("OperationalError: refused")
+
+    with pytest.raises(StoreUnavailable, match="longer than the retry bound of 0 s: OperationalError: refused") as info:
+        OutageRetry(lambda: None, bound_seconds=0, say=said.append)(down)
+    assert info.value.bound == 0 and info.value.detail == "OperationalError: refused"

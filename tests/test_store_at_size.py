@@ -76,7 +76,7 @@ def _study(url: str, trees: list[Tree], preset: str = "reference-code") -> Store
     worker = store.register_worker(1, "cpu")
     claims = store.claim(1, worker, len(trees), timedelta(minutes=5), 3)
     for claim, tree in zip(claims, trees, strict=True):
-        assert store.complete(claim, worker, 1, tree)
+        assert store.write_tree(claim, worker, 1, tree)
     store.finish_iteration_if_done(1)
     return store
 
@@ -91,9 +91,9 @@ def test_the_release_pair_rule_differs_from_the_distinct_rule(head_store_url):
     with _study(head_store_url, [_tied_tree(), _one_response_tree()]) as store:
         leaf = _leaf_ids(store)
         with store.read() as tx:
-            distinct = curation.select_pairs(tx._conn, 1, curation.CurationPolicy("reference-code", 0.9))
+            distinct = curation.select_pairs(tx._conn, 1, curation.CurationSettings("reference-code", 0.9))
             release = curation.select_pairs(
-                tx._conn, 1, curation.CurationPolicy("reference-code", 0.9, pair_rule="depth-first"))
+                tx._conn, 1, curation.CurationSettings("reference-code", 0.9, pair_rule="depth-first"))
         # distinct: ties to the lower candidate id, and no pair without a second text
         assert [(r["chosen_candidate_id"], r["rejected_candidate_id"]) for r in distinct] == [(leaf["A"], leaf["C"])]
         # the release: the first best and the last worst in depth-first order; the one response with itself

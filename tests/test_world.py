@@ -9,7 +9,6 @@ from csr.engine.demo.world import (
     WorldConfig,
     caption,
     generate_scenes,
-    load_truth,
     make_scene,
     world_corpus,
     write_prompt_set,
@@ -118,3 +117,9 @@ def test_write_prompt_set_layout_and_determinism(tmp_path):
 def test_bad_configs_are_refused(kwargs):
     with pytest.raises(ValueError):
         WorldConfig(**kwargs)
+
+
+def load_truth(directory) -> dict[str, set[str]]:
+    """The truth.json that write_prompt_set wrote, as sets."""
+    data = json.loads((directory / "truth.json").read_text())
+    return {key: set(names) for key, names in data.items()}

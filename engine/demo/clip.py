@@ -141,19 +141,3 @@ def presence_auc(scores: torch.Tensor, present: torch.Tensor) -> float:
     if not len(positive) or not len(negative):
         return float("nan")
     return (positive[:, None] > negative[None, :]).float().mean().item()
-
-
-@torch.no_grad()
-def clip_object_scores(clip_dir: Path, scenes: Sequence[Scene]) -> tuple[list[str], torch.Tensor]:
-    """Load a saved CLIP the standard way; returns (object names, the
-    (scenes x objects) matrix of 100 * cosine between image and object sentence)."""
-    import open_clip
-
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
-    model.eval()
-    names, sentences = clip_sentences(_world_of(scenes))
-    images = torch.stack([preprocess(s.render()) for s in scenes])
-    image_features = model.encode_image(images, normalize=True)
-    text_features = model.encode_text(tokenizer(sentences), normalize=True)
-    return names, 100 * image_features @ text_features.T

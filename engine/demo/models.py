@@ -38,7 +38,7 @@ from csr.engine.demo.world import (
 )
 from csr.engine.evaluate.chair import chair, world_vocabulary
 from csr.engine.prompting import chat_prompt
-from csr.storage.hashing import json_digest
+from csr.storage import json_digest
 
 MANIFEST = "manifest.json"
 # Bump when a change to the training code should invalidate cached models.
@@ -365,22 +365,3 @@ def describe(
         new = generated[:, inputs["input_ids"].shape[1] :]
         out.extend(t.strip() for t in processor.batch_decode(new, skip_special_tokens=True))
     return out
-
-
-def greedy_describe(
-    model_dir: Path,
-    images: Sequence[Image.Image | Path],
-    prompt: str | Sequence[str],
-    batch_size: int = 64,
-    max_new_tokens: int = 48,
-) -> list[str]:
-    """Load a saved policy the standard way and describe each image greedily."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    pil = [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in images]
-    prompts = [prompt] * len(pil) if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != len(pil):
-        raise ValueError(f"{len(pil)} images but {len(prompts)} prompts")
-    return describe(model, processor, pil, prompts, batch_size, max_new_tokens)

@@ -21,7 +21,6 @@ from csr.engine.evaluate import pope
 from csr.engine.evaluate.benchmarks import ChairTask, PopeTask, evaluate_versions
 from csr.engine.evaluate.chair import world_vocabulary
 from csr.engine.generate import GenerateRequest, generate_iteration
-from csr.engine.generation import WorkerOptions
 from csr.engine.io.importing import import_prompts
 from csr.engine.io.pair_import import import_pairs
 from csr.engine.iterations import TrainOptions
@@ -29,7 +28,8 @@ from csr.engine.iterations import train as train_version
 from csr.engine.pipeline import run_iteration
 from csr.engine.rewards import Preset, check_preset
 from csr.engine.settings import Settings, load_settings
-from csr.storage.store import Store
+from csr.engine.worker_loop import WorkerOptions
+from csr.storage import Store
 
 DATASET = "demo-world-heldout"
 # The world's longest caption is 4 sentences of 6 tokens; 64 new tokens never
@@ -92,7 +92,7 @@ class DemoOptions:
     prompts: int = 1000
     heldout: int = 1000
     seed: int = 0
-    lam: float = 0.9
+    lambda_weight: float = 0.9  # the weight of R_I; recorded as [generate] lam
     size: str = "default"  # demo model recipe: default | quick
     device: str = "cpu"  # where generation and training run; the tiny models train on the CPU
     # The tiny models learn from other scenes than CSR's prompts: a policy
@@ -135,7 +135,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
 
     started = time.perf_counter()
     root = options.directory.resolve()
-    generate = {**DEMO_GENERATE, "lam": options.lam, **options.generate}
+    generate = {**DEMO_GENERATE, "lam": options.lambda_weight, **options.generate}
     train = {**DEMO_TRAIN, "seed": options.seed, **options.train}
     world_options = {"seed": options.seed, "prompts": options.prompts, "model_scenes": options.model_scenes,
                      "heldout": options.heldout, "size": options.size}

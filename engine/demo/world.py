@@ -247,9 +247,3 @@ def write_prompt_set(scenes: Sequence[Scene], directory: Path) -> Path:
     prompts.write_text("\n".join(lines) + "\n")
     (directory / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
     return prompts
-
-
-def load_truth(directory: Path) -> dict[str, set[str]]:
-    """The truth.json that write_prompt_set wrote, as sets."""
-    data = json.loads((Path(directory) / "truth.json").read_text())
-    return {key: set(names) for key, names in data.items()}

@@ -39,8 +39,7 @@ from csr.engine.evaluate import pope
 from csr.engine.evaluate.chair import Vocabulary, chair, load_coco_ground_truth
 from csr.engine.evaluate.intervals import N_RESAMPLES, bootstrap_interval, f1_from_counts, ratio
 from csr.engine.io.prompt_files import resolve_image
-from csr.storage.evaluations import evaluation_fingerprint
-from csr.storage.store import Store
+from csr.storage import Store, evaluation_fingerprint
 
 CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_MAX_NEW_TOKENS = 512

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from csr.engine.errors import CsrError
-from csr.storage.store import Store
+from csr.storage import Store
 
 FORMATS = ("llava-json", "trl-jsonl", "parquet")
 _SUFFIX = {"llava-json": ".json", "trl-jsonl": ".jsonl", "parquet": ".parquet"}

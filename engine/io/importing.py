@@ -15,8 +15,7 @@ from csr.engine.io.prompt_files import (
     parse_prompt_file,
     resolve_image,
 )
-from csr.storage.errors import ImportRejected, WriteConflict
-from csr.storage.store import Store
+from csr.storage import ImportRejected, Store, WriteConflict
 
 
 @dataclass

@@ -36,9 +36,7 @@ from csr.engine.io.prompt_files import (
     resolve_image,
     strip_image_markers,
 )
-from csr.storage.errors import ImportRejected, WriteConflict
-from csr.storage.outside_pairs import pairs_digest
-from csr.storage.store import Store
+from csr.storage import ImportRejected, Store, WriteConflict, pairs_digest
 
 LAYOUTS = ("trl", "llava", "rlhf-v", "vlfeedback")
 _ASPECTS = ("Helpfulness", "Visual Faithfulness", "Ethical Considerations")

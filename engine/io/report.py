@@ -315,8 +315,3 @@ def screenshot(page: Path, png: Path, *, width: int = 1400, height: int = 2400) 
     if not png.exists():
         raise CsrError("headless Chromium ran but wrote no screenshot")
     return png
-
-
-def dump_dom(page: Path) -> str:
-    """The page's DOM after load (scripts run), as headless Chromium serialises it."""
-    return _chromium(page, "--dump-dom", "--virtual-time-budget=5000").stdout

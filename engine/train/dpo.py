@@ -52,7 +52,7 @@ from csr.engine.train.lora import (  # noqa: F401
     resolve_lora_targets,
     weights_hash,
 )
-from csr.storage.hashing import json_digest
+from csr.storage import json_digest
 
 # PEFT and TRL read transformers' deprecated `is_gradient_checkpointing`;
 # the warning names nothing a csr user could change.

@@ -1,5 +1,5 @@
-"""`csr sql` behind the command line: run read statements on DuckDB, write their results, and
-the interactive shell.
+"""`csr sql` behind the command line: run read statements on the analytics door's DuckDB
+connection (storage/analytics.py), write their results, and the interactive shell.
 
 Statements reach here already through the read-only guard (`analytics.read_statements`),
 which the shell applies to each statement it reads. Streams are parameters, so the shell
@@ -22,8 +22,7 @@ import duckdb
 from rich.console import Console
 from rich.table import Table
 
-from csr.storage import analytics
-from csr.storage.errors import StoreError
+from csr.storage import StoreError, analytics
 
 FORMATS = ("table", "csv", "json", "parquet")
 QUIT_COMMANDS = (".quit", ".exit", "\\q")

@@ -7,8 +7,8 @@ leases run out (or, on the same host, its dead pid is noticed) and other
 workers take the prompts over.
 
 Faults (docs/faults.md): a store outage is retried with backoff for a bounded
-time, the tree's transaction written again whole; a tree the store refuses
-fails that prompt's attempt, not the run. When no work is left but other
+time (`Store.retrying`), the tree's transaction written again whole; a tree
+the store refuses fails that prompt's attempt, not the run. When no work is left but other
 workers hold leases, the worker waits for them and takes their prompts over
 if their leases expire, so one run finishes the iteration.
 """
@@ -25,17 +25,24 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TypeVar
 
 from PIL import Image
-from sqlalchemy.exc import SQLAlchemyError
 
 from csr.engine.errors import CsrError, SettingsError
-from csr.storage import work
-from csr.storage.clock import utcnow
-from csr.storage.outages import first_line, is_outage
-from csr.storage.store import Store
-from csr.storage.trees import CANDIDATE_COLUMNS, RESPONSE_COLUMNS, Tree
+from csr.storage import (
+    CANDIDATE_COLUMNS,
+    FAILED,
+    RESPONSE_COLUMNS,
+    Claim,
+    Holder,
+    OutageRetry,
+    Store,
+    StoreRefused,
+    StoreUnavailable,
+    Tree,
+    first_line,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,8 @@ class WorkerOptions:
     kv_budget: int | None = None  # bytes of KV cache a batch of prompts may hold (None: from free memory)
 
 
-class StoreUnavailable(CsrError):
-    """The store stayed unreachable for longer than the retry bound."""
+class StoreLost(CsrError):
+    """The store stayed unreachable for longer than --store-retry-seconds."""
 
 
 class ImageChanged(CsrError):
@@ -64,9 +71,6 @@ class ImageChanged(CsrError):
 
 class WorkStillHeld(CsrError):
     """--no-wait: the iteration is unfinished because other workers hold prompts."""
-
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -139,40 +143,11 @@ class _Heartbeat(threading.Thread):
                 continue
 
 
-class _Retrying:
-    """Store calls of one worker, retried with backoff while the store is unreachable."""
-
-    def __init__(self, store: Store, bound_seconds: float, stats: WorkerStats, say: Callable[[str], None]):
-        self.store, self.bound, self.stats, self.say = store, bound_seconds, stats, say
-
-    def __call__(self, call: Callable[..., T], *args) -> T:
-        lost_since = None
-        delay = 0.25
-        while True:
-            try:
-                result = call(*args)
-            except SQLAlchemyError as exc:
-                if not is_outage(exc):
-                    raise
-                now = time.monotonic()
-                if lost_since is None:
-                    lost_since = now
-                    self.say(f"store unreachable ({first_line(exc)}); retrying for up to {self.bound:.0f} s")
-                if now - lost_since >= self.bound:
-                    raise StoreUnavailable(
-                        f"the store was unreachable for {now - lost_since:.0f} s, longer than "
-                        f"--store-retry-seconds {self.bound:g}: {first_line(exc)}; "
-                        "this worker's leases will expire and a rerun takes its prompts over"
-                    ) from exc
-                self.stats.store_retries += 1
-                # Connections in the pool may all be dead (a restarted server): start afresh.
-                self.store.reconnect()
-                time.sleep(min(delay, max(self.bound - (now - lost_since), 0.05)))
-                delay = min(delay * 2, 5.0)
-                continue
-            if lost_since is not None:
-                self.say(f"store reachable again after {time.monotonic() - lost_since:.1f} s")
-            return result
+def _store_lost(exc: StoreUnavailable, bound: float) -> StoreLost:
+    return StoreLost(
+        f"the store was unreachable for {exc.seconds:.0f} s, longer than --store-retry-seconds {bound:g}: "
+        f"{exc.detail}; this worker's leases will expire and a rerun takes its prompts over"
+    )
 
 
 def run_worker(
@@ -202,12 +177,15 @@ def run_worker(
     clip = load_clip(config["clip"], config["clip_pretrained"], device=options.device)
     search_config = _method_config(config)
     lease = timedelta(seconds=options.lease_seconds)
-    retry = _Retrying(store, options.store_retry_seconds, stats, say)
-    worker_id = retry(store.register_worker, iteration, options.device)
+    retry = store.retrying(options.store_retry_seconds, say)
+    try:
+        worker_id = retry(store.register_worker, iteration, options.device)
+    except StoreUnavailable as exc:
+        raise _store_lost(exc, options.store_retry_seconds) from exc
     beat = _Heartbeat(store, worker_id, lease)
     beat.start()
     embeddings: OrderedDict[int, object] = OrderedDict()
-    held: list[work.Claim] = []
+    held: list[Claim] = []
     store_lost = False
     waiting_for: tuple | None = None
     try:
@@ -221,7 +199,7 @@ def run_worker(
             retry(store.release_unheld, worker_id)
             held = retry(store.claim, iteration, worker_id, want, lease, options.max_attempts)
             if not held:
-                pending, others = retry(_outstanding, store, iteration, worker_id)
+                pending, others = retry(store.outstanding, iteration, worker_id)
                 if pending:  # given back (or put back) since our claim looked: claim again
                     stop.wait(0.05)
                     continue
@@ -242,7 +220,7 @@ def run_worker(
                 stop.wait(_until_next_look(others))
                 continue
             waiting_for = None
-            inputs = retry(_prompt_inputs, store, [c.prompt_id for c in held])
+            inputs = retry(store.prompt_inputs, [c.prompt_id for c in held])
             # The prompts of a claim are searched together (one forward pass
             # serves all their rows), then each tree is written on its own.
             t0 = time.perf_counter()
@@ -254,7 +232,7 @@ def run_worker(
                     held.pop(0)
                     if not isinstance(outcome, (OSError, CsrError, ValueError)) and debug():
                         traceback.print_exception(outcome)
-                    _fail(retry, claim, worker_id, first_line(outcome), options, stats)
+                    _fail(retry, store, claim, worker_id, first_line(outcome), options, stats)
                     continue
                 t1 = time.perf_counter()
                 tree = outcome if isinstance(outcome, Tree) else tree_rows(outcome)
@@ -262,12 +240,12 @@ def run_worker(
                     # One transaction: the whole tree, or (rolled back) nothing. After an
                     # outage it is written again whole; if the lost commit had landed, the
                     # item is no longer ours and nothing is written twice.
-                    written = retry(store.complete, claim, worker_id, iteration, tree)
-                except SQLAlchemyError as exc:  # the store refused this tree: this prompt's failure
+                    written = retry(store.write_tree, claim, worker_id, iteration, tree)
+                except StoreRefused as exc:  # the store refused this tree: this prompt's failure
                     held.pop(0)
                     if debug():
                         traceback.print_exc()
-                    _fail(retry, claim, worker_id, first_line(exc), options, stats)
+                    _fail(retry, store, claim, worker_id, exc.detail, options, stats)
                     continue
                 t2 = time.perf_counter()
                 held.pop(0)
@@ -280,43 +258,38 @@ def run_worker(
                         on_progress(1, len(tree.candidates))
                 else:
                     stats.prompts_lost += 1
-    except StoreUnavailable:
+    except StoreUnavailable as exc:
         store_lost = True
-        raise
+        raise _store_lost(exc, options.store_retry_seconds) from exc
     finally:
         beat.stopped.set()
         stats.released = len(held)
         if not store_lost:  # with the store gone, the leases simply expire
-            _finish(retry, worker_id, iteration, held)
+            _finish(retry, store, worker_id, iteration, held)
+        stats.store_retries = retry.retries
         stats.wall_seconds = time.perf_counter() - started
     return stats
 
 
-def _fail(retry: _Retrying, claim: work.Claim, worker_id: int, message: str, options: WorkerOptions,
+def _fail(retry: OutageRetry, store: Store, claim: Claim, worker_id: int, message: str, options: WorkerOptions,
           stats: WorkerStats) -> None:
-    state = retry(retry.store.fail, claim, worker_id, message, options.max_attempts)
-    if state == work.FAILED:
+    state = retry(store.fail, claim, worker_id, message, options.max_attempts)
+    if state == FAILED:
         stats.prompts_failed += 1
         stats.errors.append(f"prompt {claim.prompt_id}: {message}")
 
 
-def _finish(retry: _Retrying, worker_id: int, iteration: int, held: list[work.Claim]) -> None:
+def _finish(retry: OutageRetry, store: Store, worker_id: int, iteration: int, held: list[Claim]) -> None:
     """Give back what this worker still holds, record it as stopped, close the iteration if done."""
     try:
-        retry(retry.store.release, worker_id, held)
-        retry(retry.store.stop_worker, worker_id)
-        retry(retry.store.finish_iteration_if_done, iteration)
+        retry(store.release, worker_id, held)
+        retry(store.stop_worker, worker_id)
+        retry(store.finish_iteration_if_done, iteration)
     except StoreUnavailable:
         pass  # the leases expire instead; a rerun finishes the iteration
 
 
-def _outstanding(store: Store, iteration: int, worker_id: int) -> tuple[int, list[work.Holder]]:
-    """(pending prompts, other workers holding prompts) of the iteration."""
-    with store.read() as tx:
-        return tx.progress(iteration)[work.PENDING], tx.holders(iteration, exclude_worker=worker_id)
-
-
-def _describe(others: list[work.Holder], shown: int = 2) -> str:
+def _describe(others: list[Holder], shown: int = 2) -> str:
     """One line, however many workers: the first few, then a count."""
     total = sum(h.prompts for h in others)
     parts = [h.describe() for h in others[:shown]]
@@ -325,16 +298,11 @@ def _describe(others: list[work.Holder], shown: int = 2) -> str:
     return f"{total} prompt(s) held by other workers: " + "; ".join(parts)
 
 
-def _until_next_look(others: list[work.Holder]) -> float:
+def _until_next_look(others: list[Holder]) -> float:
     """Seconds to wait: until the first lease ends, but look now and then for dead workers."""
     first_end = min(h.lease_expires_at for h in others)
     seconds = (first_end - utcnow()).total_seconds() + 0.05
     return min(max(seconds, 0.05), 2.0)
-
-
-def _prompt_inputs(store: Store, prompt_ids: list[int]):
-    with store.read() as tx:
-        return tx.prompt_inputs(prompt_ids)
 
 
 def _method_config(config: dict):
