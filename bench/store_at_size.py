@@ -231,7 +231,7 @@ def copy_store(sqlite_url: str, url: str) -> dict:
     from sqlalchemy import Boolean, create_engine
 
     from csr.storage.models import Base
-    from csr.storage.store import create_store
+    from csr.storage.store import TREE_TABLES, create_store
 
     create_store(url)[0].dispose()
     source = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
@@ -260,7 +260,11 @@ def copy_store(sqlite_url: str, url: str) -> dict:
     finally:
         raw.close()
     source.close()
+    # What csr's own writes leave behind: VACUUM (ANALYZE) of the tree tables
+    # (storage/store.py: analyze, after each tenth of growth) and statistics.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for table in TREE_TABLES:
+            conn.exec_driver_sql(f"VACUUM (ANALYZE) {table}")
         conn.exec_driver_sql("ANALYZE")
     engine.dispose()
     return {"copied_from": sqlite_url, "copy_s": time.perf_counter() - start}
