@@ -56,7 +56,7 @@ COMMANDS = (
     ("report", ["report", "--out", "{out}/report"]),
     ("status", ["status"]),
     ("export --iter 3", ["export", "--iter", "3", "--out", "{out}/pairs.json"]),
-    ("lineage --version 3", ["lineage", "--version", "3"]),
+    ("lineage --model-version 3", ["lineage", "--model-version", "3"]),
     # release_unheld + claim of a batch of 8 at the start of an iteration (all its items pending)
     ("claim (median of 200, rolled back)", ["_claim"]),
 )
