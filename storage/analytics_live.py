@@ -148,17 +148,23 @@ def pair_rows_sql(con: duckdb.DuckDBPyConnection, iteration: int | None,
     (the columns of the pair_responses view but the per-sentence reward).
 
     The store joins each pair to its two responses by the unique leaf index;
-    call only where pairs_without_responses() is 0."""
+    call only where pairs_without_responses() is 0. A pair's words are its
+    response's stored word_count where the pair's text is the response's
+    (csr's curation copies it); only other texts travel, to be counted by
+    words(). With `pair_ids` (a page of the report) the texts come too."""
     sides = []
     for side, alias in (("chosen", "rc"), ("rejected", "rr")):
+        same = f"p.{side}_text = {alias}.text AND {alias}.word_count IS NOT NULL"
         sides.append(f"{alias}.sentence_count AS {side}_sentences, "
                      f"{real(con, f'{alias}.r_t_sum', f'{side}_r_t_sum')}, "
-                     f"{real(con, f'{alias}.r_i_sum', f'{side}_r_i_sum')}")
+                     f"{real(con, f'{alias}.r_i_sum', f'{side}_r_i_sum')}, "
+                     f"CASE WHEN {same} THEN {alias}.word_count END AS {side}_stored_words, "
+                     f"CASE WHEN {same} THEN NULL ELSE p.{side}_text END AS {side}_other_text")
     rewards = ", ".join(real(con, f"p.{name}", name) for name in ("chosen_reward", "rejected_reward", "margin"))
+    texts = "" if pair_ids is None else "p.chosen_text, p.rejected_text, "
     store_sql = (
         "SELECT s.iteration, s.id AS pair_set_id, s.name AS pair_set, p.id AS pair_id, p.prompt_id, "
-        f"p.chosen_candidate_id, p.rejected_candidate_id, {rewards}, "
-        f"p.chosen_text, p.rejected_text, {', '.join(sides)} "
+        f"p.chosen_candidate_id, p.rejected_candidate_id, {rewards}, {texts}{', '.join(sides)} "
         + _default_pairs(iteration, pair_ids, joins=(
             "JOIN responses AS rc ON rc.leaf_candidate_id = p.chosen_candidate_id "
             "JOIN responses AS rr ON rr.leaf_candidate_id = p.rejected_candidate_id"))
@@ -176,8 +182,9 @@ def pair_rows_sql(con: duckdb.DuckDBPyConnection, iteration: int | None,
         "CAST(rejected_candidate_id AS BIGINT) AS rejected_candidate_id, "
         "CAST(chosen_reward AS DOUBLE) AS chosen_reward, CAST(rejected_reward AS DOUBLE) AS rejected_reward, "
         f"CAST(margin AS DOUBLE) AS margin, {', '.join(means)}, "
-        "words(chosen_text) AS chosen_words, words(rejected_text) AS rejected_words, chosen_text, rejected_text "
-        f"FROM {live(con, store_sql)}"
+        "coalesce(CAST(chosen_stored_words AS BIGINT), words(chosen_other_text)) AS chosen_words, "
+        "coalesce(CAST(rejected_stored_words AS BIGINT), words(rejected_other_text)) AS rejected_words"
+        f"{'' if pair_ids is None else ', chosen_text, rejected_text'} FROM {live(con, store_sql)}"
     )
 
 
