@@ -133,12 +133,27 @@ def _default_pairs(iteration: int | None, pair_ids: Iterable[int] | None = None,
             f"WHERE s.is_default {where('s.iteration', iteration, 'AND')}{ids}")
 
 
+def _responses_of_pairs(con: duckdb.DuckDBPyConnection, outer: bool = False) -> str:
+    """Joins from each pair `p` to its chosen (`rc`) and rejected (`rr`) response,
+    each one lookup in the unique leaf index. SQLite joins by nested loops
+    anyway; PostgreSQL would hash the whole responses table (texts and token
+    ids) for a few thousand pairs, so there each side is a LATERAL lookup."""
+    kind = "LEFT JOIN" if outer else "JOIN"
+    joins = []
+    for side, alias in (("chosen", "rc"), ("rejected", "rr")):
+        if _is_sqlite(con):
+            joins.append(f"{kind} responses AS {alias} ON {alias}.leaf_candidate_id = p.{side}_candidate_id")
+        else:
+            joins.append(f"{kind} LATERAL (SELECT * FROM responses AS r WHERE r.leaf_candidate_id = "
+                         f"p.{side}_candidate_id LIMIT 1) AS {alias} ON true")
+    return " ".join(joins)
+
+
 def pairs_without_responses(con: duckdb.DuckDBPyConnection, iteration: int | None) -> int:
     """Default-set pairs one of whose leaves has no responses row (index lookups per pair)."""
-    missing = "NOT EXISTS (SELECT 1 FROM responses AS r WHERE r.leaf_candidate_id = p.{side}_candidate_id)"
     (n,) = con.execute("SELECT CAST(n AS BIGINT) FROM " + live(con, (
-        f"SELECT count(*) AS n {_default_pairs(iteration)} "
-        f"AND ({missing.format(side='chosen')} OR {missing.format(side='rejected')})"))).fetchone()
+        f"SELECT count(*) AS n {_default_pairs(iteration, joins=_responses_of_pairs(con, outer=True))} "
+        "AND (rc.id IS NULL OR rr.id IS NULL)"))).fetchone()
     return n
 
 
@@ -165,9 +180,7 @@ def pair_rows_sql(con: duckdb.DuckDBPyConnection, iteration: int | None,
     store_sql = (
         "SELECT s.iteration, s.id AS pair_set_id, s.name AS pair_set, p.id AS pair_id, p.prompt_id, "
         f"p.chosen_candidate_id, p.rejected_candidate_id, {rewards}, {texts}{', '.join(sides)} "
-        + _default_pairs(iteration, pair_ids, joins=(
-            "JOIN responses AS rc ON rc.leaf_candidate_id = p.chosen_candidate_id "
-            "JOIN responses AS rr ON rr.leaf_candidate_id = p.rejected_candidate_id"))
+        + _default_pairs(iteration, pair_ids, joins=_responses_of_pairs(con))
     )
     means = []
     for side in ("chosen", "rejected"):
@@ -190,11 +203,10 @@ def pair_rows_sql(con: duckdb.DuckDBPyConnection, iteration: int | None,
 
 def pairs_over_limit(con: duckdb.DuckDBPyConnection, iteration: int | None, max_tokens: int) -> dict[int, int]:
     """iteration -> default-set pairs with a response over `max_tokens` (two index lookups per pair)."""
-    over = ("EXISTS (SELECT 1 FROM responses AS r WHERE r.leaf_candidate_id = p.{side}_candidate_id "
-            f"AND r.token_count > {int(max_tokens)})")
+    limit = int(max_tokens)
     return dict(con.execute("SELECT CAST(iteration AS INTEGER), CAST(n AS BIGINT) FROM " + live(con, (
-        f"SELECT s.iteration, count(*) AS n {_default_pairs(iteration)} "
-        f"AND ({over.format(side='chosen')} OR {over.format(side='rejected')}) GROUP BY s.iteration"))).fetchall())
+        f"SELECT s.iteration, count(*) AS n {_default_pairs(iteration, joins=_responses_of_pairs(con, outer=True))} "
+        f"AND (rc.token_count > {limit} OR rr.token_count > {limit}) GROUP BY s.iteration"))).fetchall())
 
 
 def sample_pair_ids(con: duckdb.DuckDBPyConnection, limit: int) -> list[int]:
