@@ -12,6 +12,11 @@ candidates, as the paper-sized study of issue 26 had), then per iteration a
 curation, a training run with its model version, and a CHAIR evaluation.
 Stores are kept (SQLite under --dir, PostgreSQL databases csr_bench_<N>, see --pg-prefix) and
 reused by later runs; --rebuild fills them again.
+Kept stores are upgraded to this csr's schema first; PostgreSQL tables run
+with autovacuum off (as issue 26's server). `--pg-copy-from-sqlite 13000`
+makes that size's PostgreSQL store a COPY of the SQLite one (then VACUUM
+(ANALYZE) of the tree tables, as csr's writes leave them) where a fill
+through the write path would take hours.
 
 Each command then runs `--repeat` times, each in its own process (`csr`'s
 own entry point in process, so interpreter start and imports are not
