@@ -12,6 +12,11 @@ candidates, as the paper-sized study of issue 26 had), then per iteration a
 curation, a training run with its model version, and a CHAIR evaluation.
 Stores are kept (SQLite under --dir, PostgreSQL databases csr_bench_<N>, see --pg-prefix) and
 reused by later runs; --rebuild fills them again.
+Kept stores are upgraded to this csr's schema first; PostgreSQL tables run
+with autovacuum off (as issue 26's server). `--pg-copy-from-sqlite 13000`
+makes that size's PostgreSQL store a COPY of the SQLite one (then VACUUM
+(ANALYZE) of the tree tables, as csr's writes leave them) where a fill
+through the write path would take hours.
 
 Each command then runs `--repeat` times, each in its own process (`csr`'s
 own entry point in process, so interpreter start and imports are not
@@ -56,7 +61,7 @@ COMMANDS = (
     ("report", ["report", "--out", "{out}/report"]),
     ("status", ["status"]),
     ("export --iter 3", ["export", "--iter", "3", "--out", "{out}/pairs.json"]),
-    ("lineage --version 3", ["lineage", "--version", "3"]),
+    ("lineage --model-version 3", ["lineage", "--model-version", "3"]),
     # release_unheld + claim of a batch of 8 at the start of an iteration (all its items pending)
     ("claim (median of 200, rolled back)", ["_claim"]),
 )
@@ -192,6 +197,84 @@ def _drop(url: str) -> None:
     engine.dispose()
 
 
+def autovacuum_off(url: str) -> None:
+    """PostgreSQL: no autovacuum on the store's tables (issue 26's server ran with
+    autovacuum = off): the planner has only the statistics csr's own ANALYZE gives it."""
+    from sqlalchemy import create_engine, inspect
+
+    if url.startswith("sqlite"):
+        return
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for table in inspect(conn).get_table_names():
+            conn.exec_driver_sql(f'ALTER TABLE "{table}" SET (autovacuum_enabled = false)')
+    engine.dispose()
+
+
+def upgrade(url: str) -> None:
+    """Bring a kept store to this csr's schema (stores filled by an older revision)."""
+    from csr.storage import migrate
+    from csr.storage.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        before, after = migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    if before != after:
+        print(f"  {url}: schema {before} -> {after}", flush=True)
+
+
+def copy_store(sqlite_url: str, url: str) -> dict:
+    """Fill the PostgreSQL store at `url` with every row of a SQLite store (COPY,
+    table by table in foreign-key order), then set the id sequences and gather
+    statistics as csr does after its writes. For sizes whose fill through the
+    write path takes hours on PostgreSQL: the rows are the same, the fill's
+    claim and tree-write figures are not taken."""
+    import sqlite3
+
+    from sqlalchemy import Boolean, create_engine
+
+    from csr.storage.models import Base
+    from csr.storage.store import TREE_TABLES, create_store
+
+    create_store(url)[0].dispose()
+    source = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    engine = create_engine(url)
+    start = time.perf_counter()
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        for table in Base.metadata.sorted_tables:
+            columns = [c.name for c in table.columns]
+            flags = [isinstance(c.type, Boolean) for c in table.columns]
+            names = ", ".join(f'"{c}"' for c in columns)
+            rows = source.execute(f'SELECT {names} FROM "{table.name}"')
+            with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row([bool(v) if flag and v is not None else v for v, flag in zip(row, flags, strict=True)])
+        raw.commit()
+        for table in Base.metadata.sorted_tables:  # the next id after the copied ones
+            for column in table.primary_key.columns:
+                cursor.execute("SELECT pg_get_serial_sequence(%s, %s)", (table.name, column.name))
+                (sequence,) = cursor.fetchone()
+                if sequence:
+                    cursor.execute(f'SELECT setval(%s, coalesce((SELECT max("{column.name}") FROM "{table.name}"), 0) + 1, '
+                                   "false)", (sequence,))
+        raw.commit()
+    finally:
+        raw.close()
+    source.close()
+    # What csr's own writes leave behind: VACUUM (ANALYZE) of the tree tables
+    # (storage/store.py: analyze, after each tenth of growth) and statistics.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for table in TREE_TABLES:
+            conn.exec_driver_sql(f"VACUUM (ANALYZE) {table}")
+        conn.exec_driver_sql("ANALYZE")
+    engine.dispose()
+    return {"copied_from": sqlite_url, "copy_s": time.perf_counter() - start}
+
+
 def _fill_record(url: str, directory: Path) -> Path:
     if url.startswith("sqlite"):
         return Path(f"{url.removeprefix('sqlite:///')}.json")
@@ -312,6 +395,9 @@ def study_main(argv: list[str]) -> int:
     parser.add_argument("--commands", default=None, help="labels to run, separated by semicolons (default: all)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose csr runs the commands")
     parser.add_argument("--pg-prefix", default="csr_bench_", help="PostgreSQL databases are <prefix><prompts>")
+    parser.add_argument("--pg-copy-from-sqlite", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                        help="sizes whose PostgreSQL store is a copy of the SQLite store of that size "
+                             "(filled through the write path first) instead of a fill of its own")
     args = parser.parse_args(argv[1:])
     sizes = sorted(set(args.sizes + ([100_000] if args.large else [])))
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -323,9 +409,17 @@ def study_main(argv: list[str]) -> int:
             url = store_url(backend, prompts, args.dir, args.pg_prefix)
             record = _fill_record(url, args.dir)
             if args.rebuild or not _exists(url) or not record.exists():
-                print(f"{backend}: filling {prompts} prompts x {ITERATIONS} iterations at {url}", flush=True)
                 _drop(url)
-                record.write_text(json.dumps(build(url, prompts)))
+                if backend == "postgresql" and prompts in args.pg_copy_from_sqlite:
+                    source = store_url("sqlite", prompts, args.dir)
+                    print(f"{backend}: copying {source} to {url}", flush=True)
+                    upgrade(source)
+                    record.write_text(json.dumps({"prompts": prompts, **copy_store(source, url)}))
+                else:
+                    print(f"{backend}: filling {prompts} prompts x {ITERATIONS} iterations at {url}", flush=True)
+                    record.write_text(json.dumps(build(url, prompts)))
+            upgrade(url)
+            autovacuum_off(url)
             fills[prompts] = json.loads(record.read_text())
             if args.build_only:
                 continue

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import duckdb
 
+from csr.storage import analytics_live as live
 from csr.storage.analytics import clean_number, fetch, pair_responses_sql, records
 from csr.storage.errors import StoreError
 
@@ -34,10 +35,15 @@ ORDER BY iteration, n DESC, exclusion_reason
 
 # The `responses` recursion without the text: the word count is all this
 # figure needs, and carrying the growing text costs a third of the time.
+# A final candidate that was excluded never became a response: it is not
+# counted (the same responses the `responses` table holds). Used only where
+# that table does not cover the iteration's final candidates (stores written
+# without responses rows); otherwise the figure comes from the responses.
 _RESPONSE_LENGTH = """
 WITH RECURSIVE
   nodes AS MATERIALIZED (
-    SELECT iteration, prompt_id, node, parent_node, depth, is_final, words(text) AS words
+    SELECT iteration, prompt_id, node, parent_node, depth,
+           is_final AND exclusion_reason IS NULL AS is_final, words(text) AS words
     FROM candidates {where}
   ),
   prefix AS (
@@ -75,37 +81,6 @@ FROM ({pair_responses})
 GROUP BY iteration, pair_set
 """
 
-# Responses the search cut at max_length, and default-set pairs that training
-# would leave out (a response longer than its max_response_tokens). The pairs
-# reach their two responses by equality joins on the leaf id, each side
-# filtered to the iteration first (an IN over both ids would join every
-# response with every pair).
-_LENGTH_LIMITS = """
-WITH truncated AS (
-    SELECT iteration, count(*) FILTER (WHERE is_truncated) AS truncated_responses
-    FROM responses {where}
-    GROUP BY iteration
-),
-default_pairs AS (
-    SELECT p.id, p.chosen_candidate_id, p.rejected_candidate_id
-    FROM pairs AS p JOIN pair_sets AS s ON s.id = p.pair_set_id
-    WHERE s.is_default {set_and_where}
-),
-pair_leaves AS (
-    SELECT id AS pair_id, chosen_candidate_id AS leaf_id FROM default_pairs
-    UNION ALL
-    SELECT id, rejected_candidate_id FROM default_pairs
-),
-over_limit AS (
-    SELECT r.iteration, count(DISTINCT l.pair_id) AS pairs_over_training_limit
-    FROM pair_leaves AS l JOIN responses AS r ON r.leaf_candidate_id = l.leaf_id
-    WHERE r.token_count > ? {response_and_where}
-    GROUP BY r.iteration
-)
-SELECT t.iteration, t.truncated_responses, coalesce(o.pairs_over_training_limit, 0) AS pairs_over_training_limit
-FROM truncated AS t LEFT JOIN over_limit AS o ON o.iteration = t.iteration
-"""
-
 _EVALUATIONS = """
 SELECT e.model_version, m.iteration AS trained_on_iteration, e.benchmark, e.n_responses,
        e.chair_s, e.chair_i, e.mean_words,
@@ -124,13 +99,15 @@ MARGIN_FIELDS = ("margin_min", "margin_p25", "margin_median", "margin_p75", "mar
 
 def stats(con: duckdb.DuckDBPyConnection, iteration: int | None = None, max_response_tokens: int = 1024) -> dict:
     """The paper's figures per iteration (tables 7 and 10, figure 5 inputs) and CHAIR per model.
-    `max_response_tokens` is the training limit whose over-long pairs are counted."""
-    params: list = [] if iteration is None else [iteration]
+    `max_response_tokens` is the training limit whose over-long pairs are counted.
+
+    The counts, the responses and the pairs are read by the store itself,
+    filtered to the iteration and through its indexes (storage/analytics_live.py):
+    DuckDB receives per-iteration counts and one row per default-set pair."""
     iterations = records(fetch(
         con,
         "SELECT number AS iteration, preset, state, policy_version FROM iterations "
         f"{_filter('number', iteration)} ORDER BY number",
-        params,
     ))
     if iteration is not None and not iterations:
         raise StoreError(f"the store has no iteration {iteration}")
@@ -141,31 +118,46 @@ def stats(con: duckdb.DuckDBPyConnection, iteration: int | None = None, max_resp
                    margin={key.removeprefix("margin_"): None for key in MARGIN_FIELDS})
         row["pairs"] = 0
         row.update(truncated_responses=0, pairs_over_training_limit=0, max_response_tokens=max_response_tokens)
-    where = _filter("iteration", iteration)
-    and_where = _filter("iteration", iteration, "AND")
-    for row in records(fetch(con, _CANDIDATE_STATS.format(where=where), params)):
-        by_number[row.pop("iteration")].update(row)
-    for number, reason, n in fetch(con, _EXCLUSIONS.format(and_where=and_where), params).rows:
-        by_number[number]["exclusions"][reason] = n
-    for number, words in fetch(con, _RESPONSE_LENGTH.format(where=where), params).rows:
-        by_number[number]["final_mean_words"] = words
-    # Only the default pair sets (of the one iteration asked for) and their candidates.
-    default_pairs = pair_responses_sql("WHERE s.is_default " + _filter("s.iteration", iteration, "AND"),
-                                       _filter("iteration", iteration))
-    for row in records(fetch(con, _PAIR_FIGURES.format(pair_responses=default_pairs), [*params, *params])):
+    counts = live.candidate_counts(con, iteration)
+    responses = live.response_figures(con, iteration)
+    walk = []  # iterations whose final candidates lack responses rows: their words come from the trees
+    for number, row in counts.items():
+        kept_finals = row["final_responses"] - row.pop("excluded_finals")
+        by_number[number].update(row)
+        figures = responses.get(number)
+        if kept_finals and (figures is None or figures["responses"] != kept_finals):
+            walk.append(number)
+        elif figures is not None:
+            by_number[number]["final_mean_words"] = figures["mean_words"]
+    for number, figures in responses.items():
+        by_number[number]["truncated_responses"] = figures["truncated_responses"]
+    if walk:
+        only = walk[0] if len(walk) == 1 else iteration
+        for number, words in fetch(con, _RESPONSE_LENGTH.format(where=_filter("iteration", only))).rows:
+            if number in walk:
+                by_number[number]["final_mean_words"] = words
+    for row in records(fetch(con, _PAIR_FIGURES.format(pair_responses=_pair_rows(con, iteration)))):
         target = by_number[row.pop("iteration")]
         target["margin"] = {key.removeprefix("margin_"): row.pop(key) for key in MARGIN_FIELDS}
         target.update(row)
-    limits = _LENGTH_LIMITS.format(where=where, set_and_where=_filter("s.iteration", iteration, "AND"),
-                                   response_and_where=_filter("r.iteration", iteration, "AND"))
-    for row in records(fetch(con, limits, [*params, *params, max_response_tokens, *params])):
-        by_number[row.pop("iteration")].update(row)
+    for number, n in live.pairs_over_limit(con, iteration, max_response_tokens).items():
+        by_number[number]["pairs_over_training_limit"] = n
     evaluations = records(fetch(con, _EVALUATIONS))
     for row in evaluations:
         for key in ("settings", "metrics"):
             row[key] = None if row[key] is None else json.loads(row[key])
     return _clean({"iterations": list(by_number.values()), "evaluations": evaluations,
                    "benchmarks": benchmark_table(evaluations)})
+
+
+def _pair_rows(con: duckdb.DuckDBPyConnection, iteration: int | None) -> str:
+    """SQL of the default-set pairs (of one iteration) with their
+    responses' figures: from the responses rows where every pair has both,
+    else by walking the trees."""
+    if live.pairs_without_responses(con, iteration) == 0:
+        return live.pair_rows_sql(con, iteration)
+    return pair_responses_sql("WHERE s.is_default " + _filter("s.iteration", iteration, "AND"),
+                              _filter("iteration", iteration))
 
 
 # The figures a benchmark-by-version table shows: (metric key path, label).
@@ -225,7 +217,9 @@ def benchmark_table(evaluations: list[dict]) -> list[dict]:
 
 
 def _filter(column: str, iteration: int | None, keyword: str = "WHERE") -> str:
-    return "" if iteration is None else f"{keyword} {column} = ?"
+    # Inlined, not bound: binding any parameter makes DuckDB's Python client
+    # import pandas and pyarrow (seconds and 100 MB for nothing here).
+    return "" if iteration is None else f"{keyword} {column} = {int(iteration)}"
 
 
 def _clean(value):
@@ -238,72 +232,66 @@ def _clean(value):
 
 # ---------------------------------------------------------------- report data
 
-# A sample spread over iterations: rank pairs by a hash of the prompt within
-# each iteration and take ranks round-robin, so the same prompts recur in
-# every iteration (the same image before and after training).
+# The sample's pairs with their prompt and image. Only the pairs of the page
+# are read (by id); their order is the order of the ids.
 _PAIR_SAMPLE = """
-SELECT pr.*, pt.text AS prompt, pt.external_id, im.root AS image_root, im.rel_path AS image_rel_path,
-       p.chosen_text, p.rejected_text
-FROM ({pair_responses}) AS pr
-JOIN pairs AS p ON p.id = pr.pair_id
+SELECT pr.*, pt.text AS prompt, pt.external_id, im.root AS image_root, im.rel_path AS image_rel_path
+FROM ({pair_rows}) AS pr
 JOIN prompts AS pt ON pt.id = pr.prompt_id
 JOIN images AS im ON im.id = pt.image_id
-WHERE pr.is_default
-QUALIFY row_number() OVER (PARTITION BY pr.iteration ORDER BY hash(pr.prompt_id), pr.prompt_id) <= ?
-ORDER BY row_number() OVER (PARTITION BY pr.iteration ORDER BY hash(pr.prompt_id), pr.prompt_id), pr.iteration
-LIMIT ?
+WHERE pr.pair_id IN ({ids})
+ORDER BY list_position([{ids}], pr.pair_id)
 """
-
-# Only the trees of the leaves asked for are read into memory (the page shows
-# a hundred leaves; the store holds millions of candidates).
-_PATH_SENTENCES = """
-WITH RECURSIVE
-  leaves AS MATERIALIZED (
-    SELECT DISTINCT iteration, prompt_id FROM candidates WHERE id IN (SELECT unnest(?::BIGINT[]))
-  ),
-  nodes AS MATERIALIZED (
-    SELECT c.id, c.iteration, c.prompt_id, c.node, c.parent_node, c.depth, c.text, c.r_t, c.r_i, c.reward,
-           c.cumulative_reward
-    FROM candidates AS c SEMI JOIN leaves AS l ON l.iteration = c.iteration AND l.prompt_id = c.prompt_id
-  ),
-  path AS (
-    SELECT id AS leaf_id, id AS candidate_id, iteration, prompt_id, parent_node, depth
-    FROM nodes WHERE id IN (SELECT unnest(?::BIGINT[]))
-    UNION ALL
-    SELECT path.leaf_id, n.id, path.iteration, path.prompt_id, n.parent_node, n.depth
-    FROM path JOIN nodes AS n
-      ON n.iteration = path.iteration AND n.prompt_id = path.prompt_id
-     AND n.node = path.parent_node AND n.depth < path.depth
-  )
-SELECT path.leaf_id, n.depth, n.text, n.r_t, n.r_i, n.reward, n.cumulative_reward
-FROM path JOIN nodes AS n ON n.id = path.candidate_id
-ORDER BY path.leaf_id, n.depth
+# The trees' walk when the store has no responses rows for the pairs: their texts from the pairs.
+_WALKED_PAIR_ROWS = """
+SELECT pr.*, p.chosen_text, p.rejected_text
+FROM ({pair_responses}) AS pr JOIN pairs AS p ON p.id = pr.pair_id
 """
 
 
 def pair_sample(con: duckdb.DuckDBPyConnection, limit: int) -> list[dict]:
-    """Up to `limit` pairs of the default pair sets, spread over iterations."""
+    """Up to `limit` pairs of the default pair sets, spread over iterations
+    (storage/analytics_live.py: sample_pair_ids)."""
     if limit <= 0:
         return []
-    sql = _PAIR_SAMPLE.format(pair_responses=pair_responses_sql("WHERE s.is_default"))
-    return _clean(records(fetch(con, sql, [limit, limit])))
+    ids = live.sample_pair_ids(con, limit)
+    if not ids:
+        return []
+    if live.pairs_without_responses(con, None) == 0:
+        rows = live.pair_rows_sql(con, None, ids)
+    else:
+        rows = _WALKED_PAIR_ROWS.format(pair_responses=pair_responses_sql("WHERE s.is_default"))
+    return _clean(records(fetch(con, _PAIR_SAMPLE.format(pair_rows=rows, ids=live.id_list(ids)))))
 
 
 def path_sentences(con: duckdb.DuckDBPyConnection, leaf_ids: Sequence[int]) -> dict[int, list[dict]]:
-    """leaf id -> its sentences from depth 0 down, each with R_T, R_I, R(s) and the running reward."""
-    if not leaf_ids:
-        return {}
+    """leaf id -> its sentences from depth 0 down, each with R_T, R_I, R(s) and the running reward.
+
+    Only the trees of these leaves are read (the page shows a hundred leaves;
+    the store holds millions of candidates); the paths are walked here."""
     out: dict[int, list[dict]] = {int(leaf): [] for leaf in leaf_ids}
-    ids = list(map(int, leaf_ids))
-    for row in records(fetch(con, _PATH_SENTENCES, [ids, ids])):
-        out[row.pop("leaf_id")].append(_clean(row))
+    if not out:
+        return {}
+    nodes = live.tree_nodes(con, out)
+    by_id = {row[0]: row for row in nodes}
+    by_node = {(row[3], row[4], row[1]): row for row in nodes}
+    for leaf in out:
+        row, path = by_id.get(leaf), []
+        while row is not None:
+            path.append(row)
+            parent = by_node.get((row[3], row[4], row[2])) if row[2] is not None else None
+            # A corrupt parent cycle must not walk forever: depths only go down.
+            row = parent if parent is not None and parent[5] < row[5] else None
+        out[leaf] = [_clean({"depth": r[5], "text": r[6], "r_t": r[7], "r_i": r[8], "reward": r[9],
+                             "cumulative_reward": r[10]}) for r in reversed(path)]
     return out
 
 
 def pair_distributions(con: duckdb.DuckDBPyConnection) -> list[dict]:
     """Per default pair: iteration, rewards, mean R_I / R_T and words of chosen and rejected (plots)."""
+    rows = _pair_rows(con, None)
     return _clean(records(fetch(con, f"""
         SELECT iteration, chosen_reward, rejected_reward, chosen_mean_r_i, rejected_mean_r_i,
                chosen_mean_r_t, rejected_mean_r_t, chosen_words, rejected_words
-        FROM ({pair_responses_sql("WHERE s.is_default")}) ORDER BY iteration, pair_id
+        FROM ({rows}) ORDER BY iteration, pair_id
     """)))

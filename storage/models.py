@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    literal_column,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -139,6 +140,10 @@ class Candidate(Base):
         Index("ix_candidates_final", "iteration", "is_final"),
         # children of a node: the reference-code preset walks trees top-down
         Index("ix_candidates_children", "iteration", "prompt_id", "parent_node"),
+        # only the excluded candidates (a few per cent): `csr stats` counts them per reason
+        Index("ix_candidates_excluded", "iteration", "exclusion_reason", "is_final",
+              sqlite_where=literal_column("exclusion_reason IS NOT NULL"),
+              postgresql_where=literal_column("exclusion_reason IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -186,6 +191,8 @@ class Response(Base):
         Index("ix_responses_prompt", "iteration", "prompt_id"),
         # pairs name their responses by leaf candidate
         Index("ix_responses_leaf_candidate", "leaf_candidate_id", unique=True),
+        # covers the per-iteration figures of `csr stats` (words, truncation) without reading texts
+        Index("ix_responses_figures", "iteration", "is_truncated", "word_count"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -208,6 +215,9 @@ class Response(Base):
     image_rank_sum: Mapped[float] = mapped_column(Float)
     # The response hit the search's max_length: it was cut, not ended by the model.
     is_truncated: Mapped[bool] = mapped_column(Boolean)
+    # Words of `text` (runs of characters other than ASCII whitespace; trees.word_count),
+    # written with the response so `csr stats` never reads the texts (revision 0008).
+    word_count: Mapped[int | None] = mapped_column(Integer)
 
 
 class PairSet(Base):

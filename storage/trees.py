@@ -4,6 +4,7 @@ written together."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -50,6 +51,15 @@ RESPONSE_COLUMNS = (
     "image_rank_sum",
     "is_truncated",
 )
+
+
+# A word is a run of characters other than ASCII whitespace: the count of the
+# analytics `words()` macro, stored with each response (responses.word_count).
+_WORD = re.compile(r"[^ \t\n\x0b\x0c\r]+")
+
+
+def word_count(text: str) -> int:
+    return len(_WORD.findall(text))
 
 
 @dataclass
@@ -150,6 +160,7 @@ def insert_tree(conn: Connection, iteration: int, prompt_id: int, tree: Tree) ->
                     "prompt_id": prompt_id,
                     "leaf_candidate_id": ids[row["leaf_node"]],
                     "has_token_ids": row["token_ids"] is not None,
+                    "word_count": word_count(row["text"]),
                     **{column: row[column] for column in RESPONSE_COLUMNS},
                 }
                 for row in tree.responses

@@ -46,20 +46,26 @@ CHOSEN_COLOUR, REJECTED_COLOUR, ALL_COLOUR = "#2a9d8f", "#e76f51", "#6c757d"
 def _png_data_uri(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _pyplot():
-    import matplotlib
+class _Figures:
+    """`subplots` as pyplot's, on a bare Figure with the Agg canvas: no display,
+    no GUI toolkit, and no pyplot (its import is a third of a report's time on
+    a busy machine; nothing here needs its global figure registry)."""
 
-    # Agg: no display, no GUI toolkit; must be chosen before pyplot is imported.
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(*args, figsize, **kwargs):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-    return plt
+        figure = Figure(figsize=figsize)
+        FigureCanvasAgg(figure)
+        return figure, figure.subplots(*args, **kwargs)
+
+
+def _pyplot() -> _Figures:
+    return _Figures()
 
 
 def plot_ri_distribution(pairs: list[dict]) -> str | None:
