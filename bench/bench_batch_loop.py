@@ -30,12 +30,9 @@ from csr.engine.demo import tiny
 from csr.engine.loading import load_clip, load_policy
 from csr.engine.search import batch_search
 from csr.engine.search.batch_search import PromptJob, kv_bytes_per_prompt
-from csr.engine.search.sentence_search import (
-    ExpandStats,
-    PromptPrefix,
-    SearchConfig,
-    search_beam_settings,
-)
+from csr.engine.search.config import SearchConfig
+from csr.engine.search.expansion import ExpandStats, PromptPrefix
+from csr.engine.search.sentence_search import search_beam_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import CLIP_CONFIG, PROMPTS, SIZES, WORDS, make_images  # noqa: E402

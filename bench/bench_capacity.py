@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_search import MIN_DEPTHS, PROMPTS, build_models, make_images  # noqa: E402
 
 from csr.engine.loading import load_clip, load_policy  # noqa: E402
-from csr.engine.search.config import RECORDED_BEFORE  # noqa: E402
-from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search  # noqa: E402
+from csr.engine.search.config import RECORDED_BEFORE, SearchConfig  # noqa: E402
+from csr.engine.search.sentence_search import sentence_beam_search  # noqa: E402
 
 ROWS = (
     ("before: top 5 + bottom 5 (10 active)", SearchConfig(max_new_tokens=20, max_length=80, num_beams=10)),

@@ -26,7 +26,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from csr.engine.demo import tiny  # noqa: E402
 from csr.engine.loading import load_clip, load_policy  # noqa: E402
-from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search  # noqa: E402
+from csr.engine.search.config import SearchConfig  # noqa: E402
+from csr.engine.search.sentence_search import sentence_beam_search  # noqa: E402
 from csr.engine.train.dpo import TrainConfig, train_dpo  # noqa: E402
 from csr.engine.train.dpo_data import PreferenceExample, completion_logprob  # noqa: E402
 from tests.worlds import COLOURS, CORPUS  # noqa: E402

@@ -78,7 +78,9 @@ from csr.engine.demo import tiny
 from csr.engine.loading import load_clip, load_policy
 from csr.engine.search.batch_search import PromptJob, search_prompts
 from csr.engine.search.cascade_attention import kv_bytes_per_token, text_shapes
-from csr.engine.search.sentence_search import ExpandStats, SearchConfig, sentence_beam_search
+from csr.engine.search.config import SearchConfig
+from csr.engine.search.expansion import ExpandStats
+from csr.engine.search.sentence_search import sentence_beam_search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measures import PeakMemory, peak_matmul_flops, sync, useful_flops  # noqa: E402

@@ -17,15 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from csr.engine.search.beam_search import BeamSettings, TokenBeam, group_beam_search
+from csr.engine.search.config import SearchConfig
 from csr.engine.search.expansion import ExpandStats
 from csr.engine.search.kv_cache import _buffer_cache, _CachedRows, _is_plain_cache
-from csr.engine.search.sentence_search import (
-    CandidateRecord,
-    SearchConfig,
-    SearchResult,
-    run_sentence_search,
-    search_beam_settings,
-)
+from csr.engine.search.records import CandidateRecord, SearchResult
+from csr.engine.search.sentence_search import run_sentence_search, search_beam_settings
 
 
 @dataclass

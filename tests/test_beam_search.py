@@ -13,17 +13,15 @@ from collections import defaultdict
 import pytest
 import torch
 
-from csr.engine.search.sentence_search import (
+from csr.engine.search.beam_search import (
     EOS,
     MAX_NEW_TOKENS,
     SENTENCE_END,
     BeamSettings,
-    PromptPrefix,
-    _assign_slots,
-    _BufferLayer,
-    expand_partials,
     group_beam_search,
 )
+from csr.engine.search.expansion import PromptPrefix, expand_partials
+from csr.engine.search.kv_cache import _assign_slots, _BufferLayer
 from tests.worlds import PROMPT
 
 NEG = -1.0e9

@@ -16,17 +16,9 @@ import torch
 
 from csr.engine.demo import tiny
 from csr.engine.search import cascade_attention as ca
+from csr.engine.search.beam_search import EOS, MAX_NEW_TOKENS, SENTENCE_END, BeamSettings
+from csr.engine.search.expansion import ExpandStats, PromptPrefix, expand_partials, expand_prompts
 from csr.engine.search.kv_cache import CascadeRows
-from csr.engine.search.sentence_search import (
-    EOS,
-    MAX_NEW_TOKENS,
-    SENTENCE_END,
-    BeamSettings,
-    ExpandStats,
-    PromptPrefix,
-    expand_partials,
-    expand_prompts,
-)
 from tests.worlds import PROMPT
 
 LLAVA_256x4 = tiny.TinyLlavaSize(
@@ -275,7 +267,8 @@ def test_search_prompts_equals_sentence_beam_search_prompt_by_prompt(
     prompt taking a finished one's place, one at a time), each tree is the
     one the prompt grows alone."""
     from csr.engine.search.batch_search import search_prompts
-    from csr.engine.search.sentence_search import SearchConfig, sentence_beam_search
+    from csr.engine.search.config import SearchConfig
+    from csr.engine.search.sentence_search import sentence_beam_search
 
     config = SearchConfig(max_new_tokens=8, max_length=24)
     jobs = _four_jobs(colour_images)
@@ -300,7 +293,7 @@ def test_a_finished_prompt_makes_room_for_the_next(trained_policy, clip_scorer, 
     batch-by-batch schedule), so the loop makes fewer forward passes than
     running the first two together and then the third."""
     from csr.engine.search.batch_search import search_prompts
-    from csr.engine.search.sentence_search import SearchConfig
+    from csr.engine.search.config import SearchConfig
 
     config = SearchConfig(max_new_tokens=8, max_length=24)
     jobs = _four_jobs(colour_images)
@@ -319,7 +312,7 @@ def test_a_finished_prompt_makes_room_for_the_next(trained_policy, clip_scorer, 
 
 def test_kv_bytes_per_prompt(trained_policy):
     from csr.engine.search.batch_search import kv_bytes_per_prompt
-    from csr.engine.search.sentence_search import SearchConfig
+    from csr.engine.search.config import SearchConfig
 
     config = SearchConfig(max_new_tokens=10, max_length=50)
     per_prompt = kv_bytes_per_prompt(trained_policy.model, config, 40)

@@ -23,14 +23,9 @@ from csr.engine.demo import tiny
 from csr.engine.io.export import export_pairs
 from csr.engine.iterations import preference_examples
 from csr.engine.prompting import chat_prompt
-from csr.engine.search.sentence_search import (
-    EOS,
-    MAX_NEW_TOKENS,
-    SENTENCE_END,
-    SearchConfig,
-    TokenBeam,
-    run_sentence_search,
-)
+from csr.engine.search.beam_search import EOS, MAX_NEW_TOKENS, SENTENCE_END, TokenBeam
+from csr.engine.search.config import SearchConfig
+from csr.engine.search.sentence_search import run_sentence_search
 from csr.engine.train.dpo import TokenPreferenceCollator
 from csr.engine.worker_loop import tree_rows
 from csr.storage import curation, iterations

@@ -20,12 +20,9 @@ from csr.engine.prompting import LLAVA_V1_SYSTEM, chat_prompt
 from csr.engine.search import degenerate
 from csr.engine.search.beam_search import EOS, SENTENCE_END, TokenBeam, group_beam_search
 from csr.engine.search.config import PRESET_SEARCH_DEFAULTS, RECORDED_BEFORE, SearchConfig
-from csr.engine.search.sentence_search import (
-    DEGENERATE_ANCESTOR,
-    PromptPrefix,
-    run_sentence_search,
-    search_beam_settings,
-)
+from csr.engine.search.expansion import PromptPrefix
+from csr.engine.search.sentence_level import DEGENERATE_ANCESTOR
+from csr.engine.search.sentence_search import run_sentence_search, search_beam_settings
 from tests.llama_tokenizer import llama_style_tokenizer, piece_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,14 +11,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from csr.engine.search.sentence_search import (
-    EOS,
-    MAX_LENGTH,
-    MAX_NEW_TOKENS,
-    SENTENCE_END,
-    SearchConfig,
-    sentence_beam_search,
-)
+from csr.engine.search.beam_search import EOS, MAX_LENGTH, MAX_NEW_TOKENS, SENTENCE_END
+from csr.engine.search.config import SearchConfig
+from csr.engine.search.sentence_search import sentence_beam_search
 from tests.reference_search import naive_sentence_beam_search, response_text
 from tests.worlds import PROMPT
 

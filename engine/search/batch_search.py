@@ -28,15 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from csr.engine.search.cascade_attention import kv_bytes_per_token, text_shapes
+from csr.engine.search.config import SearchConfig
+from csr.engine.search.expansion import ExpandStats, PromptPrefix, expand_prompts
+from csr.engine.search.records import SearchResult
 from csr.engine.search.sentence_search import (
     ExpandRequest,
-    ExpandStats,
-    PromptPrefix,
     ScoreRequest,
-    SearchConfig,
-    SearchResult,
     SearchSteps,
-    expand_prompts,
     search_beam_settings,
     sentence_search_steps,
 )

@@ -105,22 +105,24 @@ def group_beam_search(
     alive = torch.ones(n_parents, groups, dtype=torch.bool, device=device)
     # Where each running beam lives in the model state; at first all are copies of the parent row.
     row_of = torch.arange(n_parents, device=device).view(-1, 1, 1).expand(shape).clone()
-    parent_idx = torch.arange(n_parents, device=device)
 
     logits = first_logits
     for t in range(t_max):
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        lp_all = log_probs[row_of]  # (P, G, size, V)
+        # Masked ids filled once for all rows (not once per group); the stored
+        # log-probs are read from `log_probs`, the model's.
+        selectable = log_probs.index_fill(-1, masked, float("-inf")) if masked.numel() else log_probs
         counts = torch.zeros(n_parents, vocab, dtype=torch.float32, device=device)
         new_src = torch.zeros(shape, dtype=torch.long, device=device)
         new_tok = torch.zeros(shape, dtype=torch.long, device=device)
         length = t + 1
+        at_cap = length >= caps_t  # (P, 1)
         for g in range(groups):
             live = alive[:, g]
             if not bool(live.any()):
                 continue
-            lp = lp_all[:, g]  # (P, size, V)
-            scores = lp.index_fill(-1, masked, float("-inf")) if masked.numel() else lp
+            rows_g = row_of[:, g]  # (P, size): model rows of this group's beams
+            scores = selectable[rows_g]  # (P, size, V)
             if g > 0 and settings.diversity_penalty:
                 scores = scores - settings.diversity_penalty * counts[:, None, :]
             acc = (scores + run_scores[:, g, :, None]).reshape(n_parents, size * vocab)
@@ -128,7 +130,7 @@ def group_beam_search(
             src = top_i // vocab
             tok = top_i % vocab
             stopped = torch.isin(tok, stop)
-            hits = stopped | (length >= caps_t)
+            hits = stopped | at_cap
 
             # Running beams: the best `size` candidates without a stop token. At
             # the length cap they are never expanded, but, as in v4's group beam
@@ -137,27 +139,30 @@ def group_beam_search(
             pick = run_v.topk(size, dim=1).indices
             n_src = src.gather(1, pick)
             n_tok = tok.gather(1, pick)
-            n_lp = lp[parent_idx[:, None], n_src, n_tok]
+            n_lp = log_probs[rows_g.gather(1, n_src), n_tok]
             prev_tokens = run_tokens[:, g].gather(1, n_src[..., None].expand(-1, -1, t_max))
             prev_lps = run_lps[:, g].gather(1, n_src[..., None].expand(-1, -1, t_max))
 
-            # Finished: stopping candidates among the top `size` ranks, length-normalised.
-            top_src, top_tok = src[:, :size], tok[:, :size]
+            # Finished: stopping candidates among the top `size` ranks,
+            # length-normalised. Most steps have none: the merge is skipped then
+            # (it could only reorder invalid entries, which nothing reads).
             cand_ok = hits[:, :size] & improvable[:, g : g + 1] & live[:, None]
-            cand_scores = torch.where(cand_ok, top_v[:, :size] / length, torch.full_like(top_v[:, :size], _NEG))
-            cand_tokens = run_tokens[:, g].gather(1, top_src[..., None].expand(-1, -1, t_max)).clone()
-            cand_tokens[:, :, t] = top_tok
-            cand_lps = run_lps[:, g].gather(1, top_src[..., None].expand(-1, -1, t_max)).clone()
-            cand_lps[:, :, t] = lp[parent_idx[:, None], top_src, top_tok]
-            merged_scores = torch.cat([fin_scores[:, g], cand_scores], dim=1)
-            keep = merged_scores.topk(size, dim=1).indices
-            fin_scores[:, g] = merged_scores.gather(1, keep)
-            fin_valid[:, g] = torch.cat([fin_valid[:, g], cand_ok], dim=1).gather(1, keep)
-            length_col = torch.full_like(cand_scores, length, dtype=torch.long)
-            fin_len[:, g] = torch.cat([fin_len[:, g], length_col], dim=1).gather(1, keep)
-            idx = keep[..., None].expand(-1, -1, t_max)
-            fin_tokens[:, g] = torch.cat([fin_tokens[:, g], cand_tokens], dim=1).gather(1, idx)
-            fin_lps[:, g] = torch.cat([fin_lps[:, g], cand_lps], dim=1).gather(1, idx)
+            if bool(cand_ok.any()):
+                top_src, top_tok = src[:, :size], tok[:, :size]
+                cand_scores = torch.where(cand_ok, top_v[:, :size] / length, torch.full_like(top_v[:, :size], _NEG))
+                cand_tokens = run_tokens[:, g].gather(1, top_src[..., None].expand(-1, -1, t_max)).clone()
+                cand_tokens[:, :, t] = top_tok
+                cand_lps = run_lps[:, g].gather(1, top_src[..., None].expand(-1, -1, t_max)).clone()
+                cand_lps[:, :, t] = log_probs[rows_g.gather(1, top_src), top_tok]
+                merged_scores = torch.cat([fin_scores[:, g], cand_scores], dim=1)
+                keep = merged_scores.topk(size, dim=1).indices
+                fin_scores[:, g] = merged_scores.gather(1, keep)
+                fin_valid[:, g] = torch.cat([fin_valid[:, g], cand_ok], dim=1).gather(1, keep)
+                length_col = torch.full_like(cand_scores, length, dtype=torch.long)
+                fin_len[:, g] = torch.cat([fin_len[:, g], length_col], dim=1).gather(1, keep)
+                idx = keep[..., None].expand(-1, -1, t_max)
+                fin_tokens[:, g] = torch.cat([fin_tokens[:, g], cand_tokens], dim=1).gather(1, idx)
+                fin_lps[:, g] = torch.cat([fin_lps[:, g], cand_lps], dim=1).gather(1, idx)
 
             # Commit the running beams of live parents only.
             prev_tokens[:, :, t] = n_tok

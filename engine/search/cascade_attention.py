@@ -153,6 +153,10 @@ class CascadeState:
     prefixes: Sequence[PrefixKV]
     groups: list[tuple[int, torch.Tensor]] | None
     cache: SuffixCache
+    # Whether a query of this pass may see no suffix key: one that is padding
+    # itself (a real token always sees its own key).
+    has_padding: bool = True
+    blocked: torch.Tensor | None = None  # the suffix mask, once per forward pass (`_blocked`)
 
 
 def row_groups(row_prompt: torch.Tensor, n_prompts: int) -> list[tuple[int, torch.Tensor]] | None:
@@ -170,31 +174,59 @@ def row_groups(row_prompt: torch.Tensor, n_prompts: int) -> list[tuple[int, torc
 # --------------------------------------------------------------------------- attention
 
 
-def _partial(scores: torch.Tensor, values: torch.Tensor):
+def _partial(scores: torch.Tensor, values: torch.Tensor, may_be_empty: bool = False):
     """Unnormalised softmax(scores) @ values with its running max and sum (float32).
 
-    A query that sees no key here (all masked) gets max 0, sum 0, output 0,
-    so that the merge takes the other part alone."""
+    `scores` is consumed (overwritten). A query that sees no key here (all
+    masked; only `may_be_empty` parts can have one) gets max 0, sum 0,
+    output 0, so that the merge takes the other part alone."""
     top = scores.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weights = torch.exp(scores - top)
+    if may_be_empty:
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = scores.sub_(top).exp_()
     total = weights.sum(dim=-1, keepdim=True)
     out = torch.matmul(weights.to(values.dtype), values).float()
     return out, top, total
 
 
+# The fused CPU attention kernel that also returns each query's log-sum-exp:
+# one blocked pass over the prefix keys and values instead of two products and
+# the softmax between them (the prefix part reads 1 MB or more of KV per layer
+# for a handful of rows, and the unfused products were bound by those reads).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _prefix_part(query: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, scaling: float):
     """query (n, kv heads, group, q, dim) against one prompt's prefix: one
-    product per kv head with every row's queries stacked."""
+    product per kv head with every row's queries stacked. Returns (out, top,
+    total) as `_partial`; total is None where out is already normalised (the
+    fused kernel's, whose top is the log-sum-exp)."""
     n, kvh, group, q_len, dim = query.shape
     stacked = query.permute(1, 0, 2, 3, 4).reshape(kvh, n * group * q_len, dim)
-    scores = torch.matmul(stacked, prefix_k.transpose(1, 2)).float() * scaling
-    out, top, total = _partial(scores, prefix_v)
 
     def back(t: torch.Tensor) -> torch.Tensor:
         return t.view(kvh, n, group, q_len, -1).permute(1, 0, 2, 3, 4)
 
+    if _FLASH_CPU is not None and query.device.type == "cpu" and query.dtype == torch.float32:
+        out, lse = _FLASH_CPU(stacked[None], prefix_k[None], prefix_v[None], scale=scaling)
+        return back(out[0]), back(lse[0, ..., None]), None
+    scores = torch.matmul(stacked, prefix_k.transpose(1, 2)).float().mul_(scaling)
+    out, top, total = _partial(scores, prefix_v)
     return back(out), back(top), back(total)
+
+
+def _blocked(state: CascadeState, rows: int, s_len: int, q_len: int, device) -> torch.Tensor:
+    """The suffix keys each query may not see, (rows, 1, 1, q, S): padding,
+    and with several new tokens the later ones. The same in every layer of a
+    forward pass: built once, at the first layer."""
+    if state.blocked is None or state.blocked.shape[-1] != s_len:
+        allowed = state.cache.valid[:rows, :s_len][:, None, :]  # (R, 1, S)
+        if q_len > 1:
+            columns = torch.arange(s_len, device=device)
+            last_seen = torch.arange(s_len - q_len, s_len, device=device)
+            allowed = allowed & (columns[None, :] <= last_seen[:, None])[None]  # (R, q, S)
+        state.blocked = ~allowed[:, None, None]
+    return state.blocked
 
 
 def cascade_attention_forward(
@@ -223,14 +255,9 @@ def cascade_attention_forward(
 
     # Suffix part: each row against its own keys, padding and causality masked.
     s_len = key.shape[2]
-    scores = torch.matmul(q5, key.unsqueeze(2).transpose(-1, -2)).float() * scaling  # (R, kvh, g, q, S)
-    allowed = state.cache.valid[:rows, :s_len][:, None, :]  # (R, 1, S)
-    if q_len > 1:
-        columns = torch.arange(s_len, device=query.device)
-        last_seen = torch.arange(s_len - q_len, s_len, device=query.device)
-        allowed = allowed & (columns[None, :] <= last_seen[:, None])[None]  # (R, q, S)
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    out, top, total = _partial(scores, value.unsqueeze(2))
+    scores = torch.matmul(q5, key.unsqueeze(2).transpose(-1, -2)).float().mul_(scaling)  # (R, kvh, g, q, S)
+    scores.masked_fill_(_blocked(state, rows, s_len, q_len, query.device), float("-inf"))
+    out, top, total = _partial(scores, value.unsqueeze(2), may_be_empty=state.has_padding)
 
     # Prefix part, per prompt, merged into the suffix part with the log-sum-exp.
     groups = state.groups if state.groups is not None else [(0, None)]
@@ -244,7 +271,10 @@ def cascade_attention_forward(
             s_out, s_top, s_total = out[index], top[index], total[index]
         peak = torch.maximum(s_top, p_top)
         a, b = torch.exp(s_top - peak), torch.exp(p_top - peak)
-        merged = (s_out * a + p_out * b) / (s_total * a + p_total * b)
+        if p_total is None:  # normalised prefix part: its sum is 1 at its own scale
+            merged = (s_out * a + p_out * b) / (s_total * a + b)
+        else:
+            merged = (s_out * a + p_out * b) / (s_total * a + p_total * b)
         if index is None:
             out = merged
         else:

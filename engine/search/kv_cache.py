@@ -265,7 +265,8 @@ class CascadeRows:
         self.cache.begin(valid)
         self._count(valid)
         self.peak_kv_bytes = max(self.peak_kv_bytes, sum(p.nbytes for p in self.prefixes) + self.cache.nbytes)
-        state = CascadeState(self.prefixes, row_groups(self.row_prompt, len(self.prefixes)), self.cache)
+        groups = row_groups(self.row_prompt, len(self.prefixes))
+        state = CascadeState(self.prefixes, groups, self.cache, has_padding=not bool(valid.all()))
         try:
             with torch.inference_mode(), cascade_attention(self.model):
                 out = self.model(
