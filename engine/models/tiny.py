@@ -1,0 +1,211 @@
+"""Tiny random models of every family engine/models drives, built in-process
+from each family's own config and processor classes (no download), with a
+word-level tokenizer holding the family's special tokens and a chat template
+shaped like the family's. tests/test_families.py and bench/bench_search.py
+search and train them exactly as a user's checkpoint.
+
+`build_tiny(family)` returns (model, processor); `save_pretrained` from
+engine/demo/tiny.py writes them where `load_policy` reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+WORDS = (
+    "a the red green blue square circle cat dog on in of with and is image picture shows there "
+    "white black small large left right top bottom describe this detail what colour shape it sits "
+    "user assistant system model : . , ? ! \n"
+)
+BASE_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 2048}
+
+
+def word_tokenizer(specials: list[str], extra: dict[str, str] | None = None, chat_template: str | None = None):
+    """A word-level fast tokenizer: the base specials, then the family's (so
+    their ids are fixed), "." a token of its own."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.train_from_iterator([WORDS], trainer=trainers.WordLevelTrainer(special_tokens=BASE_SPECIALS + specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens=extra or {},
+    )
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _template(turn_open: str, turn_close: str, image: str, assistant: str) -> str:
+    """A single-turn chat template: user turn with the image then the text, open assistant turn."""
+    return (
+        "{% for message in messages %}" + turn_open + "{% for item in message['content'] %}"
+        "{% if item['type'] == 'image' %}" + image + "{% elif item['type'] == 'text' %}{{ item['text'] }}"
+        "{% endif %}{% endfor %}" + turn_close + "{% endfor %}"
+        "{% if add_generation_prompt %}" + assistant + "{% endif %}"
+    )
+
+
+def _ids(tokenizer, *tokens: str) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def _text_config(tokenizer, **extra) -> dict:
+    return {**TEXT, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "tie_word_embeddings": False, **extra}
+
+
+def _finish(model, tokenizer):
+    model.eval()
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+    return model
+
+
+# ------------------------------------------------------------------ Qwen-VL
+
+
+QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
+QWEN_TEMPLATE = _template("<|im_start|>{{ message['role'] }}\n", "<|im_end|>\n",
+                          "<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>assistant\n")
+
+
+def _qwen(config_class, model_class, processor_class, image_processor_class, video_processor_class,
+          vision: dict, text_extra: dict, seed: int):
+    tokenizer = word_tokenizer(QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    start, image, end, video = _ids(tokenizer, "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+    config = config_class(
+        text_config=_text_config(tokenizer, **text_extra), vision_config=vision,
+        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+    )
+    torch.manual_seed(seed)
+    model = _finish(model_class(config), tokenizer)
+    pixels = {"patch_size": vision["patch_size"], "merge_size": 2, "temporal_patch_size": 2,
+              "min_pixels": 8 * 8, "max_pixels": 32 * 32}
+    processor = processor_class(image_processor=image_processor_class(**pixels), tokenizer=tokenizer,
+                                video_processor=video_processor_class(**pixels), chat_template=QWEN_TEMPLATE)
+    return model, processor
+
+
+def qwen2_vl(seed: int = 0):
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "patch_size": 4,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "mlp_ratio": 2}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    return _qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLImageProcessor,
+                 Qwen2VLVideoProcessor, vision, {"rope_parameters": rope}, seed)
+
+
+def qwen2_5_vl(seed: int = 0):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": 4,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": TEXT["hidden_size"],
+              "window_size": 16, "fullatt_block_indexes": [1]}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+                 Qwen2VLVideoProcessor, vision, {"rope_parameters": rope}, seed)
+
+
+def qwen3_vl(seed: int = 0):
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": 4,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": TEXT["hidden_size"],
+              "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen2VLImageProcessor,
+                 Qwen3VLVideoProcessor, vision, {"rope_parameters": rope, "head_dim": 16}, seed)
+
+
+# ------------------------------------------------------------------ LLaVA
+
+
+LLAVA_TEMPLATE = _template("USER: ", " ", "<image>\n", "ASSISTANT:")
+
+
+def llava(seed: int = 0):
+    from csr.engine.demo.tiny import build_tiny_llava
+
+    tokenizer = word_tokenizer(["<image>"], {"image_token": "<image>"})
+    model, processor = build_tiny_llava(tokenizer, seed=seed)
+    return model, processor
+
+
+def _clip_vision(image_size: int = 32, patch_size: int = 8) -> dict:
+    return {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size, "projection_dim": 32}
+
+
+def _anyres(config_class, model_class, processor_class, image_processor_class, seed: int, text_type: str):
+    tokenizer = word_tokenizer(["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"})
+    image, video = _ids(tokenizer, "<image>", "<video>")
+    grid = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = config_class(
+        vision_config=_clip_vision(), text_config={"model_type": text_type, **_text_config(tokenizer)},
+        image_token_index=image, image_grid_pinpoints=grid, vision_feature_select_strategy="default",
+        vision_feature_layer=-1, **({"video_token_index": video} if "onevision" in config_class.__name__.lower() else {}),
+    )
+    torch.manual_seed(seed)
+    model = _finish(model_class(config), tokenizer)
+    image_processor = image_processor_class(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=grid,
+        **({"do_center_crop": False} if "onevision" not in image_processor_class.__name__.lower() else {}),
+    )
+    extra = {}
+    if "onevision" not in processor_class.__name__.lower():
+        extra["num_additional_image_tokens"] = 1  # the CLS token the "default" strategy then drops
+    if "onevision" in processor_class.__name__.lower():
+        from transformers import LlavaOnevisionVideoProcessor
+
+        extra["video_processor"] = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32})
+        extra["num_image_tokens"] = (32 // 8) ** 2
+    processor = processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        chat_template=LLAVA_TEMPLATE, **extra,
+    )
+    return model, processor
+
+
+def llava_next(seed: int = 0):
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                              LlavaNextProcessor)
+
+    return _anyres(LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaNextImageProcessor,
+                   seed, "llama")
+
+
+def llava_onevision(seed: int = 0):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor)
+
+    return _anyres(LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor,
+                   LlavaOnevisionImageProcessor, seed, "qwen2")
+
+
+BUILDERS: dict[str, Callable] = {
+    "LLaVA-1.5": llava,
+    "LLaVA-NeXT": llava_next,
+    "LLaVA-OneVision": llava_onevision,
+    "Qwen2-VL": qwen2_vl,
+    "Qwen2.5-VL": qwen2_5_vl,
+    "Qwen3-VL": qwen3_vl,
+}
+
+
+def build_tiny(family: str, seed: int = 0):
+    """(model, processor) of a tiny random model of `family` (an Adapter's family name)."""
+    return BUILDERS[family](seed)
