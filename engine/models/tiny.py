@@ -150,14 +150,24 @@ def _clip_vision(image_size: int = 32, patch_size: int = 8) -> dict:
             "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size, "projection_dim": 32}
 
 
+def _siglip_vision(image_size: int = 32, patch_size: int = 8) -> dict:
+    return {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size}
+
+
 def _anyres(config_class, model_class, processor_class, image_processor_class, seed: int, text_type: str):
+    # OneVision: a SigLIP tower (no CLS token) and the "full" strategy, as its checkpoints;
+    # NeXT: CLIP, whose CLS token the "default" strategy drops.
+    onevision = "onevision" in config_class.__name__.lower()
+    strategy = "full" if onevision else "default"
     tokenizer = word_tokenizer(["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"})
     image, video = _ids(tokenizer, "<image>", "<video>")
     grid = [[32, 32], [32, 64], [64, 32], [64, 64]]
     config = config_class(
-        vision_config=_clip_vision(), text_config={"model_type": text_type, **_text_config(tokenizer)},
-        image_token_index=image, image_grid_pinpoints=grid, vision_feature_select_strategy="default",
-        vision_feature_layer=-1, **({"video_token_index": video} if "onevision" in config_class.__name__.lower() else {}),
+        vision_config=_siglip_vision() if onevision else _clip_vision(),
+        text_config={"model_type": text_type, **_text_config(tokenizer)},
+        image_token_index=image, image_grid_pinpoints=grid, vision_feature_select_strategy=strategy,
+        vision_feature_layer=-1, **({"video_token_index": video} if onevision else {}),
     )
     torch.manual_seed(seed)
     model = _finish(model_class(config), tokenizer)
@@ -174,7 +184,7 @@ def _anyres(config_class, model_class, processor_class, image_processor_class, s
         extra["video_processor"] = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32})
         extra["num_image_tokens"] = (32 // 8) ** 2
     processor = processor_class(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
         chat_template=LLAVA_TEMPLATE, **extra,
     )
     return model, processor
