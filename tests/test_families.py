@@ -20,7 +20,13 @@ from PIL import Image
 
 from csr.engine.demo.tiny import save_pretrained
 from csr.engine.loading import load_policy
-from csr.engine.models import ADAPTERS, UnsupportedModelError, adapter_for, adapter_for_type, check_family
+from csr.engine.models import (
+    ADAPTERS,
+    UnsupportedModelError,
+    adapter_for,
+    adapter_for_type,
+    check_family,
+)
 from csr.engine.models.tiny import BUILDERS, build_tiny
 from csr.engine.search.beam_search import BeamSettings
 from csr.engine.search.expansion import PromptPrefix, expand_partials
@@ -164,3 +170,16 @@ def test_llava_v1_is_refused_for_a_family_it_was_not_made_for(family):
         with pytest.raises(ValueError, match="LLaVA-1.5"):
             policy.build_prompt("what is it ?", "llava-v1")
     assert adapter_for(policy.model) is policy.adapter
+
+
+def test_docs_models_md_is_generated_from_the_adapters():
+    from pathlib import Path
+
+    from csr.engine.models.docs import render
+
+    written = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    assert written == render(), "docs/models.md is stale: python -m csr.engine.models.docs > docs/models.md"
+
+
+def test_a_family_said_checked_has_a_tiny_model_the_tests_run():
+    assert {a.family for a in ADAPTERS if a.checked} == set(FAMILIES)

@@ -79,7 +79,6 @@ GEMMA3 = Adapter(
     model_types=("gemma3",),
     hub_ids=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
     per_row_reason="sliding-window layers (the shared prefix holds every key; a window does not)",
-    checked=PER_ROW_CHECKS,
     notes="image tokens attend to each other both ways in the prompt (token_type_ids); per-row search",
 )
 
@@ -89,7 +88,6 @@ IDEFICS3 = Adapter(
     hub_ids=("HuggingFaceM4/Idefics3-8B-Llama3",),
     language_model_names=("text_model",),
     projector_names=("connector",),
-    checked=FAMILY_CHECKS,
     notes="image split into tiles plus a global view (pixel_attention_mask)",
 )
 
@@ -99,7 +97,6 @@ SMOLVLM = Adapter(
     hub_ids=("HuggingFaceTB/SmolVLM-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
     language_model_names=("text_model",),
     projector_names=("connector",),
-    checked=FAMILY_CHECKS,
     notes="Idefics3's architecture",
 )
 
@@ -107,7 +104,6 @@ INTERNVL = Adapter(
     family="InternVL",
     model_types=("internvl",),
     hub_ids=("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"),
-    checked=FAMILY_CHECKS,
     notes="the -hf conversions transformers ships (the original checkpoints need remote code)",
 )
 
@@ -115,7 +111,6 @@ MISTRAL3 = Adapter(
     family="Mistral 3 (Pixtral)",
     model_types=("mistral3",),
     hub_ids=("mistralai/Mistral-Small-3.1-24B-Instruct-2503",),
-    checked=FAMILY_CHECKS,
     notes="Pixtral vision encoder: image token count follows the image size (image_sizes)",
 )
 
