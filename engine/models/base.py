@@ -113,6 +113,14 @@ class Adapter:
         (rows,) is each row's prompt's `prefix_shift`."""
         return positions
 
+    def pads_rows(self, model: Any) -> bool:
+        """Whether rows of different lengths may share a batch with padding
+        between prompt and response: not under sliding-window layers, whose
+        window counts cache places (padding included), not positions."""
+        text = model.config.get_text_config()
+        sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ())
+        return not (sliding or getattr(text, "use_sliding_window", False))
+
     def shares_prefix(self, model: Any, cache: Any) -> bool:
         """Whether the search may hold the prompt's KV once for all rows."""
         from csr.engine.search.cascade_attention import supports_cascade

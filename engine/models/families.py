@@ -79,6 +79,7 @@ GEMMA3 = Adapter(
     model_types=("gemma3",),
     hub_ids=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
     per_row_reason="sliding-window layers (the shared prefix holds every key; a window does not)",
+    checked=PER_ROW_CHECKS,
     notes="image tokens attend to each other both ways in the prompt (token_type_ids); per-row search",
 )
 
@@ -88,6 +89,7 @@ IDEFICS3 = Adapter(
     hub_ids=("HuggingFaceM4/Idefics3-8B-Llama3",),
     language_model_names=("text_model",),
     projector_names=("connector",),
+    checked=FAMILY_CHECKS,
     notes="image split into tiles plus a global view (pixel_attention_mask)",
 )
 
@@ -97,7 +99,8 @@ SMOLVLM = Adapter(
     hub_ids=("HuggingFaceTB/SmolVLM-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
     language_model_names=("text_model",),
     projector_names=("connector",),
-    notes="Idefics3's architecture",
+    notes="Idefics3's architecture (checked there); its processor needs the num2words package, "
+    "not installed where the tests ran",
 )
 
 INTERNVL = Adapter(

@@ -229,7 +229,79 @@ def llava_onevision(seed: int = 0):
                    LlavaOnevisionImageProcessor, seed, "qwen2")
 
 
+# ------------------------------------------------------------------ Gemma 3
+
+
+GEMMA3_SPECIALS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA3_TEMPLATE = _template("<start_of_turn>{{ message['role'] }}\n", "<end_of_turn>\n", "<start_of_image>",
+                            "<start_of_turn>model\n")
+
+
+def gemma3(seed: int = 0, sliding_window: int = 8):
+    """A sliding layer then a full one; the window (8) is shorter than the prompt, so it matters."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
+
+    tokenizer = word_tokenizer(GEMMA3_SPECIALS, {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                                 "image_token": "<image_soft_token>"})
+    boi, eoi, image = _ids(tokenizer, "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    text = _text_config(tokenizer, head_dim=16, sliding_window=sliding_window, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention"])
+    config = Gemma3Config(text_config=text, vision_config=_siglip_vision(), mm_tokens_per_image=4,
+                          boi_token_index=boi, eoi_token_index=eoi, image_token_index=image)
+    torch.manual_seed(seed)
+    model = _finish(Gemma3ForConditionalGeneration(config), tokenizer)
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}),
+                                tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+    return model, processor
+
+
+# ------------------------------------------------------------------ Idefics3 / SmolVLM
+
+
+IDEFICS_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>",
+                    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))]
+IDEFICS_TEMPLATE = _template("<|im_start|>{{ message['role'] | capitalize }}:", "<end_of_utterance>\n", "<image>",
+                             "<|im_start|>Assistant:")
+
+
+def _idefics(config_class, model_class, processor_class, image_processor_class, seed: int):
+    """Images up to 64 px split into 32 px tiles plus a global view: the image-token count varies."""
+    tokenizer = word_tokenizer(["<|im_start|>", *IDEFICS_SPECIALS],
+                               {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                                "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>",
+                                "video_token": "<video>"})
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8}
+    config = config_class(vision_config=vision, text_config={"model_type": "llama", **_text_config(tokenizer)},
+                          scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = _finish(model_class(config), tokenizer)
+    image_processor = image_processor_class(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                            do_image_splitting=True)
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                chat_template=IDEFICS_TEMPLATE)
+    return model, processor
+
+
+def idefics3(seed: int = 0):
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3ImageProcessor, seed)
+
+
 BUILDERS: dict[str, Callable] = {
+    "Idefics3": idefics3,
+    "Gemma 3": gemma3,
     "LLaVA-1.5": llava,
     "LLaVA-NeXT": llava_next,
     "LLaVA-OneVision": llava_onevision,

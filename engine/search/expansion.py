@@ -209,9 +209,12 @@ def expand_prompts(
     parents = [(j, part, cap) for j, (_, partials, caps) in enumerate(jobs)
                for part, cap in zip(partials, caps, strict=True)]
     per_chunk = len(parents) if max_rows is None else max(1, max_rows // settings.num_beams)
-    found: list[list[TokenBeam]] = []
-    for start in range(0, len(parents), per_chunk):
-        chunk = parents[start : start + per_chunk]
+    # Padding between prompt and response takes places in a sliding window:
+    # such a model expands partials of one length per batch (the adapter says).
+    equal = not shared and bool(jobs) and not jobs[0][0].policy.adapter.pads_rows(jobs[0][0].policy.model)
+    found: dict[int, list[TokenBeam]] = {}
+    for indices in _chunks(parents, per_chunk, equal):
+        chunk = [parents[i] for i in indices]
         chunk_caps = [cap for _, _, cap in chunk]
         if shared:
             prompts = sorted({j for j, _, _ in chunk})
@@ -224,7 +227,7 @@ def expand_prompts(
             if len(prefixes) > 1:  # the per-row path holds one prompt per batch
                 raise ValueError("the plain attention path expands one prompt per batch")
             rows, first = _extend(jobs[chunk[0][0]][0], [part for _, part, _ in chunk], max(chunk_caps))
-        found.extend(group_beam_search(first, rows.step, chunk_caps, settings))
+        found.update(zip(indices, group_beam_search(first, rows.step, chunk_caps, settings), strict=True))
         if stats is not None:
             stats.forward_passes += rows.forward_passes
             stats.rows_forwarded += rows.rows_forwarded
@@ -234,9 +237,20 @@ def expand_prompts(
                 stats.attended += int(rows.attended)
                 stats.logit_rows += rows.logit_rows
     out: list[list[list[TokenBeam]]] = [[] for _ in jobs]
-    for (j, _, _), beams in zip(parents, found, strict=True):
-        out[j].append(beams)
+    for i, (j, _, _) in enumerate(parents):
+        out[j].append(found[i])
     return out
+
+
+def _chunks(parents: Sequence[tuple], per_chunk: int, equal_lengths: bool) -> list[list[int]]:
+    """Indices of the parents of each batch: consecutive runs of `per_chunk`,
+    or, with `equal_lengths`, runs of partials of one length each."""
+    if not equal_lengths:
+        return [list(range(s, min(s + per_chunk, len(parents)))) for s in range(0, len(parents), per_chunk)]
+    by_length: dict[tuple[int, int], list[int]] = {}
+    for i, (j, part, _) in enumerate(parents):
+        by_length.setdefault((j, len(part)), []).append(i)
+    return [group[s : s + per_chunk] for group in by_length.values() for s in range(0, len(group), per_chunk)]
 
 
 def expand_partials(
