@@ -107,6 +107,7 @@ INTERNVL = Adapter(
     family="InternVL",
     model_types=("internvl",),
     hub_ids=("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"),
+    checked=FAMILY_CHECKS,
     notes="the -hf conversions transformers ships (the original checkpoints need remote code)",
 )
 
@@ -114,6 +115,7 @@ MISTRAL3 = Adapter(
     family="Mistral 3 (Pixtral)",
     model_types=("mistral3",),
     hub_ids=("mistralai/Mistral-Small-3.1-24B-Instruct-2503",),
+    checked=FAMILY_CHECKS,
     notes="Pixtral vision encoder: image token count follows the image size (image_sizes)",
 )
 

@@ -299,7 +299,68 @@ def idefics3(seed: int = 0):
     return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3ImageProcessor, seed)
 
 
+# ------------------------------------------------------------------ InternVL, Mistral 3
+
+
+def internvl(seed: int = 0):
+    """Images cropped into up to four 32 px patches plus a thumbnail: the image-token count varies."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    tokenizer = word_tokenizer(["<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>"],
+                               {"start_image_token": "<img>", "end_image_token": "</img>",
+                                "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": [32, 32], "patch_size": [8, 8]}
+    config = InternVLConfig(vision_config=vision, text_config={"model_type": "qwen2", **_text_config(tokenizer)},
+                            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
+                            downsample_ratio=0.5, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = _finish(InternVLForConditionalGeneration(config), tokenizer)
+    image_processor = GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                            min_patches=1, max_patches=4)
+    processor = InternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size={"height": 32, "width": 32}), image_seq_length=4,
+        chat_template=_template("<|im_start|>{{ message['role'] }}\n", "<|im_end|>\n", "<IMG_CONTEXT>\n",
+                                "<|im_start|>assistant\n"),
+    )
+    return model, processor
+
+
+def mistral3(seed: int = 0):
+    """A Pixtral tower over images up to 64 px: rows of patches with breaks, counts follow the size."""
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralImageProcessor,
+        PixtralProcessor,
+    )
+
+    tokenizer = word_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"], {"image_token": "[IMG]"})
+    vision = {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "head_dim": 8, "image_size": 64, "patch_size": 8}
+    config = Mistral3Config(vision_config=vision, text_config={"model_type": "mistral", **_text_config(tokenizer)},
+                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+                            tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = _finish(Mistral3ForConditionalGeneration(config), tokenizer)
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size=8), tokenizer=tokenizer,
+        patch_size=8, spatial_merge_size=2,
+        chat_template=_template("[INST]", "[/INST]", "[IMG]", ""),
+    )
+    return model, processor
+
+
 BUILDERS: dict[str, Callable] = {
+    "InternVL": internvl,
+    "Mistral 3 (Pixtral)": mistral3,
     "Idefics3": idefics3,
     "Gemma 3": gemma3,
     "LLaVA-1.5": llava,
