@@ -50,6 +50,8 @@ class Adapter:
     # What the tests check for this family (tests/test_families.py), for docs/models.md.
     checked: tuple[str, ...] = field(default=())
     notes: str = ""
+    # The processor takes one list of images per prompt (Gemma 3), not one flat list.
+    nested_images: bool = False
 
     # ------------------------------------------------------------------ prompts
 
@@ -71,7 +73,7 @@ class Adapter:
         the tokenizer's own special tokens as generation has them."""
         return processor(
             text=[self.build_prompt(processor, p, template) for p in user_prompts],
-            images=list(images),
+            images=[[image] for image in images] if self.nested_images else list(images),
             padding=True,
             padding_side="left",
             return_tensors="pt",

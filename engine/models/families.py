@@ -79,6 +79,7 @@ GEMMA3 = Adapter(
     model_types=("gemma3",),
     hub_ids=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
     per_row_reason="sliding-window layers (the shared prefix holds every key; a window does not)",
+    nested_images=True,
     checked=PER_ROW_CHECKS,
     notes="image tokens attend to each other both ways in the prompt (token_type_ids); per-row search",
 )
