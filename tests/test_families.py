@@ -183,3 +183,31 @@ def test_docs_models_md_is_generated_from_the_adapters():
 
 def test_a_family_said_checked_has_a_tiny_model_the_tests_run():
     assert {a.family for a in ADAPTERS if a.checked} == set(FAMILIES)
+
+
+def test_csr_init_refuses_an_unsupported_family_and_creates_nothing(tmp_path):
+    from tests.cli_runner import invoke_csr
+
+    model = tmp_path / "blip"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "blip-2"}')
+    done = invoke_csr("init", "--model", str(model), cwd=tmp_path)
+    assert done.returncode != 0
+    line = done.stderr.strip()
+    assert "\n" not in line and "'blip-2' is not a supported" in line and "Qwen2.5-VL" in line
+    assert not (tmp_path / "csr.db").exists() and not (tmp_path / "csr.toml").exists()
+    vila = invoke_csr("init", "--model", "Efficient-Large-Model/VILA1.5-7b", cwd=tmp_path)
+    assert vila.returncode != 0 and "remote code" in vila.stderr
+    assert not (tmp_path / "csr.db").exists()
+
+
+def test_a_per_row_family_says_so_once(caplog):
+    from csr.engine.search import expansion
+
+    adapter = adapter_for_type("gemma3")
+    expansion._PER_ROW_SAID.discard(adapter.family)
+    with caplog.at_level("WARNING", logger=expansion.__name__):
+        expansion._say_per_row(adapter)
+        expansion._say_per_row(adapter)
+    said = [r.getMessage() for r in caplog.records if adapter.family in r.getMessage()]
+    assert len(said) == 1 and "sliding-window" in said[0]
