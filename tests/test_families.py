@@ -211,3 +211,24 @@ def test_a_per_row_family_says_so_once(caplog):
         expansion._say_per_row(adapter)
     said = [r.getMessage() for r in caplog.records if adapter.family in r.getMessage()]
     assert len(said) == 1 and "sliding-window" in said[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Qwen2-VL", "Gemma 3"])
+def test_generate_curate_train_register_and_search_again(name, tmp_path, tiny_clip_dir):
+    """M-RoPE and a sliding-window per-row family through the whole iteration;
+    the merged version reloads and searches the next iteration."""
+    import json
+
+    from tests.study import make_study
+
+    model, processor = build_tiny(name)
+    model_dir = save_pretrained(model, processor, tmp_path / "model")
+    study = make_study(tmp_path / "study", f"sqlite:///{tmp_path / 'store.db'}", model_dir, tiny_clip_dir, prompts=6)
+    done = study.invoke("iterate", "--iter", "1", "--quiet", "--device", "cpu", "--dtype", "fp32", "--json")
+    assert done.returncode == 0, done.stderr
+    [result] = json.loads(done.stdout)
+    assert result["trained"]["model_version"] == 1
+    again = study.invoke("generate", "--iter", "2", "--limit", "1", "--quiet", "--device", "cpu")
+    assert again.returncode == 0, again.stderr
+    assert study.query("SELECT COUNT(*) > 0 FROM candidates WHERE iteration = 2") == [(1,)]
