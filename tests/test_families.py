@@ -214,9 +214,9 @@ def test_a_per_row_family_says_so_once(caplog):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["Qwen2-VL", "Gemma 3"])
+@pytest.mark.parametrize("name", ["Qwen2-VL", "LLaVA-NeXT"])
 def test_generate_curate_train_register_and_search_again(name, tmp_path, tiny_clip_dir):
-    """M-RoPE and a sliding-window per-row family through the whole iteration;
+    """M-RoPE and any-resolution tiles (image_sizes) through the whole iteration;
     the merged version reloads and searches the next iteration."""
     import json
 
@@ -224,7 +224,7 @@ def test_generate_curate_train_register_and_search_again(name, tmp_path, tiny_cl
 
     model, processor = build_tiny(name)
     model_dir = save_pretrained(model, processor, tmp_path / "model")
-    study = make_study(tmp_path / "study", f"sqlite:///{tmp_path / 'store.db'}", model_dir, tiny_clip_dir, prompts=6)
+    study = make_study(tmp_path / "study", f"sqlite:///{tmp_path / 'store.db'}", model_dir, tiny_clip_dir, prompts=4)
     done = study.invoke("iterate", "--iter", "1", "--quiet", "--device", "cpu", "--dtype", "fp32", "--json")
     assert done.returncode == 0, done.stderr
     [result] = json.loads(done.stdout)
