@@ -50,6 +50,10 @@ def init(
         if not Path(settings.model).exists():
             raise CsrError(f"model directory not found: {settings.model}")
         settings.model = str(Path(settings.model).resolve())
+    # A family csr cannot drive is refused before the store exists (engine/models).
+    from csr.engine.models import check_family
+
+    check_family(settings.model)
     if settings.clip.startswith("local-dir:"):
         settings.clip = "local-dir:" + str(Path(settings.clip[len("local-dir:"):]).resolve())
     url = st.url

@@ -1,4 +1,4 @@
-"""Loading the policy (a LLaVA-style vision-language model) and the CLIP scorer.
+"""Loading the policy (a vision-language model of a family engine/models knows) and the CLIP scorer.
 
 Both load from a hub id or a local directory through the libraries' own
 loaders (`transformers` Auto classes, `open_clip`), so a tiny model saved by
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from csr.engine.errors import ModelLoadError
-from csr.engine.prompting import chat_prompt, encode_prompts
+from csr.engine.models import LLAVA, Adapter, adapter_for, check_family
 
 _DTYPES = {
     "float32": torch.float32,
@@ -55,25 +55,23 @@ class Policy:
     # Ids the search never selects (`unreturnable_ids`): none when built by hand.
     masked_ids: tuple[int, ...] = ()
     stop_ids: tuple[int, ...] = field(init=False)
+    # What csr knows of the model's architecture (engine/models); found from its config when not given.
+    adapter: Adapter = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         # EOS first: when a token is both, it ends the response, not just the sentence.
         self.stop_ids = tuple(dict.fromkeys([self.eos_token_id, *self.sentence_end_ids]))
+        if self.adapter is None:
+            # A policy built by hand around no model (tests of the tree logic) is driven as LLaVA-1.5.
+            self.adapter = adapter_for(self.model) if self.model is not None else LLAVA
 
     def build_prompt(self, user_prompt: str, template: str = "chat") -> str:
-        return chat_prompt(self.processor, user_prompt, template)
+        return self.adapter.build_prompt(self.processor, user_prompt, template)
 
     def encode(self, image, user_prompt: str, template: str = "chat") -> dict[str, torch.Tensor]:
         """Processor outputs (input ids with image placeholders expanded, pixel values, ...)."""
-        inputs = encode_prompts(self.processor, [image], [user_prompt], template)
-        out = {}
-        for key, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device)
-                if value.is_floating_point():
-                    value = value.to(self.model.dtype)
-            out[key] = value
-        return out
+        inputs = self.adapter.encode(self.processor, [image], [user_prompt], template)
+        return self.adapter.to_model(inputs, self.device, self.model.dtype)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -95,27 +93,10 @@ def find_sentence_end_ids(tokenizer) -> tuple[int, ...]:
     return found
 
 
-_PLACEHOLDER_ATTRIBUTES = ("image_token_index", "image_token_id", "video_token_index", "video_token_id")
-
-
 def placeholder_ids(model_config, processor) -> tuple[int, ...]:
-    """The image (and video) placeholder ids: where the processor puts an
-    image's features. A response holding one cannot be trained on (the model
-    would look for image features there), so the search never selects one."""
-    found: list[int] = []
-    tokenizer = getattr(processor, "tokenizer", None)
-    for source in (model_config, processor, tokenizer):
-        for name in _PLACEHOLDER_ATTRIBUTES:
-            value = getattr(source, name, None) if source is not None else None
-            if isinstance(value, int) and value >= 0:
-                found.append(value)
-    for name in ("image_token", "video_token"):
-        token = getattr(processor, name, None) or getattr(tokenizer, name, None)
-        if isinstance(token, str) and tokenizer is not None:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
-                found.append(token_id)
-    return tuple(sorted(set(found)))
+    """The image (and video) placeholder ids, as the model's adapter knows them
+    (`Adapter.placeholder_ids`): the search never selects one."""
+    return adapter_for(model_config).placeholder_ids(model_config, processor)
 
 
 def unreturnable_ids(model, processor, tokenizer, eos_token_id: int) -> tuple[int, ...]:
@@ -168,6 +149,7 @@ def load_policy(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     source = _policy_source(name_or_path)
+    check_family(source)
     torch_dtype = _resolve_dtype(dtype, device)
     try:
         processor = AutoProcessor.from_pretrained(source)
@@ -175,6 +157,7 @@ def load_policy(
     except Exception as exc:
         raise _not_loadable(source, exc) from exc
     model.to(device).eval()
+    adapter = adapter_for(model)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise ModelLoadError(f"the processor of {source!r} has no tokenizer")
@@ -189,6 +172,7 @@ def load_policy(
         sentence_end_ids=ends,
         eos_token_id=eos,
         masked_ids=unreturnable_ids(model, processor, tokenizer, eos),
+        adapter=adapter,
     )
 
 
@@ -218,10 +202,12 @@ def check_policy(name_or_path: str) -> None:
     from transformers import AutoConfig
 
     source = _policy_source(name_or_path)
+    check_family(source)
     try:
-        AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
     except Exception as exc:
         raise _not_loadable(source, exc) from exc
+    adapter_for(config)
 
 
 @dataclass

@@ -11,6 +11,7 @@ released code does: the baseline of bench/bench_search.py and a reference in tes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,13 +19,17 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from csr.engine.search.beam_search import BeamSettings, TokenBeam, group_beam_search
-from csr.engine.search.cascade_attention import PrefixKV, supports_cascade
+from csr.engine.search.cascade_attention import PrefixKV
 from csr.engine.search.kv_cache import (
     CascadeRows,
     _buffer_cache,
     _CachedRows,
     _is_plain_cache,
 )
+
+log = logging.getLogger(__name__)
+# Families already told they search on the per-row path (said once per process).
+_PER_ROW_SAID: set[str] = set()
 
 # --------------------------------------------------------------------------- model side
 
@@ -42,6 +47,9 @@ class PromptPrefix:
         self.length = int(inputs["input_ids"].shape[1])
         with torch.inference_mode():
             out = policy.model(**inputs, use_cache=True, logits_to_keep=1)
+            # Where the model's positions stand against sequence indices after
+            # this prompt (M-RoPE's rope delta; 0 for 1-D positions).
+            self.shift = policy.adapter.prefix_shift(policy.model, inputs)
         self.cache = out.past_key_values
         self.last_logits = out.logits[0, -1].float()
         self.forward_passes = 1
@@ -56,9 +64,15 @@ class PromptPrefix:
 
     @property
     def shares_prefix(self) -> bool:
-        """Whether the shared-prefix attention applies: full-attention layers
-        only, in a decoder whose attention goes through transformers' interface."""
-        return _is_plain_cache(self.cache) and supports_cascade(self.policy.model)
+        """Whether the shared-prefix attention applies (the adapter says):
+        full-attention layers only, in a decoder whose attention goes through
+        transformers' interface."""
+        return self.policy.adapter.shares_prefix(self.policy.model, self.cache)
+
+    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """The model's position ids for this prompt's rows at sequence indices `positions` (rows, n)."""
+        shift = torch.full((positions.shape[0],), self.shift, dtype=positions.dtype, device=positions.device)
+        return self.policy.adapter.row_position_ids(positions, shift)
 
     @property
     def kv(self) -> PrefixKV:
@@ -84,7 +98,7 @@ def _extend(
     mask = torch.ones(n, prefix.length, dtype=torch.long, device=device)
     next_pos = torch.tensor([prefix.length + m for m in lengths], device=device)
     pad = prefix.policy.tokenizer.pad_token_id or 0
-    rows = _CachedRows(model, cache, mask, next_pos)
+    rows = _CachedRows(model, cache, mask, next_pos, prefix.position_ids)
     first = prefix.last_logits.expand(n, -1).clone()
     if width == 0:
         return rows, first
@@ -102,7 +116,7 @@ def _extend(
         out = model(
             input_ids=ids,
             attention_mask=rows.mask,
-            position_ids=pos,
+            position_ids=prefix.position_ids(pos),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
@@ -144,7 +158,12 @@ def _extend_shared(
     starts = [prefixes[p].length for p, _ in parents]
     row_prompt = torch.tensor([p for p, _ in parents], device=device)
     next_pos = torch.tensor([start + m for start, m in zip(starts, lengths, strict=True)], device=device)
-    rows = CascadeRows(model, [pf.kv for pf in prefixes], row_prompt, next_pos, width + max_new)
+    adapter = prefixes[0].policy.adapter
+    shifts = torch.tensor([pf.shift for pf in prefixes], device=device)
+    rows = CascadeRows(
+        model, [pf.kv for pf in prefixes], row_prompt, next_pos, width + max_new,
+        lambda positions, row_prompt: adapter.row_position_ids(positions, shifts[row_prompt]),
+    )
     first = torch.stack([prefixes[p].last_logits for p, _ in parents])
     if width == 0:
         return rows, first
@@ -163,6 +182,13 @@ def _extend_shared(
     return rows, torch.where(has_tokens, logits.float(), first)
 
 
+def _say_per_row(adapter) -> None:
+    if adapter.family not in _PER_ROW_SAID:
+        _PER_ROW_SAID.add(adapter.family)
+        why = adapter.per_row_reason or "its cache or attention is not the plain full-attention kind"
+        log.warning("%s: the search copies the prompt into every row (no shared prefix): %s", adapter.family, why)
+
+
 def expand_prompts(
     jobs: Sequence[tuple[PromptPrefix, Sequence[Sequence[int]], Sequence[int]]],
     settings: BeamSettings,
@@ -178,12 +204,17 @@ def expand_prompts(
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     shared = attention == "cascade" and all(prefix.shares_prefix for prefix, _, _ in jobs)
+    if attention == "cascade" and not shared and jobs:
+        _say_per_row(jobs[0][0].policy.adapter)
     parents = [(j, part, cap) for j, (_, partials, caps) in enumerate(jobs)
                for part, cap in zip(partials, caps, strict=True)]
     per_chunk = len(parents) if max_rows is None else max(1, max_rows // settings.num_beams)
-    found: list[list[TokenBeam]] = []
-    for start in range(0, len(parents), per_chunk):
-        chunk = parents[start : start + per_chunk]
+    # Padding between prompt and response takes places in a sliding window:
+    # such a model expands partials of one length per batch (the adapter says).
+    equal = not shared and bool(jobs) and not jobs[0][0].policy.adapter.pads_rows(jobs[0][0].policy.model)
+    found: dict[int, list[TokenBeam]] = {}
+    for indices in _chunks(parents, per_chunk, equal):
+        chunk = [parents[i] for i in indices]
         chunk_caps = [cap for _, _, cap in chunk]
         if shared:
             prompts = sorted({j for j, _, _ in chunk})
@@ -196,7 +227,7 @@ def expand_prompts(
             if len(prefixes) > 1:  # the per-row path holds one prompt per batch
                 raise ValueError("the plain attention path expands one prompt per batch")
             rows, first = _extend(jobs[chunk[0][0]][0], [part for _, part, _ in chunk], max(chunk_caps))
-        found.extend(group_beam_search(first, rows.step, chunk_caps, settings))
+        found.update(zip(indices, group_beam_search(first, rows.step, chunk_caps, settings), strict=True))
         if stats is not None:
             stats.forward_passes += rows.forward_passes
             stats.rows_forwarded += rows.rows_forwarded
@@ -206,9 +237,20 @@ def expand_prompts(
                 stats.attended += int(rows.attended)
                 stats.logit_rows += rows.logit_rows
     out: list[list[list[TokenBeam]]] = [[] for _ in jobs]
-    for (j, _, _), beams in zip(parents, found, strict=True):
-        out[j].append(beams)
+    for i, (j, _, _) in enumerate(parents):
+        out[j].append(found[i])
     return out
+
+
+def _chunks(parents: Sequence[tuple], per_chunk: int, equal_lengths: bool) -> list[list[int]]:
+    """Indices of the parents of each batch: consecutive runs of `per_chunk`,
+    or, with `equal_lengths`, runs of partials of one length each."""
+    if not equal_lengths:
+        return [list(range(s, min(s + per_chunk, len(parents)))) for s in range(0, len(parents), per_chunk)]
+    by_length: dict[tuple[int, int], list[int]] = {}
+    for i, (j, part, _) in enumerate(parents):
+        by_length.setdefault((j, len(part)), []).append(i)
+    return [group[s : s + per_chunk] for group in by_length.values() for s in range(0, len(group), per_chunk)]
 
 
 def expand_partials(

@@ -153,8 +153,10 @@ class _CachedRows:
     the cache's.
     """
 
-    def __init__(self, model, cache, mask: torch.Tensor, next_pos: torch.Tensor):
+    def __init__(self, model, cache, mask: torch.Tensor, next_pos: torch.Tensor, position_ids=None):
         self.model, self.cache, self.mask, self.next_pos = model, cache, mask, next_pos
+        # Sequence indices (rows, n) -> the model's position ids (the family's adapter).
+        self.position_ids = position_ids or (lambda positions: positions)
         self.slot = torch.arange(mask.shape[0], device=mask.device)
         self.in_place = all(isinstance(layer, _BufferLayer) for layer in getattr(cache, "layers", [None]))
         self.forward_passes = 0
@@ -204,7 +206,7 @@ class _CachedRows:
             out = self.model(
                 input_ids=feed[:, None],
                 attention_mask=self.mask,
-                position_ids=self.next_pos[:, None],
+                position_ids=self.position_ids(self.next_pos[:, None]),
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -233,12 +235,15 @@ class CascadeRows:
         row_prompt: torch.Tensor,
         next_pos: torch.Tensor,
         capacity: int,
+        position_ids=None,
     ):
         layers = len(prefixes[0].keys)
         kv_heads, _, head_dim = prefixes[0].keys[0].shape
         first = prefixes[0].keys[0]
         self.model, self.prefixes = model, list(prefixes)
         self.row_prompt, self.next_pos = row_prompt, next_pos
+        # (sequence indices (rows, n), each row's prompt) -> the model's position ids (the family's adapter).
+        self.position_ids = position_ids or (lambda positions, row_prompt: positions)
         self.cache = SuffixCache(
             layers, row_prompt.numel(), kv_heads, head_dim, capacity, first.dtype, first.device
         )
@@ -271,7 +276,7 @@ class CascadeRows:
             with torch.inference_mode(), cascade_attention(self.model):
                 out = self.model(
                     input_ids=ids,
-                    position_ids=positions,
+                    position_ids=self.position_ids(positions, self.row_prompt),
                     past_key_values=self.cache,
                     use_cache=True,
                     logits_to_keep=1,

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from csr.engine.models import adapter_for
 from csr.engine.train.config import TrainConfig, TrainConfigError  # noqa: F401  (re-exported)
 from csr.engine.train.dpo_data import (  # noqa: F401  (re-exported: the training API in one place)
     PreferenceExample,
@@ -301,7 +302,7 @@ def train_dpo(
         model=model,
         args=_dpo_args(config, checkpoint_dir, bf16, device),
         train_dataset=_preference_dataset(examples, tree_reference),
-        data_collator=TokenPreferenceCollator(processor, pad_id),
+        data_collator=TokenPreferenceCollator(processor, pad_id, adapter_for(model)),
         processing_class=processor,
         peft_config=lora,
         callbacks=list(callbacks),

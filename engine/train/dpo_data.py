@@ -52,13 +52,16 @@ class TokenPreferenceCollator:
 
     processor: Any
     pad_token_id: int
+    # The model's family (engine/models): how prompts are encoded and what the batch carries.
+    adapter: Any = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         from PIL import Image
         from trl.trainer.utils import flush_left
 
-        from csr.engine.prompting import encode_prompts
+        from csr.engine.models import LLAVA
 
+        adapter = self.adapter or LLAVA
         images = []
         for e in examples:
             with Image.open(e["images"][0]) as image:
@@ -66,7 +69,8 @@ class TokenPreferenceCollator:
         templates = {e.get("prompt_template", "chat") for e in examples}
         if len(templates) > 1:
             raise ValueError(f"one batch holds pairs of several prompt templates: {sorted(templates)}")
-        encoded = encode_prompts(self.processor, images * 2, [e["prompt"] for e in examples] * 2, templates.pop())
+        prompts = [e["prompt"] for e in examples] * 2
+        encoded = adapter.encode(self.processor, images * 2, prompts, templates.pop())
         responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         width = max(len(r) for r in responses)
         response_ids = torch.full((len(responses), width), self.pad_token_id, dtype=torch.long)
@@ -74,13 +78,16 @@ class TokenPreferenceCollator:
         for row, ids in enumerate(responses):
             response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             response_mask[row, : len(ids)] = 1
-        prompt_mask = encoded["attention_mask"]
-        input_ids = torch.cat([encoded["input_ids"], response_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-        completion_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
-        attention_mask, input_ids, completion_mask = flush_left(attention_mask, input_ids, completion_mask)
-        batch = dict(encoded)
+        # The processor's other per-token inputs (token_type_ids, mm_token_type_ids)
+        # are extended and flushed with the ids; the image inputs ride along as given.
+        batch, per_token = adapter.with_responses(encoded, response_ids, response_mask)
+        completion_mask = torch.cat([torch.zeros_like(encoded["attention_mask"]), response_mask], dim=1)
+        flushed = flush_left(
+            batch["attention_mask"], batch["input_ids"], completion_mask, *(batch[k] for k in per_token)
+        )
+        attention_mask, input_ids, completion_mask, *rest = flushed
         batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
+        batch.update(zip(per_token, rest, strict=True))
         if "ref_chosen_logps" in examples[0]:
             batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])
             batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])
@@ -88,7 +95,7 @@ class TokenPreferenceCollator:
 
 
 def unencodable_reason(example: PreferenceExample, processor: Any, placeholder_ids: Sequence[int],
-                       vocab_size: int) -> str | None:
+                       vocab_size: int, adapter: Any = None) -> str | None:
     """Why the model cannot train on `example` as stored, or None. A response
     holding an image placeholder id makes the model look for image features
     that are not there ("Image features and image tokens do not match"); the
@@ -96,8 +103,9 @@ def unencodable_reason(example: PreferenceExample, processor: Any, placeholder_i
     tool, may hold them."""
     from PIL import Image
 
-    from csr.engine.prompting import encode_prompts
+    from csr.engine.models import LLAVA
 
+    adapter = adapter or LLAVA
     placeholders = set(placeholder_ids)
     for side, ids in (("chosen", example.chosen_ids), ("rejected", example.rejected_ids)):
         held = sorted(placeholders.intersection(ids))
@@ -108,7 +116,7 @@ def unencodable_reason(example: PreferenceExample, processor: Any, placeholder_i
             return f"the {side} response holds id {outside[0]}, outside the vocabulary ({vocab_size} ids)"
     try:
         with Image.open(example.image_path) as image:
-            encode_prompts(processor, [image.convert("RGB")], [example.prompt], example.prompt_template)
+            adapter.encode(processor, [image.convert("RGB")], [example.prompt], example.prompt_template)
     except Exception as exc:  # noqa: BLE001  (any processor failure makes the pair unusable)
         return f"the processor cannot encode its image and prompt: {type(exc).__name__}: {exc}"
     return None
@@ -118,15 +126,16 @@ def find_unencodable(examples: Sequence[PreferenceExample], model_path: str | Pa
     """{index: reason} of each example the model at `model_path` cannot train on."""
     from transformers import AutoConfig, AutoProcessor
 
-    from csr.engine.loading import placeholder_ids
+    from csr.engine.models import adapter_for
 
     processor = AutoProcessor.from_pretrained(str(model_path))
     model_config = AutoConfig.from_pretrained(str(model_path))
+    adapter = adapter_for(model_config)
     vocab_size = int(model_config.get_text_config().vocab_size)
-    placeholders = placeholder_ids(model_config, processor)
+    placeholders = adapter.placeholder_ids(model_config, processor)
     found = {}
     for index, example in enumerate(examples):
-        reason = unencodable_reason(example, processor, placeholders, vocab_size)
+        reason = unencodable_reason(example, processor, placeholders, vocab_size, adapter)
         if reason is not None:
             found[index] = reason
     return found
@@ -166,17 +175,16 @@ def completion_logprob(
 ) -> float:
     """Summed log-probability of the response ids after image + prompt, the
     prompt encoded as generation and training encode it."""
-    from csr.engine.prompting import encode_prompts
+    from csr.engine.models import adapter_for
 
+    adapter = adapter_for(model)
     device = next(model.parameters()).device
-    encoded = encode_prompts(processor, [image], [prompt], template)
+    encoded = adapter.encode(processor, [image], [prompt], template)
     response = torch.tensor([list(response_ids)], dtype=torch.long)
-    input_ids = torch.cat([encoded["input_ids"], response], dim=1).to(device)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        pixel_values=encoded["pixel_values"].to(device, model.dtype),
-    ).logits.float()
+    batch, _ = adapter.with_responses(encoded, response, torch.ones_like(response))
+    batch = adapter.to_model(batch, device, model.dtype)
+    input_ids = batch["input_ids"]
+    logits = model(**batch).logits.float()
     start = encoded["input_ids"].shape[1]
     # Position i predicts token i + 1.
     logprobs = torch.log_softmax(logits[0, start - 1 : -1], dim=-1)

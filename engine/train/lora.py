@@ -1,5 +1,6 @@
-"""LoRA on a LLaVA-style model: which layers it adapts, its PEFT config, and
-the weights hash every saved model version carries."""
+"""LoRA on a vision-language model: which layers it adapts (the model's
+adapter, engine/models, names its language model and projector), its PEFT
+config, and the weights hash every saved model version carries."""
 
 from __future__ import annotations
 
@@ -18,10 +19,6 @@ if TYPE_CHECKING:
 # The seven projections of a Llama/Mistral/Vicuna/Qwen decoder layer: what the
 # released script's LoRA targets inside the language model.
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Attribute names LLaVA-family models use for their parts (transformers 5 nests
-# them under `model.`; older remote-code checkpoints use `mm_projector`).
-LANGUAGE_MODEL_NAMES = ("language_model",)
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
 
 
 # ------------------------------------------------------------------- model surgery
@@ -44,11 +41,13 @@ def resolve_lora_targets(model: torch.nn.Module, lora_target: str) -> tuple[str,
     """A PEFT target regex over the text decoder's linear layers, and the module
     names it matches. The vision tower shares layer names with the decoder
     (q_proj...), so the match is anchored at the language model's own path."""
-    lm_name = _find_module(model, LANGUAGE_MODEL_NAMES)
+    from csr.engine.models import adapter_for
+
+    names = adapter_for(model).language_model_names
+    lm_name = _find_module(model, names)
     if lm_name is None:
         raise ValueError(
-            f"cannot find the language model in {type(model).__name__}: "
-            f"no submodule named {' or '.join(LANGUAGE_MODEL_NAMES)}"
+            f"cannot find the language model in {type(model).__name__}: no submodule named {' or '.join(names)}"
         )
     leaves = _lora_leaf_names(lora_target)
     pattern = rf"{re.escape(lm_name)}\..*\.({'|'.join(map(re.escape, leaves))})"
@@ -93,7 +92,9 @@ def _lora_setup(model: torch.nn.Module, config: TrainConfig) -> tuple[Any, dict[
     target_regex, targeted = resolve_lora_targets(model, config.lora_target)
     modules_to_save: list[str] = []
     if config.projector_learning_rate > 0:
-        projector = _find_module(model, PROJECTOR_NAMES)
+        from csr.engine.models import adapter_for
+
+        projector = _find_module(model, adapter_for(model).projector_names)
         if projector is None:
             raise ValueError(f"cannot find the multimodal projector in {type(model).__name__}")
         modules_to_save = [projector.rsplit(".", 1)[-1]]
