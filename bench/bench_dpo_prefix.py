@@ -5,6 +5,7 @@ prompt), back to back in one run.
     python bench/bench_dpo_prefix.py                       # both shapes, CPU, 1 thread
     python bench/bench_dpo_prefix.py --shapes 2880 --steps 5 --reference recompute
     python bench/bench_dpo_prefix.py --device cuda --dtype bfloat16 --size 1b
+    python bench/bench_dpo_prefix.py --size tiny --steps 1    # seconds: a dry run
 
 One random LLaVA-architecture model (`--size` 256x4: text hidden 256 x 4
 layers, the search bench's shape; LLaVA-1.5's "default" feature strategy, so
@@ -15,7 +16,8 @@ layers, the search bench's shape; LLaVA-1.5's "default" feature strategy, so
         tower run on five crops (LLaVA-NeXT's anyres at 672 x 672, less its
         48 row-end tokens).
 
-Each pair: a ~10-token prompt around the image tokens, a 100-token chosen and
+(`--size 1b`: 24 x 24 patches of 14 px, the same counts; `--size tiny`: 16
+image tokens a crop.) Each pair: a ~10-token prompt around the image tokens, a 100-token chosen and
 a 92-token rejected response (random ids; `--pairs` pairs per step). One
 step = TRL's `training_step` (loss, backward) through csr's own trainer
 (engine/train/dpo.py make_trainer), the csr defaults (LoRA r 128 on the
@@ -57,7 +59,8 @@ from csr.engine.train import prefix_shared
 from csr.engine.train.dpo import PreferenceExample, TrainConfig, _lora_setup, make_trainer
 
 SIZES = {
-    # bench/bench_search.py's 256x4 and 1b shapes.
+    # bench/bench_search.py's tiny (bench/device_check.sh's CPU dry run: 16 image tokens a crop), 256x4 and 1b shapes.
+    "tiny": tiny.TinyLlavaSize(),
     "256x4": tiny.TinyLlavaSize(
         image_size=192, patch_size=8, vision_hidden=96, vision_layers=2, vision_heads=4,
         text_hidden=256, text_layers=4, text_heads=4, text_intermediate=688,
@@ -162,7 +165,9 @@ def step(trainer, batch: dict, device: str) -> tuple[float, float, float, int]:
             f.write("5")
         base = _proc_status("VmRSS")
     started, cpu = time.perf_counter(), time.process_time()
-    loss = trainer.training_step(trainer.model, dict(batch))
+    # trainer.train() runs the model under the accelerator's autocast (bf16); so does the bench.
+    with trainer.accelerator.autocast():
+        loss = trainer.training_step(trainer.model, dict(batch))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
@@ -219,7 +224,7 @@ def run_shape(shape: str, args, model_dir: Path, size: tiny.TinyLlavaSize, root:
     worst = max((grads_s[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-30) for n, g in grads_c.items())
     print(f"  prefix-shared / concatenated: {ratio:.2f}x tokens/s ({cpu_ratio:.2f}x per CPU second), peak memory "
           f"{max(peaks['prefix-shared']) / max(max(peaks['concatenated']), 1):.2f}x; "
-          f"loss {loss_s:.6f} vs {loss_c:.6f} (rel. diff {abs(loss_s - loss_c) / abs(loss_c):.1e}), "
+          f"loss {loss_s:.9g} vs {loss_c:.9g} (rel. diff {abs(loss_s - loss_c) / abs(loss_c):.1e}), "
           f"largest gradient difference {worst:.1e} of the tensor's largest entry "
           f"({len(grads_c)} trainable tensors)", flush=True)
     return ratio
