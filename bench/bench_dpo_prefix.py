@@ -18,7 +18,8 @@ layers, the search bench's shape; LLaVA-1.5's "default" feature strategy, so
 
 (`--size 1b`: 24 x 24 patches of 14 px, the same counts; `--size tiny`: 16
 image tokens a crop.) Each pair: a ~10-token prompt around the image tokens, a 100-token chosen and
-a 92-token rejected response (random ids; `--pairs` pairs per step). One
+a 92-token rejected response (random ids; `--chosen-tokens`,
+`--rejected-tokens`; `--pairs` pairs per step). One
 step = TRL's `training_step` (loss, backward) through csr's own trainer
 (engine/train/dpo.py make_trainer), the csr defaults (LoRA r 128 on the
 seven decoder projections, the projector trained in full, gradient
@@ -101,7 +102,8 @@ def crops(count: int, side: int, seed: int) -> list[Image.Image]:
     return images
 
 
-def make_batch(processor, n_crops: int, pairs: int, side: int, seed: int) -> dict:
+def make_batch(processor, n_crops: int, pairs: int, side: int, seed: int,
+               lengths: tuple[int, int] = (CHOSEN_TOKENS, REJECTED_TOKENS)) -> dict:
     """A prefix-shared batch: `n_crops` image-token blocks per prompt."""
     rng = random.Random(seed)
     ids = [i for w in WORDS if (i := processor.tokenizer.convert_tokens_to_ids(w)) is not None]
@@ -109,11 +111,11 @@ def make_batch(processor, n_crops: int, pairs: int, side: int, seed: int) -> dic
     text = f"USER: {'<image>' * n_crops}\n{PROMPT} ASSISTANT:"
     encoded = processor(text=[text] * pairs, images=crops(n_crops * pairs, side, seed), padding=True,
                         padding_side="left", return_tensors="pt")
-    chosen = [[rng.choice(ids) for _ in range(CHOSEN_TOKENS - 1)] + [eos] for _ in range(pairs)]
-    rejected = [[rng.choice(ids) for _ in range(REJECTED_TOKENS - 1)] + [eos] for _ in range(pairs)]
+    chosen = [[rng.choice(ids) for _ in range(lengths[0] - 1)] + [eos] for _ in range(pairs)]
+    rejected = [[rng.choice(ids) for _ in range(lengths[1] - 1)] + [eos] for _ in range(pairs)]
     batch = prefix_shared.pair_batch(encoded, chosen, rejected, processor.tokenizer.pad_token_id)
-    batch["ref_chosen_logps"] = torch.full((pairs,), -float(CHOSEN_TOKENS) * 4)
-    batch["ref_rejected_logps"] = torch.full((pairs,), -float(REJECTED_TOKENS) * 4)
+    batch["ref_chosen_logps"] = torch.full((pairs,), -float(lengths[0]) * 4)
+    batch["ref_rejected_logps"] = torch.full((pairs,), -float(lengths[1]) * 4)
     return batch
 
 
@@ -184,7 +186,8 @@ def run_shape(shape: str, args, model_dir: Path, size: tiny.TinyLlavaSize, root:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    shared_batch = make_batch(processor, CROPS[shape], args.pairs, size.image_size, seed=int(shape))
+    lengths = (args.chosen_tokens, args.rejected_tokens)
+    shared_batch = make_batch(processor, CROPS[shape], args.pairs, size.image_size, seed=int(shape), lengths=lengths)
     batches = {"prefix-shared": shared_batch, "concatenated": prefix_shared.concatenated_batch(shared_batch)}
     if args.reference == "recompute":
         for b in batches.values():
@@ -195,7 +198,7 @@ def run_shape(shape: str, args, model_dir: Path, size: tiny.TinyLlavaSize, root:
     image_tokens = int((shared_batch["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
     unique = int(shared_batch[prefix_shared.LAYOUT_KEY]["input_ids"].numel())
     print(f"\nshape {shape}: {args.pairs} pair(s) a step, {image_tokens} image tokens a prompt, responses "
-          f"{CHOSEN_TOKENS}/{REJECTED_TOKENS} tokens; concatenated rows {tuple(shared_batch['input_ids'].shape)} "
+          f"{lengths[0]}/{lengths[1]} tokens; concatenated rows {tuple(shared_batch['input_ids'].shape)} "
           f"({tokens} tokens), prefix-shared rows {tuple(shared_batch[prefix_shared.LAYOUT_KEY]['input_ids'].shape)} "
           f"({unique} positions)", flush=True)
     first = {}
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=1, help="pairs per step (csr's batch_size; default 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per forward (after one warm-up)")
     parser.add_argument("--reference", choices=("tree", "recompute"), default="tree")
+    parser.add_argument("--chosen-tokens", type=int, default=CHOSEN_TOKENS)
+    parser.add_argument("--rejected-tokens", type=int, default=REJECTED_TOKENS,
+                        help="equal to --chosen-tokens: no padding, so the concatenated rows attend with is_causal")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -1,14 +1,19 @@
 """DPO with the prompt and image run once per pair (engine/train/prefix_shared.py)
 against TRL's concatenated forward: the same batch fields, loss, metrics and
-LoRA / projector gradients within float32 tolerance."""
+LoRA / projector gradients within float32 tolerance, on a tiny LLaVA and a
+tiny LLaVA-NeXT."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
+from csr.engine.demo import tiny
 from csr.engine.train import prefix_shared
 from csr.engine.train.dpo import (
     PreferenceExample,
@@ -19,7 +24,7 @@ from csr.engine.train.dpo import (
     make_trainer,
     train_dpo,
 )
-from tests.worlds import preference_world
+from tests.worlds import preference_world, word_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -35,11 +40,52 @@ def quiet_transformers():
     hf_logging.set_verbosity(level)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def tiny_llava_next(directory: Path) -> Path:
+    """A random LLaVA-NeXT (anyres: a base view and up to 4 crops of 32 px,
+    each 16 image tokens; grouped-query attention) saved to `directory`."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = word_tokenizer()
+    grid = [[32, 64], [64, 32], [64, 64]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=False)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_id=tokenizer.convert_tokens_to_ids(tiny.IMAGE_TOKEN),
+                             vision_feature_select_strategy="default", vision_feature_layer=-1,
+                             image_grid_pinpoints=grid)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                     image_grid_pinpoints=grid)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=tiny.CHAT_TEMPLATE)
+    return tiny.save_pretrained(model, processor, directory)
+
+
+@pytest.fixture(scope="module", params=["llava", "llava-next"])
+def world(request, tmp_path_factory):
     """Pairs whose prompts differ in length (left padding in the batch) and
-    whose chosen and rejected differ in length (right padding)."""
-    base, examples = preference_world(tmp_path_factory.mktemp("world"))
+    whose chosen and rejected differ in length (right padding); for
+    LLaVA-NeXT also images of different shapes (different crop counts)."""
+    root = tmp_path_factory.mktemp("world")
+    base, examples = preference_world(root)
+    if request.param == "llava-next":
+        base = tiny_llava_next(root / "next")
+        for e, size in zip(examples, [(64, 32), (32, 64), (64, 64)], strict=False):
+            Image.open(e.image_path).resize(size).save(e.image_path)
     prompts = ["Describe the image.", "What colour is the square in this picture?", "Describe it."]
     pairs = []
     for i, e in enumerate(examples[:3]):
@@ -92,7 +138,9 @@ def test_the_shared_batch_carries_the_concatenated_fields(world):
     for key in ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"):
         assert torch.equal(plain[key], shared[key]), key
     # Each image once, not twice.
-    assert torch.equal(shared["pixel_values"].repeat(2, 1, 1, 1), plain["pixel_values"])
+    for key in ("pixel_values", "image_sizes"):
+        if key in plain:
+            assert torch.equal(prefix_shared.concatenated_batch(shared)[key], plain[key]), key
     # Every response token is scored once, where the concatenated rows hold it.
     layout = shared[prefix_shared.LAYOUT_KEY]
     placed = torch.zeros_like(plain["completion_mask"])
@@ -119,7 +167,7 @@ def test_prefix_shared_loss_and_gradients_equal_the_concatenated(world, tmp_path
         assert (grads_s[name] - grad).abs().max().item() <= 1e-4 * scale + 1e-7, name
 
 
-def test_auto_is_prefix_shared_on_llava_and_training_records_it(world, tmp_path):
+def test_auto_is_prefix_shared_and_training_records_it(world, tmp_path):
     base, pairs = world
     result = train_dpo(str(base), pairs[:2], tmp_path / "model", tmp_path / "ckpt",
                        CONFIG.replace(epochs=1, save_steps=100), device="cpu")
@@ -130,8 +178,9 @@ def test_auto_is_prefix_shared_on_llava_and_training_records_it(world, tmp_path)
 def test_prefix_shared_is_refused_where_the_architecture_is_not_supported(world):
     base, _ = world
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    assert prefix_shared.resolve_forward("auto", model) is True
     model.config.model_type = "qwen2_vl"  # stands for any architecture not checked against the concatenated forward
     assert prefix_shared.resolve_forward("auto", model) is False
     assert prefix_shared.resolve_forward("concatenated", model) is False
-    with pytest.raises(ValueError, match='prefix-shared" supports llava models, not qwen2_vl'):
+    with pytest.raises(ValueError, match='prefix-shared" supports llava, llava_next models, not qwen2_vl'):
         prefix_shared.resolve_forward("prefix-shared", model)

@@ -2,7 +2,7 @@
 arXiv 2410.20305).
 
 TRL's concatenated forward runs chosen and rejected as two rows, each with
-the whole prompt and its image tokens (577 for LLaVA-1.5, ~2,900 for
+the whole prompt and its image tokens (576 for LLaVA-1.5, up to 2,928 for
 LLaVA-NeXT) in front of a response of about a hundred tokens: most of a
 step recomputes one prefix twice, the vision tower included. Here a pair is
 one row, [prompt | chosen | rejected]:
@@ -48,10 +48,11 @@ from csr.engine.train.config import FORWARDS
 ATTN_NAME = "csr_prefix_shared"
 MASK_KWARG = "csr_prefix_shared_mask"
 LAYOUT_KEY = "csr_prefix_shared"
-# Architectures whose forward was checked against the concatenated one: image
-# features scattered into placeholder tokens, 1-D rotary positions. (Qwen2-VL's
-# 3-D positions, for one, would need their own layout.)
-SUPPORTED_MODEL_TYPES = ("llava",)
+# Architectures whose forward was checked against the concatenated one
+# (tests/test_prefix_shared.py): image features scattered into placeholder
+# tokens, 1-D rotary positions. (Qwen2-VL's 3-D positions, for one, would need
+# their own layout.)
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
 
 # ------------------------------------------------------------------------ layout
@@ -176,10 +177,12 @@ def pair_batch(encoded: Any, chosen: list[list[int]], rejected: list[list[int]],
 
 
 def concatenated_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """The concatenated forward's batch for the same pairs: every image twice,
-    no layout (what `TokenPreferenceCollator` gives; the bench compares the two)."""
+    """The concatenated forward's batch for the same pairs: every image input
+    twice, no layout (what `TokenPreferenceCollator` gives; the bench compares the two)."""
     out = {k: v for k, v in batch.items() if k != LAYOUT_KEY}
-    out["pixel_values"] = batch["pixel_values"].repeat(2, *([1] * (batch["pixel_values"].dim() - 1)))
+    for key in ("pixel_values", "image_sizes"):
+        if key in batch:
+            out[key] = batch[key].repeat(2, *([1] * (batch[key].dim() - 1)))
     return out
 
 
@@ -273,8 +276,8 @@ def shared_logps(model: torch.nn.Module, layout: dict[str, torch.Tensor], **mode
     """Per-token fields of every response token, read from one prefix-shared
     forward: (log_probs with gradient, entropy, mean_logits, is_top1), each of
     shape (response tokens,) in `layout`'s order. `model` is the
-    LlavaForConditionalGeneration (LoRA layers in place); `model_kwargs` the
-    image inputs (pixel_values, ...)."""
+    LlavaForConditionalGeneration or LlavaNextForConditionalGeneration (LoRA
+    layers in place); `model_kwargs` the image inputs (pixel_values, image_sizes, ...)."""
     with shared_attention(model):
         hidden = model.base_model(
             input_ids=layout["input_ids"],
