@@ -88,7 +88,8 @@ class TrainConfig(SettingsTable):
     # image once, with chosen and rejected both attending to it (arXiv
     # 2410.20305; engine/train/prefix_shared.py); "concatenated" is TRL's two
     # rows, each with the whole prompt. Equal loss and gradients within float
-    # tolerance. "auto": prefix-shared where the architecture supports it (LLaVA).
+    # tolerance. "auto": prefix-shared where the architecture supports it
+    # (LLaVA, LLaVA-NeXT).
     forward: Forward = "auto"
     # LoRA updates at lr 1e-7 are below 16-bit rounding of many weights, so the
     # merged model keeps full precision unless asked otherwise.

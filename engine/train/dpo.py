@@ -129,7 +129,10 @@ def _make_trainer_class():
 # changing them between a crash and the resume is harmless.
 _BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit", "report_to",
                         # decides which pairs reach train_dpo; the fingerprint covers those pairs
-                        "unencodable")
+                        "unencodable",
+                        # the same loss and gradients within float tolerance either way (prefix_shared.py);
+                        # also keeps checkpoints written before the setting existed resumable
+                        "forward")
 
 
 def _run_fingerprint(base_model_path: str, examples: Sequence[PreferenceExample], config: TrainConfig) -> str:
