@@ -110,6 +110,10 @@ TRAIN = {
     "save_total_limit": ("checkpoints kept", "", "1"),
     "bf16": ("bf16 autocast: unset = on where CUDA supports it", "", "true"),
     "gradient_checkpointing": ("recompute activations to save memory", "", "true"),
+    "forward": ("how a pair goes through the model: `prefix-shared` (the prompt and image once, chosen and "
+                "rejected both attending to it; arXiv 2410.20305), `concatenated` (TRL's two rows, each with the "
+                "whole prompt), or `auto`: prefix-shared where the architecture supports it (LLaVA, LLaVA-NeXT). Same loss and "
+                "gradients within float tolerance (docs/performance.md)", "", "concatenated (TRL)"),
     "save_dtype": ("dtype of the merged model's weights: float32, bfloat16 or float16 (a 7B version: 28 GB in "
                    "float32, 14 GB in bfloat16)", "", ""),
 }

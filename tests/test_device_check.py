@@ -26,4 +26,5 @@ def test_device_check_dry_run_on_cpu():
     assert "before (prefix in every row)" in out
     assert "iteration 1 recorded dtype: bfloat16" in out
     assert "csr train --iter 1: exit 0" in out
+    assert out.count("prefix-shared / concatenated:") == 2  # the DPO step bench, both shapes
     assert "device check done" in out

@@ -83,7 +83,7 @@ def test_the_recorded_form_of_the_settings_is_unchanged():
         '"lr_scheduler": "cosine", "warmup_ratio": 0.03, "epochs": 1, "batch_size": 1, "grad_accum": 1, '
         '"seed": 42, "max_response_tokens": 1024, "too_long": "skip", "unencodable": "skip", "reference": "auto", '
         '"report_to": "none", "logging_steps": 1, "save_steps": 50, "save_total_limit": 2, "bf16": true, '
-        '"gradient_checkpointing": true, "save_dtype": "float32"}'
+        '"gradient_checkpointing": true, "forward": "auto", "save_dtype": "float32"}'
     )
 
 

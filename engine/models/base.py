@@ -52,6 +52,10 @@ class Adapter:
     notes: str = ""
     # The processor takes one list of images per prompt (Gemma 3), not one flat list.
     nested_images: bool = False
+    # DPO runs the prompt and image once per pair (engine/train/prefix_shared.py): the
+    # families whose loss and gradients tests/test_prefix_shared.py checks against the
+    # concatenated forward.
+    prefix_shared_training: bool = False
 
     # ------------------------------------------------------------------ prompts
 

@@ -29,6 +29,7 @@ LLAVA = Adapter(
     projector_names=("multi_modal_projector", "mm_projector"),
     checked=FAMILY_CHECKS,
     notes="the paper's model; prompt_template llava-v1 is the released code's conversation",
+    prefix_shared_training=True,
 )
 
 LLAVA_NEXT = Adapter(
@@ -37,6 +38,7 @@ LLAVA_NEXT = Adapter(
     hub_ids=("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf"),
     checked=FAMILY_CHECKS,
     notes="any-resolution tiles: the image token count varies with the image size (image_sizes)",
+    prefix_shared_training=True,
 )
 
 LLAVA_ONEVISION = Adapter(

@@ -20,12 +20,14 @@ Unencodable = Literal["skip", "refuse"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 Reference = Literal["auto", "tree", "recompute"]
 SaveDtype = Literal["float32", "bfloat16", "float16"]
+Forward = Literal["auto", "prefix-shared", "concatenated"]
 LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
 TOO_LONG: tuple[str, ...] = get_args(TooLong)
 UNENCODABLE: tuple[str, ...] = get_args(Unencodable)
 REPORT_TO: tuple[str, ...] = get_args(ReportTo)
 REFERENCES: tuple[str, ...] = get_args(Reference)
 SAVE_DTYPES: tuple[str, ...] = get_args(SaveDtype)
+FORWARDS: tuple[str, ...] = get_args(Forward)
 
 
 class TrainConfigError(SettingsError):
@@ -82,6 +84,13 @@ class TrainConfig(SettingsTable):
     save_total_limit: int = Field(2, gt=0)
     bf16: bool | None = None  # None: on when CUDA supports bf16, off elsewhere
     gradient_checkpointing: bool = True
+    # How a pair goes through the model: "prefix-shared" runs the prompt and its
+    # image once, with chosen and rejected both attending to it (arXiv
+    # 2410.20305; engine/train/prefix_shared.py); "concatenated" is TRL's two
+    # rows, each with the whole prompt. Equal loss and gradients within float
+    # tolerance. "auto": prefix-shared where the architecture supports it
+    # (LLaVA, LLaVA-NeXT).
+    forward: Forward = "auto"
     # LoRA updates at lr 1e-7 are below 16-bit rounding of many weights, so the
     # merged model keeps full precision unless asked otherwise.
     save_dtype: SaveDtype = "float32"

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from csr.engine.models import adapter_for
+from csr.engine.train import prefix_shared
 from csr.engine.train.config import TrainConfig, TrainConfigError  # noqa: F401  (re-exported)
 from csr.engine.train.dpo_data import (  # noqa: F401  (re-exported: the training API in one place)
     PreferenceExample,
@@ -86,9 +87,14 @@ def _make_trainer_class():
         """DPOTrainer with the released script's two learning rates (LoRA vs
         projector) as optimizer parameter groups; the scheduler scales both."""
 
-        def __init__(self, *args: Any, projector_learning_rate: float, tree_reference: bool, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, projector_learning_rate: float, tree_reference: bool,
+                     shared_prefix: bool = False, **kwargs: Any) -> None:
             self._projector_lr = projector_learning_rate
             super().__init__(*args, **kwargs)
+            # [train] forward: the prompt and image run once per pair (prefix_shared.py).
+            self._shared_prefix = shared_prefix
+            if shared_prefix:
+                prefix_shared.install(self.model)
             # The batches carry ref_chosen_logps/ref_rejected_logps from the
             # tree: TRL then skips the reference forward pass. (TRL refuses its
             # own precomputation for vision data, which is not what happens here.)
@@ -108,6 +114,11 @@ def _make_trainer_class():
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             return self.optimizer
 
+        def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # Backward too: gradient checkpointing recomputes the layers there.
+            with prefix_shared.holding(self.model, self._shared_prefix):
+                return super().training_step(*args, **kwargs)
+
         def _send_telemetry(self) -> None:
             # Training runs on users' data, often offline: never phone home.
             pass
@@ -119,7 +130,10 @@ def _make_trainer_class():
 # changing them between a crash and the resume is harmless.
 _BOOKKEEPING_OPTIONS = ("logging_steps", "save_steps", "save_total_limit", "report_to",
                         # decides which pairs reach train_dpo; the fingerprint covers those pairs
-                        "unencodable")
+                        "unencodable",
+                        # the same loss and gradients within float tolerance either way (prefix_shared.py);
+                        # also keeps checkpoints written before the setting existed resumable
+                        "forward")
 
 
 def _run_fingerprint(base_model_path: str, examples: Sequence[PreferenceExample], config: TrainConfig) -> str:
@@ -246,6 +260,31 @@ def _dpo_args(config: TrainConfig, checkpoint_dir: Path, bf16: bool, device: str
     )
 
 
+def make_trainer(model: Any, processor: Any, examples: Sequence[PreferenceExample], config: TrainConfig, lora: Any,
+                 checkpoint_dir: Path, bf16: bool, device: str | None, callbacks: Sequence[Any] = ()):
+    """TRL's trainer over `examples` as `train_dpo` runs it: (trainer, whether
+    the reference comes from the tree, whether the forward is prefix-shared)."""
+    tree_reference = uses_tree_reference(examples, config)
+    shared_prefix = prefix_shared.resolve_forward(config.forward, model)
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = (prefix_shared.PrefixSharedCollator(processor, pad_id) if shared_prefix
+                else TokenPreferenceCollator(processor, pad_id, adapter_for(model)))
+    trainer = _make_trainer_class()(
+        model=model,
+        args=_dpo_args(config, checkpoint_dir, bf16, device),
+        train_dataset=_preference_dataset(examples, tree_reference),
+        data_collator=collator,
+        processing_class=processor,
+        peft_config=lora,
+        callbacks=list(callbacks),
+        projector_learning_rate=config.projector_learning_rate,
+        tree_reference=tree_reference,
+        shared_prefix=shared_prefix,
+    )
+    return trainer, tree_reference, shared_prefix
+
+
 def train_dpo(
     base_model_path: str,
     examples: list[PreferenceExample],
@@ -294,21 +333,8 @@ def train_dpo(
             f"{len(too_long)} pair(s) have a response longer than max_response_tokens "
             f"({config.max_response_tokens}); filter them first (training never cuts a response)"
         )
-    tree_reference = uses_tree_reference(examples, config)
-    tokenizer = processor.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    trainer = _make_trainer_class()(
-        model=model,
-        args=_dpo_args(config, checkpoint_dir, bf16, device),
-        train_dataset=_preference_dataset(examples, tree_reference),
-        data_collator=TokenPreferenceCollator(processor, pad_id, adapter_for(model)),
-        processing_class=processor,
-        peft_config=lora,
-        callbacks=list(callbacks),
-        projector_learning_rate=config.projector_learning_rate,
-        tree_reference=tree_reference,
-    )
+    trainer, tree_reference, shared_prefix = make_trainer(
+        model, processor, examples, config, lora, checkpoint_dir, bf16, device, callbacks)
     # The engine is silent; the caller adds progress through `callbacks`.
     trainer.remove_callback(PrinterCallback)
 
@@ -343,7 +369,8 @@ def train_dpo(
         train_seconds=train_seconds,
         global_step=int(trainer.state.global_step),
         resumed_from_step=_step_of(resume) if resume else None,
-        extra={"bf16": bf16, "num_pairs": len(examples), "reference": "tree" if tree_reference else "recompute"},
+        extra={"bf16": bf16, "num_pairs": len(examples), "reference": "tree" if tree_reference else "recompute",
+               "forward": "prefix-shared" if shared_prefix else "concatenated"},
     )
 
 
