@@ -182,5 +182,5 @@ def test_prefix_shared_is_refused_where_the_architecture_is_not_supported(world)
     model.config.model_type = "qwen2_vl"  # stands for any architecture not checked against the concatenated forward
     assert prefix_shared.resolve_forward("auto", model) is False
     assert prefix_shared.resolve_forward("concatenated", model) is False
-    with pytest.raises(ValueError, match='prefix-shared" supports llava, llava_next models, not qwen2_vl'):
+    with pytest.raises(ValueError, match='prefix-shared" supports LLaVA-1.5, LLaVA-NeXT models, not qwen2_vl'):
         prefix_shared.resolve_forward("prefix-shared", model)
