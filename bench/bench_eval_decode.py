@@ -19,9 +19,10 @@ for both; greedy; `--batch-size` as `csr eval --batch-size` (16).
 
 How responses end (`--ends`): "model" keeps the model's own EOS (a random
 model rarely says it, so every row runs to max_new_tokens: the per-token
-cost alone); "spread" (default) first decodes the images untimed without a
-stop and makes EOS the token the rows first reach at the most different
-steps, written into the model's generation config for both sides, so that
+cost alone); "chair" (default) first decodes the images untimed without a
+stop and makes EOS the token that ends them nearest `--mean-length` new
+tokens on average (default 130, a LLaVA-1.5 CHAIR description of about 100
+words), written into the model's generation config for both sides, so that
 responses end at different lengths as descriptions do. The lengths are
 printed.
 
@@ -58,6 +59,10 @@ from csr.engine.evaluate.benchmarks import (  # noqa: E402
 )
 from csr.engine.loading import load_policy  # noqa: E402
 
+# New tokens of a LLaVA-1.5 CHAIR description: about 100 words (the "Len" column
+# of the CHAIR tables in the LLaVA-1.5 hallucination papers), about 1.3 Llama tokens a word.
+MEAN_LENGTH = 130
+
 
 def build_model(root: Path, size: str) -> Path:
     tokenizer = tiny.train_word_tokenizer([" ".join(WORDS), *PROMPTS, CHAIR_PROMPT])
@@ -66,21 +71,18 @@ def build_model(root: Path, size: str) -> Path:
     return tiny.save_pretrained(model, processor, root / "policy")
 
 
-def spread_eos(path: Path, images, max_new_tokens: int, batch_size: int, device: str) -> int:
-    """Decodes without a stop (untimed) and returns the token first reached at
-    the most different steps by rows that do not all reach it."""
+def eos_for_mean_length(path: Path, images, max_new_tokens: int, batch_size: int, device: str, mean: float) -> int:
+    """Decodes without a stop (untimed) and returns the token that, made EOS,
+    ends the responses nearest `mean` new tokens on average."""
     policy = load_policy(str(path), device=device)
     policy.model.generation_config.eos_token_id = None
     rows = decode.greedy_decode(policy, images, [CHAIR_PROMPT] * len(images), max_new_tokens, batch_size)
-    first: dict[int, list[int]] = {}
-    for row in rows:
-        seen: set[int] = set()
-        for step, token in enumerate(row[:-1]):
-            if token not in seen:
-                seen.add(token)
-                first.setdefault(token, []).append(step)
-    candidates = [t for t, steps in first.items() if len(steps) < len(rows)] or list(first)
-    return max(candidates, key=lambda t: (len(set(first[t])), -t))
+
+    def lengths(token: int) -> list[int]:
+        return [row.index(token) + 1 if token in row else len(row) for row in rows]
+
+    tokens = sorted({t for row in rows for t in row})
+    return min(tokens, key=lambda t: (abs(statistics.mean(lengths(t)) - mean), t))
 
 
 def set_eos(path: Path, eos: int) -> None:
@@ -130,7 +132,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=CHAIR_MAX_NEW_TOKENS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--ends", choices=["spread", "model"], default="spread")
+    parser.add_argument("--ends", choices=["chair", "model"], default="chair")
+    parser.add_argument("--mean-length", type=float, default=MEAN_LENGTH)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -139,13 +142,15 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     path = build_model(Path(tmp.name), args.size)
     images = make_images(args.images)
-    if args.ends == "spread":
-        set_eos(path, spread_eos(path, images, args.max_new_tokens, args.batch_size, args.device))
+    if args.ends == "chair":
+        set_eos(path, eos_for_mean_length(path, images, args.max_new_tokens, args.batch_size, args.device,
+                                          args.mean_length))
     size = SIZES[args.size]
     image_tokens = (size.image_size // size.patch_size) ** 2 + 1
     print(f"text hidden {size.text_hidden} x {size.text_layers} layers, {image_tokens} image tokens, "
           f"device {args.device}, {args.threads} thread(s); {args.images} images, CHAIR prompt, "
-          f"max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}, ends: {args.ends}")
+          f"max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}, ends: {args.ends}"
+          + (f" (mean {args.mean_length:g} asked)" if args.ends == "chair" else ""))
 
     runs = [run_generate(path, images, args.max_new_tokens, args.batch_size, args.device),
             run_engine(path, images, args.max_new_tokens, args.batch_size, args.device)]

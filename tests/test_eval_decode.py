@@ -87,9 +87,11 @@ def _stop_midway(policy, images, prompts, max_new_tokens) -> int:
     return max(candidates, key=lambda token: (len(set(first[token])), -token))
 
 
-@pytest.mark.parametrize("kind", ["word", "llama-style"])
-def test_decoder_equals_generate_token_for_token(tmp_path, kind):
+@pytest.mark.parametrize(("kind", "attention"), [("word", "sdpa"), ("llama-style", "sdpa"), ("word", "eager")])
+def test_decoder_equals_generate_token_for_token(tmp_path, kind, attention):
     policy = _chaotic_llava(kind, tmp_path / "model")
+    policy.model.set_attn_implementation(attention)
+    assert policy.model.config.get_text_config()._attn_implementation == attention
     assert unsupported(policy.model) is None
     images, prompts = _work(11)
     max_new = 24

@@ -84,11 +84,14 @@ class RowCache:
     calls is `update` and `get_seq_length`."""
 
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        # Zeros, not empty: a row attends to columns it never wrote, masked out,
+        # and 0 x NaN from uninitialised memory would still be NaN.
         shape = (rows, kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.lengths: list[int] = []  # per row in flight (rows 0..n-1)
         self._write: torch.Tensor | None = None  # each row's column for this pass
+        self._rows: torch.Tensor | None = None  # 0..rows-1, for the writes
         self._span = 0
 
     @property
@@ -105,7 +108,7 @@ class RowCache:
         span = max(self.lengths, default=0)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                new = old.new_empty(old.shape[0], old.shape[1], needed, old.shape[3])
+                new = old.new_zeros(old.shape[0], old.shape[1], needed, old.shape[3])
                 new[:, :, :span] = old[:, :, :span]
                 store[i] = new
 
@@ -119,9 +122,10 @@ class RowCache:
         self.lengths.append(length)
 
     def begin(self) -> torch.Tensor:
-        """Opens one column per row for the next pass; returns the mask (rows, 1, 1, span) of the columns each row sees."""
+        """Opens one column per row for the next pass; returns the mask (rows, span) of the columns each row sees."""
         device = self.keys[0].device
         self._write = torch.tensor(self.lengths, device=device)
+        self._rows = torch.arange(self.rows, device=device)
         self._span = max(self.lengths) + 1
         return torch.arange(self._span, device=device)[None, :] <= self._write[:, None]
 
@@ -131,10 +135,9 @@ class RowCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         rows = key_states.shape[0]
-        index = torch.arange(rows, device=key_states.device)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        k[index, :, self._write] = key_states[:, :, 0]
-        v[index, :, self._write] = value_states[:, :, 0]
+        k[self._rows, :, self._write] = key_states[:, :, 0]
+        v[self._rows, :, self._write] = value_states[:, :, 0]
         return k[:rows, :, : self._span], v[:rows, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -263,17 +266,16 @@ def greedy_decode(
             if not prompt_of:
                 return out
             # One token for every row in flight.
-            mask = cache.begin()
-            if eager:
+            mask = cache.begin()[:, None, None, :]  # (rows, 1, 1, span): a 4-D mask goes to attention as it is
+            if eager:  # eager attention adds its mask
                 mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(
                     ~mask, torch.finfo(model.dtype).min)
             device = cache.keys[0].device
             positions = torch.tensor(cache.lengths, device=device)[:, None]
             ids = torch.tensor(last, device=device)[:, None]
             try:
-                logits = model(input_ids=ids, attention_mask=mask[:, None, None, :] if mask.dim() == 2 else mask,
-                               position_ids=positions, past_key_values=cache, use_cache=True,
-                               logits_to_keep=1).logits
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                               use_cache=True, logits_to_keep=1).logits
             finally:
                 cache.commit()
             stats.forward_passes += 1
