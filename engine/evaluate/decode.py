@@ -35,8 +35,10 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
-# LLaVA-architecture families: image features spliced into a decoder with 1-D rotary positions.
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
+# Families checked against `generate` (tests/test_eval_decode.py): LLaVA-1.5's
+# architecture, image features spliced into a decoder with 1-D rotary
+# positions. Others (LLaVA-NeXT included, until a test covers its tiles) use `generate`.
+SUPPORTED_MODEL_TYPES = ("llava",)
 # What greedy `generate` would apply beyond argmax when the generation config sets it.
 _PROCESSING = (
     "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
