@@ -67,6 +67,14 @@ def _need_dir(path: Path) -> None:
         raise CsrError(f"images directory not found: {path}")
 
 
+DECODER_HELP = ("engine: csr's batched decoder (same tokens as generate, faster); generate: transformers' "
+                "generate, batch by batch. Models the engine's decoder does not support use generate either way.")
+
+
+def _note(out: Console):
+    return lambda line: out.print(line, highlight=False, soft_wrap=True)
+
+
 def _interval(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
@@ -86,7 +94,8 @@ def eval_chair(
     all_images: bool = typer.Option(False, "--all-images", help="Every image of the annotations."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image draw and of the bootstrap interval."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts decoded together (rows in flight)."),
+    decoder: str = typer.Option("engine", "--decoder", help=DECODER_HELP),
     as_json: bool = json_option("The figures per model version"),
 ) -> None:
     """CHAIR_S / CHAIR_I / recall / length per model version, stored in the evaluations table."""
@@ -105,7 +114,8 @@ def eval_chair(
     _say_fewer(console, len(task.keys), None if all_images else (n_images or evaluation.CHAIR_IMAGES),
                "the annotations hold")
     with Store.open(state(ctx).url) as store:
-        outcomes = evaluation.evaluate_versions(store, chosen, [task], device=default_device(device), batch_size=batch_size)
+        outcomes = evaluation.evaluate_versions(store, chosen, [task], device=default_device(device), batch_size=batch_size,
+                                                  decoder=decoder, note=_note(console))
     truth = _chair_truth(captions)
     for done in outcomes:
         m = done.metrics
@@ -146,7 +156,8 @@ def eval_pope(
     suffix: str = typer.Option(None, "--suffix", help="Appended to each question; default LLaVA-1.5's ' Answer the question using a single word or phrase.'"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Default 128 (LLaVA-1.5's POPE evaluation)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images described in one batch."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts decoded together (rows in flight)."),
+    decoder: str = typer.Option("engine", "--decoder", help=DECODER_HELP),
     as_json: bool = json_option("The figures per setting and model version"),
 ) -> None:
     """POPE accuracy / precision / recall / F1 / yes-ratio per setting and model version, stored."""
@@ -174,7 +185,8 @@ def eval_pope(
             raise CsrError("--setting applies to --annotations; a question file names its own setting")
         task = evaluation.pope_file_task(questions, images, **common)
     with Store.open(state(ctx).url) as store:
-        outcomes = evaluation.evaluate_versions(store, chosen, [task], device=default_device(device), batch_size=batch_size)
+        outcomes = evaluation.evaluate_versions(store, chosen, [task], device=default_device(device), batch_size=batch_size,
+                                                  decoder=decoder, note=_note(console))
     for done in outcomes:
         for name, m in done.metrics.items():
             console.print(

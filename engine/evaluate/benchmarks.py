@@ -203,14 +203,37 @@ def _pil(image: ImageLike) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
 
 
-def policy_generator(path: str, device: str = "cpu", batch_size: int = BATCH_SIZE) -> Generate:
-    """Greedy, batched generation with a model version's weights."""
+DECODERS = ("engine", "generate")
+
+
+def policy_generator(path: str, device: str = "cpu", batch_size: int = BATCH_SIZE, decoder: str = "engine",
+                     note: Callable[[str], None] | None = None) -> Generate:
+    """Greedy, batched generation with a model version's weights.
+
+    `decoder` "engine": the evaluation's own decoder (engine/evaluate/decode.py:
+    one preallocated KV cache, finished rows replaced by the next prompts),
+    whose tokens equal `generate`'s; a model it does not support falls back
+    to `generate`, and `note` is told why. "generate": transformers'
+    `generate`, `batch_size` prompts at a time."""
     import torch
 
+    from csr.engine.evaluate.decode import greedy_decode, unsupported
     from csr.engine.loading import load_policy
 
+    if decoder not in DECODERS:
+        raise CsrError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
     policy = load_policy(path, device=device)
     policy.tokenizer.padding_side = "left"
+    if decoder == "engine":
+        reason = unsupported(policy.model)
+        if reason is None:
+            def decode(images: Sequence[ImageLike], prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+                found = greedy_decode(policy, images, prompts, max_new_tokens, batch_size, load_image=_pil)
+                return [t.strip() for t in policy.tokenizer.batch_decode(found, skip_special_tokens=True)]
+
+            return decode
+        if note is not None:
+            note(f"decoding with transformers' generate: the engine's decoder does not support {reason}")
 
     @torch.no_grad()
     def generate(images: Sequence[ImageLike], prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -223,7 +246,7 @@ def policy_generator(path: str, device: str = "cpu", batch_size: int = BATCH_SIZ
             )
             inputs = {k: (v.to(policy.device, policy.model.dtype) if v.is_floating_point() else v.to(policy.device))
                       if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            generated = policy.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            generated = policy.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                               pad_token_id=policy.tokenizer.pad_token_id)
             new = generated[:, inputs["input_ids"].shape[1]:]
             out.extend(t.strip() for t in policy.tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -282,10 +305,16 @@ def evaluate_versions(
     device: str = "cpu",
     batch_size: int = BATCH_SIZE,
     generator: Callable[[str], Generate] | None = None,
+    decoder: str = "engine",
+    note: Callable[[str], None] | None = None,
 ) -> list[Outcome]:
     """Run every task against every version (each version's model loaded
     once, its generations batched) and store one row per (version, task).
-    Versions are checked before anything runs; stored rows are reused."""
+    Versions are checked before anything runs; stored rows are reused.
+    `decoder` (see `policy_generator`) is not part of the stored settings:
+    both decoders give the same tokens."""
+    if decoder not in DECODERS:
+        raise CsrError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
     paths = check_versions(store, versions)
     hashes = [dataset_hash(task) for task in tasks]
     outcomes: list[Outcome] = []
@@ -301,7 +330,7 @@ def evaluate_versions(
                 outcomes.append(Outcome(version, task.benchmark, settings["dataset"], stored["metrics"], True))
                 continue
             if generate is None:
-                generate = (generator or (lambda p: policy_generator(p, device, batch_size)))(paths[version])
+                generate = (generator or (lambda p: policy_generator(p, device, batch_size, decoder, note)))(paths[version])
             metrics, items = _run_task(task, generate, descriptions)
             # As the store gives them back (tuples become lists), so a rerun returns equal results.
             metrics, items = json.loads(json.dumps(metrics)), json.loads(json.dumps(items))

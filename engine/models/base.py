@@ -56,6 +56,9 @@ class Adapter:
     # families whose loss and gradients tests/test_prefix_shared.py checks against the
     # concatenated forward.
     prefix_shared_training: bool = False
+    # Evaluation decodes through engine/evaluate/decode.py, tested token for token
+    # against greedy `generate` (tests/test_eval_decode.py); other families use `generate`.
+    engine_decode: bool = False
 
     # ------------------------------------------------------------------ prompts
 

@@ -30,6 +30,7 @@ LLAVA = Adapter(
     checked=FAMILY_CHECKS,
     notes="the paper's model; prompt_template llava-v1 is the released code's conversation",
     prefix_shared_training=True,
+    engine_decode=True,
 )
 
 LLAVA_NEXT = Adapter(
