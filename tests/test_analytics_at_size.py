@@ -18,7 +18,7 @@ from datetime import timedelta
 import pytest
 
 from csr.storage import analytics, analytics_figures, analytics_live
-from csr.storage.curation import CurationPolicy
+from csr.storage.curation import CurationSettings
 from csr.storage.store import Store
 from csr.storage.trees import Tree, word_count
 from tests.analytics_fixtures import assert_close
@@ -87,10 +87,10 @@ def study_url(head_store_url: str) -> str:
             store.start_iteration(iteration, "paper", {"search": {"lam": 0.9}})
             worker = store.register_worker(iteration, "cpu")
             for claim in store.claim(iteration, worker, PROMPTS, timedelta(minutes=5), 3):
-                assert store.complete(claim, worker, iteration, _tree(rng))
+                assert store.write_tree(claim, worker, iteration, _tree(rng))
             store.stop_worker(worker)
             store.finish_iteration_if_done(iteration)
-            store.curate(iteration, CurationPolicy(), make_default=True)
+            store.curate(iteration, CurationSettings(), make_default=True)
             with store.write() as tx:
                 pair_set = tx.pair_set(iteration)
                 run = tx.start_training_run(iteration, pair_set.id, "0" * 64, {}, "/tmp")
