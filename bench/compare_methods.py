@@ -80,8 +80,12 @@ def run(label: str, seed: int, args, root: Path | None = None) -> dict:
         cmd.append("--quick")
     print(" ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(study.parent / f"seed{seed}-{SLUGS[label]}.log", "w") as log:
-        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_path = study.parent / f"seed{seed}-{SLUGS[label]}.log"
+    with open(log_path, "w") as log:
+        done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:  # a method that cannot run on a seed is reported, not fatal to the others
+        lines = log_path.read_text().strip().splitlines()
+        return {"failed": lines[-1] if lines else f"exit {done.returncode}"}
     return json.loads(out.read_text())
 
 
@@ -132,13 +136,18 @@ def _check_same_base(results: dict, seeds: list[int]) -> None:
     """Version 0 is the same model on the same scenes in every run of a seed."""
     for seed in seeds:
         bases = {json.dumps([_row(r, 0)["chair_s"], _row(r, 0)["chair_i"]]) for (_, s), r in results.items()
-                 if s == seed}
+                 if s == seed and "failed" not in r}
         if len(bases) != 1:
             raise SystemExit(f"seed {seed}: the runs disagree on version 0 ({bases}): not the same base models")
 
 
+def failures(results: dict) -> list[str]:
+    return [f"- {label}, seed {seed}: {r['failed']}" for (label, seed), r in results.items() if "failed" in r]
+
+
 def table(results: dict, seeds: list[int], iterations: int) -> str:
-    labels = [label for label in METHODS if all((label, s) in results for s in seeds)]
+    labels = [label for label in METHODS
+              if all((label, s) in results and "failed" not in results[(label, s)] for s in seeds)]
     head = "| method | version | " + " | ".join(f"{name} [95% CI]" for name in FIGURES) + " |"
     lines = [head, "|---" * (2 + len(FIGURES)) + "|"]
     first = results[(REFERENCE, seeds[0])] if (REFERENCE, seeds[0]) in results else None
@@ -202,11 +211,14 @@ def main() -> None:
     started = time.perf_counter()
     results = run_all(args)
     _check_same_base(results, args.seeds)
-    walls = [r["wall_seconds"] for r in results.values()]
+    if any("failed" in results[(REFERENCE, s)] for s in args.seeds):
+        raise SystemExit("\n".join(["the reference method failed:", *failures(results)]))
+    walls = [r["wall_seconds"] for r in results.values() if "failed" not in r]
     text = (f"{len(args.seeds)} seed(s) ({', '.join(map(str, args.seeds))}), {args.prompts} prompts, "
             f"{args.heldout} held-out scenes, {args.iterations} iteration(s)"
             f"{', quick models' if args.quick else ''}; one demo {min(walls):.0f} to {max(walls):.0f} s\n\n"
-            + table(results, args.seeds, args.iterations))
+            + table(results, args.seeds, args.iterations)
+            + ("\n\nNot in the table (a run failed):\n" + "\n".join(failures(results)) if failures(results) else ""))
     print(text)
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     if args.out:
