@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
+from csr.engine.models.attention import attention_implementation
+
 ATTN_NAME = "csr_cascade"
 STATE_KWARG = "csr_cascade"
 
@@ -316,14 +318,8 @@ def cascade_attention(model) -> Iterator[None]:
     transformers has no mask function for also makes it skip building the
     4-D mask, which the cascade attention does not need."""
     configs = _attention_configs(model)
-    saved = [c._attn_implementation_internal for c in configs]
-    for c in configs:
-        c._attn_implementation_internal = ATTN_NAME
-    try:
+    with attention_implementation(configs, ATTN_NAME):
         yield
-    finally:
-        for c, name in zip(configs, saved, strict=True):
-            c._attn_implementation_internal = name
 
 
 def text_shapes(model) -> tuple[int, int, int]:

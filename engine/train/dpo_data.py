@@ -43,6 +43,20 @@ def completion_ids(tokenizer: Any, text: str) -> list[int]:
     return [*ids, tokenizer.eos_token_id]
 
 
+def batch_images_and_template(examples: list[dict[str, Any]]) -> tuple[list, str]:
+    """The RGB images of a batch of pairs and its one prompt template."""
+    from PIL import Image
+
+    images = []
+    for e in examples:
+        with Image.open(e["images"][0]) as image:
+            images.append(image.convert("RGB"))
+    templates = {e.get("prompt_template", "chat") for e in examples}
+    if len(templates) > 1:
+        raise ValueError(f"one batch holds pairs of several prompt templates: {sorted(templates)}")
+    return images, templates.pop()
+
+
 @dataclass
 class TokenPreferenceCollator:
     """Batches of pre-tokenised pairs: chosen rows then rejected rows, each the
@@ -56,21 +70,14 @@ class TokenPreferenceCollator:
     adapter: Any = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        from PIL import Image
         from trl.trainer.utils import flush_left
 
         from csr.engine.models import LLAVA
 
         adapter = self.adapter or LLAVA
-        images = []
-        for e in examples:
-            with Image.open(e["images"][0]) as image:
-                images.append(image.convert("RGB"))
-        templates = {e.get("prompt_template", "chat") for e in examples}
-        if len(templates) > 1:
-            raise ValueError(f"one batch holds pairs of several prompt templates: {sorted(templates)}")
+        images, template = batch_images_and_template(examples)
         prompts = [e["prompt"] for e in examples] * 2
-        encoded = adapter.encode(self.processor, images * 2, prompts, templates.pop())
+        encoded = adapter.encode(self.processor, images * 2, prompts, template)
         responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         width = max(len(r) for r in responses)
         response_ids = torch.full((len(responses), width), self.pad_token_id, dtype=torch.long)

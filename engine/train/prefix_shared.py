@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from csr.engine.models.attention import attention_implementation
 from csr.engine.train.config import FORWARDS
 
 ATTN_NAME = "csr_prefix_shared"
@@ -148,18 +149,11 @@ class PrefixSharedCollator:
     pad_token_id: int
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        from PIL import Image
-
         from csr.engine.prompting import encode_prompts
+        from csr.engine.train.dpo_data import batch_images_and_template
 
-        images = []
-        for e in examples:
-            with Image.open(e["images"][0]) as image:
-                images.append(image.convert("RGB"))
-        templates = {e.get("prompt_template", "chat") for e in examples}
-        if len(templates) > 1:
-            raise ValueError(f"one batch holds pairs of several prompt templates: {sorted(templates)}")
-        encoded = encode_prompts(self.processor, images, [e["prompt"] for e in examples], templates.pop())
+        images, template = batch_images_and_template(examples)
+        encoded = encode_prompts(self.processor, images, [e["prompt"] for e in examples], template)
         batch = pair_batch(encoded, [e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples],
                            self.pad_token_id)
         if "ref_chosen_logps" in examples[0]:
@@ -236,14 +230,8 @@ def shared_attention(model: torch.nn.Module) -> Iterator[None]:
     then. transformers builds no mask for an implementation it has no mask
     function for, so the layout's own mask is the only one."""
     configs = _decoder_attention_configs(model)
-    saved = [c._attn_implementation_internal for c in configs]
-    for c in configs:
-        c._attn_implementation_internal = ATTN_NAME
-    try:
+    with attention_implementation(configs, ATTN_NAME):
         yield
-    finally:
-        for c, name in zip(configs, saved, strict=True):
-            c._attn_implementation_internal = name
 
 
 def holding(model: torch.nn.Module, enabled: bool):
