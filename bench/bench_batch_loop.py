@@ -22,13 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
 
 from csr.engine.demo import tiny
 from csr.engine.loading import load_clip, load_policy
-from csr.engine.search import batch_search
+from csr.engine.search import batch_search, beam_search, expansion, records, sentence_search
+from csr.engine.search import config as search_config
 from csr.engine.search.batch_search import PromptJob, kv_bytes_per_prompt
 from csr.engine.search.config import SearchConfig
 from csr.engine.search.expansion import ExpandStats, PromptPrefix
@@ -47,6 +49,12 @@ def threaded_module():
         ["git", "-C", str(ROOT), "show", f"{THREADED_COMMIT}:engine/search/batch_search.py"],
         check=True, capture_output=True, text=True,
     ).stdout
+    # The names it took from sentence_search live in several modules today.
+    names = types.ModuleType("threaded_batch_search_names")
+    for module in (records, search_config, beam_search, expansion, sentence_search):
+        names.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    sys.modules[names.__name__] = names
+    source = source.replace("csr.engine.search.sentence_search import", f"{names.__name__} import")
     path = Path(tempfile.mkdtemp()) / "threaded_batch_search.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("threaded_batch_search", path)
