@@ -104,7 +104,7 @@ def study_tree(rng: random.Random, sentences: list[str]):
 
 def build(url: str, prompts: int, seed: int = 0) -> dict:
     """Fill a new store at `url` through the engine's write path; returns fill figures."""
-    from csr.storage.curation import CurationSettings
+    from csr.storage.curation import TRAINING_SELECTION, CurationSettings
     from csr.storage.store import Store
 
     rng = random.Random(seed)
@@ -113,28 +113,26 @@ def build(url: str, prompts: int, seed: int = 0) -> dict:
     figures: dict = {"prompts": prompts}
     start = time.perf_counter()
     with store:
-        with store.write() as tx:
-            tx.register_base_model("bench/base", "bench/clip", None)
-            tx.insert_images([{"sha256": f"{i:064x}", "root": "/nonexistent", "rel_path": f"{i}.jpg",
-                               "size_bytes": 1, "width": 336, "height": 336} for i in range(1, prompts + 1)])
-            tx.insert_prompts([{"external_id": f"p{i}", "image_id": i, "text": "Describe the image in detail.",
-                                "source": "bench"} for i in range(1, prompts + 1)])
+        store.register_base_model("bench/base", "bench/clip", None)
+        store.add_prompts([{"sha256": f"{i:064x}", "root": "/nonexistent", "rel_path": f"{i}.jpg",
+                            "size_bytes": 1, "width": 336, "height": 336} for i in range(1, prompts + 1)],
+                          [{"external_id": f"p{i}", "image_sha256": f"{i:064x}", "text": "Describe the image in detail.",
+                            "source": "bench"} for i in range(1, prompts + 1)])
         for iteration in range(1, ITERATIONS + 1):
             claim_s, write_s = _generate(store, iteration, rng, sentences)
             tail = claim_s[-max(1, len(claim_s) // 10):]
             figures[f"claim_ms_iter{iteration}"] = statistics.median(tail) * 1000
             figures[f"tree_write_ms_iter{iteration}"] = statistics.median(write_s) * 1000
             result = store.curate(iteration, CurationSettings(), make_default=True)
-            with store.write() as tx:
-                pair_set = tx.pair_set(iteration)
-                run = tx.start_training_run(iteration, pair_set.id, result.result_hash, {"bench": True}, "/tmp")
-                tx.register_version(version=iteration, parent=iteration - 1, iteration=iteration,
-                                    path=f"bench/v{iteration}", weights_hash=f"{iteration:064x}", lora_config={},
-                                    metrics={}, run_id=run)
-                tx.record_evaluation(model_version=iteration, benchmark="chair", settings={"dataset": "bench"},
-                                     dataset_hash="0" * 64, metrics={"chair_s": 40.0, "chair_i": 10.0},
-                                     items=[{"id": k, "caption": "A cat."} for k in range(500)],
-                                     n_responses=500, chair_s=40.0, chair_i=10.0, mean_words=90.0)
+            run = store.begin_training_run(iteration, store.pair_set(iteration).id, TRAINING_SELECTION,
+                                           result.result_hash, {"bench": True}, "/tmp")
+            store.register_version(version=iteration, parent=iteration - 1, iteration=iteration,
+                                   path=f"bench/v{iteration}", weights_hash=f"{iteration:064x}", lora_config={},
+                                   metrics={}, run_id=run)
+            store.record_evaluation(model_version=iteration, benchmark="chair", settings={"dataset": "bench"},
+                                    dataset_hash="0" * 64, metrics={"chair_s": 40.0, "chair_i": 10.0},
+                                    items=[{"id": k, "caption": "A cat."} for k in range(500)],
+                                    n_responses=500, chair_s=40.0, chair_i=10.0, mean_words=90.0)
             print(f"  iteration {iteration}: {prompts} trees, claim {figures[f'claim_ms_iter{iteration}']:.2f} ms, "
                   f"tree {figures[f'tree_write_ms_iter{iteration}']:.2f} ms, {result.pairs} pairs "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)

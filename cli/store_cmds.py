@@ -59,8 +59,8 @@ def init(
     url = st.url
     store, what = Store.create(url)
     try:
-        with store, store.write() as tx:
-            registered = tx.register_base_model(settings.model, settings.clip, settings.clip_pretrained)
+        with store:
+            registered = store.register_base_model(settings.model, settings.clip, settings.clip_pretrained)
     except BaseModelMismatch as exc:
         asked = describe_base_model(settings.model, settings.clip, settings.clip_pretrained)
         raise CsrError(
@@ -192,11 +192,8 @@ def status_cmd(
     """Per iteration: prompts total / pending / claimed / done / failed; model versions; workers
     (live, stale or gone); failed prompts with their reason."""
     st = state(ctx)
-    with Store.open(st.url) as store, store.read() as tx:
-        summary = {"store": _display(st.url), "store_from": store_source(st)}
-        summary |= tx.status()
-        summary["workers"] = tx.worker_states()
-        summary["failed_prompts"] = tx.failed_items()
+    with Store.open(st.url) as store:
+        summary = {"store": _display(st.url), "store_from": store_source(st)} | store.status()
     if as_json:
         echo_json(summary)
         return

@@ -143,8 +143,8 @@ def lineage(
     as_json: bool = json_option("The chain"),
 ) -> None:
     """The provenance chain of a model version back to the base model."""
-    with Store.open(state(ctx).url) as store, store.read() as tx:
-        chain = tx.lineage(version)
+    with Store.open(state(ctx).url) as store:
+        chain = store.lineage(version)
     if not chain:
         raise CsrError(f"no model version {version} in the store")
     if as_json:

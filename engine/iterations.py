@@ -40,10 +40,9 @@ def iteration_curation(store: Store, iteration: int) -> CurationSettings:
 
 
 def require_generated(store: Store, iteration: int, allow_partial: bool) -> dict[str, int]:
-    with store.read() as tx:
-        if tx.iteration(iteration) is None:
-            raise NotGenerated(iteration)
-        counts = tx.progress(iteration)
+    if store.iteration(iteration) is None:
+        raise NotGenerated(iteration)
+    counts = store.progress(iteration)
     unfinished = counts[PENDING] + counts[CLAIMED]
     if unfinished and not allow_partial:
         raise OrderError(
@@ -82,8 +81,7 @@ def _curate_other_method(store: Store, it, preset, lambda_weight, min_margin, na
     if it.method == "self-reward":
         if preset is not None or lambda_weight is not None:
             raise CsrError(f"--preset and --lambda re-curate a csr tree; iteration {it.number} is self-rewarding")
-        with store.write() as tx:
-            return tx.curate_self_reward(it.number, min_margin, name, make_default)
+        return store.curate_self_reward(it.number, min_margin, name, make_default)
     raise OrderError(f"iteration {it.number} trains on the imported pair set "
                      f"{it.config.get('pair_set')!r}: it has nothing to curate")
 
@@ -141,21 +139,14 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
     main = _is_main_process()
     run_id = None
     if main:
-        with store.write() as tx:
-            run = tx.find_resumable_run(iteration, pairs_hash, hyperparams)
-            if run is not None:
-                run_id = run.id
-                tx.mark_run(run_id, "running")
-            else:
-                run_id = tx.start_training_run(iteration, pair_set.id, pairs_hash, hyperparams, str(checkpoint_dir),
-                                               **outside.selection_of(pair_set))
+        run_id = store.begin_training_run(iteration, pair_set.id, outside.selection_of(pair_set), pairs_hash,
+                                          hyperparams, str(checkpoint_dir))
     staging = models_dir / f"v{iteration}.staging"
     try:
         result = train_dpo(parent.path, examples, staging, checkpoint_dir, config, device=options.device)
     except BaseException:
         if main:
-            with store.write() as tx:
-                tx.mark_run(run_id, "failed")
+            store.mark_run(run_id, "failed")
         raise
     final = result.metrics[-1] if result.metrics else {}
     outcome = TrainOutcome(
@@ -174,22 +165,21 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
-        with store.write() as tx:
-            tx.mark_run(run_id, "running", metrics=result.metrics)
-            tx.register_version(
-                version=iteration,
-                parent=iteration - 1,
-                iteration=iteration,
-                path=str(output_dir.resolve()),
-                weights_hash=result.weights_hash,
-                lora_config=result.lora_config,
-                metrics={"final": final, "train_seconds": result.train_seconds, "pairs": outcome.pairs,
-                         "pairs_skipped_too_long": outcome.skipped_too_long, "reference": outcome.reference,
-                         "pairs_skipped_unencodable": len(unencodable),
-                         "unencodable_pairs": [{"external_id": e, "reason": why} for e, why in unencodable]},
-                run_id=run_id,
-                replace=existing is not None,
-            )
+        store.register_version(
+            version=iteration,
+            parent=iteration - 1,
+            iteration=iteration,
+            path=str(output_dir.resolve()),
+            weights_hash=result.weights_hash,
+            lora_config=result.lora_config,
+            metrics={"final": final, "train_seconds": result.train_seconds, "pairs": outcome.pairs,
+                     "pairs_skipped_too_long": outcome.skipped_too_long, "reference": outcome.reference,
+                     "pairs_skipped_unencodable": len(unencodable),
+                     "unencodable_pairs": [{"external_id": e, "reason": why} for e, why in unencodable]},
+            run_id=run_id,
+            run_metrics=result.metrics,
+            replace=existing is not None,
+        )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return outcome
 
@@ -197,10 +187,9 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
 def _check_order(store: Store, iteration: int, options: TrainOptions):
     """(existing version N or None, version N-1), or OrderError when N cannot be trained now."""
     require_generated(store, iteration, options.allow_partial)
-    with store.read() as tx:
-        existing = tx.model_version(iteration)
-        parent = tx.model_version(iteration - 1)
-        next_iteration = tx.iteration(iteration + 1)
+    existing = store.model_version(iteration)
+    parent = store.model_version(iteration - 1)
+    next_iteration = store.iteration(iteration + 1)
     if existing is not None and not options.force:
         raise OrderError(f"model version {iteration} exists ({existing.path}); pass --force to train it again")
     if existing is not None and next_iteration is not None:
@@ -216,17 +205,15 @@ def _pairs_to_train(store: Store, iteration: int, name: str | None, config, impo
     """(pair set, rows that fit, rows over max_response_tokens); train implies
     curate with the iteration's own policy when it has no default pair set.
     An imported pair set's texts are tokenised here (they have no tree)."""
-    with store.read() as tx:
-        pair_set = imported or tx.pair_set(iteration, name)
+    pair_set = imported or store.pair_set(iteration, name)
     if pair_set is None:
         if name:
             raise OrderError(f"iteration {iteration} has no pair set named {name!r}, and no pair set of that "
                              "name was imported (`csr pairs import`)")
         curate(store, iteration)
-    with store.read() as tx:
-        pair_set = pair_set or tx.pair_set(iteration)
-        rows = (outside.tokenised(tx.outside_training_rows(pair_set.id), policy_path) if imported
-                else tx.training_rows(pair_set.id))
+    pair_set = pair_set or store.pair_set(iteration)
+    rows = (outside.tokenised(store.outside_training_rows(pair_set.id), policy_path) if imported
+            else store.training_rows(pair_set.id))
     if not rows:
         raise OrderError(
             f"pair set {pair_set.name!r} of iteration {iteration} is empty: nothing to train on "

@@ -11,7 +11,7 @@ reference log-probs, so the trainer computes the reference itself.
 
 from __future__ import annotations
 
-from csr.storage import OrderError, Store
+from csr.storage import TRAINING_SELECTION, OrderError, Store
 
 SOURCE = "import"
 
@@ -21,30 +21,28 @@ def imported_for(store: Store, iteration: int, name: str | None):
     by that name (None otherwise); iteration N is started as an outside one."""
     if not name:
         return None
-    with store.read() as tx:
-        generated = tx.iteration(iteration) is not None
-        if generated and tx.pair_set(iteration, name) is not None:
-            return None
-        imported = tx.imported_pair_set(name)
+    generated = store.iteration(iteration) is not None
+    if generated and store.pair_set(iteration, name) is not None:
+        return None
+    imported = store.imported_pair_set(name)
     if imported is None:
         if not generated:
             raise OrderError(f"iteration {iteration} has not been generated, and no pair set named {name!r} was "
                              f"imported: run `csr generate --iter {iteration}` or `csr pairs import`")
         return None
-    with store.write() as tx:
-        tx.start_outside_iteration(iteration, {
-            "method": "outside",
-            "pair_set": imported.name,
-            "pair_set_hash": imported.result_hash,
-            "origin": imported.origin,
-            "policy_version": iteration - 1,
-        })
+    store.start_outside_iteration(iteration, {
+        "method": "outside",
+        "pair_set": imported.name,
+        "pair_set_hash": imported.result_hash,
+        "origin": imported.origin,
+        "policy_version": iteration - 1,
+    })
     return imported
 
 
-def selection_of(pair_set) -> dict:
-    """The trainer's query to record with the run, when it is not the tree's."""
-    return {"selection_sql": pair_set.selection_sql} if pair_set.source == SOURCE else {}
+def selection_of(pair_set) -> str:
+    """The trainer's query, recorded with the run."""
+    return pair_set.selection_sql if pair_set.source == SOURCE else TRAINING_SELECTION
 
 
 def tokenised(rows: list[dict], policy_path: str) -> list[dict]:

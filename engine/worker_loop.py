@@ -104,10 +104,9 @@ def models_config(store: Store, iteration: int) -> dict:
     """The models an iteration freezes, whatever its method: the policy
     (version N-1) and the reward CLIP. Before an iteration starts, a model that
     cannot be found is refused: it must not leave a started iteration behind."""
-    with store.read() as tx:
-        policy = tx.model_version(iteration - 1)
-        base = tx.model_version(0)
-        started = tx.iteration(iteration) is not None
+    policy = store.model_version(iteration - 1)
+    base = store.model_version(0)
+    started = store.iteration(iteration) is not None
     if base is None:
         raise CsrError("the store has no base model: run `csr init`")
     if not started and policy is not None:

@@ -1,7 +1,7 @@
 """The store: csr's one door to its database.
 
 Engine and cli import from here only: `Store` (each method its own
-transaction; `read()` / `write()` for steps that must share one), the
+transaction; a step that must be atomic is one method), the
 dataclasses it returns, the errors it raises and a few pure helpers. The
 modules behind it (one set of functions over a connection each) are
 storage's own. The second, documented door is `csr.storage.analytics`:
@@ -34,12 +34,12 @@ from csr.storage.errors import (
 )
 from csr.storage.evaluations import evaluation_fingerprint
 from csr.storage.hashing import json_digest
+from csr.storage.infos import IterationInfo, PairSetInfo, VersionInfo
 from csr.storage.iterations import CLAIMED, DONE, FAILED, PENDING
 from csr.storage.migrate import schema_history
 from csr.storage.outages import OutageRetry, as_store_error, first_line
 from csr.storage.outside_pairs import pairs_digest
 from csr.storage.store import Store
-from csr.storage.transaction import IterationInfo, PairSetInfo, Transaction, VersionInfo
 from csr.storage.trees import CANDIDATE_COLUMNS, RESPONSE_COLUMNS, Tree
 from csr.storage.versions import BaseModelMismatch, describe_base_model
 from csr.storage.work import Claim
@@ -50,7 +50,7 @@ __all__ = [
     "PRESETS", "PRESET_PAIR_RULE", "RESPONSE_COLUMNS", "STALE", "STOPPED", "STORE_PACKAGES", "TRAINING_SELECTION",
     "BaseModelMismatch", "Claim", "CurationResult", "CurationSettings", "Holder", "ImportRejected", "IterationInfo",
     "MissingModelVersion", "NoStore", "NotAStore", "NotGenerated", "OrderError", "OutageRetry", "PairSetInfo",
-    "SchemaMismatch", "Store", "StoreError", "StoreRefused", "StoreUnavailable", "Transaction", "Tree",
+    "SchemaMismatch", "Store", "StoreError", "StoreRefused", "StoreUnavailable", "Tree",
     "VersionInfo", "WriteConflict", "as_store_error", "describe_base_model", "display_url",
     "evaluation_fingerprint", "first_line", "json_digest", "normalise_url", "pairs_digest", "schema_history",
     "utcnow",

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
 from csr.storage.clock import utcnow
 from csr.storage.errors import NotGenerated, StoreError
+from csr.storage.infos import PairSetInfo, row_as
 from csr.storage.iterations import get_iteration
 from csr.storage.models import Pair, PairSet
 
@@ -361,11 +362,11 @@ def _set_default(conn: Connection, iteration: int, pair_set_id: int) -> None:
     conn.execute(update(PairSet).where(PairSet.iteration == iteration).values(is_default=PairSet.id == pair_set_id))
 
 
-def pair_set(conn: Connection, iteration: int, name: str | None = None):
+def pair_set(conn: Connection, iteration: int, name: str | None = None) -> PairSetInfo | None:
     """The named pair set of an iteration, or its default one."""
     query = select(PairSet).where(PairSet.iteration == iteration)
     query = query.where(PairSet.name == name) if name else query.where(PairSet.is_default)
-    return conn.execute(query).first()
+    return row_as(PairSetInfo, conn.execute(query).first())
 
 
 # The trainer's one query: its text is stored with the training run, with a hash of its result.

@@ -40,12 +40,13 @@ def record_evaluation(
     chair_s: float | None = None,
     chair_i: float | None = None,
     mean_words: float | None = None,
-) -> bool:
-    """Store one evaluation; False (and nothing written) when the same
-    evaluation of this version is already stored."""
+) -> dict | None:
+    """Store one evaluation; when the same evaluation of this version is
+    already stored, write nothing and return the stored one's metrics."""
     fingerprint = evaluation_fingerprint(benchmark, settings, dataset_hash)
-    if find_evaluation(conn, model_version, fingerprint) is not None:
-        return False
+    stored = find_evaluation(conn, model_version, fingerprint)
+    if stored is not None:
+        return stored["metrics"]
     conn.execute(
         insert(Evaluation).values(
             model_version=model_version,
@@ -62,4 +63,4 @@ def record_evaluation(
             created_at=utcnow(),
         )
     )
-    return True
+    return None

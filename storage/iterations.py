@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from csr.storage.clock import utcnow
 from csr.storage.errors import MissingModelVersion, OrderError
 from csr.storage.hashing import json_digest
+from csr.storage.infos import IterationInfo, row_as
 from csr.storage.models import Image, Iteration, ModelVersion, Prompt, WorkItem
 
 PENDING, CLAIMED, DONE, FAILED = "pending", "claimed", "done", "failed"
@@ -22,8 +23,8 @@ PENDING, CLAIMED, DONE, FAILED = "pending", "claimed", "done", "failed"
 def config_hash(config: dict) -> str:
     return json_digest(config)
 
-def get_iteration(conn: Connection, number: int):
-    return conn.execute(select(Iteration).where(Iteration.number == number)).first()
+def get_iteration(conn: Connection, number: int) -> IterationInfo | None:
+    return row_as(IterationInfo, conn.execute(select(Iteration).where(Iteration.number == number)).first())
 
 def start_iteration(engine: Engine, number: int, preset: str, config: dict) -> tuple[dict, bool]:
     """Create iteration `number` with its frozen config, or confirm an existing one.

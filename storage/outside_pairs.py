@@ -17,7 +17,9 @@ from sqlalchemy import Connection, insert, select, text
 
 from csr.storage.clock import utcnow
 from csr.storage.errors import ImportRejected
+from csr.storage.infos import PairSetInfo, row_as
 from csr.storage.models import OutsidePair, PairSet
+from csr.storage.prompts import add_images
 
 SOURCE = "import"
 
@@ -45,17 +47,18 @@ def pairs_digest(pairs: list[dict], image_hashes: list[str]) -> str:
     return digest.hexdigest()
 
 
-def imported_pair_set(conn: Connection, name: str):
-    """The imported pair set of that name (a row of pair_sets), or None."""
-    return conn.execute(select(PairSet).where(PairSet.iteration.is_(None), PairSet.name == name)).first()
+def imported_pair_set(conn: Connection, name: str) -> PairSetInfo | None:
+    return row_as(PairSetInfo, conn.execute(select(PairSet).where(PairSet.iteration.is_(None), PairSet.name == name)).first())
 
 
-def insert_pair_set(conn: Connection, name: str, origin: dict, params: dict, result_hash: str,
-                    pairs: list[dict]) -> int:
-    """A new imported pair set with its pairs (each with its image_id); returns its id.
+def add_pair_set(conn: Connection, name: str, origin: dict, params: dict, result_hash: str,
+                 images: list[dict], pairs: list[dict]) -> tuple[int, int]:
+    """A new imported pair set with its pairs (each naming its image by
+    `image_sha256`) and the images they need; returns (its id, new images).
     The caller has checked that the name is free."""
     if imported_pair_set(conn, name) is not None:
         raise ImportRejected(f"a pair set named {name!r} was imported already")
+    ids, new_images = add_images(conn, images)
     pair_set_id = conn.execute(
         insert(PairSet).values(
             iteration=None, name=name, preset=SOURCE, params=params, selection_sql=OUTSIDE_TRAINING_SELECTION,
@@ -63,8 +66,10 @@ def insert_pair_set(conn: Connection, name: str, origin: dict, params: dict, res
         ).returning(PairSet.id)
     ).scalar_one()
     if pairs:
-        conn.execute(insert(OutsidePair), [{"pair_set_id": pair_set_id, **p} for p in pairs])
-    return pair_set_id
+        conn.execute(insert(OutsidePair), [
+            {"pair_set_id": pair_set_id, "image_id": ids[p["image_sha256"]],
+             **{k: v for k, v in p.items() if k != "image_sha256"}} for p in pairs])
+    return pair_set_id, new_images
 
 
 def training_rows(conn: Connection, pair_set_id: int) -> list[dict]:

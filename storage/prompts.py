@@ -47,3 +47,23 @@ def insert_prompts(conn: Connection, prompts: list[dict]) -> None:
     if prompts:
         now = utcnow()
         conn.execute(insert(Prompt), [{**p, "created_at": now} for p in prompts])
+
+
+def add_images(conn: Connection, images: list[dict]) -> tuple[dict[str, int], int]:
+    """Insert the images (dicts with their sha256) the store does not hold yet;
+    returns (sha256 -> id for every one of them, how many were new)."""
+    known = image_ids(conn, sorted({image["sha256"] for image in images}))
+    new = list({image["sha256"]: image for image in images if image["sha256"] not in known}.values())
+    insert_images(conn, new)
+    known.update(image_ids(conn, [image["sha256"] for image in new]))
+    return known, len(new)
+
+
+def add_prompts(conn: Connection, images: list[dict], prompts: list[dict]) -> int:
+    """An import's new prompts (each naming its image by `image_sha256`) with
+    the images they need, in one transaction; returns how many images were new.
+    A prompt id another import wrote meanwhile fails the whole write (unique)."""
+    ids, new_images = add_images(conn, images)
+    insert_prompts(conn, [{**{k: v for k, v in p.items() if k != "image_sha256"}, "image_id": ids[p["image_sha256"]]}
+                          for p in prompts])
+    return new_images

@@ -6,8 +6,8 @@ StoreUnavailable, StoreRefused or WriteConflict, storage/errors.py); a caller
 that must ride out an outage calls through `store.retrying(seconds)`. The
 store chooses the transaction: a deferred one for reads (SQLite readers never
 take the lock workers need), an immediate one for writes (SQLite `BEGIN
-IMMEDIATE`; PostgreSQL takes row locks where the queue needs them). Work that must happen in one transaction runs in
-`store.read()` / `store.write()`, whose `Transaction` has the same parts.
+IMMEDIATE`; PostgreSQL takes row locks where the queue needs them). Each
+method is one transaction; a step that must be atomic is one method.
 
 The parts live in their own modules, each a set of functions over a
 connection: prompts, iterations, work (the queue), workers, trees, curation,
@@ -29,12 +29,22 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
-from csr.storage import curation, iterations, migrate, work, workers
+from csr.storage import (
+    curation,
+    evaluations,
+    iterations,
+    migrate,
+    outside_pairs,
+    prompts,
+    self_reward_curation,
+    summary,
+    versions,
+    work,
+    workers,
+)
 from csr.storage.db import make_engine
 from csr.storage.errors import NotAStore, StoreError, StoreRefused, StoreUnavailable, WriteConflict
 from csr.storage.outages import OutageRetry, first_line, is_outage
-from csr.storage.transaction import Transaction
-from csr.storage.trees import Tree
 
 
 @contextmanager
@@ -100,7 +110,7 @@ def open_store(url: str) -> Engine:
         raise
     except Exception as exc:  # server down, bad credentials, not a database
         engine.dispose()
-        raise StoreError(f"cannot open the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+        raise StoreError(f"cannot open the store at {engine.url.render_as_string()}: {first_line(exc)}") from exc
     return engine
 
 
@@ -120,7 +130,7 @@ def create_store(url: str) -> tuple[Engine, str]:
         raise
     except Exception as exc:
         engine.dispose()
-        raise StoreError(f"cannot create the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+        raise StoreError(f"cannot create the store at {engine.url.render_as_string()}: {first_line(exc)}") from exc
 
 
 def upgrade_store(url: str) -> tuple[str | None, str]:
@@ -131,7 +141,7 @@ def upgrade_store(url: str) -> tuple[str | None, str]:
             raise NotAStore(f"the database at {engine.url.render_as_string()} has tables but is not a csr store")
         return migrate.upgrade(engine)
     except DBAPIError as exc:  # server down, not a database, a migration the data refuses
-        raise StoreError(f"cannot upgrade the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+        raise StoreError(f"cannot upgrade the store at {engine.url.render_as_string()}: {first_line(exc)}") from exc
     finally:
         engine.dispose()
 
@@ -142,13 +152,9 @@ def store_revision(url: str) -> str | None:
     try:
         return migrate.current_revision(engine)
     except DBAPIError as exc:
-        raise StoreError(f"cannot open the store at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+        raise StoreError(f"cannot open the store at {engine.url.render_as_string()}: {first_line(exc)}") from exc
     finally:
         engine.dispose()
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 @contextmanager
@@ -160,17 +166,6 @@ def translated() -> Iterator[None]:
         if is_outage(exc):
             raise StoreUnavailable(first_line(exc)) from exc
         raise StoreRefused(first_line(exc)) from exc
-
-
-def _translating(method):
-    """A Store method whose SQLAlchemy errors come out as csr's."""
-
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
-        with translated():
-            return method(self, *args, **kwargs)
-
-    return call
 
 
 # The tables a tree batch fills, and that curation and the queue plan on.
@@ -192,8 +187,47 @@ def _pause_for_tests(point: str) -> None:
         time.sleep(0.02)
 
 
+def _reads(function):
+    """A storage function of (connection, ...) as a Store method: one read
+    transaction of its own."""
+
+    @functools.wraps(function)
+    def method(self, *args, **kwargs):
+        with self._reading() as conn:
+            return function(conn, *args, **kwargs)
+
+    return method
+
+
+def _writes(function):
+    """A storage function of (connection, ...) as a Store method: one write
+    transaction of its own, committed when it returns, rolled back (nothing
+    written) when it raises."""
+
+    @functools.wraps(function)
+    def method(self, *args, **kwargs):
+        with self._writing() as conn:
+            return function(conn, *args, **kwargs)
+
+    return method
+
+
+def _translating(function):
+    """A storage function of (engine, ...) that chooses its own transactions
+    (the queue's locks) as a Store method whose errors come out as csr's."""
+
+    @functools.wraps(function)
+    def method(self, *args, **kwargs):
+        with translated():
+            return function(self._engine, *args, **kwargs)
+
+    return method
+
+
 class Store:
-    """An open csr store. Close it (or use it as a context manager) when done."""
+    """An open csr store. Close it (or use it as a context manager) when done.
+
+    Each method is one transaction; what must be atomic is one method."""
 
     def __init__(self, engine: Engine):
         self._engine = engine
@@ -232,106 +266,91 @@ class Store:
         return OutageRetry(self.reconnect, bound_seconds, say)
 
     @contextmanager
-    def read(self) -> Iterator[Transaction]:
+    def _reading(self) -> Iterator[Connection]:
         with translated(), reading(self._engine) as conn:
-            yield Transaction(conn, writable=False)
+            yield conn
 
     @contextmanager
-    def write(self) -> Iterator[Transaction]:
-        """A write transaction: committed on exit, rolled back (and nothing
-        written) on an exception. A unique row another writer committed first
-        (PostgreSQL; SQLite serialises writers) comes out as WriteConflict."""
+    def _writing(self) -> Iterator[Connection]:
+        """A unique row another writer committed first (PostgreSQL; SQLite
+        serialises writers) comes out as WriteConflict."""
         with translated():
             try:
                 with writing(self._engine) as conn:
-                    yield Transaction(conn, writable=True)
+                    yield conn
             except IntegrityError as exc:
-                raise WriteConflict(_first_line(exc)) from exc
+                raise WriteConflict(first_line(exc)) from exc
 
-    # -- one-transaction shortcuts ------------------------------------------------------
-    def model_version(self, version: int):
-        with self.read() as tx:
-            return tx.model_version(version)
+    # -- prompts, images and the study's models -----------------------------------------
+    existing_prompts = _reads(prompts.existing_prompts)
+    add_prompts = _writes(prompts.add_prompts)
+    prompt_inputs = _reads(iterations.prompt_inputs)
+    model_version = _reads(versions.model_version)
+    register_base_model = _writes(versions.register_base_model)
+    lineage = _reads(versions.lineage)
+    status = _reads(summary.status)
 
-    def iteration(self, number: int):
-        with self.read() as tx:
-            return tx.iteration(number)
-
-    def progress(self, iteration: int) -> dict[str, int]:
-        with self.read() as tx:
-            return tx.progress(iteration)
+    # -- iterations and the work queue: the queue's calls take the locks they need -------
+    iteration = _reads(iterations.get_iteration)
+    progress = _reads(iterations.progress)
+    start_iteration = _translating(iterations.start_iteration)
+    retry_failed = _translating(iterations.retry_failed)
+    register_worker = _translating(workers.register_worker)
+    heartbeat = _translating(workers.heartbeat)
+    stop_worker = _translating(workers.stop_worker)
+    write_tree = _translating(work.write_tree)
+    fail = _translating(work.fail)
+    release = _translating(work.release)
+    release_unheld = _translating(work.release_unheld)
 
     def outstanding(self, iteration: int, worker_id: int) -> tuple[int, list[workers.Holder]]:
         """(pending prompts, other workers holding prompts) of the iteration, in one read."""
-        with self.read() as tx:
-            return tx.progress(iteration)[iterations.PENDING], tx.holders(iteration, exclude_worker=worker_id)
-
-    def prompt_inputs(self, prompt_ids: list[int]) -> dict[int, tuple[str, str, int, str]]:
-        with self.read() as tx:
-            return tx.prompt_inputs(prompt_ids)
-
-    # -- the work queue: each call is its own transaction, with the locks it needs --------
-    @_translating
-    def start_iteration(self, number: int, preset: str, config: dict) -> tuple[dict, bool]:
-        return iterations.start_iteration(self._engine, number, preset, config)
+        with self._reading() as conn:
+            return (iterations.progress(conn, iteration)[iterations.PENDING],
+                    workers.holders(conn, iteration, exclude_worker=worker_id))
 
     @_translating
-    def retry_failed(self, iteration: int) -> int:
-        return iterations.retry_failed(self._engine, iteration)
-
-    @_translating
-    def register_worker(self, iteration: int, device: str) -> int:
-        return workers.register_worker(self._engine, iteration, device)
-
-    @_translating
-    def claim(self, iteration: int, worker_id: int, limit: int, lease: timedelta, max_attempts: int) -> list[work.Claim]:
+    def claim(engine, iteration: int, worker_id: int, limit: int, lease: timedelta, max_attempts: int) -> list[work.Claim]:
         """Claim the next items; first, after the previous batch of trees, fresh
         planner statistics where the tables grew (PostgreSQL)."""
-        analyze_if_grown(self._engine, TREE_TABLES)
-        return work.claim(self._engine, iteration, worker_id, limit, lease, max_attempts)
+        analyze_if_grown(engine, TREE_TABLES)
+        return work.claim(engine, iteration, worker_id, limit, lease, max_attempts)
 
     @_translating
-    def heartbeat(self, worker_id: int, lease: timedelta) -> None:
-        workers.heartbeat(self._engine, worker_id, lease)
+    def finish_iteration_if_done(engine, iteration: int) -> bool:
+        analyze_if_grown(engine, TREE_TABLES)
+        return iterations.finish_iteration_if_done(engine, iteration)
+
+    # -- curation, pair sets and training ------------------------------------------------
+    pair_set = _reads(curation.pair_set)
+    training_rows = _reads(curation.training_rows)
+    pair_clip_means = _reads(curation.pair_clip_means)
+    curate_self_reward = _writes(self_reward_curation.curate)
+    imported_pair_set = _reads(outside_pairs.imported_pair_set)
+    add_imported_pair_set = _writes(outside_pairs.add_pair_set)
+    outside_training_rows = _reads(outside_pairs.training_rows)
+    start_outside_iteration = _writes(outside_pairs.start_outside_iteration)
+    begin_training_run = _writes(versions.begin_training_run)
+    mark_run = _writes(versions.mark_run)
+    register_version = _writes(versions.register_version)
 
     @_translating
-    def write_tree(self, claim: work.Claim, worker_id: int, iteration: int, tree: Tree) -> bool:
-        """Write the claim's whole tree and mark its item done, in one transaction;
-        False (nothing written) when the item is no longer this worker's."""
-        return work.write_tree(self._engine, claim, worker_id, iteration, tree)
-
-    @_translating
-    def fail(self, claim: work.Claim, worker_id: int, error: str, max_attempts: int) -> str:
-        return work.fail(self._engine, claim, worker_id, error, max_attempts)
-
-    @_translating
-    def release(self, worker_id: int, claims: list[work.Claim]) -> None:
-        work.release(self._engine, worker_id, claims)
-
-    @_translating
-    def release_unheld(self, worker_id: int) -> int:
-        return work.release_unheld(self._engine, worker_id)
-
-    @_translating
-    def stop_worker(self, worker_id: int) -> None:
-        workers.stop_worker(self._engine, worker_id)
-
-    @_translating
-    def finish_iteration_if_done(self, iteration: int) -> bool:
-        analyze_if_grown(self._engine, TREE_TABLES)
-        return iterations.finish_iteration_if_done(self._engine, iteration)
-
-    # -- curation ------------------------------------------------------------------------
-    @_translating
-    def curate(self, iteration: int, settings: curation.CurationSettings, name: str | None = None,
+    def curate(engine, iteration: int, settings: curation.CurationSettings, name: str | None = None,
                make_default: bool = False) -> curation.CurationResult:
         """Select the pairs in a read transaction, which takes no lock, then
         record them in one short write: other commands and workers never wait
         for a curation's query."""
-        analyze(self._engine, ("responses",))  # the table the selection reads: always fresh
-        analyze_if_grown(self._engine, TREE_TABLES)
-        with reading(self._engine) as conn:
+        analyze(engine, ("responses",))  # the table the selection reads: always fresh
+        analyze_if_grown(engine, TREE_TABLES)
+        with reading(engine) as conn:
             selection = curation.compute_selection(conn, iteration, settings, name)
             _pause_for_tests("selected")
-        with self.write() as tx:
-            return tx.record_curation(selection, make_default)
+        try:
+            with writing(engine) as conn:
+                return curation.record(conn, selection, make_default=make_default)
+        except IntegrityError as exc:
+            raise WriteConflict(first_line(exc)) from exc
+
+    # -- evaluations ---------------------------------------------------------------------
+    find_evaluation = _reads(evaluations.find_evaluation)
+    record_evaluation = _writes(evaluations.record_evaluation)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, func, select
 
 from csr.storage import workers
+from csr.storage.iterations import failed_items
 from csr.storage.models import Iteration, ModelVersion, Prompt, WorkItem
 
 
@@ -45,5 +46,7 @@ def status(conn: Connection) -> dict:
         for v in conn.execute(select(ModelVersion).order_by(ModelVersion.version)).all()
     ]
     # Live by its lease and, on this host, by its process: a stale or dead worker is never live.
-    live = [w for w in workers.worker_states(conn) if w["state"] == workers.LIVE]
-    return {"prompts": total, "iterations": iterations, "model_versions": versions, "live_workers": live}
+    states = workers.worker_states(conn)
+    live = [w for w in states if w["state"] == workers.LIVE]
+    return {"prompts": total, "iterations": iterations, "model_versions": versions, "live_workers": live,
+            "workers": states, "failed_prompts": failed_items(conn)}

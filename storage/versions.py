@@ -6,6 +6,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from csr.storage.clock import utcnow
 from csr.storage.errors import StoreError
+from csr.storage.infos import VersionInfo, row_as
 from csr.storage.models import Iteration, ModelVersion, PairSet, TrainingRun
 
 
@@ -46,6 +47,17 @@ def start_training_run(
     ).scalar_one()
 
 
+def begin_training_run(conn: Connection, iteration: int, pair_set_id: int, selection_sql: str, pairs_hash: str,
+                       hyperparams: dict, checkpoint_dir: str) -> int:
+    """The run to train with: an unfinished one of the same pairs and settings,
+    marked running again (it resumes from its checkpoint), or a new one."""
+    run = find_resumable_run(conn, iteration, pairs_hash, hyperparams)
+    if run is None:
+        return start_training_run(conn, iteration, pair_set_id, selection_sql, pairs_hash, hyperparams, checkpoint_dir)
+    mark_run(conn, run.id, "running")
+    return run.id
+
+
 def mark_run(conn: Connection, run_id: int, state: str, metrics: list | None = None) -> None:
     values = {"state": state}
     if metrics is not None:
@@ -66,9 +78,10 @@ def register_version(
     lora_config: dict,
     metrics: dict,
     run_id: int,
+    run_metrics: list | None = None,
     replace: bool = False,
 ) -> None:
-    """Record model version `version`, trained by run `run_id`, in the run's transaction."""
+    """Record model version `version` and finish run `run_id` (with its per-step metrics) in one transaction."""
     parent_row = conn.execute(select(ModelVersion).where(ModelVersion.version == parent)).one()
     if replace:
         conn.execute(update(TrainingRun).where(TrainingRun.output_version == version).values(output_version=None))
@@ -91,7 +104,8 @@ def register_version(
     conn.execute(
         update(TrainingRun)
         .where(TrainingRun.id == run_id)
-        .values(state="done", output_version=version, finished_at=utcnow())
+        .values(state="done", output_version=version, finished_at=utcnow(),
+                **({"metrics": run_metrics} if run_metrics is not None else {}))
     )
     conn.execute(update(Iteration).where(Iteration.number == iteration).values(state="trained"))
 
@@ -153,9 +167,8 @@ def lineage(conn: Connection, version: int) -> list[dict]:
     return chain
 
 
-def model_version(conn: Connection, version: int):
-    """The model_versions row (a Row with the table's columns) or None."""
-    return conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first()
+def model_version(conn: Connection, version: int) -> VersionInfo | None:
+    return row_as(VersionInfo, conn.execute(select(ModelVersion).where(ModelVersion.version == version)).first())
 
 
 class BaseModelMismatch(StoreError):

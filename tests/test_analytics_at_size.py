@@ -18,7 +18,7 @@ from datetime import timedelta
 import pytest
 
 from csr.storage import analytics, analytics_figures, analytics_live
-from csr.storage.curation import CurationSettings
+from csr.storage.curation import TRAINING_SELECTION, CurationSettings
 from csr.storage.store import Store
 from csr.storage.trees import Tree, word_count
 from tests.analytics_fixtures import assert_close
@@ -77,12 +77,11 @@ def study_url(head_store_url: str) -> str:
     rng = random.Random(3)
     store = Store.open(head_store_url)
     with store:
-        with store.write() as tx:
-            tx.register_base_model("base", "clip", None)
-            tx.insert_images([{"sha256": f"{i:064x}", "root": "/nonexistent", "rel_path": f"{i}.jpg",
-                               "size_bytes": 1, "width": 8, "height": 8} for i in range(1, PROMPTS + 1)])
-            tx.insert_prompts([{"external_id": f"p{i}", "image_id": i, "text": "Describe.", "source": "test"}
-                               for i in range(1, PROMPTS + 1)])
+        store.register_base_model("base", "clip", None)
+        store.add_prompts([{"sha256": f"{i:064x}", "root": "/nonexistent", "rel_path": f"{i}.jpg",
+                            "size_bytes": 1, "width": 8, "height": 8} for i in range(1, PROMPTS + 1)],
+                          [{"external_id": f"p{i}", "image_sha256": f"{i:064x}", "text": "Describe.", "source": "test"}
+                           for i in range(1, PROMPTS + 1)])
         for iteration in range(1, ITERATIONS + 1):
             store.start_iteration(iteration, "paper", {"search": {"lam": 0.9}})
             worker = store.register_worker(iteration, "cpu")
@@ -91,12 +90,11 @@ def study_url(head_store_url: str) -> str:
             store.stop_worker(worker)
             store.finish_iteration_if_done(iteration)
             store.curate(iteration, CurationSettings(), make_default=True)
-            with store.write() as tx:
-                pair_set = tx.pair_set(iteration)
-                run = tx.start_training_run(iteration, pair_set.id, "0" * 64, {}, "/tmp")
-                tx.register_version(version=iteration, parent=iteration - 1, iteration=iteration,
-                                    path=f"v{iteration}", weights_hash=f"{iteration:064x}", lora_config={},
-                                    metrics={}, run_id=run)
+            run = store.begin_training_run(iteration, store.pair_set(iteration).id, TRAINING_SELECTION, "0" * 64,
+                                           {}, "/tmp")
+            store.register_version(version=iteration, parent=iteration - 1, iteration=iteration,
+                                   path=f"v{iteration}", weights_hash=f"{iteration:064x}", lora_config={},
+                                   metrics={}, run_id=run)
     return head_store_url
 
 

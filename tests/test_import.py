@@ -429,11 +429,10 @@ def test_in_process_errors_are_user_errors(sqlite_url, images, tmp_path):
 def test_a_concurrent_import_of_the_same_prompts_is_one_clear_error(seeded, images, tmp_path, monkeypatch):
     """Another import commits the same ids after this one looked them up: the unique
     constraint refuses the insert; the user gets an ImportRejected, and nothing is written."""
-    from csr.storage import prompts
     from csr.storage.errors import ImportRejected
 
     # The lookup misses what the other import committed in between.
-    monkeypatch.setattr(prompts, "existing_prompts", lambda conn, ids: {})
+    monkeypatch.setattr(Store, "existing_prompts", lambda store, ids: {})
     file = write_json(tmp_path / "again.json", [llava("new", "blue.png", "New?"),
                                                 llava("p1", "red.png", "<image>\nWhat colour?")])
     before = fingerprint(seeded)

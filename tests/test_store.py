@@ -328,7 +328,8 @@ def test_status_counts_per_iteration(engine):
 
 def test_status_of_an_empty_store(engine):
     with engine.connect() as conn:
-        assert status(conn) == {"prompts": 0, "iterations": [], "model_versions": [], "live_workers": []}
+        assert status(conn) == {"prompts": 0, "iterations": [], "model_versions": [], "live_workers": [],
+                                "workers": [], "failed_prompts": []}
 
 
 # -- prompt writes -------------------------------------------------------------------------

@@ -10,14 +10,16 @@ import os
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from csr.engine import iterations
 from csr.storage import curation
-from csr.storage.store import PAUSE_ENV, Store
+from csr.storage.store import PAUSE_ENV, Store, open_store
 from csr.storage.trees import Tree
 from tests.cli_runner import invoke_csr
 from tests.db_backends import CSR_SCRIPT, only_on
@@ -60,13 +62,23 @@ def _one_response_tree() -> Tree:
 
 def _prompts(url: str, n: int) -> Store:
     store = Store.open(url)
-    with store.write() as tx:
-        tx.register_base_model("base", "clip", None)
-        tx.insert_images([{"sha256": f"{i:064x}", "root": "/images", "rel_path": f"{i}.jpg", "size_bytes": 1,
-                           "width": 8, "height": 8} for i in range(1, n + 1)])
-        tx.insert_prompts([{"external_id": f"p{i}", "image_id": i, "text": "Describe.", "source": "test"}
-                           for i in range(1, n + 1)])
+    store.register_base_model("base", "clip", None)
+    store.add_prompts([{"sha256": f"{i:064x}", "root": "/images", "rel_path": f"{i}.jpg", "size_bytes": 1,
+                        "width": 8, "height": 8} for i in range(1, n + 1)],
+                      [{"external_id": f"p{i}", "image_sha256": f"{i:064x}", "text": "Describe.", "source": "test"}
+                       for i in range(1, n + 1)])
     return store
+
+
+@contextmanager
+def _sql(url: str) -> Iterator[Connection]:
+    """A connection for what no Store method does: plans, raw updates."""
+    engine = open_store(url)
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def _study(url: str, trees: list[Tree], preset: str = "reference-code") -> Store:
@@ -81,19 +93,19 @@ def _study(url: str, trees: list[Tree], preset: str = "reference-code") -> Store
     return store
 
 
-def _leaf_ids(store: Store) -> dict[str, int]:
-    with store.read() as tx:
-        rows = tx._conn.execute(text("SELECT text, leaf_candidate_id FROM responses")).all()
+def _leaf_ids(url: str) -> dict[str, int]:
+    with _sql(url) as conn:
+        rows = conn.execute(text("SELECT text, leaf_candidate_id FROM responses")).all()
     return {t.split()[-1].rstrip("."): leaf for t, leaf in rows}
 
 
 def test_the_release_pair_rule_differs_from_the_distinct_rule(head_store_url):
     with _study(head_store_url, [_tied_tree(), _one_response_tree()]) as store:
-        leaf = _leaf_ids(store)
-        with store.read() as tx:
-            distinct = curation.select_pairs(tx._conn, 1, curation.CurationSettings("reference-code", 0.9))
+        leaf = _leaf_ids(head_store_url)
+        with _sql(head_store_url) as conn:
+            distinct = curation.select_pairs(conn, 1, curation.CurationSettings("reference-code", 0.9))
             release = curation.select_pairs(
-                tx._conn, 1, curation.CurationSettings("reference-code", 0.9, pair_rule="depth-first"))
+                conn, 1, curation.CurationSettings("reference-code", 0.9, pair_rule="depth-first"))
         # distinct: ties to the lower candidate id, and no pair without a second text
         assert [(r["chosen_candidate_id"], r["rejected_candidate_id"]) for r in distinct] == [(leaf["A"], leaf["C"])]
         # the release: the first best and the last worst in depth-first order; the one response with itself
@@ -106,10 +118,9 @@ def test_the_release_pair_rule_differs_from_the_distinct_rule(head_store_url):
         assert made.name == "reference-code-lambda0.9-margin0" and made.pairs == 2
         overridden = iterations.curate(store, 1, pair_rule="distinct")
         assert overridden.name == "reference-code-lambda0.9-margin0-distinct" and overridden.pairs == 1
-        with store.read() as tx:
-            assert tx.pair_set(1, made.name).params["pair_rule"] == "depth-first"
-            assert tx.pair_set(1, overridden.name).params["pair_rule"] == "distinct"
-            assert "depth-first order" in tx.pair_set(1, made.name).selection_sql
+        assert store.pair_set(1, made.name).params["pair_rule"] == "depth-first"
+        assert store.pair_set(1, overridden.name).params["pair_rule"] == "distinct"
+        assert "depth-first order" in store.pair_set(1, made.name).selection_sql
         # confirming an existing pair set under the same rule changes nothing
         assert not iterations.curate(store, 1).created
 
@@ -164,21 +175,20 @@ def test_status_answers_within_a_second_while_a_curation_runs_beside_it(head_sto
 def test_a_claim_reads_index_ranges_without_sorting(head_store_url):
     from csr.storage import work
 
-    with Store.open(head_store_url) as store:
-        with store.read() as tx:
-            plan = tx._conn.exec_driver_sql(
-                "EXPLAIN QUERY PLAN " + work._NEXT_IDS_SQLITE.replace(":iteration", "1").replace(
-                    ":max_attempts", "3").replace(":limit", "8").replace(":now", "'2026-01-01'")
-            ).all()
-            details = " | ".join(row[-1] for row in plan)
-            assert "ix_work_items_next" in details and "ix_work_items_claim" in details
-            # the pending items come out of the index in id order: no sort inside their branch
-            [pending] = [row for row in plan if "ix_work_items_next" in row[-1]]
-            assert not [row for row in plan if row[1] == pending[1] and "TEMP B-TREE" in row[-1]]
-            holder = tx._conn.exec_driver_sql(
-                "EXPLAIN QUERY PLAN UPDATE work_items SET state = 'pending' WHERE worker_id = 1 AND state = 'claimed'"
-            ).all()
-            assert "ix_work_items_holder" in " | ".join(row[-1] for row in holder)
+    with _sql(head_store_url) as conn:
+        plan = conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + work._NEXT_IDS_SQLITE.replace(":iteration", "1").replace(
+                ":max_attempts", "3").replace(":limit", "8").replace(":now", "'2026-01-01'")
+        ).all()
+        details = " | ".join(row[-1] for row in plan)
+        assert "ix_work_items_next" in details and "ix_work_items_claim" in details
+        # the pending items come out of the index in id order: no sort inside their branch
+        [pending] = [row for row in plan if "ix_work_items_next" in row[-1]]
+        assert not [row for row in plan if row[1] == pending[1] and "TEMP B-TREE" in row[-1]]
+        holder = conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN UPDATE work_items SET state = 'pending' WHERE worker_id = 1 AND state = 'claimed'"
+        ).all()
+        assert "ix_work_items_holder" in " | ".join(row[-1] for row in holder)
 
 
 def test_claims_take_pending_items_in_id_order_then_expired_leases(head_store_url):
@@ -198,9 +208,9 @@ def test_claims_take_pending_items_in_id_order_then_expired_leases(head_store_ur
 def test_pair_sets_made_before_the_rule_was_recorded_are_confirmed(head_store_url):
     with _study(head_store_url, [_tied_tree()], preset="paper") as store:
         made = iterations.curate(store, 1)
-        with store.write() as tx:  # a pair set as csr recorded it before the pair rule
-            params = {k: v for k, v in tx.pair_set(1, made.name).params.items() if k != "pair_rule"}
-            tx._conn.execute(text("UPDATE pair_sets SET params = :p"), {"p": json.dumps(params)})
+        params = {k: v for k, v in store.pair_set(1, made.name).params.items() if k != "pair_rule"}
+        with _sql(head_store_url) as conn:  # a pair set as csr recorded it before the pair rule
+            conn.execute(text("UPDATE pair_sets SET params = :p"), {"p": json.dumps(params)})
         again = iterations.curate(store, 1)
         assert not again.created and again.result_hash == made.result_hash
 
@@ -210,8 +220,8 @@ def test_pair_sets_made_before_the_rule_was_recorded_are_confirmed(head_store_ur
 def test_postgresql_has_planner_statistics_before_a_curation(head_store_url):
     with _study(head_store_url, [_tied_tree(), _one_response_tree()]) as store:
         iterations.curate(store, 1)
-        with store.read() as tx:
-            analyzed = dict(tx._conn.execute(text(
+        with _sql(head_store_url) as conn:
+            analyzed = dict(conn.execute(text(
                 "SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables "
                 "WHERE relname IN ('responses', 'candidates', 'work_items')"
             )).all())

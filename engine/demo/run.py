@@ -176,8 +176,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     settings.write()
     store, _ = Store.create(settings.store_url)
     with store:
-        with store.write() as tx:
-            tx.register_base_model(settings.model, settings.clip, settings.clip_pretrained)
+        store.register_base_model(settings.model, settings.clip, settings.clip_pretrained)
         report = import_prompts(store, prompt_file, prompt_file.parent / "images")
         say(f"store {settings.store_url}: {report.added} prompt(s) imported, {report.already_present} already there")
 
@@ -235,8 +234,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
                 say(f"iteration {number}: {pairs} pair(s); trained version {number} in {train_seconds:.1f} s")
             row = evaluate_version(number)
             row.pairs = pairs
-            with store.read() as tx:  # the paper's figure 5 quantity (none for imported pairs: no tree)
-                row.chosen_r_i, row.rejected_r_i = tx.pair_clip_means(pair_set_id)
+            # the paper's figure 5 quantity (none for imported pairs: no tree)
+            row.chosen_r_i, row.rejected_r_i = store.pair_clip_means(pair_set_id)
             rows.append(row)
             say(_row_line(row))
     return DemoReport(rows=rows, wall_seconds=time.perf_counter() - started, store_url=settings.store_url)

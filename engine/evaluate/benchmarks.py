@@ -287,14 +287,13 @@ def _has_weights(path: str) -> bool:
 def check_versions(store: Store, versions: Sequence[int]) -> dict[int, str]:
     """Model version -> weights path, or CsrError naming the first missing one."""
     paths = {}
-    with store.read() as tx:
-        for version in versions:
-            mv = tx.model_version(version)
-            if mv is None:
-                raise CsrError(f"no model version {version} in the store")
-            if not _has_weights(mv.path):
-                raise CsrError(f"model version {version} has no weights at {mv.path}")
-            paths[version] = mv.path
+    for version in versions:
+        mv = store.model_version(version)
+        if mv is None:
+            raise CsrError(f"no model version {version} in the store")
+        if not _has_weights(mv.path):
+            raise CsrError(f"model version {version} has no weights at {mv.path}")
+        paths[version] = mv.path
     return paths
 
 
@@ -324,8 +323,7 @@ def evaluate_versions(
         for task, data_hash in zip(tasks, hashes, strict=True):
             settings = task.settings
             fingerprint = evaluation_fingerprint(task.benchmark, settings, data_hash)
-            with store.read() as tx:
-                stored = tx.find_evaluation(version, fingerprint)
+            stored = store.find_evaluation(version, fingerprint)
             if stored is not None:
                 outcomes.append(Outcome(version, task.benchmark, settings["dataset"], stored["metrics"], True))
                 continue
@@ -334,14 +332,13 @@ def evaluate_versions(
             metrics, items = _run_task(task, generate, descriptions)
             # As the store gives them back (tuples become lists), so a rerun returns equal results.
             metrics, items = json.loads(json.dumps(metrics)), json.loads(json.dumps(items))
-            with store.write() as tx:
-                tx.record_evaluation(
-                    model_version=version, benchmark=task.benchmark, settings=settings,
-                    dataset_hash=data_hash, metrics=metrics, items=items,
-                    n_responses=len(items),
-                    chair_s=metrics.get("chair_s"), chair_i=metrics.get("chair_i"),
-                    mean_words=metrics.get("mean_words"),
-                )
+            store.record_evaluation(
+                model_version=version, benchmark=task.benchmark, settings=settings,
+                dataset_hash=data_hash, metrics=metrics, items=items,
+                n_responses=len(items),
+                chair_s=metrics.get("chair_s"), chair_i=metrics.get("chair_i"),
+                mean_words=metrics.get("mean_words"),
+            )
             outcomes.append(Outcome(version, task.benchmark, settings["dataset"], metrics, False))
     return outcomes
 
@@ -453,13 +450,9 @@ def record_external(store: Store, version: int, benchmark: str, metrics: dict[st
         raise CsrError(f"no model version {version} in the store")
     settings = {"dataset": dataset, "tool": tool, "recorded": True}
     data_hash = hashlib.sha256(f"recorded|{dataset}".encode()).hexdigest()
-    fingerprint = evaluation_fingerprint(benchmark, settings, data_hash)
-    with store.write() as tx:
-        stored = tx.find_evaluation(version, fingerprint)
-        if stored is not None:
-            if stored["metrics"] != metrics:
-                raise CsrError(f"model version {version} already has {benchmark} results for this data set "
-                               f"and tool, with other values: {stored['metrics']}")
-            return False
-        return tx.record_evaluation(model_version=version, benchmark=benchmark, settings=settings,
-                                 dataset_hash=data_hash, metrics=metrics, items=None, n_responses=0)
+    stored = store.record_evaluation(model_version=version, benchmark=benchmark, settings=settings,
+                                     dataset_hash=data_hash, metrics=metrics, items=None, n_responses=0)
+    if stored is not None and stored != metrics:
+        raise CsrError(f"model version {version} already has {benchmark} results for this data set "
+                       f"and tool, with other values: {stored}")
+    return stored is None

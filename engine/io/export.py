@@ -14,12 +14,11 @@ _SUFFIX = {"llava-json": ".json", "trl-jsonl": ".jsonl", "parquet": ".parquet"}
 def export_pairs(store: Store, iteration: int, fmt: str, out: Path | None, pair_set: str | None = None) -> tuple[Path, int]:
     if fmt not in FORMATS:
         raise CsrError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    with store.read() as tx:
-        ps = tx.pair_set(iteration, pair_set)
-        if ps is None:
-            which = f"named {pair_set!r}" if pair_set else f"(run `csr curate --iter {iteration}` first)"
-            raise CsrError(f"iteration {iteration} has no pair set {which}")
-        rows = tx.training_rows(ps.id)
+    ps = store.pair_set(iteration, pair_set)
+    if ps is None:
+        which = f"named {pair_set!r}" if pair_set else f"(run `csr curate --iter {iteration}` first)"
+        raise CsrError(f"iteration {iteration} has no pair set {which}")
+    rows = store.training_rows(ps.id)
     out = out or Path(f"pairs-iter{iteration}-{ps.name}{_SUFFIX[fmt]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "llava-json":

@@ -46,78 +46,53 @@ def import_prompts(
     records, infos = _with_images(parsed.records, images_dir, image_prefix, problems, step)
 
     report = ImportReport()
-    try:
-        with store.write() as tx:
-            existing = tx.existing_prompts([r.external_id for r in records])
-            seen: dict[str, tuple[tuple[str, str], int]] = {}  # id -> (content, position) in this file
-            to_add: list[tuple[PromptRecord, ImageInfo]] = []
-            for record, info in zip(records, infos, strict=True):
-                content = (info.sha256, record.text)
-                in_store = existing.get(record.external_id)
-                in_file = seen.get(record.external_id)
-                earlier = in_store if in_store is not None else (in_file[0] if in_file else None)
-                if earlier is None:
-                    seen[record.external_id] = (content, record.position)
-                    to_add.append((record, info))
-                elif earlier == content:
-                    report.already_present += 1
-                elif in_store is not None:
-                    problems.append(
-                        Problem(record.position, f"id {record.external_id!r} already exists in the store with different content")
-                    )
-                else:
-                    problems.append(
-                        Problem(record.position, f"id {record.external_id!r} repeats record {in_file[1]} with different content")
-                    )
-            if problems and not skip_bad:
-                problems.sort(key=lambda p: p.position)
-                more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-                raise ImportRejected(f"{file}: {problems[0]}{more}; nothing imported (use --skip-bad to import the rest)")
-            if problems and not to_add and not report.already_present:
-                # --skip-bad with nothing good left is a wrong file, not an import of nothing.
-                problems.sort(key=lambda p: p.position)
-                raise ImportRejected(
-                    f"{file}: every record is bad ({len(problems)} problem(s), the first: {problems[0]}); "
-                    "nothing imported"
-                )
-            report.skipped = sorted(problems, key=lambda p: p.position)
-
-            known = tx.image_ids(sorted({info.sha256 for _, info in to_add}))
-            new_images: dict[str, dict] = {}
-            for _, info in to_add:
-                if info.sha256 not in known and info.sha256 not in new_images:
-                    new_images[info.sha256] = {
-                        "sha256": info.sha256,
-                        "root": str(images_dir.resolve()),
-                        "rel_path": info.rel_path,
-                        "size_bytes": info.size_bytes,
-                        "width": info.width,
-                        "height": info.height,
-                    }
-            step("written", 0, len(to_add))
-            tx.insert_images(list(new_images.values()))
-            known.update(tx.image_ids(list(new_images)))
-            tx.insert_prompts(
-                [
-                    {
-                        "external_id": record.external_id,
-                        "image_id": known[info.sha256],
-                        "text": record.text,
-                        "source": file.name,
-                    }
-                    for record, info in to_add
-                ],
+    existing = store.existing_prompts([r.external_id for r in records])
+    seen: dict[str, tuple[tuple[str, str], int]] = {}  # id -> (content, position) in this file
+    to_add: list[tuple[PromptRecord, ImageInfo]] = []
+    for record, info in zip(records, infos, strict=True):
+        content = (info.sha256, record.text)
+        in_store = existing.get(record.external_id)
+        in_file = seen.get(record.external_id)
+        earlier = in_store if in_store is not None else (in_file[0] if in_file else None)
+        if earlier is None:
+            seen[record.external_id] = (content, record.position)
+            to_add.append((record, info))
+        elif earlier == content:
+            report.already_present += 1
+        elif in_store is not None:
+            problems.append(
+                Problem(record.position, f"id {record.external_id!r} already exists in the store with different content")
             )
-            report.added = len(to_add)
-            report.new_images = len(new_images)
-        step("written", len(to_add), len(to_add))
+        else:
+            problems.append(
+                Problem(record.position, f"id {record.external_id!r} repeats record {in_file[1]} with different content")
+            )
+    problems.sort(key=lambda p: p.position)
+    if problems and not skip_bad:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ImportRejected(f"{file}: {problems[0]}{more}; nothing imported (use --skip-bad to import the rest)")
+    if problems and not to_add and not report.already_present:
+        # --skip-bad with nothing good left is a wrong file, not an import of nothing.
+        raise ImportRejected(
+            f"{file}: every record is bad ({len(problems)} problem(s), the first: {problems[0]}); nothing imported"
+        )
+    report.skipped = problems
+    step("written", 0, len(to_add))
+    try:
+        report.new_images = store.add_prompts(
+            [info.row(images_dir) for _, info in to_add],
+            [{"external_id": r.external_id, "image_sha256": info.sha256, "text": r.text, "source": file.name}
+             for r, info in to_add],
+        )
     except WriteConflict as exc:
-        # Another import committed the same ids or images between our check and our insert
-        # (PostgreSQL; SQLite serialises writers). The transaction is rolled back.
+        # Another import committed the same ids between our read and our write
+        # (the ids are unique): the write is rolled back as a whole.
         raise ImportRejected(
             f"{file}: another import wrote some of these prompts or images at the same time; "
             "nothing imported, run the import again"
         ) from exc
+    report.added = len(to_add)
+    step("written", len(to_add), len(to_add))
     return report
 
 

@@ -112,33 +112,24 @@ def import_pairs(store: Store, file: Path, images_dir: Path, name: str) -> PairI
     origin = {"file": file.name, "path": str(file.resolve()), "images": str(images_dir.resolve()),
               "layouts": layouts, "records": len(good) + len(without), "without_preference": len(without)}
     report = PairImportReport(0, name, len(pairs), False, layouts=layouts, without_preference=without)
+    existing = store.imported_pair_set(name)
+    if existing is not None:
+        if existing.result_hash != digest:
+            raise ImportRejected(
+                f"a pair set named {name!r} was imported from other pairs "
+                f"({existing.origin.get('file') if existing.origin else '?'}); choose another --pair-set"
+            )
+        report.pair_set_id = existing.id
+        return report
+    rows = [{**pair, "image_sha256": info.sha256} for pair, info in zip(pairs, infos, strict=True)]
     try:
-        with store.write() as tx:
-            existing = tx.imported_pair_set(name)
-            if existing is not None:
-                if existing.result_hash != digest:
-                    raise ImportRejected(
-                        f"a pair set named {name!r} was imported from other pairs "
-                        f"({existing.origin.get('file') if existing.origin else '?'}); choose another --pair-set"
-                    )
-                report.pair_set_id = existing.id
-                return report
-            known = tx.image_ids(sorted({info.sha256 for info in infos}))
-            new_images: dict[str, dict] = {}
-            for info in infos:
-                if info.sha256 not in known and info.sha256 not in new_images:
-                    new_images[info.sha256] = {"sha256": info.sha256, "root": str(images_dir.resolve()),
-                                               "rel_path": info.rel_path, "size_bytes": info.size_bytes,
-                                               "width": info.width, "height": info.height}
-            tx.insert_images(list(new_images.values()))
-            known.update(tx.image_ids(list(new_images)))
-            rows = [{**pair, "image_id": known[info.sha256]} for pair, info in zip(pairs, infos, strict=True)]
-            params = {"source": "import", "layouts": layouts}
-            report.pair_set_id = tx.insert_imported_pair_set(name, origin, params, digest, rows)
-            report.created, report.new_images = True, len(new_images)
+        report.pair_set_id, report.new_images = store.add_imported_pair_set(
+            name, origin, {"source": "import", "layouts": layouts}, digest, [info.row(images_dir) for info in infos],
+            rows)
     except WriteConflict as exc:
         raise ImportRejected(f"{file}: another import wrote a pair set {name!r} or these images at the same "
                              "time; nothing imported, run the import again") from exc
+    report.created = True
     return report
 
 

@@ -38,6 +38,11 @@ class ImageInfo:
     width: int
     height: int
 
+    def row(self, images_dir: Path) -> dict:
+        """The image as the store records it."""
+        return {"sha256": self.sha256, "root": str(images_dir.resolve()), "rel_path": self.rel_path,
+                "size_bytes": self.size_bytes, "width": self.width, "height": self.height}
+
 
 @dataclass(frozen=True)
 class Problem:
