@@ -320,18 +320,6 @@ def save_pair_set(conn: Connection, iteration: int, name: str, params: dict, row
     return pair_set_id, True, is_default
 
 
-def curate(
-    conn: Connection,
-    iteration: int,
-    policy: CurationSettings,
-    name: str | None = None,
-    make_default: bool = False,
-) -> CurationResult:
-    """Create (or confirm) a named pair set for the iteration, on one connection.
-    `Store.curate` splits the two steps: the selection in a read, the record in a short write."""
-    return record(conn, compute_selection(conn, iteration, policy, name), make_default)
-
-
 def _with_rule(params: dict) -> dict:
     """Pair sets made before the pair rule was recorded used the distinct rule."""
     return {**params, "pair_rule": params.get("pair_rule", "distinct")}

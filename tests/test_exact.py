@@ -274,7 +274,7 @@ def test_every_response_pair_and_export_is_the_decode_of_its_ids(
         for row in rows:
             assert row.text == _decode(tok, _ids(row.token_ids))
         with engine.begin() as conn:
-            curation.curate(conn, 1, curation.CurationSettings(preset=preset))
+            curation.record(conn, curation.compute_selection(conn, 1, curation.CurationSettings(preset=preset)))
             training = curation.training_rows(conn, curation.pair_set(conn, 1).id)
         assert training, "the random trees must give pairs"
         want = {}

@@ -185,7 +185,7 @@ def test_generated_ids_reach_dpo_unchanged(store_url, tmp_path, llama_tokenizer,
                 assert row.text == stored_text.portable(tok.decode(ids, skip_special_tokens=True))
                 assert row.text == _path_texts(conn, 1, row.prompt_id)[row.leaf_node]
         with engine.begin() as conn:
-            result = curation.curate(conn, 1, curation.CurationSettings())
+            result = curation.record(conn, curation.compute_selection(conn, 1, curation.CurationSettings()))
             ps = curation.pair_set(conn, 1)
             rows = curation.training_rows(conn, ps.id)
         assert result.pairs == len(scripts)
