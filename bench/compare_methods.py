@@ -129,7 +129,23 @@ def rerun(args) -> int:
 
 
 def _row(result: dict, version: int) -> dict:
-    return next(v for v in result["versions"] if v["version"] == version)
+    """A method that made no pairs at iteration k kept version k-1 (the demo stopped
+    there): that version's figures stand for it at k and later."""
+    rows = {v["version"]: v for v in result["versions"]}
+    if version not in rows and result.get("empty_iteration") is not None and version >= result["empty_iteration"]:
+        return rows[result["empty_iteration"] - 1]
+    return rows[version]
+
+
+def _carried(results: dict, label: str, seeds: list[int], version: int) -> list[int]:
+    """The seeds on which `label` had no pairs by `version` (its figures are an earlier version's)."""
+    return [s for s in seeds if (results[(label, s)].get("empty_iteration") or version + 1) <= version]
+
+
+def empty_notes(results: dict) -> list[str]:
+    return [f"- {label}, seed {seed}: no pairs at iteration {r['empty_iteration']}; version "
+            f"{r['empty_iteration'] - 1} stands for the later versions" for (label, seed), r in results.items()
+            if "failed" not in r and r.get("empty_iteration") is not None]
 
 
 def _check_same_base(results: dict, seeds: list[int]) -> None:
@@ -156,7 +172,8 @@ def table(results: dict, seeds: list[int], iterations: int) -> str:
             _cell([get(_row(results[(REFERENCE, s)], 0)) for s in seeds]) for get, _ in FIGURES.values()) + " |")
     for label in labels:
         for version in range(1, iterations + 1):
-            lines.append(f"| {label} | {version} | " + " | ".join(
+            mark = " (kept, see below)" if _carried(results, label, seeds, version) else ""
+            lines.append(f"| {label}{mark} | {version} | " + " | ".join(
                 _cell([get(_row(results[(label, s)], version)) for s in seeds]) for get, _ in FIGURES.values()) + " |")
     lines += ["", f"Paired t-test over {len(seeds)} seed(s), {REFERENCE} minus the other method at the same "
               "version (mean difference [95% CI], two-sided p); for CHAIR a negative difference favours CSR, "
@@ -218,6 +235,7 @@ def main() -> None:
             f"{args.heldout} held-out scenes, {args.iterations} iteration(s)"
             f"{', quick models' if args.quick else ''}; one demo {min(walls):.0f} to {max(walls):.0f} s\n\n"
             + table(results, args.seeds, args.iterations)
+            + ("\n\nKept a version (no pairs):\n" + "\n".join(empty_notes(results)) if empty_notes(results) else "")
             + ("\n\nNot in the table (a run failed):\n" + "\n".join(failures(results)) if failures(results) else ""))
     print(text)
     print(f"total wall time {time.perf_counter() - started:.0f} s")

@@ -76,6 +76,7 @@ def demo(
     results = json.dumps({
         "method": method.value, "lambda": lam, "preset": preset, "seed": seed, "iterations": iterations, "prompts": prompts, "heldout": heldout,
         "wall_seconds": report.wall_seconds, "versions": [dataclasses.asdict(r) for r in report.rows],
+        "empty_iteration": report.empty_iteration,
     }, indent=2)
     if out is not None:
         out.write_text(results)

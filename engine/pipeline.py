@@ -22,11 +22,15 @@ from csr.storage import CurationResult, Store
 class IterationOutcome:
     number: int
     curated: CurationResult | None  # None: the version was kept and the iteration never generated here
-    trained: TrainOutcome | None  # None: model version `number` existed and was kept
+    trained: TrainOutcome | None  # None: model version `number` existed and was kept, or no pairs
 
     @property
     def kept(self) -> bool:
-        return self.trained is None
+        return self.trained is None and not self.nothing_to_train
+
+    @property
+    def nothing_to_train(self) -> bool:
+        return self.trained is None and self.curated is not None and self.curated.pairs == 0
 
 
 def run_iteration(
@@ -37,9 +41,13 @@ def run_iteration(
     train_options: TrainOptions = TrainOptions(),
     min_margin: float = 0.0,
     pair_rule: str | None = None,
+    stop_when_empty: bool = False,
 ) -> IterationOutcome:
     """`train_options.pair_set` names the pair set curated and trained on (default:
-    the iteration's default set); `train_options.force` trains an existing version again."""
+    the iteration's default set); `train_options.force` trains an existing version again.
+    An empty pair set fails training, or with `stop_when_empty` ends the
+    iteration untrained (`nothing_to_train`): a method comparison records
+    that a method made no pairs instead of losing the run."""
     name = train_options.pair_set
     if store.model_version(number) is not None and not train_options.force:
         exists = store.iteration(number) is not None
@@ -47,4 +55,6 @@ def run_iteration(
         return IterationOutcome(number, curated, None)
     generate(number)
     curated = curate(store, number, min_margin=min_margin, name=name, pair_rule=pair_rule)
+    if stop_when_empty and curated.pairs == 0:
+        return IterationOutcome(number, curated, None)
     return IterationOutcome(number, curated, train(store, settings, number, train_options))

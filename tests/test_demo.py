@@ -189,3 +189,23 @@ def test_demo_trains_on_imported_truth_pairs(tmp_path):
     again = invoke_csr("demo", "--dir", study, *args, "--method", "truth-pairs")  # resumes: nothing trained again
     assert again.returncode == 0, again.stderr
     assert "model version 2 exists, kept" in again.stdout
+
+
+def test_a_method_with_no_pairs_stops_the_demo_and_keeps_the_version_it_had(tmp_path):
+    """Self-rewarding whose judge never names a response makes no pair: the demo
+    says so, stops at that iteration and reports the versions it has, instead of
+    failing the run (a comparison then keeps that method's last version)."""
+    from csr.engine.demo.run import DemoMethod, DemoOptions, run_demo
+
+    lines = []
+    options = DemoOptions(directory=tmp_path / "study", iterations=2, prompts=4, heldout=6, seed=3, size="quick",
+                          model_scenes=300, method=DemoMethod.self_reward,
+                          self_reward={"judge_answers": ["qqqq zzzz", "wwww xxxx"]})
+    report = run_demo(options, say=lines.append)
+    assert report.empty_iteration == 1
+    assert [row.version for row in report.rows] == [0]
+    assert any(line.startswith("iteration 1: no pairs, nothing to train on") for line in lines)
+    study = tmp_path / "study"
+    assert _query(study, "SELECT version FROM model_versions") == [(0,)]
+    assert _query(study, "SELECT count(*) FROM pairs") == [(0,)]
+    assert _query(study, "SELECT count(*) FROM work_items WHERE state = 'done'") == [(4,)]

@@ -126,6 +126,9 @@ class DemoReport:
     rows: list[VersionRow]
     wall_seconds: float
     store_url: str
+    # The iteration whose pair set was empty (the method made no preference): the
+    # demo stops there, and version N-1 stays the method's model.
+    empty_iteration: int | None = None
 
 
 def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
@@ -221,13 +224,19 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         def run_one(number: int) -> tuple[int, int, float | None]:
             if method is DemoMethod.truth_pairs:
                 return train_on_truth_pairs(number)
-            done = run_iteration(store, settings, number, generate_in_process, TrainOptions(device=options.device))
-            return done.curated.pairs, done.curated.pair_set_id, None if done.kept else done.trained.train_seconds
+            done = run_iteration(store, settings, number, generate_in_process, TrainOptions(device=options.device),
+                                 stop_when_empty=True)
+            return done.curated.pairs, done.curated.pair_set_id, None if done.trained is None else done.trained.train_seconds
 
-        rows = [evaluate_version(0)]
+        rows, empty = [evaluate_version(0)], None
         say(_row_line(rows[-1]))
         for number in range(1, options.iterations + 1):
             pairs, pair_set_id, train_seconds = run_one(number)
+            if pairs == 0:
+                empty = number
+                say(f"iteration {number}: no pairs, nothing to train on: the demo stops, version {number - 1} "
+                    "stays this method's model")
+                break
             if train_seconds is None:
                 say(f"iteration {number}: {pairs} pair(s); model version {number} exists, kept")
             else:
@@ -238,7 +247,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
             row.chosen_r_i, row.rejected_r_i = store.pair_clip_means(pair_set_id)
             rows.append(row)
             say(_row_line(row))
-    return DemoReport(rows=rows, wall_seconds=time.perf_counter() - started, store_url=settings.store_url)
+    return DemoReport(rows=rows, wall_seconds=time.perf_counter() - started, store_url=settings.store_url,
+                      empty_iteration=empty)
 
 
 
