@@ -256,7 +256,7 @@ def _attach_statement(url: str) -> tuple[str, str, str]:
         return "sqlite_scanner", f"ATTACH {target} AS {ALIAS} ({options})", "main"
     parsed = make_url(url)
     if parsed.get_backend_name() != "postgresql":
-        raise StoreError(f"csr sql reads SQLite and PostgreSQL stores, not {parsed.get_backend_name()}")
+        raise StoreError(f"the analytics reads SQLite and PostgreSQL stores, not {parsed.get_backend_name()}")
     target = _quote_literal(postgres_dsn(parsed))
     return "postgres_scanner", f"ATTACH {target} AS {ALIAS} (TYPE postgres, READ_ONLY)", "public"
 
@@ -306,7 +306,7 @@ def _open_duckdb(url: str, cache: Path | None, threads: int | None) -> duckdb.Du
         if cache is not None:
             store_file = sqlite_path(url)
             if store_file is not None and Path(cache).resolve() == store_file.resolve():
-                raise StoreError("--cache must be a file of its own, not the store")
+                raise StoreError("the analytics cache must be a file of its own, not the store")
             query_function = "sqlite_query" if extension == "sqlite_scanner" else "postgres_query"
             sync_cache(con, Path(cache), store_key(url), query_function, sources[CACHED_TABLE],
                         _typed_select(CACHED_TABLE, columns[CACHED_TABLE]))
@@ -396,13 +396,13 @@ def _check_read(statement) -> None:
         except duckdb.Error:
             inner_statements = []
         if len(inner_statements) != 1 or inner_statements[0].type not in _READ_TYPES:
-            raise StoreError("csr sql is read-only: EXPLAIN is allowed only for a read statement")
+            raise StoreError("the analytics connection is read-only: EXPLAIN is allowed only for a read statement")
         _check_read(inner_statements[0])
         return
     if kind not in _READ_TYPES:
         name = kind.name if hasattr(kind, "name") else str(kind)
         raise StoreError(
-            f"csr sql is read-only: {name} statements are refused "
+            f"the analytics connection is read-only: {name} statements are refused "
             "(allowed: SELECT, WITH, FROM, VALUES, SHOW, DESCRIBE, SUMMARIZE, PRAGMA reads, EXPLAIN)"
         )
 

@@ -47,7 +47,7 @@ def test_shell_runs_reads_and_refuses_writes(con):
     assert out.startswith("csr sql (read-only DuckDB over the store)")
     assert "n_prompts" in out and "│ 3 " in out
     assert "...> " in out  # the continuation prompt while the first statement is open
-    assert "error: csr sql is read-only: DELETE statements are refused" in out
+    assert "error: the analytics connection is read-only: DELETE statements are refused" in out
     assert "error: query failed:" in out and "nope" in out
     assert "first" in out and "second" in out
     assert "after quit" not in out
