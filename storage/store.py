@@ -187,29 +187,23 @@ def _pause_for_tests(point: str) -> None:
         time.sleep(0.02)
 
 
-def _reads(function):
-    """A storage function of (connection, ...) as a Store method: one read
-    transaction of its own."""
+def _bound(transaction: str):
+    """A storage function of (connection, ...) as a Store method that runs in a
+    transaction of its own: `_reading` or `_writing` (committed when it returns,
+    rolled back, nothing written, when it raises)."""
 
-    @functools.wraps(function)
-    def method(self, *args, **kwargs):
-        with self._reading() as conn:
-            return function(conn, *args, **kwargs)
+    def bind(function):
+        @functools.wraps(function)
+        def method(self, *args, **kwargs):
+            with getattr(self, transaction)() as conn:
+                return function(conn, *args, **kwargs)
 
-    return method
+        return method
+
+    return bind
 
 
-def _writes(function):
-    """A storage function of (connection, ...) as a Store method: one write
-    transaction of its own, committed when it returns, rolled back (nothing
-    written) when it raises."""
-
-    @functools.wraps(function)
-    def method(self, *args, **kwargs):
-        with self._writing() as conn:
-            return function(conn, *args, **kwargs)
-
-    return method
+_reads, _writes = _bound("_reading"), _bound("_writing")
 
 
 def _translating(function):
