@@ -103,8 +103,11 @@ SMOLVLM = Adapter(
     hub_ids=("HuggingFaceTB/SmolVLM-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
     language_model_names=("text_model",),
     projector_names=("connector",),
-    notes="Idefics3's architecture (checked there); its processor needs the num2words package, "
-    "not installed where the tests ran",
+    # Its processor reads a flat list of images as all belonging to the first prompt.
+    nested_images=True,
+    checked=FAMILY_CHECKS,
+    notes="Idefics3's architecture under its own classes (tiles plus a global view); "
+    "its processor needs the num2words package",
 )
 
 INTERNVL = Adapter(
