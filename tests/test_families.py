@@ -217,22 +217,53 @@ def test_a_per_row_family_says_so_once(caplog):
     assert len(said) == 1 and "sliding-window" in said[0]
 
 
+# Sentences of at most 4 tokens and responses of at most 8: a random model
+# seldom writes its end token, so each tree ends at the length limit with two
+# responses a prompt, whatever the family (Gemma 3's never ended at 10 / 48).
+E2E_SEARCH = {"max_new_tokens": 4, "max_length": 8}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["Qwen2-VL", "LLaVA-NeXT"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_generate_curate_train_register_and_search_again(name, tmp_path, tiny_clip_dir):
-    """M-RoPE and any-resolution tiles (image_sizes) through the whole iteration;
-    the merged version reloads and searches the next iteration."""
+    """generate -> curate -> train -> register through `csr iterate` on an
+    SQLite store; every stored response's sum is its teacher-forced log-prob;
+    DPO's step 1 with the tree reference is ln 2; the merged version reloads
+    and searches the next iteration."""
     import json
 
+    from csr.engine.train.dpo_data import completion_logprob
     from tests.study import make_study
 
     model, processor = build_tiny(name)
     model_dir = save_pretrained(model, processor, tmp_path / "model")
-    study = make_study(tmp_path / "study", f"sqlite:///{tmp_path / 'store.db'}", model_dir, tiny_clip_dir, prompts=4)
+    study = make_study(tmp_path / "study", f"sqlite:///{tmp_path / 'store.db'}", model_dir, tiny_clip_dir, prompts=4,
+                       search=E2E_SEARCH, train={"reference": "tree"})
     done = study.invoke("iterate", "--iter", "1", "--quiet", "--device", "cpu", "--dtype", "fp32", "--json")
     assert done.returncode == 0, done.stderr
     [result] = json.loads(done.stdout)
     assert result["trained"]["model_version"] == 1
+    assert study.query("SELECT COUNT(*) FROM pairs")[0][0] >= 1
+
+    policy = load_policy(str(model_dir))
+    stored = study.query(
+        "SELECT i.root, i.rel_path, p.text, r.token_ids, r.logprob_sum FROM responses r "
+        "JOIN prompts p ON p.id = r.prompt_id JOIN images i ON i.id = p.image_id WHERE r.iteration = 1"
+    )
+    assert len(stored) >= 2
+    for root, rel_path, prompt, token_ids, logprob_sum in stored:
+        with Image.open(f"{root}/{rel_path}") as image:
+            forced = completion_logprob(policy.model, policy.processor, image.convert("RGB"), prompt,
+                                        json.loads(token_ids))
+        assert forced == pytest.approx(logprob_sum, abs=1e-4)
+
+    [(metrics, reference)] = study.query("SELECT metrics, hyperparams FROM training_runs WHERE iteration = 1")
+    assert json.loads(reference)["reference"] == "tree"
+    assert json.loads(metrics)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+    [(path,)] = study.query("SELECT path FROM model_versions WHERE version = 1")
+    assert load_policy(path).adapter is policy.adapter
     again = study.invoke("generate", "--iter", "2", "--limit", "1", "--quiet", "--device", "cpu")
     assert again.returncode == 0, again.stderr
+    assert study.query("SELECT policy_version FROM iterations WHERE number = 2") == [(1,)]
     assert study.query("SELECT COUNT(*) > 0 FROM candidates WHERE iteration = 2") == [(1,)]
