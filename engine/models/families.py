@@ -13,12 +13,14 @@ from csr.engine.models.base import Adapter, MRopeAdapter
 
 # What tests/test_families.py checks for every family in the table.
 SEARCH_EQUALS_FORWARD = "search log-probs = the model's forward (1e-5, float32)"
-DEPTH0_EQUALS_GENERATE = "token beams = greedy generate (ids; log-probs 1e-5)"
+DEPTH0_EQUALS_GENERATE = "search depth 0, group 0 = greedy generate (ids; log-probs 1e-4)"
+TEACHER_FORCED = "response sums = teacher-forced log-probs (1e-4)"
 SHARED_EQUALS_PER_ROW = "shared-prefix search = per-row search"
-DPO_STEP = "one DPO step on its training batch"
+END_TO_END = "generate, curate, train, register (step-1 DPO loss ln 2); the merged version searches"
 IMAGE_SIZES = "images of different sizes"
-FAMILY_CHECKS = (SEARCH_EQUALS_FORWARD, DEPTH0_EQUALS_GENERATE, SHARED_EQUALS_PER_ROW, DPO_STEP, IMAGE_SIZES)
-PER_ROW_CHECKS = (SEARCH_EQUALS_FORWARD, DEPTH0_EQUALS_GENERATE, DPO_STEP, IMAGE_SIZES)
+FAMILY_CHECKS = (SEARCH_EQUALS_FORWARD, DEPTH0_EQUALS_GENERATE, TEACHER_FORCED, SHARED_EQUALS_PER_ROW, END_TO_END,
+                 IMAGE_SIZES)
+PER_ROW_CHECKS = tuple(c for c in FAMILY_CHECKS if c != SHARED_EQUALS_PER_ROW)
 
 LLAVA = Adapter(
     family="LLaVA-1.5",
