@@ -13,7 +13,8 @@ decoder from its text config (hidden, layers, heads, kv heads, intermediate,
 vocab) and the tokens and keys the search ran, the vision side from one
 counted forward pass of each prompt; MFU is that over the time, over the
 peak matmul FLOP/s measured in this run. Both paths do the same useful work
-(the same tree); the bench checks their counts agree. A family that cannot
+(the same tree); the bench checks their counts agree, and that the config's
+count per token is 2 x the decoder's linear weights. A family that cannot
 share the prefix (docs/models.md) runs per row in both.
 """
 
@@ -31,8 +32,10 @@ from PIL import Image
 
 from csr.engine.demo import tiny as demo_tiny
 from csr.engine.loading import load_clip, load_policy
+from csr.engine.models import ADAPTERS
 from csr.engine.models.tiny import BUILDERS, build_tiny
 from csr.engine.search.batch_search import PromptJob, search_prompts
+from csr.engine.search.expansion import PromptPrefix
 from csr.engine.search.sentence_search import ExpandStats, SearchConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,6 +66,13 @@ def _work(stats: ExpandStats) -> tuple[int, int, int]:
     return stats.tokens, stats.attended, stats.logit_rows
 
 
+def _decoder_linear_weights(policy) -> int:
+    from csr.engine.train.lora import _find_module
+
+    decoder = policy.model.get_submodule(_find_module(policy.model, policy.adapter.language_model_names))
+    return sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+
+
 def bench(family: str, clip, args, peak: float, workdir: Path) -> str:
     model, processor = build_tiny(family)
     directory = demo_tiny.save_pretrained(model, processor, workdir / family.replace(" ", "_"))
@@ -85,7 +95,13 @@ def bench(family: str, clip, args, peak: float, workdir: Path) -> str:
     rate = {name: sum(len(r.records) for r in results[name]) / seconds[name] for name, _ in PATHS}
     same = _trees(results["shared"]) == _trees(results["per-row"]) and _work(stats["shared"]) == _work(stats["per-row"])
     shape = TextShape.of(policy.model)
-    cells = [family, "shared prefix" if policy.adapter.per_row_reason is None else "per row only",
+    weights = _decoder_linear_weights(policy)
+    if shape.linear_flops_per_token != 2 * weights:
+        raise SystemExit(f"{family}: the text config counts {shape.linear_flops_per_token} FLOPs a token, "
+                         f"its decoder's linear weights {2 * weights}: measures.TextShape does not fit this decoder")
+    # What ran, not what the table says (a sliding cache falls back to the per-row path).
+    shares = PromptPrefix(policy, jobs[0].image, jobs[0].prompt_text).shares_prefix
+    cells = [family, "shared prefix" if shares else "per row only",
              f"{shape.hidden} x {shape.layers}, {shape.heads}/{shape.kv_heads}, {shape.intermediate}, {shape.vocab}",
              str(candidates), f"{flops / 1e6:.1f}"]
     for name, _ in PATHS:
@@ -110,7 +126,7 @@ def main() -> None:
         clip_model, clip_config = demo_tiny.build_tiny_clip()
         clip_dir = demo_tiny.save_open_clip(clip_model, clip_config, Path(tmp) / "clip")
         clip = load_clip(f"local-dir:{clip_dir}", device=args.device)
-        for family in args.family or list(BUILDERS):
+        for family in args.family or [a.family for a in ADAPTERS if a.family in BUILDERS]:
             print(bench(family, clip, args, peak, Path(tmp)), flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

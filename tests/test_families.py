@@ -105,6 +105,8 @@ def test_search_log_probs_equal_the_models_forward(family):
 def test_shared_prefix_and_per_row_give_the_same_beams(family):
     _, _, policy = family
     image = _images()[1]
+    # A family the table says shares the prefix does so at run time (no silent per-row fallback).
+    assert PromptPrefix(policy, image, PROMPTS[0]).shares_prefix == (policy.adapter.per_row_reason is None)
     counted = {"cascade": ExpandStats(), "plain": ExpandStats()}
     _, shared = _search(policy, image, PROMPTS[0], "cascade", counted["cascade"])
     _, plain = _search(policy, image, PROMPTS[0], "plain", counted["plain"])

@@ -125,7 +125,8 @@ MISTRAL3 = Adapter(
     model_types=("mistral3",),
     hub_ids=("mistralai/Mistral-Small-3.1-24B-Instruct-2503",),
     checked=FAMILY_CHECKS,
-    notes="Pixtral vision encoder: image token count follows the image size (image_sizes)",
+    notes="Pixtral vision encoder: image token count follows the image size (image_sizes); a text config "
+    "with a sliding_window (Mistral Small 3.1 has none) gives a sliding cache and the per-row search",
 )
 
 ADAPTERS: tuple[Adapter, ...] = (

@@ -359,7 +359,10 @@ def mistral3(seed: int = 0):
     tokenizer = word_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"], {"image_token": "[IMG]"})
     vision = {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "head_dim": 8, "image_size": 64, "patch_size": 8}
-    config = Mistral3Config(vision_config=vision, text_config={"model_type": "mistral", **_text_config(tokenizer)},
+    # No sliding window, as Mistral3Config's own text defaults (Mistral Small 3.1); the
+    # Mistral text config's default of 4096 would give a sliding cache and the per-row path.
+    text = {"model_type": "mistral", **_text_config(tokenizer), "sliding_window": None}
+    config = Mistral3Config(vision_config=vision, text_config=text,
                             image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
                             tie_word_embeddings=False)
     torch.manual_seed(seed)
