@@ -162,17 +162,18 @@ class _CachedRows:
         self.forward_passes = 0
         self.rows_forwarded = 0
         # For the bench's FLOP count, as CascadeRows counts them: real query
-        # tokens, the keys they attend summed over them, rows of logits.
-        self.tokens = 0
-        self.attended = 0
+        # tokens, the keys they attend summed over them, rows of logits
+        # (tensors, so that counting never waits for the device).
+        self.tokens = torch.zeros((), dtype=torch.long, device=mask.device)
+        self.attended = torch.zeros((), dtype=torch.long, device=mask.device)
         self.logit_rows = 0
         self.peak_kv_bytes = self.kv_bytes()
 
     def count(self, valid: torch.Tensor) -> None:
         """Count a forward pass whose new columns (the mask's last) hold `valid` (rows, n) real tokens."""
         seen = self.mask.long().cumsum(dim=1)[:, -valid.shape[1]:]
-        self.tokens += int(valid.sum())
-        self.attended += int((seen * valid).sum())
+        self.tokens += valid.sum()
+        self.attended += (seen * valid).sum()
         self.logit_rows += valid.shape[0]
 
     def kv_bytes(self) -> int:
