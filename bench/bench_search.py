@@ -83,7 +83,7 @@ from csr.engine.search.expansion import ExpandStats
 from csr.engine.search.sentence_search import sentence_beam_search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measures import PeakMemory, peak_matmul_flops, sync, useful_flops  # noqa: E402
+from measures import PeakMemory, image_flops, peak_matmul_flops, sync, useful_flops  # noqa: E402
 
 # The released-code-style baseline is a test reference; the repository root makes `tests` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -513,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prompt {i}: {len(result.records)} candidates, depth {result.stats.depths}, {result.stats.finals} final")
 
     prefix_lengths = [len(policy.encode(j.image, j.prompt_text)["input_ids"][0]) for j in jobs]
-    flops = useful_flops(policy.model, prefix_lengths, image_tokens, stats["shared"])
+    image = sum(image_flops(policy, j.image, j.prompt_text) for j in jobs)
+    flops = useful_flops(policy.model, prefix_lengths, image, stats["shared"])
     print(f"\nuseful work: {flops / 1e9:.2f} GFLOP for the whole search (same for every variant)")
     print(f"{'':9}{'seconds':>9}{'cands':>7}{'cands/s':>9}{'fwd passes':>12}{'MFU':>8}{'peak mem':>11}{'KV peak':>10}")
     rate = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -89,28 +90,83 @@ class PeakMemory:
             self.peak = max(self.peak, self._rss() - self.start)
 
 
-def _linear_params(module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+@dataclass(frozen=True)
+class TextShape:
+    """The language model's shapes, read from the text config of any family."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model) -> TextShape:
+        text = model.config.get_text_config()
+        heads = text.num_attention_heads
+        return cls(
+            hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            intermediate=text.intermediate_size, vocab=text.vocab_size,
+        )
+
+    @property
+    def linear_flops_per_token(self) -> int:
+        """2 x the decoder's matmul weights a token meets: q, k, v, o and a
+        gated MLP (gate, up, down), as every family's decoder has them."""
+        q_o = 2 * self.hidden * self.heads * self.head_dim
+        k_v = 2 * self.hidden * self.kv_heads * self.head_dim
+        mlp = 3 * self.hidden * self.intermediate
+        return 2 * self.layers * (q_o + k_v + mlp)
+
+    @property
+    def attention_flops_per_key(self) -> int:
+        """Scores and the weighted sum of values: 4 x heads x head dim per key attended, per layer."""
+        return 4 * self.heads * self.head_dim * self.layers
+
+    @property
+    def head_flops(self) -> int:
+        return 2 * self.hidden * self.vocab
 
 
-def useful_flops(model, prefix_lengths: list[int], image_tokens: int, stats: ExpandStats) -> float:
-    """FLOPs the search needs, from the model's shapes and the tokens it ran:
-    2 x (linear weights) per token, 4 x width per key attended per layer, the
-    language-model head for each row's next-token logits, and per prompt the
-    vision tower and the prefix's prefill (causal). Padding, recomputed
-    prefixes and copies are not useful work and are not counted."""
-    text = model.config.get_text_config()
-    decoder = model.get_decoder()
-    layers, width = text.num_hidden_layers, text.num_attention_heads * (
-        getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    )
-    per_token = 2 * _linear_params(decoder)
-    head = 2 * model.get_output_embeddings().weight.numel()
-    flops = per_token * stats.tokens + 4 * width * layers * stats.attended + head * stats.logit_rows
-    vision = model.config.vision_config
-    vision_tokens = image_tokens + 1
-    vision_linear = 2 * (_linear_params(model.model.vision_tower) + _linear_params(model.model.multi_modal_projector))
+def image_flops(policy, image, prompt: str) -> float:
+    """FLOPs of everything one prompt's forward pass runs outside the
+    language model and its head (vision encoder, projector, merger), counted
+    by torch's FlopCounterMode: the adapter names the language model, so no
+    family's module names are needed here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from csr.engine.models.attention import attention_implementation
+    from csr.engine.train.lora import _find_module
+
+    model = policy.model
+    language_model = _find_module(model, policy.adapter.language_model_names)
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    configs = list({id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}.values())
+    # Eager attention is matmuls, which the counter counts; a fused kernel may not be.
+    with attention_implementation(configs, "eager"), FlopCounterMode(display=False) as counter, \
+            torch.inference_mode():
+        model(**policy.encode(image, prompt), logits_to_keep=1)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    top = type(model).__name__
+    return counts["Global"] - counts[f"{top}.{language_model}"] - counts[f"{top}.{head}"]
+
+
+def useful_flops(model, prefix_lengths: list[int], image: float, stats: ExpandStats) -> float:
+    """FLOPs the search needs, from the text config's shapes (TextShape) and
+    the tokens it ran: the decoder's matmuls per token, the attention per key
+    attended, the head per row of next-token logits; per prompt the prefix's
+    prefill (causal) and its head row; `image` (image_flops, summed over the
+    prompts) for the vision side. Padding, recomputed prefixes and copies are
+    not useful work and are not counted. A sliding-window layer is counted
+    as if it attended every key (an upper bound on its work)."""
+    shape = TextShape.of(model)
+    flops = (shape.linear_flops_per_token * stats.tokens + shape.attention_flops_per_key * stats.attended
+             + shape.head_flops * stats.logit_rows)
     for length in prefix_lengths:
-        flops += per_token * length + 4 * width * layers * length * (length + 1) / 2 + head
-        flops += vision_linear * vision_tokens + 4 * vision.hidden_size * vision.num_hidden_layers * vision_tokens**2
-    return flops
+        flops += (shape.linear_flops_per_token * length + shape.attention_flops_per_key * length * (length + 1) / 2
+                  + shape.head_flops)
+    return flops + image

@@ -63,10 +63,12 @@ class Study:
             engine.dispose()
 
 
-def make_study(directory: Path, url: str, llava_dir: Path, clip_dir: Path, prompts: int = 6) -> Study:
+def make_study(directory: Path, url: str, llava_dir: Path, clip_dir: Path, prompts: int = 6,
+               search: dict | None = None, train: dict | None = None) -> Study:
+    """`search` and `train` replace or add to SEARCH and TRAIN."""
     write_prompts(directory, prompts)
-    toml = ["[generate]"] + [f"{k} = {json.dumps(v)}" for k, v in SEARCH.items()]
-    toml += ["", "[train]"] + [f"{k} = {json.dumps(v)}" for k, v in TRAIN.items()]
+    toml = ["[generate]"] + [f"{k} = {json.dumps(v)}" for k, v in {**SEARCH, **(search or {})}.items()]
+    toml += ["", "[train]"] + [f"{k} = {json.dumps(v)}" for k, v in {**TRAIN, **(train or {})}.items()]
     (directory / "csr.toml").write_text("\n".join(toml) + "\n")
     study = Study(directory, url, prompts)
     done = study.invoke("init", "--model", str(llava_dir), "--clip", f"local-dir:{clip_dir}")

@@ -50,7 +50,7 @@ class Adapter:
     # What the tests check for this family (tests/test_families.py), for docs/models.md.
     checked: tuple[str, ...] = field(default=())
     notes: str = ""
-    # The processor takes one list of images per prompt (Gemma 3), not one flat list.
+    # The processor takes one list of images per prompt (Gemma 3, SmolVLM), not one flat list.
     nested_images: bool = False
     # DPO runs the prompt and image once per pair (engine/train/prefix_shared.py): the
     # families whose loss and gradients tests/test_prefix_shared.py checks against the

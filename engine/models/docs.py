@@ -19,9 +19,13 @@ model loading refuse any other family in one line naming these.
 
 "Checked" lists what tests/test_families.py checks on a tiny random model of
 the family, built from its config (engine/models/tiny.py), on CPU in float32:
-the search's per-token log-probs against the model's own forward pass and its
-greedy `generate`, the shared-prefix search against the per-row one, one DPO
-step (step-1 loss ln 2 with the tree reference), and images of several sizes.
+the search's per-token log-probs against the model's own forward pass; group 0
+of the search's first depth against the model's greedy `generate`; every
+response's stored log-prob sum against a teacher-forced forward pass; the
+shared-prefix search against the per-row one; `csr iterate` on an SQLite store
+(generate, curate, train with the tree reference, whose step-1 DPO loss is
+ln 2, register) and the merged version searching the next iteration; images
+of several sizes.
 A family whose "Checked" cell says "not yet" has an adapter (csr loads it, and
 its facts are read from transformers' model code) but no test on a model yet.
 """

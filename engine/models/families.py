@@ -13,12 +13,14 @@ from csr.engine.models.base import Adapter, MRopeAdapter
 
 # What tests/test_families.py checks for every family in the table.
 SEARCH_EQUALS_FORWARD = "search log-probs = the model's forward (1e-5, float32)"
-DEPTH0_EQUALS_GENERATE = "token beams = greedy generate (ids; log-probs 1e-5)"
+DEPTH0_EQUALS_GENERATE = "search depth 0, group 0 = greedy generate (ids; log-probs 1e-4)"
+TEACHER_FORCED = "response sums = teacher-forced log-probs (1e-4)"
 SHARED_EQUALS_PER_ROW = "shared-prefix search = per-row search"
-DPO_STEP = "one DPO step on its training batch"
+END_TO_END = "generate, curate, train, register (step-1 DPO loss ln 2); the merged version searches"
 IMAGE_SIZES = "images of different sizes"
-FAMILY_CHECKS = (SEARCH_EQUALS_FORWARD, DEPTH0_EQUALS_GENERATE, SHARED_EQUALS_PER_ROW, DPO_STEP, IMAGE_SIZES)
-PER_ROW_CHECKS = (SEARCH_EQUALS_FORWARD, DEPTH0_EQUALS_GENERATE, DPO_STEP, IMAGE_SIZES)
+FAMILY_CHECKS = (SEARCH_EQUALS_FORWARD, DEPTH0_EQUALS_GENERATE, TEACHER_FORCED, SHARED_EQUALS_PER_ROW, END_TO_END,
+                 IMAGE_SIZES)
+PER_ROW_CHECKS = tuple(c for c in FAMILY_CHECKS if c != SHARED_EQUALS_PER_ROW)
 
 LLAVA = Adapter(
     family="LLaVA-1.5",
@@ -103,8 +105,11 @@ SMOLVLM = Adapter(
     hub_ids=("HuggingFaceTB/SmolVLM-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
     language_model_names=("text_model",),
     projector_names=("connector",),
-    notes="Idefics3's architecture (checked there); its processor needs the num2words package, "
-    "not installed where the tests ran",
+    # Its processor reads a flat list of images as all belonging to the first prompt.
+    nested_images=True,
+    checked=FAMILY_CHECKS,
+    notes="Idefics3's architecture under its own classes (tiles plus a global view); "
+    "its processor needs the num2words package",
 )
 
 INTERNVL = Adapter(
@@ -120,7 +125,8 @@ MISTRAL3 = Adapter(
     model_types=("mistral3",),
     hub_ids=("mistralai/Mistral-Small-3.1-24B-Instruct-2503",),
     checked=FAMILY_CHECKS,
-    notes="Pixtral vision encoder: image token count follows the image size (image_sizes)",
+    notes="Pixtral vision encoder: image token count follows the image size (image_sizes); a text config "
+    "with a sliding_window (Mistral Small 3.1 has none) gives a sliding cache and the per-row search",
 )
 
 ADAPTERS: tuple[Adapter, ...] = (

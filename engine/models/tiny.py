@@ -269,7 +269,7 @@ IDEFICS_TEMPLATE = _template("<|im_start|>{{ message['role'] | capitalize }}:", 
                              "<|im_start|>Assistant:")
 
 
-def _idefics(config_class, model_class, processor_class, image_processor_class, seed: int):
+def _idefics(config_class, model_class, processor_class, image_processor_class, seed: int, **processor_extra):
     """Images up to 64 px split into 32 px tiles plus a global view: the image-token count varies."""
     tokenizer = word_tokenizer(["<|im_start|>", *IDEFICS_SPECIALS],
                                {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
@@ -284,7 +284,7 @@ def _idefics(config_class, model_class, processor_class, image_processor_class, 
     image_processor = image_processor_class(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
                                             do_image_splitting=True)
     processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                chat_template=IDEFICS_TEMPLATE)
+                                chat_template=IDEFICS_TEMPLATE, **processor_extra)
     return model, processor
 
 
@@ -297,6 +297,20 @@ def idefics3(seed: int = 0):
     )
 
     return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3ImageProcessor, seed)
+
+
+def smolvlm(seed: int = 0):
+    """Idefics3's shapes under SmolVLM's own classes (its processor also takes videos)."""
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor, SmolVLMImageProcessor, seed,
+                    video_processor=SmolVLMVideoProcessor(size={"longest_edge": 32}))
 
 
 # ------------------------------------------------------------------ InternVL, Mistral 3
@@ -345,7 +359,10 @@ def mistral3(seed: int = 0):
     tokenizer = word_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"], {"image_token": "[IMG]"})
     vision = {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "head_dim": 8, "image_size": 64, "patch_size": 8}
-    config = Mistral3Config(vision_config=vision, text_config={"model_type": "mistral", **_text_config(tokenizer)},
+    # No sliding window, as Mistral3Config's own text defaults (Mistral Small 3.1); the
+    # Mistral text config's default of 4096 would give a sliding cache and the per-row path.
+    text = {"model_type": "mistral", **_text_config(tokenizer), "sliding_window": None}
+    config = Mistral3Config(vision_config=vision, text_config=text,
                             image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
                             tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -362,6 +379,7 @@ BUILDERS: dict[str, Callable] = {
     "InternVL": internvl,
     "Mistral 3 (Pixtral)": mistral3,
     "Idefics3": idefics3,
+    "SmolVLM": smolvlm,
     "Gemma 3": gemma3,
     "LLaVA-1.5": llava,
     "LLaVA-NeXT": llava_next,

@@ -123,6 +123,7 @@ def _extend(
         )
     rows.forward_passes += 1
     rows.rows_forwarded += n * width
+    rows.count(ext_mask)
     has_tokens = torch.tensor(lengths, device=device)[:, None] > 0
     first = torch.where(has_tokens, out.logits[:, -1].float(), first)
     return rows, first
@@ -132,8 +133,8 @@ def _extend(
 class ExpandStats:
     forward_passes: int = 0
     rows_forwarded: int = 0
-    # Shared-prefix path only (for the bench's FLOP count): real query tokens
-    # run, and keys attended summed over them, per layer.
+    # For the bench's FLOP count: real query tokens run, and keys attended
+    # summed over them, per layer (both paths count the same work).
     tokens: int = 0
     attended: int = 0
     logit_rows: int = 0
@@ -232,10 +233,9 @@ def expand_prompts(
             stats.forward_passes += rows.forward_passes
             stats.rows_forwarded += rows.rows_forwarded
             stats.peak_kv_bytes = max(stats.peak_kv_bytes, rows.peak_kv_bytes)
-            if shared:
-                stats.tokens += int(rows.tokens)
-                stats.attended += int(rows.attended)
-                stats.logit_rows += rows.logit_rows
+            stats.tokens += int(rows.tokens)
+            stats.attended += int(rows.attended)
+            stats.logit_rows += rows.logit_rows
     out: list[list[list[TokenBeam]]] = [[] for _ in jobs]
     for i, (j, _, _) in enumerate(parents):
         out[j].append(found[i])

@@ -161,7 +161,20 @@ class _CachedRows:
         self.in_place = all(isinstance(layer, _BufferLayer) for layer in getattr(cache, "layers", [None]))
         self.forward_passes = 0
         self.rows_forwarded = 0
+        # For the bench's FLOP count, as CascadeRows counts them: real query
+        # tokens, the keys they attend summed over them, rows of logits
+        # (tensors, so that counting never waits for the device).
+        self.tokens = torch.zeros((), dtype=torch.long, device=mask.device)
+        self.attended = torch.zeros((), dtype=torch.long, device=mask.device)
+        self.logit_rows = 0
         self.peak_kv_bytes = self.kv_bytes()
+
+    def count(self, valid: torch.Tensor) -> None:
+        """Count a forward pass whose new columns (the mask's last) hold `valid` (rows, n) real tokens."""
+        seen = self.mask.long().cumsum(dim=1)[:, -valid.shape[1]:]
+        self.tokens += valid.sum()
+        self.attended += (seen * valid).sum()
+        self.logit_rows += valid.shape[0]
 
     def kv_bytes(self) -> int:
         """Bytes held by the cache buffers (every row's copy of the prefix included)."""
@@ -202,6 +215,7 @@ class _CachedRows:
         feed = torch.empty_like(tokens)
         feed[self.slot] = tokens
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        self.count(self.mask[:, -1:])
         with torch.inference_mode():
             out = self.model(
                 input_ids=feed[:, None],
