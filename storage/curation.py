@@ -21,6 +21,7 @@ from csr.storage.clock import utcnow
 from csr.storage.errors import NotGenerated, StoreError
 from csr.storage.iterations import get_iteration
 from csr.storage.models import Pair, PairSet
+from csr.storage.trees import word_count
 
 PRESETS = ("paper", "reference-code")
 
@@ -312,7 +313,9 @@ def save_pair_set(conn: Connection, iteration: int, name: str, params: dict, row
         .returning(PairSet.id)
     ).scalar_one()
     if rows:
-        conn.execute(insert(Pair), [{"pair_set_id": pair_set_id, **row} for row in rows])
+        conn.execute(insert(Pair), [{"pair_set_id": pair_set_id, **row, "chosen_words": word_count(row["chosen_text"]),
+                                     "rejected_words": word_count(row["rejected_text"])}
+                                    for row in rows])
     is_default = make_default or not has_default
     if is_default:
         _set_default(conn, iteration, pair_set_id)

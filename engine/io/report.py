@@ -68,36 +68,22 @@ def _pyplot() -> _Figures:
     return _Figures()
 
 
-def plot_ri_distribution(pairs: list[dict]) -> str | None:
-    """Figure 5 of the paper: R_I (CLIP relevance) of chosen and rejected responses per iteration."""
-    by_iteration: dict[int, list[dict]] = defaultdict(list)
-    for pair in pairs:
-        by_iteration[pair["iteration"]].append(pair)
-    if not by_iteration:
+def plot_ri_distribution(histograms: list[dict]) -> str | None:
+    """Figure 5 of the paper: R_I (CLIP relevance) of chosen and rejected responses per iteration,
+    from the counts of `analytics.ri_histograms` (one filled outline per histogram, not a bar per bin)."""
+    if not histograms:
         return None
     plt = _pyplot()
-    iterations = sorted(by_iteration)
-    figure, axes = plt.subplots(1, len(iterations), figsize=(4.2 * len(iterations), 3.2), squeeze=False,
+    figure, axes = plt.subplots(1, len(histograms), figsize=(4.2 * len(histograms), 3.2), squeeze=False,
                                 sharey=True)
-    for ax, number in zip(axes[0], iterations, strict=True):
-        chosen = [p["chosen_mean_r_i"] for p in by_iteration[number] if p["chosen_mean_r_i"] is not None]
-        rejected = [p["rejected_mean_r_i"] for p in by_iteration[number] if p["rejected_mean_r_i"] is not None]
-        values = chosen + rejected
-        bins = 20 if values and min(values) != max(values) else 1
-        ax.hist(rejected, bins=bins, range=_range(values), alpha=0.6, color=REJECTED_COLOUR, label="rejected")
-        ax.hist(chosen, bins=bins, range=_range(values), alpha=0.6, color=CHOSEN_COLOUR, label="chosen")
-        ax.set_title(f"iteration {number}")
+    for ax, histogram in zip(axes[0], histograms, strict=True):
+        for side, colour in (("rejected", REJECTED_COLOUR), ("chosen", CHOSEN_COLOUR)):
+            ax.stairs(histogram[side], histogram["edges"], fill=True, alpha=0.6, color=colour, label=side)
+        ax.set_title(f"iteration {histogram['iteration']}")
         ax.set_xlabel("mean R_I over sentences")
     axes[0][0].set_ylabel("responses")
     axes[0][-1].legend()
     return _png_data_uri(figure)
-
-
-def _range(values: list[float]) -> tuple[float, float] | None:
-    if not values:
-        return None
-    low, high = min(values), max(values)
-    return (low, high) if low != high else (low - 0.5, high + 0.5)
 
 
 def plot_reward_means(iterations: list[dict]) -> str | None:
@@ -261,9 +247,9 @@ def write_report(con: duckdb.DuckDBPyConnection, out: Path, *, pairs: int = 50) 
         raise CsrError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     summary = analytics.stats(con)
-    distributions = analytics.pair_distributions(con)
+    histograms = analytics.ri_histograms(con)
     plots = {
-        "ri": plot_ri_distribution(distributions),
+        "ri": plot_ri_distribution(histograms),
         "rewards": plot_reward_means(summary["iterations"]),
         "lengths": plot_lengths(summary["iterations"]),
         "benchmarks": plot_benchmarks(summary["benchmarks"]),
