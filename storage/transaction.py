@@ -161,8 +161,8 @@ class Transaction:
     def pair_set(self, iteration: int, name: str | None = None) -> PairSetInfo | None:
         return _as(PairSetInfo, curation.pair_set(self._conn, iteration, name))
 
-    def training_rows(self, pair_set_id: int) -> list[dict]:
-        return curation.training_rows(self._conn, pair_set_id)
+    def training_rows(self, pair_set_id: int, token_ids: bool = True) -> list[dict]:
+        return curation.training_rows(self._conn, pair_set_id, token_ids)
 
     def pair_clip_means(self, pair_set_id: int) -> tuple[float | None, float | None]:
         return curation.pair_clip_means(self._conn, pair_set_id)
