@@ -115,6 +115,11 @@ def _walk_the_trees(monkeypatch) -> None:
 def test_figures_from_responses_equal_figures_walked_from_the_trees(study_url, monkeypatch, iteration):
     with analytics.connect(study_url) as con:
         from_responses = analytics.stats(con, iteration)
+    with analytics.connect(study_url) as con:
+        # the same figures from the pairs already read for every iteration (the report's order)
+        analytics.stats(con)
+        assert_close(analytics.stats(con, iteration), from_responses)
+    with analytics.connect(study_url) as con:
         distributions = analytics.pair_distributions(con)
         sample = analytics.pair_sample(con, 4)
         with monkeypatch.context() as patch:
