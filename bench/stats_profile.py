@@ -6,7 +6,8 @@
 Runs in one process: the analytics connection, then each store query of
 `csr stats` (storage/analytics_live.py), then the steps of the report
 (engine/io/report.py: its data, its four plots, its page's rows), printing
-seconds per step and the peak RSS.
+seconds per step and the peak RSS. The default pairs are read from the store
+once ("the pairs") and kept in DuckDB; the later pair steps read that copy.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main() -> None:
         step("stats: candidate counts")
         analytics_live.response_figures(con, it)
         step("stats: response figures")
+        analytics_live.pair_table(con, it)
+        step("stats: the pairs (one pass)")
         analytics_live.pairs_without_responses(con, it)
         step("stats: pairs without responses")
         con.execute(analytics_figures._PAIR_FIGURES.format(pair_responses=analytics_live.pair_rows_sql(con, it))
@@ -47,9 +50,9 @@ def main() -> None:
         step("stats: pairs over the limit")
         summary = analytics.stats(con, it)
         step("stats (whole)")
-        distributions = analytics.pair_distributions(con)
+        histograms = analytics.ri_histograms(con)
         step("report: plot data")
-        report.plot_ri_distribution(distributions)
+        report.plot_ri_distribution(histograms)
         report.plot_reward_means(summary["iterations"])
         report.plot_lengths(summary["iterations"])
         report.plot_benchmarks(summary["benchmarks"])

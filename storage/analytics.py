@@ -435,5 +435,6 @@ from csr.storage.analytics_figures import (  # noqa: E402, F401
     pair_distributions,
     pair_sample,
     path_sentences,
+    ri_histograms,
     stats,
 )

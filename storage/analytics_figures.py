@@ -295,3 +295,30 @@ def pair_distributions(con: duckdb.DuckDBPyConnection) -> list[dict]:
                chosen_mean_r_t, rejected_mean_r_t, chosen_words, rejected_words
         FROM ({rows}) ORDER BY iteration, pair_id
     """)))
+
+
+def ri_histograms(con: duckdb.DuckDBPyConnection, bins: int = 20) -> list[dict]:
+    """Figure 5's data: per iteration, the histogram of the default pairs'
+    mean R_I, chosen and rejected over one range (the iteration's smallest to
+    largest value of either; half a unit either side of a single value, in one
+    bin), as matplotlib's hist bins them (the top value in the last bin).
+    Counted by DuckDB: the report holds `bins` counts per iteration, not a row per pair."""
+    rows = _pair_rows(con, None)
+    out = []
+    for number, low, high in fetch(con, f"""
+        SELECT iteration, min(v), max(v) FROM (
+            SELECT iteration, chosen_mean_r_i AS v FROM ({rows})
+            UNION ALL SELECT iteration, rejected_mean_r_i FROM ({rows})) WHERE v IS NOT NULL
+        GROUP BY iteration ORDER BY iteration""").rows:
+        n = bins if low != high else 1
+        if low == high:
+            low, high = low - 0.5, high + 0.5
+        counts = {"chosen": [0] * n, "rejected": [0] * n}
+        for side in counts:
+            for index, count in fetch(con, f"""
+                SELECT least(CAST(floor(({side}_mean_r_i - {low!r}) / ({high!r} - {low!r}) * {n}) AS BIGINT), {n - 1}),
+                       count(*)
+                FROM ({rows}) WHERE iteration = {int(number)} AND {side}_mean_r_i IS NOT NULL GROUP BY 1""").rows:
+                counts[side][index] += count
+        out.append({"iteration": number, "edges": [low + (high - low) * k / n for k in range(n + 1)], **counts})
+    return out

@@ -134,79 +134,125 @@ def _default_pairs(iteration: int | None, pair_ids: Iterable[int] | None = None,
 
 
 def _responses_of_pairs(con: duckdb.DuckDBPyConnection, outer: bool = False) -> str:
-    """Joins from each pair `p` to its chosen (`rc`) and rejected (`rr`) response,
-    each one lookup in the unique leaf index. SQLite joins by nested loops
-    anyway; PostgreSQL would hash the whole responses table (texts and token
-    ids) for a few thousand pairs, so there each side is a LATERAL lookup."""
+    """Joins from each pair `p` to its chosen (`rc`) and rejected (`rr`)
+    response's figures, each one lookup in the covering
+    ix_responses_pair_figures. SQLite joins by nested loops anyway;
+    PostgreSQL would hash the whole responses table (texts and token ids) for
+    a few thousand pairs, so there each side is a LATERAL lookup of the
+    index's columns only (an index-only scan)."""
     kind = "LEFT JOIN" if outer else "JOIN"
     joins = []
     for side, alias in (("chosen", "rc"), ("rejected", "rr")):
         if _is_sqlite(con):
-            joins.append(f"{kind} responses AS {alias} ON {alias}.leaf_candidate_id = p.{side}_candidate_id")
+            # The planner prefers the unique leaf index, which then reads the row.
+            joins.append(f"{kind} responses AS {alias} INDEXED BY ix_responses_pair_figures "
+                         f"ON {alias}.leaf_candidate_id = p.{side}_candidate_id")
         else:
-            joins.append(f"{kind} LATERAL (SELECT * FROM responses AS r WHERE r.leaf_candidate_id = "
+            joins.append(f"{kind} LATERAL (SELECT {_FIGURE_COLUMNS} FROM responses AS r WHERE r.leaf_candidate_id = "
                          f"p.{side}_candidate_id LIMIT 1) AS {alias} ON true")
     return " ".join(joins)
 
 
+_FIGURE_COLUMNS = "r.leaf_candidate_id, r.sentence_count, r.r_t_sum, r.r_i_sum, r.token_count, r.word_count"
+
+
+# One pass over the default-set pairs: per pair its two responses' figures, each
+# side one lookup in ix_responses_pair_figures (revision 0009), which covers
+# every column read here: no response row (texts and token ids) is read.
+# The rows are kept in a DuckDB temporary table for the connection's life:
+# `csr stats` (pair figures, pairs without responses, pairs over the training
+# limit) and the report's plot data read that, not the store, again.
+_PAIR_TABLE = "csr_default_pairs"
+
+
+def _pair_store_sql(con: duckdb.DuckDBPyConnection, iteration: int | None) -> str:
+    sides = []
+    for side, alias in (("chosen", "rc"), ("rejected", "rr")):
+        sides.append(f"{alias}.leaf_candidate_id AS {side}_leaf, {alias}.sentence_count AS {side}_sentences, "
+                     f"{real(con, f'{alias}.r_t_sum', f'{side}_r_t_sum')}, "
+                     f"{real(con, f'{alias}.r_i_sum', f'{side}_r_i_sum')}, "
+                     f"{alias}.token_count AS {side}_tokens, "
+                     f"p.{side}_words AS {side}_pair_words, "
+                     f"CASE WHEN p.{side}_words IS NULL THEN p.{side}_text END AS {side}_other_text")
+    rewards = ", ".join(real(con, f"p.{name}", name) for name in ("chosen_reward", "rejected_reward", "margin"))
+    return ("SELECT s.iteration, s.id AS pair_set_id, s.name AS pair_set, p.id AS pair_id, p.prompt_id, "
+            f"p.chosen_candidate_id, p.rejected_candidate_id, {rewards}, {', '.join(sides)} "
+            + _default_pairs(iteration, joins=_responses_of_pairs(con, outer=True)))
+
+
+def pair_table(con: duckdb.DuckDBPyConnection, iteration: int | None) -> str:
+    """DuckDB SQL (a FROM item) of one row per default-set pair (of `iteration`)
+    with both responses' figures, read from the store once per connection.
+
+    A pair's words are its own stored count (revision 0009: the count of its
+    text, which csr's curation copies from the response); a pair without one
+    has its text counted by words(). `*_found` is false where the store has no
+    responses row for that leaf: those pairs' figures come from the trees."""
+    name = _PAIR_TABLE if iteration is None else f"{_PAIR_TABLE}_{int(iteration)}"
+    everything = _temp_table_exists(con, _PAIR_TABLE)
+    if iteration is not None and everything:
+        return f"(SELECT * FROM {_PAIR_TABLE} WHERE iteration = {int(iteration)})"
+    if everything or _temp_table_exists(con, name):
+        return name
+    columns = []
+    for side in ("chosen", "rejected"):
+        n = f"CAST({side}_sentences AS DOUBLE)"
+        columns.append(
+            f"{side}_leaf IS NOT NULL AS {side}_found, CAST({side}_sentences AS BIGINT) AS {side}_sentences, "
+            f"CAST({side}_r_t_sum AS DOUBLE) / {n} AS {side}_mean_r_t, "
+            f"CAST({side}_r_i_sum AS DOUBLE) / {n} AS {side}_mean_r_i, "
+            f"CAST({side}_tokens AS BIGINT) AS {side}_token_count, "
+            f"coalesce(CAST({side}_pair_words AS BIGINT), words({side}_other_text)) AS {side}_words")
+    con.execute(
+        f"CREATE TEMP TABLE {name} AS SELECT CAST(iteration AS INTEGER) AS iteration, "
+        "CAST(pair_set_id AS INTEGER) AS pair_set_id, pair_set, true AS is_default, "
+        "CAST(pair_id AS BIGINT) AS pair_id, CAST(prompt_id AS INTEGER) AS prompt_id, "
+        "CAST(chosen_candidate_id AS BIGINT) AS chosen_candidate_id, "
+        "CAST(rejected_candidate_id AS BIGINT) AS rejected_candidate_id, "
+        "CAST(chosen_reward AS DOUBLE) AS chosen_reward, CAST(rejected_reward AS DOUBLE) AS rejected_reward, "
+        f"CAST(margin AS DOUBLE) AS margin, {', '.join(columns)} "
+        f"FROM {live(con, _pair_store_sql(con, iteration))}")
+    return name
+
+
+def _temp_table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = "
+                       f"{_literal(name)}").fetchone()[0] > 0
+
+
 def pairs_without_responses(con: duckdb.DuckDBPyConnection, iteration: int | None) -> int:
-    """Default-set pairs one of whose leaves has no responses row (index lookups per pair)."""
-    (n,) = con.execute("SELECT CAST(n AS BIGINT) FROM " + live(con, (
-        f"SELECT count(*) AS n {_default_pairs(iteration, joins=_responses_of_pairs(con, outer=True))} "
-        "AND (rc.id IS NULL OR rr.id IS NULL)"))).fetchone()
+    """Default-set pairs one of whose leaves has no responses row."""
+    (n,) = con.execute(f"SELECT count(*) FROM {pair_table(con, iteration)} "
+                       "WHERE NOT (chosen_found AND rejected_found)").fetchone()
     return n
+
+
+_PAIR_COLUMNS = ("iteration, pair_set_id, pair_set, is_default, pair_id, prompt_id, chosen_candidate_id, "
+                 "rejected_candidate_id, chosen_reward, rejected_reward, margin, chosen_sentences, "
+                 "chosen_mean_r_t, chosen_mean_r_i, rejected_sentences, rejected_mean_r_t, rejected_mean_r_i, "
+                 "chosen_words, rejected_words")
 
 
 def pair_rows_sql(con: duckdb.DuckDBPyConnection, iteration: int | None,
                   pair_ids: Iterable[int] | None = None) -> str:
     """DuckDB SQL of one row per default-set pair with its responses' figures
-    (the columns of the pair_responses view but the per-sentence reward).
-
-    The store joins each pair to its two responses by the unique leaf index;
-    call only where pairs_without_responses() is 0. A pair's words are its
-    response's stored word_count where the pair's text is the response's
-    (csr's curation copies it); only other texts travel, to be counted by
-    words(). With `pair_ids` (a page of the report) the texts come too."""
-    sides = []
-    for side, alias in (("chosen", "rc"), ("rejected", "rr")):
-        same = f"p.{side}_text = {alias}.text AND {alias}.word_count IS NOT NULL"
-        sides.append(f"{alias}.sentence_count AS {side}_sentences, "
-                     f"{real(con, f'{alias}.r_t_sum', f'{side}_r_t_sum')}, "
-                     f"{real(con, f'{alias}.r_i_sum', f'{side}_r_i_sum')}, "
-                     f"CASE WHEN {same} THEN {alias}.word_count END AS {side}_stored_words, "
-                     f"CASE WHEN {same} THEN NULL ELSE p.{side}_text END AS {side}_other_text")
-    rewards = ", ".join(real(con, f"p.{name}", name) for name in ("chosen_reward", "rejected_reward", "margin"))
-    texts = "" if pair_ids is None else "p.chosen_text, p.rejected_text, "
-    store_sql = (
-        "SELECT s.iteration, s.id AS pair_set_id, s.name AS pair_set, p.id AS pair_id, p.prompt_id, "
-        f"p.chosen_candidate_id, p.rejected_candidate_id, {rewards}, {texts}{', '.join(sides)} "
-        + _default_pairs(iteration, pair_ids, joins=_responses_of_pairs(con))
-    )
-    means = []
-    for side in ("chosen", "rejected"):
-        n = f"CAST({side}_sentences AS DOUBLE)"
-        means.append(f"CAST({side}_sentences AS BIGINT) AS {side}_sentences, "
-                     f"CAST({side}_r_t_sum AS DOUBLE) / {n} AS {side}_mean_r_t, "
-                     f"CAST({side}_r_i_sum AS DOUBLE) / {n} AS {side}_mean_r_i")
-    return (
-        "SELECT CAST(iteration AS INTEGER) AS iteration, CAST(pair_set_id AS INTEGER) AS pair_set_id, pair_set, "
-        "true AS is_default, CAST(pair_id AS BIGINT) AS pair_id, CAST(prompt_id AS INTEGER) AS prompt_id, "
-        "CAST(chosen_candidate_id AS BIGINT) AS chosen_candidate_id, "
-        "CAST(rejected_candidate_id AS BIGINT) AS rejected_candidate_id, "
-        "CAST(chosen_reward AS DOUBLE) AS chosen_reward, CAST(rejected_reward AS DOUBLE) AS rejected_reward, "
-        f"CAST(margin AS DOUBLE) AS margin, {', '.join(means)}, "
-        "coalesce(CAST(chosen_stored_words AS BIGINT), words(chosen_other_text)) AS chosen_words, "
-        "coalesce(CAST(rejected_stored_words AS BIGINT), words(rejected_other_text)) AS rejected_words"
-        f"{'' if pair_ids is None else ', chosen_text, rejected_text'} FROM {live(con, store_sql)}"
-    )
+    (the columns of the pair_responses view but the per-sentence reward);
+    call only where pairs_without_responses() is 0. With `pair_ids` (a page
+    of the report) only those pairs, with their texts, read from the store."""
+    if pair_ids is None:
+        return f"SELECT {_PAIR_COLUMNS} FROM {pair_table(con, iteration)}"
+    texts = live(con, f"SELECT id, chosen_text, rejected_text FROM pairs WHERE id IN ({id_list(pair_ids)})")
+    columns = ", ".join(f"pr.{name}" for name in _PAIR_COLUMNS.split(", "))
+    return (f"SELECT {columns}, x.chosen_text, x.rejected_text FROM {pair_table(con, iteration)} AS pr "
+            f"JOIN (SELECT CAST(id AS BIGINT) AS id, chosen_text, rejected_text FROM {texts}) AS x ON x.id = pr.pair_id")
 
 
 def pairs_over_limit(con: duckdb.DuckDBPyConnection, iteration: int | None, max_tokens: int) -> dict[int, int]:
-    """iteration -> default-set pairs with a response over `max_tokens` (two index lookups per pair)."""
+    """iteration -> default-set pairs with a response over `max_tokens`."""
     limit = int(max_tokens)
-    return dict(con.execute("SELECT CAST(iteration AS INTEGER), CAST(n AS BIGINT) FROM " + live(con, (
-        f"SELECT s.iteration, count(*) AS n {_default_pairs(iteration, joins=_responses_of_pairs(con, outer=True))} "
-        f"AND (rc.token_count > {limit} OR rr.token_count > {limit}) GROUP BY s.iteration"))).fetchall())
+    return dict(con.execute(
+        f"SELECT iteration, count(*) FROM {pair_table(con, iteration)} "
+        f"WHERE chosen_token_count > {limit} OR rejected_token_count > {limit} GROUP BY iteration").fetchall())
 
 
 def sample_pair_ids(con: duckdb.DuckDBPyConnection, limit: int) -> list[int]:

@@ -22,6 +22,7 @@ from csr.storage.errors import NotGenerated, StoreError
 from csr.storage.infos import PairSetInfo, row_as
 from csr.storage.iterations import get_iteration
 from csr.storage.models import Pair, PairSet
+from csr.storage.trees import word_count
 
 PRESETS = ("paper", "reference-code")
 
@@ -313,7 +314,9 @@ def save_pair_set(conn: Connection, iteration: int, name: str, params: dict, row
         .returning(PairSet.id)
     ).scalar_one()
     if rows:
-        conn.execute(insert(Pair), [{"pair_set_id": pair_set_id, **row} for row in rows])
+        conn.execute(insert(Pair), [{"pair_set_id": pair_set_id, **row, "chosen_words": word_count(row["chosen_text"]),
+                                     "rejected_words": word_count(row["rejected_text"])}
+                                    for row in rows])
     is_default = make_default or not has_default
     if is_default:
         _set_default(conn, iteration, pair_set_id)
@@ -379,11 +382,20 @@ ORDER BY p.prompt_id
 """.strip()
 
 
-def training_rows(conn: Connection, pair_set_id: int) -> list[dict]:
+# The same rows without the token ids (what a text export writes): the
+# largest columns, and decoding them was a tenth of `csr export`.
+_TEXT_ROWS_SELECTION = TRAINING_SELECTION.replace(
+    "rc.token_ids AS chosen_token_ids, rr.token_ids AS rejected_token_ids",
+    "NULL AS chosen_token_ids, NULL AS rejected_token_ids")
+
+
+def training_rows(conn: Connection, pair_set_id: int, token_ids: bool = True) -> list[dict]:
     """The pairs of a pair set with their prompt, image and both responses'
-    token ids (JSON decoded; None for rows rebuilt from pre-0003 stores)."""
+    token ids (JSON decoded; None for rows rebuilt from pre-0003 stores, and
+    for every row without `token_ids`)."""
     rows = []
-    for r in conn.execute(text(TRAINING_SELECTION), {"pair_set_id": pair_set_id}).mappings():
+    selection = TRAINING_SELECTION if token_ids else _TEXT_ROWS_SELECTION
+    for r in conn.execute(text(selection), {"pair_set_id": pair_set_id}).mappings():
         row = dict(r)
         for key in ("chosen_token_ids", "rejected_token_ids"):
             if isinstance(row[key], str):  # a JSON column read through text() is not decoded

@@ -193,6 +193,10 @@ class Response(Base):
         Index("ix_responses_leaf_candidate", "leaf_candidate_id", unique=True),
         # covers the per-iteration figures of `csr stats` (words, truncation) without reading texts
         Index("ix_responses_figures", "iteration", "is_truncated", "word_count"),
+        # covers a pair's lookup of each response's figures (`csr stats`, the report):
+        # no response row (text, token ids) is read (revision 0009)
+        Index("ix_responses_pair_figures", "leaf_candidate_id", "sentence_count", "r_t_sum", "r_i_sum",
+              "token_count", "word_count"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -254,6 +258,10 @@ class Pair(Base):
     chosen_reward: Mapped[float] = mapped_column(Float)
     rejected_reward: Mapped[float] = mapped_column(Float)
     margin: Mapped[float] = mapped_column(Float)
+    # Words of each text (trees.word_count), written with the pair so that the
+    # figures of `csr stats` never read a text (revision 0009).
+    chosen_words: Mapped[int | None] = mapped_column(Integer)
+    rejected_words: Mapped[int | None] = mapped_column(Integer)
 
 
 class Judgement(Base):

@@ -113,6 +113,11 @@ def _walk_the_trees(monkeypatch) -> None:
 def test_figures_from_responses_equal_figures_walked_from_the_trees(study_url, monkeypatch, iteration):
     with analytics.connect(study_url) as con:
         from_responses = analytics.stats(con, iteration)
+    with analytics.connect(study_url) as con:
+        # the same figures from the pairs already read for every iteration (the report's order)
+        analytics.stats(con)
+        assert_close(analytics.stats(con, iteration), from_responses)
+    with analytics.connect(study_url) as con:
         distributions = analytics.pair_distributions(con)
         sample = analytics.pair_sample(con, 4)
         with monkeypatch.context() as patch:
@@ -145,6 +150,45 @@ def test_the_report_reads_the_paths_of_the_leaves_it_shows(study_url):
         assert word_count(stored[leaf][0]) == sum(word_count(s["text"]) for s in path)
 
 
+def test_pairs_keep_the_words_of_their_texts_and_figures_count_them_where_they_do_not(study_url):
+    from sqlalchemy import create_engine, text
+
+    with analytics.connect(study_url) as con:
+        stored = analytics.stats(con)
+        distributions = analytics.pair_distributions(con)
+    engine = create_engine(study_url)
+    try:
+        with engine.begin() as conn:
+            rows = conn.execute(text("SELECT chosen_text, rejected_text, chosen_words, rejected_words FROM pairs")).all()
+            conn.execute(text("UPDATE pairs SET chosen_words = NULL, rejected_words = NULL"))
+    finally:
+        engine.dispose()
+    assert rows and all((w1, w2) == (word_count(t1), word_count(t2)) for t1, t2, w1, w2 in rows)
+    with analytics.connect(study_url) as con:
+        counted = analytics.stats(con)
+        counted_distributions = analytics.pair_distributions(con)
+    assert_close(counted, stored)
+    assert_close(counted_distributions, distributions)
+
+
+def test_ri_histograms_bin_the_pairs_as_matplotlib_does(study_url):
+    numpy = pytest.importorskip("numpy")
+    with analytics.connect(study_url) as con:
+        histograms = analytics.ri_histograms(con, bins=7)
+        distributions = analytics.pair_distributions(con)
+    assert [h["iteration"] for h in histograms] == list(range(1, ITERATIONS + 1))
+    for histogram in histograms:
+        pairs = [p for p in distributions if p["iteration"] == histogram["iteration"]]
+        chosen = [p["chosen_mean_r_i"] for p in pairs]
+        rejected = [p["rejected_mean_r_i"] for p in pairs]
+        low, high = min(chosen + rejected), max(chosen + rejected)
+        assert low < high
+        for side, values in (("chosen", chosen), ("rejected", rejected)):
+            counts, edges = numpy.histogram(values, bins=7, range=(low, high))
+            assert histogram[side] == counts.tolist()
+            assert histogram["edges"] == pytest.approx(edges.tolist(), rel=1e-12)
+
+
 class _Recorder:
     """The DuckDB connection, with every statement kept."""
 
@@ -160,6 +204,8 @@ class _Recorder:
 _STORE_QUERY = re.compile(r"(?:sqlite|postgres)_query\('store', '((?:[^']|'')*)'\)")
 # (the store queries name responses r, rc and rr)
 _FULL_SCAN = re.compile(r"\bSCAN (candidates|responses|r|rc|rr)\b(?! USING COVERING INDEX)")
+# A pair's response figures come from ix_responses_pair_figures alone (revision 0009).
+_RESPONSE_ROW = re.compile(r"\bSEARCH (rc|rr) USING (?!COVERING INDEX ix_responses_pair_figures)")
 
 
 def test_no_query_reads_every_candidate_or_response(study_url):
@@ -168,6 +214,7 @@ def test_no_query_reads_every_candidate_or_response(study_url):
         analytics_figures.stats(recorder, None)
         analytics_figures.stats(recorder, 2)
         analytics_figures.pair_distributions(recorder)
+        analytics_figures.ri_histograms(recorder)
         sample = analytics_figures.pair_sample(recorder, 3)
         analytics_figures.path_sentences(recorder, [row["rejected_candidate_id"] for row in sample])
     store_queries = []
@@ -184,5 +231,6 @@ def test_no_query_reads_every_candidate_or_response(study_url):
         for query in store_queries:
             plan = "\n".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}"))
             assert not _FULL_SCAN.search(plan), f"{query}\n{plan}"
+            assert not _RESPONSE_ROW.search(plan), f"{query}\n{plan}"
     finally:
         conn.close()

@@ -377,6 +377,29 @@ def test_0007_adds_the_indexes_the_queue_needs(store_url):
 
 
 
+def test_0009_counts_the_words_of_stored_pairs_and_covers_their_response_figures(store_url):
+    from sqlalchemy import inspect
+
+    from csr.storage.trees import word_count
+
+    engine = make_engine(store_url)
+    migrate.upgrade(engine, "0004")
+    engine.dispose()
+    _fill_0004(store_url)
+    engine = make_engine(store_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT chosen_text, rejected_text, chosen_words, rejected_words FROM pairs")).all()
+        indexes = {ix["name"]: ix["column_names"] for ix in inspect(engine).get_indexes("responses")}
+    finally:
+        engine.dispose()
+    assert rows and all((w1, w2) == (word_count(t1), word_count(t2)) for t1, t2, w1, w2 in rows)
+    assert word_count("The plate holds 2 slices of pizza.") == 7
+    assert indexes["ix_responses_pair_figures"] == [
+        "leaf_candidate_id", "sentence_count", "r_t_sum", "r_i_sum", "token_count", "word_count"]
+
+
 def test_released_schemas_are_frozen():
     assert {"0001", "0002"} <= set(frozen_revisions())
     assert migrate.known_revisions() >= set(frozen_revisions())

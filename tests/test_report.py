@@ -148,3 +148,31 @@ def test_store_text_cannot_inject_markup():
 def dump_dom(page: Path) -> str:
     """The page's DOM after load (scripts run), as headless Chromium serialises it."""
     return report._chromium(page, "--dump-dom", "--virtual-time-budget=5000").stdout
+
+
+def test_the_plots_are_svg_documents_of_the_figures(study_store, tmp_path):
+    import base64
+    from xml.dom import minidom
+
+    from csr.storage import analytics
+
+    url, study = study_store
+    page = tmp_path / "report"
+    done = invoke_csr("--db", url, "report", "--out", str(page))
+    assert done.returncode == 0, done.stderr
+    uris = re.findall(r'<img class="plot" src="data:image/svg\+xml;base64,([^"]+)"', (page / "report.html").read_text())
+    assert len(uris) == 4
+    documents = [minidom.parseString(base64.b64decode(uri)) for uri in uris]  # raises on malformed XML
+    assert all(doc.documentElement.tagName == "svg" for doc in documents)
+    # Figure 5: one panel per iteration with pairs, one outline per side.
+    with analytics.connect(url) as con:
+        histograms = analytics.ri_histograms(con)
+    titles = [t.firstChild.data for t in documents[0].getElementsByTagName("text") if t.firstChild]
+    assert [f"iteration {h['iteration']}" for h in histograms] == [t for t in titles if t.startswith("iteration")]
+    assert len(documents[0].getElementsByTagName("polygon")) == 2 * len(histograms)
+    pairs = default_pairs(study)
+    assert sum(sum(h["chosen"]) for h in histograms) == len(pairs)
+    # Table 10: a bar per side and iteration with pairs.
+    bars = [r for r in documents[1].getElementsByTagName("rect")
+            if r.getAttribute("fill") in (report.CHOSEN_COLOUR, report.REJECTED_COLOUR) and r.getAttribute("width") != "10"]
+    assert len(bars) == 2 * len(histograms)

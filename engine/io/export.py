@@ -18,11 +18,14 @@ def export_pairs(store: Store, iteration: int, fmt: str, out: Path | None, pair_
     if ps is None:
         which = f"named {pair_set!r}" if pair_set else f"(run `csr curate --iter {iteration}` first)"
         raise CsrError(f"iteration {iteration} has no pair set {which}")
-    rows = store.training_rows(ps.id)
+    rows = store.training_rows(ps.id, token_ids=fmt == "parquet")
     out = out or Path(f"pairs-iter{iteration}-{ps.name}{_SUFFIX[fmt]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "llava-json":
-        out.write_text(json.dumps([_llava(r) for r in rows], indent=1))
+        # One pair a line, each by json's C encoder: an indented dump runs the
+        # pure-Python encoder (three seconds for 13,000 pairs).
+        with out.open("w") as handle:
+            handle.write("[\n" + ",\n".join(json.dumps(_llava(r)) for r in rows) + "\n]\n")
     elif fmt == "trl-jsonl":
         with out.open("w") as handle:
             for r in rows:

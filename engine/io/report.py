@@ -1,7 +1,7 @@
 """`csr report`: one static HTML page of the study's figures and a browsable pair sample.
 
 The page opens from disk with no server and no network: plots are
-matplotlib PNGs and image thumbnails JPEGs, both embedded as data URIs, and
+SVG (engine/io/svg_plots.py) and image thumbnails JPEGs, both embedded as data URIs, and
 the only script is inline (an iteration filter, and a load check that the
 tests read back through headless Chromium). The markup is the Jinja2
 template templates/report.html.j2, with its stylesheet and script beside it.
@@ -16,13 +16,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import duckdb
 import jinja2
 
 from csr.engine.errors import CsrError
+from csr.engine.io import svg_plots as svg
 from csr.storage import analytics
 
 THUMBNAIL_PX = 224
@@ -41,63 +41,30 @@ CHOSEN_COLOUR, REJECTED_COLOUR, ALL_COLOUR = "#2a9d8f", "#e76f51", "#6c757d"
 
 
 # ---------------------------------------------------------------- plots
+# SVG written by engine/io/svg_plots.py (matplotlib's import, fonts and double
+# draw cost seconds whatever the store's size). Sizes as the former figures at 100 dpi.
 
 
-def _png_data_uri(figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-class _Figures:
-    """`subplots` as pyplot's, on a bare Figure with the Agg canvas: no display,
-    no GUI toolkit, and no pyplot (its import is a third of a report's time on
-    a busy machine; nothing here needs its global figure registry)."""
-
-    @staticmethod
-    def subplots(*args, figsize, **kwargs):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=figsize)
-        FigureCanvasAgg(figure)
-        return figure, figure.subplots(*args, **kwargs)
-
-
-def _pyplot() -> _Figures:
-    return _Figures()
-
-
-def plot_ri_distribution(pairs: list[dict]) -> str | None:
-    """Figure 5 of the paper: R_I (CLIP relevance) of chosen and rejected responses per iteration."""
-    by_iteration: dict[int, list[dict]] = defaultdict(list)
-    for pair in pairs:
-        by_iteration[pair["iteration"]].append(pair)
-    if not by_iteration:
+def plot_ri_distribution(histograms: list[dict]) -> str | None:
+    """Figure 5 of the paper: R_I (CLIP relevance) of chosen and rejected responses per iteration,
+    from the counts of `analytics.ri_histograms` (one filled outline per histogram)."""
+    if not histograms:
         return None
-    plt = _pyplot()
-    iterations = sorted(by_iteration)
-    figure, axes = plt.subplots(1, len(iterations), figsize=(4.2 * len(iterations), 3.2), squeeze=False,
-                                sharey=True)
-    for ax, number in zip(axes[0], iterations, strict=True):
-        chosen = [p["chosen_mean_r_i"] for p in by_iteration[number] if p["chosen_mean_r_i"] is not None]
-        rejected = [p["rejected_mean_r_i"] for p in by_iteration[number] if p["rejected_mean_r_i"] is not None]
-        values = chosen + rejected
-        bins = 20 if values and min(values) != max(values) else 1
-        ax.hist(rejected, bins=bins, range=_range(values), alpha=0.6, color=REJECTED_COLOUR, label="rejected")
-        ax.hist(chosen, bins=bins, range=_range(values), alpha=0.6, color=CHOSEN_COLOUR, label="chosen")
-        ax.set_title(f"iteration {number}")
-        ax.set_xlabel("mean R_I over sentences")
-    axes[0][0].set_ylabel("responses")
-    axes[0][-1].legend()
-    return _png_data_uri(figure)
-
-
-def _range(values: list[float]) -> tuple[float, float] | None:
-    if not values:
-        return None
-    low, high = min(values), max(values)
-    return (low, high) if low != high else (low - 0.5, high + 0.5)
+    width, height = 420, 320
+    top = max((c for h in histograms for side in ("chosen", "rejected") for c in h[side]), default=0)
+    panels = []
+    for k, histogram in enumerate(histograms):
+        edges = histogram["edges"]
+        panel = svg.Panel(k * width, 0, width, height, (edges[0], edges[-1]), svg.span([0, top], zero=True))
+        for side, colour in (("rejected", REJECTED_COLOUR), ("chosen", CHOSEN_COLOUR)):
+            panel.stairs(histogram[side], edges, colour)
+        ticks = [(t, f"{t:g}") for t in svg.nice_ticks(edges[0], edges[-1]) if edges[0] <= t <= edges[-1]]
+        panel.axes(f"iteration {histogram['iteration']}", "mean R_I over sentences",
+                   "responses" if k == 0 else "", yticks=k == 0, xticks=ticks)
+        if k == len(histograms) - 1:
+            panel.legend([("rejected", REJECTED_COLOUR), ("chosen", CHOSEN_COLOUR)], opacity=0.6)
+        panels.append(panel)
+    return svg.data_uri(svg.figure(width * len(histograms), height, panels))
 
 
 def plot_reward_means(iterations: list[dict]) -> str | None:
@@ -105,18 +72,17 @@ def plot_reward_means(iterations: list[dict]) -> str | None:
     rows = [it for it in iterations if it["pairs"]]
     if not rows:
         return None
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(5.5, 3.2))
-    xs = range(len(rows))
-    width = 0.38
-    ax.bar([x - width / 2 for x in xs], [it["chosen_mean_reward"] for it in rows], width, color=CHOSEN_COLOUR,
-           label="chosen")
-    ax.bar([x + width / 2 for x in xs], [it["rejected_mean_reward"] for it in rows], width,
-           color=REJECTED_COLOUR, label="rejected")
-    ax.set_xticks(list(xs), [f"iter {it['iteration']}" for it in rows])
-    ax.set_ylabel("mean R(y)")
-    ax.legend()
-    return _png_data_uri(figure)
+    values = [it[key] for it in rows for key in ("chosen_mean_reward", "rejected_mean_reward")]
+    panel = svg.Panel(0, 0, 550, 320, (-0.6, len(rows) - 0.4), svg.span(values, zero=True))
+    bar = 0.38
+    for x, it in enumerate(rows):
+        for offset, key, colour in ((-bar / 2, "chosen_mean_reward", CHOSEN_COLOUR),
+                                    (bar / 2, "rejected_mean_reward", REJECTED_COLOUR)):
+            if it[key] is not None:
+                panel.rect(x + offset - bar / 2, x + offset + bar / 2, 0.0, it[key], colour)
+    panel.axes(ylabel="mean R(y)", xticks=[(x, f"iter {it['iteration']}") for x, it in enumerate(rows)])
+    panel.legend([("chosen", CHOSEN_COLOUR), ("rejected", REJECTED_COLOUR)])
+    return svg.data_uri(svg.figure(550, 320, [panel]))
 
 
 def plot_lengths(iterations: list[dict]) -> str | None:
@@ -124,19 +90,22 @@ def plot_lengths(iterations: list[dict]) -> str | None:
     rows = [it for it in iterations if it["final_responses"]]
     if not rows:
         return None
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(5.5, 3.2))
-    labels = [it["iteration"] for it in rows]
+    series = []
     for key, label, colour in (("final_mean_words", "all final responses", ALL_COLOUR),
                                ("chosen_mean_words", "chosen", CHOSEN_COLOUR),
                                ("rejected_mean_words", "rejected", REJECTED_COLOUR)):
-        points = [(n, it[key]) for n, it in zip(labels, rows, strict=True) if it[key] is not None]
+        points = [(it["iteration"], it[key]) for it in rows if it[key] is not None]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour, label=label)
-    ax.set_xticks(labels, [f"iter {n}" for n in labels])
-    ax.set_ylabel("mean words")
-    ax.legend()
-    return _png_data_uri(figure)
+            series.append((label, colour, points))
+    numbers = [it["iteration"] for it in rows]
+    panel = svg.Panel(0, 0, 550, 320, (min(numbers) - 0.25, max(numbers) + 0.25),
+                      svg.span([y for _, _, points in series for _, y in points]))
+    for _, colour, points in series:
+        panel.line(points, colour)
+    panel.axes(ylabel="mean words", xticks=[(n, f"iter {n}") for n in numbers])
+    if series:
+        panel.legend([(label, colour) for label, colour, _ in series])
+    return svg.data_uri(svg.figure(550, 320, [panel]))
 
 
 def plot_benchmarks(rows: list[dict]) -> str | None:
@@ -144,29 +113,33 @@ def plot_benchmarks(rows: list[dict]) -> str | None:
     one panel per benchmark and data set, 95 % bootstrap intervals as error bars.
     Word counts are left out: they are not on the 0-1 scale of the rest."""
     rows = [r for r in rows if r["metric"] not in ("words", "mean_words") and r["values"]]
+    # F1 carries POPE's panel; accuracy and yes-ratio are in the table
+    rows = [r for r in rows if r["benchmark"] != "pope" or r["metric"].endswith("F1")]
     if not rows:
         return None
-    plt = _pyplot()
-    panels = list(dict.fromkeys((r["benchmark"], r["dataset"]) for r in rows))
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.4), squeeze=False)
-    for ax, (benchmark, dataset) in zip(axes[0], panels, strict=True):
+    panels_of = list(dict.fromkeys((r["benchmark"], r["dataset"]) for r in rows))
+    width, height = 500, 340
+    panels = []
+    for k, (benchmark, dataset) in enumerate(panels_of):
+        series = []
         for row in (r for r in rows if (r["benchmark"], r["dataset"]) == (benchmark, dataset)):
-            if benchmark == "pope" and not row["metric"].endswith("F1"):
-                continue  # F1 carries POPE's panel; accuracy and yes-ratio are in the table
             points = sorted((int(v), x) for v, x in row["values"].items())
-            xs, ys = [p[0] for p in points], [p[1] for p in points]
             intervals = {int(v): ci for v, ci in row["intervals"].items()}
-            if intervals:
-                low = [y - intervals[x][0] if x in intervals else 0.0 for x, y in points]
-                high = [intervals[x][1] - y if x in intervals else 0.0 for x, y in points]
-                ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=row["metric"])
-            else:
-                ax.plot(xs, ys, marker="o", label=row["metric"])
-            ax.set_xticks(xs, [f"v{x}" for x in xs])
-        ax.set_title(f"{benchmark} · {dataset}" if dataset else benchmark)
-        ax.set_xlabel("model version")
-        ax.legend(fontsize="small")
-    return _png_data_uri(figure)
+            series.append((row["metric"], svg.CYCLE[len(series) % len(svg.CYCLE)], points, intervals))
+        versions = sorted({x for _, _, points, _ in series for x, _ in points})
+        ys = [y for _, _, points, intervals in series for x, y in points]
+        ys += [bound for _, _, _, intervals in series for ci in intervals.values() for bound in ci]
+        panel = svg.Panel(k * width, 0, width, height, (versions[0] - 0.3, versions[-1] + 0.3), svg.span(ys))
+        for _, colour, points, intervals in series:
+            for x, _ in points:
+                if x in intervals:
+                    panel.error_bar(x, *intervals[x], colour)
+            panel.line(points, colour)
+        panel.axes(f"{benchmark} · {dataset}" if dataset else benchmark, "model version",
+                   xticks=[(v, f"v{v}") for v in versions])
+        panel.legend([(metric, colour) for metric, colour, _, _ in series])
+        panels.append(panel)
+    return svg.data_uri(svg.figure(width * len(panels), height, panels))
 
 
 # ---------------------------------------------------------------- images
@@ -261,9 +234,9 @@ def write_report(con: duckdb.DuckDBPyConnection, out: Path, *, pairs: int = 50) 
         raise CsrError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     summary = analytics.stats(con)
-    distributions = analytics.pair_distributions(con)
+    histograms = analytics.ri_histograms(con)
     plots = {
-        "ri": plot_ri_distribution(distributions),
+        "ri": plot_ri_distribution(histograms),
         "rewards": plot_reward_means(summary["iterations"]),
         "lengths": plot_lengths(summary["iterations"]),
         "benchmarks": plot_benchmarks(summary["benchmarks"]),
