@@ -57,7 +57,10 @@ from PIL import Image, ImageDraw
 
 from csr.engine.demo import tiny
 from csr.engine.train import prefix_shared
-from csr.engine.train.dpo import PreferenceExample, TrainConfig, _lora_setup, make_trainer
+from csr.engine.train.config import TrainConfig
+from csr.engine.train.dpo import make_trainer
+from csr.engine.train.dpo_data import PreferenceExample
+from csr.engine.train.lora import lora_setup
 
 SIZES = {
     # bench/bench_search.py's tiny (bench/device_check.sh's CPU dry run: 16 image tokens a crop), 256x4 and 1b shapes.
@@ -125,7 +128,7 @@ def trainer_for(model_dir: Path, forward: str, reference: str, device: str, bf16
     config = TrainConfig(lora_dropout=0.0, forward=forward, reference=reference, bf16=bf16)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    lora, _ = _lora_setup(model, config)
+    lora, _ = lora_setup(model, config)
     image = root / "image.png"
     Image.new("RGB", (8, 8)).save(image)
     ref = -1.0 if reference == "tree" else None  # make_trainer reads the reference from the examples

@@ -28,7 +28,8 @@ from csr.engine.demo import tiny  # noqa: E402
 from csr.engine.loading import load_clip, load_policy  # noqa: E402
 from csr.engine.search.config import SearchConfig  # noqa: E402
 from csr.engine.search.sentence_search import sentence_beam_search  # noqa: E402
-from csr.engine.train.dpo import TrainConfig, train_dpo  # noqa: E402
+from csr.engine.train.config import TrainConfig  # noqa: E402
+from csr.engine.train.dpo import train_dpo  # noqa: E402
 from csr.engine.train.dpo_data import PreferenceExample, completion_logprob  # noqa: E402
 from tests.worlds import COLOURS, CORPUS  # noqa: E402
 

@@ -118,7 +118,8 @@ def train(store: Store, settings: Settings, iteration: int, options: TrainOption
     """Train model version N from N-1 on iteration N's pair set and register it.
     A run killed midway resumes from its checkpoint when started again with
     the same pairs and settings."""
-    from csr.engine.train.dpo import TrainConfig, TrainConfigError, train_dpo
+    from csr.engine.train.config import TrainConfig, TrainConfigError
+    from csr.engine.train.dpo import train_dpo
 
     try:
         config = TrainConfig.from_dict(settings.train)
@@ -292,7 +293,7 @@ def preference_examples(rows: list[dict], policy_path: str, tree_reference: bool
     (with `tree_reference`) their stored log-probs. Rows rebuilt from stores made
     before token ids were kept are tokenised from their text, and have no
     reference log-probs."""
-    from csr.engine.train.dpo import PreferenceExample, completion_ids
+    from csr.engine.train.dpo_data import PreferenceExample, completion_ids
 
     tokenizer = None
     examples = []

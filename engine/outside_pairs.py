@@ -51,7 +51,7 @@ def tokenised(rows: list[dict], policy_path: str) -> list[dict]:
         return rows
     from transformers import AutoTokenizer
 
-    from csr.engine.train.dpo import completion_ids
+    from csr.engine.train.dpo_data import completion_ids
 
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     out = []

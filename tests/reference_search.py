@@ -19,7 +19,7 @@ import torch
 from csr.engine.search.beam_search import BeamSettings, TokenBeam, group_beam_search
 from csr.engine.search.config import SearchConfig
 from csr.engine.search.expansion import ExpandStats
-from csr.engine.search.kv_cache import _buffer_cache, _CachedRows, _is_plain_cache
+from csr.engine.search.kv_cache import CachedRows, buffer_cache, is_plain_cache
 from csr.engine.search.records import CandidateRecord, SearchResult
 from csr.engine.search.sentence_search import run_sentence_search, search_beam_settings
 
@@ -71,9 +71,9 @@ def naive_expand(
             first = model(**batch, use_cache=True, logits_to_keep=1)
         length = ids.shape[1]
         cache = first.past_key_values
-        if _is_plain_cache(cache):  # the same cache implementation as the batched search
-            cache = _buffer_cache([(k, v) for k, v, *_ in cache], length + cap)
-        rows = _CachedRows(
+        if is_plain_cache(cache):  # the same cache implementation as the batched search
+            cache = buffer_cache([(k, v) for k, v, *_ in cache], length + cap)
+        rows = CachedRows(
             model,
             cache,
             batch["attention_mask"],

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from csr.engine.train.dpo import weights_hash
+from csr.engine.train.lora import weights_hash
 from tests.db_backends import fingerprint
 from tests.study import Study, make_study
 

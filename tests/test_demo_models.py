@@ -7,12 +7,12 @@ import torch
 from csr.engine.demo import models as demo_models
 from csr.engine.demo.clip import clip_sentences, presence_auc, train_demo_clip
 from csr.engine.demo.models import (
-    _world_of,
     caption_batch,
     describe,
     read_manifest,
     train_demo_policy,
     user_prompt,
+    world_of,
 )
 from csr.engine.demo.world import WorldConfig, caption, generate_scenes
 from csr.engine.evaluate.chair import chair, world_vocabulary
@@ -202,7 +202,7 @@ def clip_object_scores(clip_dir, scenes) -> tuple[list[str], torch.Tensor]:
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
     model.eval()
-    names, sentences = clip_sentences(_world_of(scenes))
+    names, sentences = clip_sentences(world_of(scenes))
     images = torch.stack([preprocess(s.render()) for s in scenes])
     image_features = model.encode_image(images, normalize=True)
     text_features = model.encode_text(tokenizer(sentences), normalize=True)

@@ -26,7 +26,7 @@ from csr.engine.prompting import chat_prompt
 from csr.engine.search.beam_search import EOS, MAX_NEW_TOKENS, SENTENCE_END, TokenBeam
 from csr.engine.search.config import SearchConfig
 from csr.engine.search.sentence_search import run_sentence_search
-from csr.engine.train.dpo import TokenPreferenceCollator
+from csr.engine.train.dpo_data import TokenPreferenceCollator
 from csr.engine.worker_loop import tree_rows
 from csr.storage import curation, iterations
 from csr.storage import prompts as prompt_store
@@ -312,7 +312,7 @@ def test_curation_sql_equals_the_python_formulas(store_url, tmp_path, llama_toke
 def test_teacher_forced_logprobs_equal_the_stored_sums(which, llava_dir_of, clip_scorer, colour_images):
     from csr.engine.loading import load_policy
     from csr.engine.search.sentence_search import sentence_beam_search
-    from csr.engine.train.dpo import completion_logprob
+    from csr.engine.train.dpo_data import completion_logprob
 
     model_dir = llava_dir_of(which)
     policy = load_policy(str(model_dir))

@@ -183,7 +183,8 @@ def test_teacher_forced_log_probs_of_every_response_equal_its_sum(family, clip_s
 
 @pytest.mark.slow
 def test_a_searched_pair_trains_one_dpo_step_at_ln2(family, tmp_path):
-    from csr.engine.train.dpo import PreferenceExample, train_dpo
+    from csr.engine.train.dpo import train_dpo
+    from csr.engine.train.dpo_data import PreferenceExample
     from tests.worlds import FAST_CONFIG
 
     _, directory, policy = family

@@ -15,15 +15,10 @@ from transformers.utils import logging as hf_logging
 
 from csr.engine.demo import tiny
 from csr.engine.train import prefix_shared
-from csr.engine.train.dpo import (
-    PreferenceExample,
-    TokenPreferenceCollator,
-    TrainConfig,
-    _lora_setup,
-    _preference_dataset,
-    make_trainer,
-    train_dpo,
-)
+from csr.engine.train.config import TrainConfig
+from csr.engine.train.dpo import make_trainer, train_dpo
+from csr.engine.train.dpo_data import PreferenceExample, TokenPreferenceCollator, preference_dataset
+from csr.engine.train.lora import lora_setup
 from tests.worlds import preference_world, word_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -97,7 +92,7 @@ def world(request, tmp_path_factory):
 
 
 def _examples(pairs, tree: bool):
-    return [dict(row) for row in _preference_dataset(pairs, tree)]
+    return [dict(row) for row in preference_dataset(pairs, tree)]
 
 
 def _step(base, pairs, forward: str, tree: bool, tmp_path):
@@ -106,7 +101,7 @@ def _step(base, pairs, forward: str, tree: bool, tmp_path):
     config = CONFIG.replace(forward=forward, reference="auto" if tree else "recompute")
     processor = AutoProcessor.from_pretrained(base)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
-    lora, _ = _lora_setup(model, config)
+    lora, _ = lora_setup(model, config)
     trainer, tree_reference, shared = make_trainer(model, processor, pairs, config, lora, tmp_path / forward,
                                                    False, "cpu")
     assert (tree_reference, shared) == (tree, forward == "prefix-shared")

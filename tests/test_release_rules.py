@@ -121,7 +121,7 @@ def test_search_and_training_use_the_iterations_template(trained_policy, colour_
 
 def test_training_examples_carry_the_template(tmp_path, trained_policy, colour_images):
     from csr.engine.iterations import preference_examples
-    from csr.engine.train.dpo_data import TokenPreferenceCollator, _preference_dataset
+    from csr.engine.train.dpo_data import TokenPreferenceCollator, preference_dataset
 
     path = tmp_path / "red.png"
     colour_images["red"].save(path)
@@ -133,7 +133,7 @@ def test_training_examples_carry_the_template(tmp_path, trained_policy, colour_i
     for template in ("chat", "llava-v1"):
         examples = preference_examples([row], "unused", prompt_template=template)
         assert examples[0].prompt_template == template
-        batch = TokenPreferenceCollator(trained_policy.processor, 0)(list(_preference_dataset(examples, True)))
+        batch = TokenPreferenceCollator(trained_policy.processor, 0)(list(preference_dataset(examples, True)))
         prompt = encode_prompts(trained_policy.processor, [colour_images["red"]], [PROMPT], template)["input_ids"][0]
         assert batch["input_ids"][0].tolist() == prompt.tolist() + [5, 6]  # the chosen row: prompt, response
         prompts[template] = prompt.tolist()

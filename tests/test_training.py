@@ -15,16 +15,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from transformers.utils import logging as hf_logging
 
 from csr.engine.demo import tiny
-from csr.engine.train.dpo import (
+from csr.engine.train.config import TrainConfig, TrainConfigError
+from csr.engine.train.dpo import train_dpo
+from csr.engine.train.dpo_data import (
     TokenPreferenceCollator,
-    TrainConfig,
-    TrainConfigError,
     completion_logprob,
     implicit_reward_margins,
-    resolve_lora_targets,
-    train_dpo,
-    weights_hash,
 )
+from csr.engine.train.lora import resolve_lora_targets, weights_hash
 from tests.worlds import FAST_CONFIG, PROMPT, preference_world
 
 # transformers/TRL deprecation chatter about their own internals.

@@ -24,7 +24,8 @@ from pathlib import Path
 from PIL import Image
 
 from csr.engine.demo import tiny
-from csr.engine.train.dpo import PreferenceExample, TrainConfig, completion_ids
+from csr.engine.train.config import TrainConfig
+from csr.engine.train.dpo_data import PreferenceExample, completion_ids
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -16,11 +16,11 @@ from csr.engine.demo import tiny
 from csr.engine.demo.models import (
     CLIP_RECIPES,
     ClipRecipe,
-    _cached_or_train,
-    _cosine,
-    _manifest,
-    _world_of,
+    cached_or_train,
+    cosine,
+    make_manifest,
     validation_scenes,
+    world_of,
 )
 from csr.engine.demo.world import (
     Scene,
@@ -63,15 +63,15 @@ def train_demo_clip(
     recipe = CLIP_RECIPES[size]
     if steps is not None:
         recipe = replace(recipe, steps=steps)
-    config = _world_of(scenes)
-    manifest = _manifest("clip", config, scenes, {"recipe": asdict(recipe), "seed": seed})
+    config = world_of(scenes)
+    manifest = make_manifest("clip", config, scenes, {"recipe": asdict(recipe), "seed": seed})
 
     def train(directory: Path) -> dict:
         model, clip_config, metrics = fit_clip(scenes, recipe, seed)
         tiny.save_open_clip(model, clip_config, directory)
         return metrics
 
-    return _cached_or_train(out_dir, manifest, train)
+    return cached_or_train(out_dir, manifest, train)
 
 
 def fit_clip(scenes: Sequence[Scene], recipe: ClipRecipe, seed: int = 0):
@@ -80,7 +80,7 @@ def fit_clip(scenes: Sequence[Scene], recipe: ClipRecipe, seed: int = 0):
     in-batch pairs would push present objects apart as false negatives."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    config = _world_of(scenes)
+    config = world_of(scenes)
     started = time.perf_counter()
     clip_config = tiny.tiny_clip_config(recipe.embed_dim, config.image_size)
     model, clip_config = tiny.build_tiny_clip(seed, clip_config)
@@ -99,7 +99,7 @@ def fit_clip(scenes: Sequence[Scene], recipe: ClipRecipe, seed: int = 0):
     for step in range(recipe.steps):
         idx = torch.randint(len(scenes), (recipe.batch_size,), generator=generator)
         for group in optimiser.param_groups:
-            group["lr"] = recipe.lr * _cosine(step, recipe.steps, recipe.warmup_steps)
+            group["lr"] = recipe.lr * cosine(step, recipe.steps, recipe.warmup_steps)
         image_features = model.encode_image(pixels[idx], normalize=True)
         text_features = model.encode_text(text_tokens, normalize=True)
         logits = model.logit_scale.exp() * image_features @ text_features.T + bias

@@ -103,7 +103,7 @@ def _scene_fingerprint(scenes: Sequence[Scene]) -> str:
     return h.hexdigest()
 
 
-def _manifest(kind: str, config: WorldConfig, scenes: Sequence[Scene], settings: dict) -> dict:
+def make_manifest(kind: str, config: WorldConfig, scenes: Sequence[Scene], settings: dict) -> dict:
     body = {
         "kind": kind,
         "recipe_version": RECIPE_VERSION,
@@ -123,7 +123,7 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
-def _cached_or_train(out_dir: Path, manifest: dict, train: Callable[[Path], dict]) -> Path:
+def cached_or_train(out_dir: Path, manifest: dict, train: Callable[[Path], dict]) -> Path:
     """Reuse out_dir if its manifest has the same hash; otherwise train into a
     temporary sibling and swap it in, so a killed run never leaves a directory
     that looks complete."""
@@ -153,7 +153,7 @@ def _cached_or_train(out_dir: Path, manifest: dict, train: Callable[[Path], dict
     return out_dir
 
 
-def _world_of(scenes: Sequence[Scene]) -> WorldConfig:
+def world_of(scenes: Sequence[Scene]) -> WorldConfig:
     if not scenes:
         raise ValueError("no scenes to train on")
     config = scenes[0].config
@@ -162,7 +162,7 @@ def _world_of(scenes: Sequence[Scene]) -> WorldConfig:
     return config
 
 
-def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+def cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """Linear warm-up, then cosine decay to `floor` times the peak."""
     if step < warmup:
         return (step + 1) / warmup
@@ -225,16 +225,16 @@ def train_demo_policy(
     if target_chair_s is not ...:
         overrides["target_chair_s"] = target_chair_s
     recipe = replace(recipe, **overrides)
-    config = _world_of(scenes)
+    config = world_of(scenes)
     settings = {"recipe": asdict(recipe), "seed": seed}
-    manifest = _manifest("policy", config, scenes, settings)
+    manifest = make_manifest("policy", config, scenes, settings)
 
     def train(directory: Path) -> dict:
         model, processor, metrics = fit_policy(scenes, recipe, seed)
         tiny.save_pretrained(model, processor, directory)
         return metrics
 
-    return _cached_or_train(out_dir, manifest, train)
+    return cached_or_train(out_dir, manifest, train)
 
 
 # Validation scenes come from the train split far beyond any index a caller
@@ -254,7 +254,7 @@ def fit_policy(
 ):
     """The training loop; returns (model, processor, metrics). `on_step(step,
     model, processor)` runs after each optimiser step (to measure along the way)."""
-    config = _world_of(scenes)
+    config = world_of(scenes)
     started = time.perf_counter()
     # The vision tower sees the world's images at their native size.
     size = replace(recipe.model, image_size=config.image_size)

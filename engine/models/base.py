@@ -133,9 +133,9 @@ class Adapter:
     def shares_prefix(self, model: Any, cache: Any) -> bool:
         """Whether the search may hold the prompt's KV once for all rows."""
         from csr.engine.search.cascade_attention import supports_cascade
-        from csr.engine.search.kv_cache import _is_plain_cache
+        from csr.engine.search.kv_cache import is_plain_cache
 
-        return self.per_row_reason is None and _is_plain_cache(cache) and supports_cascade(model)
+        return self.per_row_reason is None and is_plain_cache(cache) and supports_cascade(model)
 
     # ------------------------------------------------------------- training
 

@@ -21,10 +21,10 @@ from transformers.cache_utils import DynamicCache
 from csr.engine.search.beam_search import BeamSettings, TokenBeam, group_beam_search
 from csr.engine.search.cascade_attention import PrefixKV
 from csr.engine.search.kv_cache import (
+    CachedRows,
     CascadeRows,
-    _buffer_cache,
-    _CachedRows,
-    _is_plain_cache,
+    buffer_cache,
+    is_plain_cache,
 )
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class PromptPrefix:
     def copy_cache(self, rows: int, capacity: int):
         """The prompt cache repeated for `rows` rows, with room for `capacity` tokens."""
         data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in self.cache]
-        if _is_plain_cache(self.cache):
-            return _buffer_cache(data, capacity)
+        if is_plain_cache(self.cache):
+            return buffer_cache(data, capacity)
         return DynamicCache(ddp_cache_data=data, config=self.policy.model.config)
 
     @property
@@ -84,7 +84,7 @@ class PromptPrefix:
 
 def _extend(
     prefix: PromptPrefix, partials: Sequence[Sequence[int]], max_new: int
-) -> tuple[_CachedRows, torch.Tensor]:
+) -> tuple[CachedRows, torch.Tensor]:
     """Copy the prompt cache for each partial response and run their response
     tokens in one padded forward pass. Padding sits between the prompt and the
     response, masked out, with explicit position ids, so each row computes
@@ -98,7 +98,7 @@ def _extend(
     mask = torch.ones(n, prefix.length, dtype=torch.long, device=device)
     next_pos = torch.tensor([prefix.length + m for m in lengths], device=device)
     pad = prefix.policy.tokenizer.pad_token_id or 0
-    rows = _CachedRows(model, cache, mask, next_pos, prefix.position_ids)
+    rows = CachedRows(model, cache, mask, next_pos, prefix.position_ids)
     first = prefix.last_logits.expand(n, -1).clone()
     if width == 0:
         return rows, first

@@ -1,6 +1,6 @@
 """The KV caches behind the beam search's rows.
 
-- `_BufferLayer` / `_CachedRows`: the plain per-row path. Every row holds
+- `_BufferLayer` / `CachedRows`: the plain per-row path. Every row holds
   its own copy of the prompt prefix in a preallocated buffer; rows stay in
   place as beams finish or fork and only moved rows are copied. Used by the
   released-code-style baseline and as the reference the shared-prefix path
@@ -104,13 +104,13 @@ class _BufferLayer(DynamicLayer):
     batch_select_indices = reorder_cache
 
 
-def _buffer_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> DynamicCache:
+def buffer_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> DynamicCache:
     cache = DynamicCache()
     cache.layers = [_BufferLayer(k, v, capacity) for k, v in layers]
     return cache
 
 
-def _is_plain_cache(cache) -> bool:
+def is_plain_cache(cache) -> bool:
     """Full-attention layers only: what `_BufferLayer` can stand in for."""
     return not any(getattr(cache, "is_sliding", [False])) and all(
         type(layer) in (DynamicLayer, _BufferLayer) for layer in getattr(cache, "layers", [None])
@@ -142,7 +142,7 @@ def _assign_slots(wanted: list[int]) -> tuple[list[int], list[int], list[int]]:
     return slot, dest, src  # type: ignore[return-value]
 
 
-class _CachedRows:
+class CachedRows:
     """Model state for a batch of rows that share the prompt prefix: the KV
     cache, the 2-D attention mask and each row's next position id.
 
@@ -237,7 +237,7 @@ class CascadeRows:
     """Model state for a batch of rows over one or several prompt prefixes:
     the rows' suffix KV, each row's prompt and next position id.
 
-    Same row bookkeeping as `_CachedRows` (rows stay in place, `slot` maps
+    Same row bookkeeping as `CachedRows` (rows stay in place, `slot` maps
     the search's row order to the cache's), but a moved or forked row copies
     its own suffix only: the prefix is shared by every row of its prompt.
     """

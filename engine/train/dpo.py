@@ -35,25 +35,14 @@ import torch
 
 from csr.engine.models import adapter_for
 from csr.engine.train import prefix_shared
-from csr.engine.train.config import TrainConfig, TrainConfigError  # noqa: F401  (re-exported)
-from csr.engine.train.dpo_data import (  # noqa: F401  (re-exported: the training API in one place)
+from csr.engine.train.config import TrainConfig
+from csr.engine.train.dpo_data import (
     PreferenceExample,
     TokenPreferenceCollator,
-    _preference_dataset,
-    completion_ids,
-    completion_logprob,
-    find_unencodable,
-    implicit_reward_margins,
-    unencodable_reason,
+    preference_dataset,
     uses_tree_reference,
 )
-from csr.engine.train.lora import (  # noqa: F401
-    DECODER_PROJECTIONS,
-    _lora_leaf_names,
-    _lora_setup,
-    resolve_lora_targets,
-    weights_hash,
-)
+from csr.engine.train.lora import lora_setup, weights_hash
 from csr.storage import json_digest
 
 # PEFT and TRL read transformers' deprecated `is_gradient_checkpointing`;
@@ -273,7 +262,7 @@ def make_trainer(model: Any, processor: Any, examples: Sequence[PreferenceExampl
     trainer = _make_trainer_class()(
         model=model,
         args=_dpo_args(config, checkpoint_dir, bf16, device),
-        train_dataset=_preference_dataset(examples, tree_reference),
+        train_dataset=preference_dataset(examples, tree_reference),
         data_collator=collator,
         processing_class=processor,
         peft_config=lora,
@@ -326,7 +315,7 @@ def train_dpo(
     # Training switches the KV cache off in the config; the saved model must
     # generate like its base.
     use_cache = model.config.get_text_config().use_cache
-    lora, lora_record = _lora_setup(model, config)
+    lora, lora_record = lora_setup(model, config)
     too_long = [e for e in examples if max(len(e.chosen_ids), len(e.rejected_ids)) > config.max_response_tokens]
     if too_long:
         raise ValueError(

@@ -155,7 +155,7 @@ def uses_tree_reference(examples: Sequence[PreferenceExample], config: TrainConf
     )
 
 
-def _preference_dataset(examples: Sequence[PreferenceExample], tree_reference: bool):
+def preference_dataset(examples: Sequence[PreferenceExample], tree_reference: bool):
     """The pairs as a dataset of ids. The `images` column (paths, loaded by the
     collator) makes TRL treat it as vision data and leave it untouched."""
     from datasets import Dataset

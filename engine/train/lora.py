@@ -85,7 +85,7 @@ def weights_hash(model_dir: Path | str) -> str:
     return digest.hexdigest()
 
 
-def _lora_setup(model: torch.nn.Module, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
+def lora_setup(model: torch.nn.Module, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     """The PEFT LoraConfig and its record for the model version row."""
     from peft import LoraConfig
 
