@@ -192,12 +192,17 @@ def _fill_0002(url: str, fingerprinted: bool = False) -> None:
     engine.dispose()
 
 
-def test_0006_records_the_csr_method_for_existing_iterations_and_pair_sets(store_url):
+def _filled_at_0004(store_url: str):
+    """An engine on a store filled at revision 0004, not yet upgraded further."""
     engine = make_engine(store_url)
     migrate.upgrade(engine, "0004")
     engine.dispose()
     _fill_0004(store_url)
-    engine = make_engine(store_url)
+    return make_engine(store_url)
+
+
+def test_0006_records_the_csr_method_for_existing_iterations_and_pair_sets(store_url):
+    engine = _filled_at_0004(store_url)
     try:
         migrate.upgrade(engine)
         with engine.connect() as conn:
@@ -376,17 +381,12 @@ def test_0007_adds_the_indexes_the_queue_needs(store_url):
     }
 
 
-
 def test_0009_counts_the_words_of_stored_pairs_and_covers_their_response_figures(store_url):
     from sqlalchemy import inspect
 
     from csr.storage.trees import word_count
 
-    engine = make_engine(store_url)
-    migrate.upgrade(engine, "0004")
-    engine.dispose()
-    _fill_0004(store_url)
-    engine = make_engine(store_url)
+    engine = _filled_at_0004(store_url)
     try:
         migrate.upgrade(engine)
         with engine.connect() as conn:
