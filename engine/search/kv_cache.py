@@ -171,7 +171,11 @@ class CachedRows:
 
     def count(self, valid: torch.Tensor) -> None:
         """Count a forward pass whose new columns (the mask's last) hold `valid` (rows, n) real tokens."""
-        seen = self.mask.long().cumsum(dim=1)[:, -valid.shape[1]:]
+        # Keys before the new columns once per row, then a running count over the
+        # new ones only: a cumsum over the whole mask would cost every token step
+        # a pass over every row's full length.
+        n = valid.shape[1]
+        seen = self.mask[:, :-n].sum(dim=1, keepdim=True) + self.mask[:, -n:].long().cumsum(dim=1)
         self.tokens += valid.sum()
         self.attended += (seen * valid).sum()
         self.logit_rows += valid.shape[0]
