@@ -314,12 +314,6 @@ def claim_once(argv: list[str]) -> int:
     from csr.storage.models import WorkItem
 
     engine = make_engine(argv[0])
-    dialect = engine.dialect.name
-    if hasattr(work, "_NEXT_IDS_SQLITE"):  # this branch's claim
-        sql = work._CLAIM_SQL_POSTGRESQL if dialect == "postgresql" else work._CLAIM_SQL.format(
-            next_ids=work._NEXT_IDS_SQLITE)
-    else:  # the claim before it
-        sql = work._CLAIM_SQL.format(lock="FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else "")
     times = []
     with engine.begin() as conn:
         conn.execute(text("UPDATE work_items SET state = 'pending', worker_id = NULL, attempts = 0, "
@@ -327,13 +321,9 @@ def claim_once(argv: list[str]) -> int:
         worker = conn.execute(text("SELECT min(id) FROM workers")).scalar_one()
         for _ in range(200):
             start = time.perf_counter()
-            now = utcnow()
             conn.execute(update(WorkItem).where(WorkItem.worker_id == worker, WorkItem.state == "claimed")
-                         .values(state="done", worker_id=None, lease_expires_at=None, updated_at=now))
-            work._reclaim_from_dead_local_workers(conn, 3, now)
-            work._fail_exhausted(conn, 3, now, 3)
-            conn.execute(text(sql), {"worker": worker, "expires": now + timedelta(minutes=30), "now": now,
-                                     "iteration": 3, "max_attempts": 3, "limit": BATCH}).all()
+                         .values(state="done", worker_id=None, lease_expires_at=None, updated_at=utcnow()))
+            work.claim_in(conn, 3, worker, BATCH, timedelta(minutes=30), 3)
             times.append(time.perf_counter() - start)
         conn.rollback()
     engine.dispose()

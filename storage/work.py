@@ -92,29 +92,38 @@ def claim(
     engine: Engine, iteration: int, worker_id: int, limit: int, lease: timedelta, max_attempts: int
 ) -> list[Claim]:
     """Claim up to `limit` pending (or abandoned) work items for this worker."""
-    now = utcnow()
-    sql = _CLAIM_SQL_POSTGRESQL if engine.dialect.name == "postgresql" else _CLAIM_SQL.format(next_ids=_NEXT_IDS_SQLITE)
     with engine.begin() as conn:
-        _reclaim_from_dead_local_workers(conn, iteration, now)
-        _fail_exhausted(conn, iteration, now, max_attempts)
-        rows = conn.execute(
-            text(sql),
-            {
-                "worker": worker_id,
-                "expires": now + lease,
-                "now": now,
-                "iteration": iteration,
-                "max_attempts": max_attempts,
-                "limit": limit,
-            },
-        ).all()
+        return claim_in(conn, iteration, worker_id, limit, lease, max_attempts)
+
+def claim_in(
+    conn: Connection, iteration: int, worker_id: int, limit: int, lease: timedelta, max_attempts: int
+) -> list[Claim]:
+    """`claim` inside the caller's transaction."""
+    now = utcnow()
+    postgresql = conn.dialect.name == "postgresql"
+    sql = _CLAIM_SQL_POSTGRESQL if postgresql else _CLAIM_SQL.format(next_ids=_NEXT_IDS_SQLITE)
+    _reclaim_from_dead_local_workers(conn, iteration, now)
+    _fail_abandoned_and_exhausted(conn, iteration, now, max_attempts)
+    rows = conn.execute(
+        text(sql),
+        {
+            "worker": worker_id,
+            "expires": now + lease,
+            "now": now,
+            "iteration": iteration,
+            "max_attempts": max_attempts,
+            "limit": limit,
+        },
+    ).all()
+    if not rows:
+        _fail_pending_exhausted(conn, iteration, now, max_attempts)
     return sorted((Claim(r.id, r.prompt_id, r.attempts) for r in rows), key=lambda c: c.work_item_id)
 
 def _reclaim_from_dead_local_workers(conn: Connection, iteration: int, now: datetime) -> int:
     """End the leases of workers on this host whose process is gone; returns how many items.
 
     The items stay claimed with an expired lease, so the attempt the dead
-    worker used still counts and `_fail_exhausted` sees them like any other
+    worker used still counts and `_fail_abandoned_and_exhausted` sees them like any other
     abandoned item.
     """
     holders = conn.execute(
@@ -134,9 +143,8 @@ def _reclaim_from_dead_local_workers(conn: Connection, iteration: int, now: date
         .values(lease_expires_at=now - timedelta(microseconds=1), updated_at=now)
     ).rowcount or 0
 
-def _fail_exhausted(conn: Connection, iteration: int, now, max_attempts: int) -> None:
-    """Items that used `max_attempts` are failed instead of retried forever: claimed ones
-    whose worker died, and pending ones left over from a run with a higher --max-attempts."""
+def _fail_abandoned_and_exhausted(conn: Connection, iteration: int, now, max_attempts: int) -> None:
+    """Claimed items whose worker died after using `max_attempts` are failed, not retried forever."""
     conn.execute(
         update(WorkItem)
         .where(
@@ -152,6 +160,13 @@ def _fail_exhausted(conn: Connection, iteration: int, now, max_attempts: int) ->
             updated_at=now,
         )
     )
+
+def _fail_pending_exhausted(conn: Connection, iteration: int, now, max_attempts: int) -> None:
+    """Pending items this run may not claim (left by a run with a higher --max-attempts) are
+    failed once the claimable ones are gone, so the worker sees the iteration end.
+
+    Only on an empty claim: before every claim, on PostgreSQL with statistics
+    taken before the items turned pending, its plan walked every pending row."""
     conn.execute(
         update(WorkItem)
         .where(WorkItem.iteration == iteration, WorkItem.state == PENDING, WorkItem.attempts >= max_attempts)

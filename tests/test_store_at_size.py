@@ -205,6 +205,23 @@ def test_claims_take_pending_items_in_id_order_then_expired_leases(head_store_ur
         assert store.release_unheld(second) == 0
 
 
+def test_items_out_of_attempts_are_failed_once_the_claimable_ones_are_taken(head_store_url):
+    with _prompts(head_store_url, 4) as store:
+        store.start_iteration(1, "paper", {"search": {"lam": 0.9}})
+        with _sql(head_store_url) as conn:  # left pending by a run with --max-attempts 5
+            conn.execute(text("UPDATE work_items SET attempts = 3 WHERE prompt_id IN (1, 3)"))
+        worker = store.register_worker(1, "cpu")
+        taken = store.claim(1, worker, 4, timedelta(minutes=5), 2)
+        assert [c.prompt_id for c in taken] == [2, 4]
+        assert store.outstanding(1, worker)[0] == 2  # not failed while claimable ones remain
+        assert store.claim(1, worker, 4, timedelta(minutes=5), 2) == []
+        with _sql(head_store_url) as conn:
+            failed = conn.execute(text(
+                "SELECT prompt_id, last_error FROM work_items WHERE state = 'failed' ORDER BY prompt_id")).all()
+        assert [tuple(row) for row in failed] == [(1, "no attempts left"), (3, "no attempts left")]
+        assert store.outstanding(1, worker)[0] == 0
+
+
 def test_pair_sets_made_before_the_rule_was_recorded_are_confirmed(head_store_url):
     with _study(head_store_url, [_tied_tree()], preset="paper") as store:
         made = iterations.curate(store, 1)
