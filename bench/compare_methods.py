@@ -10,10 +10,18 @@ and copied; their cache manifest makes `csr demo` reuse them) and judged on
 the same held-out scenes: base (version 0), CSR with the paper's and the
 released code's rules, the two reward ablations (R_T only, R_I only), the
 self-rewarding baseline, and a pair set from elsewhere (the world's ground
-truth, imported as `csr pairs import` does). A finished run is not run again
-(its results.json is kept), so a stopped comparison resumes. The table gives
-each figure's mean over seeds with a 95 % Student-t interval, and a paired
-t-test of CSR (paper) against every other method at each version.
+truth, imported as `csr pairs import` does). The table gives each figure's
+mean over seeds with a 95 % Student-t interval, and a paired t-test of CSR
+(paper) against every other method at each version.
+
+The whole comparison is about 30 demos of 10 to 40 minutes each, more than
+one sitting on a 2-core machine, so a finished run is kept in the
+repository (bench/results/compare_methods/seed<S>-<method>.json: its figures,
+sizes and the commit it ran on) and never run again at the same sizes: a
+stopped or partial comparison resumes on any machine, and the table is
+built from the kept runs. A seed's base models are trained by its first
+run on a machine (identical on every machine: one thread, fixed seeds; the
+table refuses runs of one seed that disagree on version 0).
 
 Every demo runs on one thread (the thread count changes the tiny models'
 floating-point reduction order), so a seed's figures are reproducible:
@@ -52,6 +60,10 @@ METHODS = {
 }
 REFERENCE = "CSR (paper)"
 SLUGS = {label: f"m{i}" for i, label in enumerate(METHODS)}
+KEPT_NAMES = {"CSR (paper)": "csr-paper", "CSR (reference-code)": "csr-reference-code",
+              "R_T only (lambda 0)": "rt-only", "R_I only (lambda 1)": "ri-only",
+              "self-rewarding": "self-rewarding", "outside pairs (ground truth)": "outside-pairs"}
+KEPT = Path(__file__).resolve().parent / "results" / "compare_methods"
 POPE_SETTINGS = ("random", "popular", "adversarial")
 # figure -> (reads one version's row, lower is better)
 FIGURES = {
@@ -61,14 +73,52 @@ FIGURES = {
 }
 
 
-def run(label: str, seed: int, args, root: Path | None = None) -> dict:
+def sizes(args) -> dict:
+    return {"iterations": args.iterations, "prompts": args.prompts, "heldout": args.heldout,
+            "model_scenes": args.model_scenes, "quick": bool(args.quick)}
+
+
+def kept_path(label: str, seed: int, kept: Path) -> Path:
+    return kept / f"seed{seed}-{KEPT_NAMES[label]}.json"
+
+
+def kept_result(label: str, seed: int, args) -> dict | None:
+    """A finished run of this method and seed at these sizes, from any machine."""
+    path = kept_path(label, seed, args.kept)
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("sizes") == sizes(args) else None
+
+
+def keep(label: str, seed: int, args, result: dict) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    result = {**result, "label": label, "sizes": sizes(args), "commit": commit,
+              "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    args.kept.mkdir(parents=True, exist_ok=True)
+    kept_path(label, seed, args.kept).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _sizes_of_run(study: Path) -> dict:
+    result, world = (json.loads((study / name).read_text()) for name in ("results.json", "demo.json"))
+    return {"iterations": result["iterations"], "prompts": world["prompts"], "heldout": world["heldout"],
+            "model_scenes": world["model_scenes"], "quick": world["size"] == "quick"}
+
+
+def run(label: str, seed: int, args, root: Path | None = None, reuse: bool = True) -> dict:
+    if reuse and (kept := kept_result(label, seed, args)) is not None:
+        return kept
     root = root or args.root
     study = root / f"seed{seed}-{SLUGS[label]}"
     out = study / "results.json"
-    if out.is_file():
-        return json.loads(out.read_text())
+    if out.is_file():  # finished on this machine but not kept (yet)
+        if reuse and _sizes_of_run(study) == sizes(args):
+            return keep(label, seed, args, json.loads(out.read_text()))
+        out.unlink()
     models = root / f"seed{seed}-{SLUGS[REFERENCE]}" / "models"
-    if label != REFERENCE and not (study / "models").exists():
+    if label != REFERENCE and not (study / "models").exists() and (models / "base").is_dir():
         study.mkdir(parents=True, exist_ok=True)
         for name in ("base", "clip"):
             shutil.copytree(models / name, study / "models" / name)
@@ -81,12 +131,39 @@ def run(label: str, seed: int, args, root: Path | None = None) -> dict:
     print(" ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log_path = study.parent / f"seed{seed}-{SLUGS[label]}.log"
+    study.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:  # a method that cannot run on a seed is reported, not fatal to the others
         lines = log_path.read_text().strip().splitlines()
         return {"failed": lines[-1] if lines else f"exit {done.returncode}"}
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    return keep(label, seed, args, result) if reuse else result
+
+
+_BASE_MODELS = """
+import sys
+from pathlib import Path
+from csr.engine.demo.clip import train_demo_clip
+from csr.engine.demo.models import train_demo_policy
+from csr.engine.demo.world import WorldConfig, generate_scenes
+seed, scenes, size, models = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+found = generate_scenes(WorldConfig(seed=seed), scenes, "train")
+train_demo_policy(found, models / "base", seed=seed, size=size)
+train_demo_clip(found, models / "clip", seed=seed, size=size)
+"""
+
+
+def train_base_models(seed: int, args) -> None:
+    """The seed's base models where its reference run is kept but this machine lacks them,
+    trained as `csr demo` trains them (and reused by it through their manifest)."""
+    models = args.root / f"seed{seed}-{SLUGS[REFERENCE]}" / "models"
+    if (models / "base").is_dir():
+        return
+    print(f"seed {seed}: training the base models under {models}", flush=True)
+    subprocess.run([sys.executable, "-c", _BASE_MODELS, str(seed), str(args.model_scenes),
+                    "quick" if args.quick else "default", str(models)],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def run_all(args) -> dict[tuple[str, int], dict]:
@@ -94,36 +171,42 @@ def run_all(args) -> dict[tuple[str, int], dict]:
     args.root.mkdir(parents=True, exist_ok=True)
     jobs = [(label, seed) for label in METHODS if label in args.methods and label != REFERENCE
             for seed in args.seeds]
+    if args.table_only:
+        return {(label, seed): kept_result(label, seed, args) or {"failed": "not run yet"}
+                for label, seed in [(REFERENCE, s) for s in args.seeds] + jobs}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         first = dict(zip(((REFERENCE, s) for s in args.seeds),
                          pool.map(lambda seed: run(REFERENCE, seed, args), args.seeds), strict=True))
+        for seed in {seed for label, seed in jobs if kept_result(label, seed, args) is None}:
+            train_base_models(seed, args)
         rest = dict(zip(jobs, pool.map(lambda job: run(*job, args), jobs), strict=True))
     return {**first, **rest}
 
 
 def rerun(args) -> int:
-    """Every method of one seed again, from scratch, against the stored figures."""
+    """Every kept method of one seed again, from scratch (base models included), against its kept figures."""
     seed, fresh = args.rerun, args.root / "rerun"
     if fresh.exists():
         shutil.rmtree(fresh)
-    labels = [label for label in METHODS if (args.root / f"seed{seed}-{SLUGS[label]}" / "results.json").is_file()]
-    if REFERENCE not in labels:
-        raise SystemExit(f"no stored run of {REFERENCE} for seed {seed} under {args.root}")
-    held = json.loads((args.root / f"seed{seed}-{SLUGS[REFERENCE]}" / "demo.json").read_text())
-    args.prompts, args.heldout, args.model_scenes = held["prompts"], held["heldout"], held["model_scenes"]
-    args.quick = held["size"] == "quick"
-    args.iterations = json.loads((args.root / f"seed{seed}-{SLUGS[REFERENCE]}" / "results.json").read_text())[
-        "iterations"]
+    reference = kept_path(REFERENCE, seed, args.kept)
+    if not reference.is_file():
+        raise SystemExit(f"no kept run of {REFERENCE} for seed {seed} in {args.kept}")
+    for name, value in json.loads(reference.read_text())["sizes"].items():
+        setattr(args, name, value)
+    labels = [label for label in METHODS if kept_result(label, seed, args) is not None]
     worst = 0.0
-    for label in [REFERENCE] + [label for label in labels if label != REFERENCE]:
-        stored = json.loads((args.root / f"seed{seed}-{SLUGS[label]}" / "results.json").read_text())
-        again = run(label, seed, args, fresh)
+    for label in labels:  # the reference first: it trains the seed's models
+        stored = kept_result(label, seed, args)
+        again = run(label, seed, args, fresh, reuse=False)
+        if "failed" in again:
+            print(f"{label}: the rerun failed: {again['failed']}")
+            return 1
         for version in range(args.iterations + 1):
             for name, (get, _) in FIGURES.items():
                 a, b = get(_row(stored, version)), get(_row(again, version))
                 worst = max(worst, abs(a - b))
                 if a != b:
-                    print(f"{label}, version {version}, {name}: stored {a!r}, rerun {b!r}")
+                    print(f"{label}, version {version}, {name}: kept {a!r}, rerun {b!r}")
     print(f"seed {seed}: {len(labels)} method(s) rerun; largest difference {worst:.3g}")
     return 0 if worst == 0.0 else 1
 
@@ -217,7 +300,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="LABEL",
                         help=f"which methods to run ({REFERENCE} always runs: it trains each seed's models)")
     parser.add_argument("--jobs", type=int, default=1, help="demos run at once (each on one thread)")
-    parser.add_argument("--root", type=Path, default=Path("bench/out/compare"))
+    parser.add_argument("--root", type=Path, default=Path("bench/out/compare"), help="the demos' study directories")
+    parser.add_argument("--kept", type=Path, default=KEPT, help="finished runs, kept in the repository")
+    parser.add_argument("--table-only", action="store_true", help="build the table from the kept runs; run nothing")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown tables here")
     parser.add_argument("--rerun", type=int, metavar="SEED", default=None,
                         help="rerun every stored method of SEED from scratch and compare the figures")
@@ -227,16 +312,27 @@ def main() -> None:
     args.methods = set(args.methods) | {REFERENCE}
     started = time.perf_counter()
     results = run_all(args)
-    _check_same_base(results, args.seeds)
-    if any("failed" in results[(REFERENCE, s)] for s in args.seeds):
+    seeds = args.seeds
+    if args.table_only:  # the seeds whose reference run is kept
+        seeds = [s for s in args.seeds if "failed" not in results[(REFERENCE, s)]]
+        if not seeds:
+            raise SystemExit(f"no kept run of {REFERENCE} at these sizes in {args.kept}")
+        results = {key: r for key, r in results.items() if key[1] in seeds}
+    absent = [f"- seed {s}: no kept run of {REFERENCE}" for s in args.seeds if s not in seeds]
+    _check_same_base(results, seeds)
+    if any("failed" in results[(REFERENCE, s)] for s in seeds):
         raise SystemExit("\n".join(["the reference method failed:", *failures(results)]))
-    walls = [r["wall_seconds"] for r in results.values() if "failed" not in r]
-    text = (f"{len(args.seeds)} seed(s) ({', '.join(map(str, args.seeds))}), {args.prompts} prompts, "
+    done = [r for r in results.values() if "failed" not in r]
+    walls = [r["wall_seconds"] for r in done]
+    commits = sorted({r.get("commit", "?") for r in done})
+    text = (f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {args.prompts} prompts, "
             f"{args.heldout} held-out scenes, {args.iterations} iteration(s)"
-            f"{', quick models' if args.quick else ''}; one demo {min(walls):.0f} to {max(walls):.0f} s\n\n"
-            + table(results, args.seeds, args.iterations)
+            f"{', quick models' if args.quick else ''}; one demo {min(walls):.0f} to {max(walls):.0f} s; "
+            f"run on commit(s) {', '.join(commits)}\n\n"
+            + table(results, seeds, args.iterations)
             + ("\n\nKept a version (no pairs):\n" + "\n".join(empty_notes(results)) if empty_notes(results) else "")
-            + ("\n\nNot in the table (a run failed):\n" + "\n".join(failures(results)) if failures(results) else ""))
+            + ("\n\nNot in the table:\n" + "\n".join(absent + failures(results)) if absent or failures(results)
+               else ""))
     print(text)
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     if args.out:
