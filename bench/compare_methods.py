@@ -5,8 +5,9 @@
         --jobs 2 --out bench/out/compare.md
 
 Every method runs the real `csr demo` for each seed in its own study
-directory, from the same base models (trained once per seed by its first run
-and copied; their cache manifest makes `csr demo` reuse them) and judged on
+directory, from the same base models (trained once per seed and machine
+before its first demo and copied; their cache manifest makes `csr demo`
+reuse them) and judged on
 the same held-out scenes: base (version 0), CSR with the paper's and the
 released code's rules, the two reward ablations (R_T only, R_I only), the
 self-rewarding baseline, and a pair set from elsewhere (the world's ground
@@ -14,22 +15,24 @@ truth, imported as `csr pairs import` does). The table gives each figure's
 mean over seeds with a 95 % Student-t interval, and a paired t-test of CSR
 (paper) against every other method at each version.
 
-The whole comparison is about 30 demos of 10 to 40 minutes each, more than
-one sitting on a 2-core machine, so a finished run is kept in the
+The whole comparison is 30 demos of about 12 minutes each on an idle core
+(3 iterations, 1,000 prompts, 1,000 held-out scenes), more than one sitting
+on a 2-core machine, so a finished run is kept in the
 repository (bench/results/compare_methods/seed<S>-<method>.json: its figures,
 sizes and the commit it ran on) and never run again at the same sizes: a
 stopped or partial comparison resumes on any machine, and the table is
-built from the kept runs. A seed's base models are trained by its first
-run on a machine (identical on every machine: one thread, fixed seeds; the
-table refuses runs of one seed that disagree on version 0).
+built from the kept runs (`--table-only` builds it without running
+anything). Retrained base models are identical on every machine (one
+thread, fixed seeds), and the table refuses runs of one seed that disagree
+on version 0.
 
 Every demo runs on one thread (the thread count changes the tiny models'
 floating-point reduction order), so a seed's figures are reproducible:
 
     python bench/compare_methods.py --rerun 0
 
-reruns every method of seed 0 with the stored run's sizes from scratch (base
-models included) under ROOT/rerun and compares each figure with the stored
+reruns every kept method of seed 0 at its kept sizes from scratch (base
+models included) under ROOT/rerun and compares each figure with the kept
 run's.
 """
 
@@ -41,7 +44,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,8 +122,8 @@ def run(label: str, seed: int, args, root: Path | None = None, reuse: bool = Tru
         if reuse and _sizes_of_run(study) == sizes(args):
             return keep(label, seed, args, json.loads(out.read_text()))
         out.unlink()
-    models = root / f"seed{seed}-{SLUGS[REFERENCE]}" / "models"
-    if label != REFERENCE and not (study / "models").exists() and (models / "base").is_dir():
+    models = train_base_models(seed, args, root)
+    if label != REFERENCE and not (study / "models").exists():
         study.mkdir(parents=True, exist_ok=True)
         for name in ("base", "clip"):
             shutil.copytree(models / name, study / "models" / name)
@@ -154,33 +159,30 @@ train_demo_clip(found, models / "clip", seed=seed, size=size)
 """
 
 
-def train_base_models(seed: int, args) -> None:
-    """The seed's base models where its reference run is kept but this machine lacks them,
-    trained as `csr demo` trains them (and reused by it through their manifest)."""
-    models = args.root / f"seed{seed}-{SLUGS[REFERENCE]}" / "models"
-    if (models / "base").is_dir():
-        return
-    print(f"seed {seed}: training the base models under {models}", flush=True)
-    subprocess.run([sys.executable, "-c", _BASE_MODELS, str(seed), str(args.model_scenes),
-                    "quick" if args.quick else "default", str(models)],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+_BASE_LOCKS: dict[tuple[Path, int], threading.Lock] = defaultdict(threading.Lock)
+
+
+def train_base_models(seed: int, args, root: Path) -> Path:
+    """The seed's base models, trained once on this machine as `csr demo` trains them
+    (the demo then reuses them through their manifest); every method of the seed copies them."""
+    models = root / f"seed{seed}-{SLUGS[REFERENCE]}" / "models"
+    with _BASE_LOCKS[(root, seed)]:
+        if not (models / "base").is_dir():
+            print(f"seed {seed}: training the base models under {models}", flush=True)
+            subprocess.run([sys.executable, "-c", _BASE_MODELS, str(seed), str(args.model_scenes),
+                            "quick" if args.quick else "default", str(models)],
+                           check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return models
 
 
 def run_all(args) -> dict[tuple[str, int], dict]:
-    """Each seed's reference run first (it trains the seed's models), then the rest."""
+    """Seed by seed, every method of a seed (its base models trained once, first)."""
     args.root.mkdir(parents=True, exist_ok=True)
-    jobs = [(label, seed) for label in METHODS if label in args.methods and label != REFERENCE
-            for seed in args.seeds]
+    jobs = [(label, seed) for seed in args.seeds for label in METHODS if label in args.methods]
     if args.table_only:
-        return {(label, seed): kept_result(label, seed, args) or {"failed": "not run yet"}
-                for label, seed in [(REFERENCE, s) for s in args.seeds] + jobs}
+        return {job: kept_result(*job, args) or {"failed": "not run yet"} for job in jobs}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        first = dict(zip(((REFERENCE, s) for s in args.seeds),
-                         pool.map(lambda seed: run(REFERENCE, seed, args), args.seeds), strict=True))
-        for seed in {seed for label, seed in jobs if kept_result(label, seed, args) is None}:
-            train_base_models(seed, args)
-        rest = dict(zip(jobs, pool.map(lambda job: run(*job, args), jobs), strict=True))
-    return {**first, **rest}
+        return dict(zip(jobs, pool.map(lambda job: run(*job, args), jobs), strict=True))
 
 
 def rerun(args) -> int:
@@ -298,7 +300,7 @@ def main() -> None:
     parser.add_argument("--model-scenes", type=int, default=2000, help="scenes the base models learn from")
     parser.add_argument("--quick", action="store_true", help="the demo's smaller models (a fast check)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="LABEL",
-                        help=f"which methods to run ({REFERENCE} always runs: it trains each seed's models)")
+                        help=f"which methods to run ({REFERENCE}, the one the others are tested against, always runs)")
     parser.add_argument("--jobs", type=int, default=1, help="demos run at once (each on one thread)")
     parser.add_argument("--root", type=Path, default=Path("bench/out/compare"), help="the demos' study directories")
     parser.add_argument("--kept", type=Path, default=KEPT, help="finished runs, kept in the repository")
