@@ -156,17 +156,26 @@ def image_flops(policy, image, prompt: str) -> float:
 
 
 def useful_flops(model, prefix_lengths: list[int], image: float, stats: ExpandStats) -> float:
+    """FLOPs the search needs (the sum of `useful_flops_parts`)."""
+    return sum(useful_flops_parts(model, prefix_lengths, image, stats).values())
+
+
+def useful_flops_parts(model, prefix_lengths: list[int], image: float, stats: ExpandStats) -> dict[str, float]:
     """FLOPs the search needs, from the text config's shapes (TextShape) and
-    the tokens it ran: the decoder's matmuls per token, the attention per key
-    attended, the head per row of next-token logits; per prompt the prefix's
-    prefill (causal) and its head row; `image` (image_flops, summed over the
-    prompts) for the vision side. Padding, recomputed prefixes and copies are
-    not useful work and are not counted. A sliding-window layer is counted
-    as if it attended every key (an upper bound on its work)."""
+    the tokens it ran, by part: the decoder's matmuls per searched token, the
+    attention per key attended, the head per row of next-token logits; per
+    prompt the prefix's prefill (causal) and its head row; `image`
+    (image_flops, summed over the prompts) for the vision side. Padding,
+    recomputed prefixes and copies are not useful work and are not counted.
+    A sliding-window layer is counted as if it attended every key (an upper
+    bound on its work)."""
     shape = TextShape.of(model)
-    flops = (shape.linear_flops_per_token * stats.tokens + shape.attention_flops_per_key * stats.attended
-             + shape.head_flops * stats.logit_rows)
-    for length in prefix_lengths:
-        flops += (shape.linear_flops_per_token * length + shape.attention_flops_per_key * length * (length + 1) / 2
-                  + shape.head_flops)
-    return flops + image
+    prefill = sum(shape.linear_flops_per_token * length + shape.attention_flops_per_key * length * (length + 1) / 2
+                  + shape.head_flops for length in prefix_lengths)
+    return {
+        "vision": image,
+        "prefill": prefill,
+        "search linears": shape.linear_flops_per_token * stats.tokens,
+        "search attention": shape.attention_flops_per_key * stats.attended,
+        "search head": shape.head_flops * stats.logit_rows,
+    }
