@@ -518,8 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     flops = sum(parts.values())
     print(f"\nuseful work: {flops / 1e9:.2f} GFLOP for the whole search (same for every variant): "
           + ", ".join(f"{name} {value / 1e9:.2f}" for name, value in parts.items()))
-    print(f"at the measured peak matmul rate that is {flops / peak:.3f} s: the most any search of these trees "
-          f"can gain on the released-code style here is {seconds.get('naive', math.nan) * peak / flops:.1f}x")
+    print(f"at the measured peak matmul rate that is {flops / peak:.3f} s"
+          + (f": the most any search of these trees can gain on the released-code style here is "
+             f"{seconds['naive'] * peak / flops:.1f}x" if "naive" in seconds else ""))
     print(f"{'':9}{'seconds':>9}{'cands':>7}{'cands/s':>9}{'fwd passes':>12}{'MFU':>8}{'peak mem':>11}{'KV peak':>10}")
     rate = {}
     mib = 2**20

@@ -302,6 +302,10 @@ def run_once(argv: list[str]) -> int:
     return 0
 
 
+def _fill_ms(fill: dict, key: str) -> str:
+    return f"{fill[key]:.2f} ms" if key in fill else "(a copy, not filled)"
+
+
 def claim_once(argv: list[str]) -> int:
     """`_claim URL`: claims of a batch at the start of iteration 3 (its items set
     back to pending), each with the worker's release_unheld before it, all in
@@ -430,8 +434,8 @@ def study_main(argv: list[str]) -> int:
                 ta, tb = (by_size.get(n, {}).get("seconds") for n in (a, b))
                 growth.append(f"x{tb / ta:.1f}" if ta and tb else "-")
             print("| " + " | ".join([label, *cells, *growth]) + " |")
-        claims = [f"{fills[n].get('claim_ms_iter3', float('nan')):.2f} ms" for n in sizes]
-        trees = [f"{fills[n].get('tree_write_ms_iter3', float('nan')):.2f} ms" for n in sizes]
+        claims = [_fill_ms(fills[n], "claim_ms_iter3") for n in sizes]
+        trees = [_fill_ms(fills[n], "tree_write_ms_iter3") for n in sizes]
         print("| " + " | ".join(["claim (fill, iteration 3)", *claims, *["-"] * (len(sizes) - 1)]) + " |")
         print("| " + " | ".join(["tree write (fill, iteration 3)", *trees, *["-"] * (len(sizes) - 1)]) + " |")
     return 0
