@@ -203,12 +203,16 @@ def rerun(args) -> int:
         if "failed" in again:
             print(f"{label}: the rerun failed: {again['failed']}")
             return 1
+        differ = 0
         for version in range(args.iterations + 1):
             for name, (get, _) in FIGURES.items():
                 a, b = get(_row(stored, version)), get(_row(again, version))
                 worst = max(worst, abs(a - b))
                 if a != b:
+                    differ += 1
                     print(f"{label}, version {version}, {name}: kept {a!r}, rerun {b!r}")
+        print(f"{label}: {'identical' if not differ else f'{differ} figure(s) differ'} "
+              f"({(args.iterations + 1) * len(FIGURES)} figures)", flush=True)
     print(f"seed {seed}: {len(labels)} method(s) rerun; largest difference {worst:.3g}")
     return 0 if worst == 0.0 else 1
 
