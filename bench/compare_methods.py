@@ -186,7 +186,8 @@ def run_all(args) -> dict[tuple[str, int], dict]:
 
 
 def rerun(args) -> int:
-    """Every kept method of one seed again, from scratch (base models included), against its kept figures."""
+    """Every kept method of one seed (of --methods) again, from scratch (base models included),
+    against its kept figures."""
     seed, fresh = args.rerun, args.root / "rerun"
     if fresh.exists():
         shutil.rmtree(fresh)
@@ -195,7 +196,7 @@ def rerun(args) -> int:
         raise SystemExit(f"no kept run of {REFERENCE} for seed {seed} in {args.kept}")
     for name, value in json.loads(reference.read_text())["sizes"].items():
         setattr(args, name, value)
-    labels = [label for label in METHODS if kept_result(label, seed, args) is not None]
+    labels = [label for label in METHODS if label in args.methods and kept_result(label, seed, args) is not None]
     worst = 0.0
     for label in labels:  # the reference first: it trains the seed's models
         stored = kept_result(label, seed, args)
@@ -311,7 +312,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="build the table from the kept runs; run nothing")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown tables here")
     parser.add_argument("--rerun", type=int, metavar="SEED", default=None,
-                        help="rerun every stored method of SEED from scratch and compare the figures")
+                        help="rerun every kept method of SEED (of --methods) from scratch and compare the figures")
     args = parser.parse_args()
     if args.rerun is not None:
         raise SystemExit(rerun(args))
