@@ -15,16 +15,17 @@ truth, imported as `csr pairs import` does). The table gives each figure's
 mean over seeds with a 95 % Student-t interval, and a paired t-test of CSR
 (paper) against every other method at each version.
 
-The whole comparison is 30 demos of about 12 minutes each on an idle core
-(3 iterations, 1,000 prompts, 1,000 held-out scenes), more than one sitting
-on a 2-core machine, so a finished run is kept in the
-repository (bench/results/compare_methods/seed<S>-<method>.json: its figures,
-sizes and the commit it ran on) and never run again at the same sizes: a
-stopped or partial comparison resumes on any machine, and the table is
+The whole comparison is 30 demos (3 iterations, 1,000 prompts, 1,000
+held-out scenes; 1 to 10 minutes each, 78 minutes with two at a time on a
+busy 2-core machine), so a finished run is kept in the repository
+(bench/results/compare_methods/seed<S>-<method>.json: its figures, sizes
+and the commit it ran on) and never run again at the same sizes: a stopped
+or partial comparison resumes, on this machine or another, and the table is
 built from the kept runs (`--table-only` builds it without running
-anything). Retrained base models are identical on every machine (one
-thread, fixed seeds), and the table refuses runs of one seed that disagree
-on version 0.
+anything). Base models trained again are identical run to run on one
+machine (one thread, fixed seeds: `--rerun` checks it); another CPU may
+differ in the last bits, and the table refuses runs of one seed that
+disagree on version 0.
 
 Every demo runs on one thread (the thread count changes the tiny models'
 floating-point reduction order), so a seed's figures are reproducible:
@@ -198,7 +199,7 @@ def rerun(args) -> int:
         setattr(args, name, value)
     labels = [label for label in METHODS if label in args.methods and kept_result(label, seed, args) is not None]
     worst = 0.0
-    for label in labels:  # the reference first: it trains the seed's models
+    for label in labels:
         stored = kept_result(label, seed, args)
         again = run(label, seed, args, fresh, reuse=False)
         if "failed" in again:
