@@ -107,22 +107,12 @@ def keep(label: str, seed: int, args, result: dict) -> dict:
     return result
 
 
-def _sizes_of_run(study: Path) -> dict:
-    result, world = (json.loads((study / name).read_text()) for name in ("results.json", "demo.json"))
-    return {"iterations": result["iterations"], "prompts": world["prompts"], "heldout": world["heldout"],
-            "model_scenes": world["model_scenes"], "quick": world["size"] == "quick"}
-
-
 def run(label: str, seed: int, args, root: Path | None = None, reuse: bool = True) -> dict:
     if reuse and (kept := kept_result(label, seed, args)) is not None:
         return kept
     root = root or args.root
     study = root / f"seed{seed}-{SLUGS[label]}"
     out = study / "results.json"
-    if out.is_file():  # finished on this machine but not kept (yet)
-        if reuse and _sizes_of_run(study) == sizes(args):
-            return keep(label, seed, args, json.loads(out.read_text()))
-        out.unlink()
     models = train_base_models(seed, args, root)
     if label != REFERENCE and not (study / "models").exists():
         study.mkdir(parents=True, exist_ok=True)
@@ -147,16 +137,14 @@ def run(label: str, seed: int, args, root: Path | None = None, reuse: bool = Tru
     return keep(label, seed, args, result) if reuse else result
 
 
+# In a process of its own: one thread, as `csr demo` trains them.
 _BASE_MODELS = """
 import sys
 from pathlib import Path
-from csr.engine.demo.clip import train_demo_clip
-from csr.engine.demo.models import train_demo_policy
+from csr.engine.demo.run import train_base_models
 from csr.engine.demo.world import WorldConfig, generate_scenes
 seed, scenes, size, models = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-found = generate_scenes(WorldConfig(seed=seed), scenes, "train")
-train_demo_policy(found, models / "base", seed=seed, size=size)
-train_demo_clip(found, models / "clip", seed=seed, size=size)
+train_base_models(generate_scenes(WorldConfig(seed=seed), scenes, "train"), models, seed, size)
 """
 
 

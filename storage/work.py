@@ -100,8 +100,8 @@ def claim_in(
 ) -> list[Claim]:
     """`claim` inside the caller's transaction."""
     now = utcnow()
-    postgresql = conn.dialect.name == "postgresql"
-    sql = _CLAIM_SQL_POSTGRESQL if postgresql else _CLAIM_SQL.format(next_ids=_NEXT_IDS_SQLITE)
+    sql = _CLAIM_SQL_POSTGRESQL if conn.dialect.name == "postgresql" else _CLAIM_SQL.format(
+        next_ids=_NEXT_IDS_SQLITE)
     _reclaim_from_dead_local_workers(conn, iteration, now)
     _fail_abandoned_and_exhausted(conn, iteration, now, max_attempts)
     rows = conn.execute(

@@ -131,9 +131,17 @@ class DemoReport:
     empty_iteration: int | None = None
 
 
-def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
+def train_base_models(model_scenes, models: Path, seed: int, size: str) -> tuple[Path, Path]:
+    """The demo's base policy and reward CLIP under `models` (base/, clip/), reused
+    when their manifest matches. `bench/compare_methods.py` trains a seed's once here."""
     from csr.engine.demo.clip import train_demo_clip
     from csr.engine.demo.models import train_demo_policy
+
+    return (train_demo_policy(model_scenes, models / "base", seed=seed, size=size),
+            train_demo_clip(model_scenes, models / "clip", seed=seed, size=size))
+
+
+def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
     from csr.engine.demo.world import WorldConfig, generate_scenes, write_prompt_set
 
     started = time.perf_counter()
@@ -161,8 +169,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         f"the tiny models learn from {len(model_scenes)} other scenes")
 
     t = time.perf_counter()
-    policy_dir = train_demo_policy(model_scenes, root / "models" / "base", seed=options.seed, size=options.size)
-    clip_dir = train_demo_clip(model_scenes, root / "models" / "clip", seed=options.seed, size=options.size)
+    policy_dir, clip_dir = train_base_models(model_scenes, root / "models", options.seed, options.size)
     say(f"tiny models ready in {time.perf_counter() - t:.1f} s (cached under {root / 'models'})")
 
     settings = Settings(
